@@ -1,0 +1,127 @@
+"""`NativeSparseAttention`: the nn.Module users put in their model.
+
+Per the paper, each branch has its own keys and values: the compression branch pools its own
+K/V with phi (mean, or a learnable MLP with an intra-block position encoding, separate for K and
+V), the selection and window branches project their own. A gate MLP + sigmoid mixes the three
+branch outputs per (token, query head). On CUDA the forward runs the compiled kernels
+(`nsa_codegen.ops.nsa_attention`); elsewhere it runs `nsa_codegen.reference.nsa_reference`.
+Positional encoding (e.g. RoPE) is the caller's: apply it to x or to q/k before this layer.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import reference
+from .spec import NSASpec
+
+
+class MeanCompressor(nn.Module):
+    """phi = mean over each compressed block. x [B, T, H, D] -> [B, N, H, D]."""
+
+    def __init__(self, block: int, stride: int, first_block: int = 0):
+        super().__init__()
+        self.block, self.stride, self.first_block = block, stride, first_block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reference.compress(x, self.block, self.stride, self.first_block)
+
+
+class MLPCompressor(nn.Module):
+    """phi = MLP over the l keys of a block plus a learnable intra-block position encoding.
+
+    x [B, T, H, D] -> [B, N, H, D]; weights are shared across heads. Initialised so that phi starts
+    close to the mean pool (a stable starting point for training).
+    """
+
+    def __init__(self, dim: int, block: int, stride: int, first_block: int = 0, hidden: int | None = None):
+        super().__init__()
+        self.block, self.stride, self.first_block = block, stride, first_block
+        hidden = hidden or dim
+        self.pos = nn.Parameter(torch.zeros(block, dim))
+        self.fc1 = nn.Linear(block * dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        nn.init.normal_(self.pos, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, H, D = x.shape
+        N = reference.num_compressed_blocks(T, self.block, self.stride, self.first_block)
+        if N == 0:
+            return x.new_zeros(B, 0, H, D)
+        blocks = x.unfold(1, self.block, self.stride)[:, self.first_block:self.first_block + N]  # [B,N,H,D,l]
+        blocks = blocks.transpose(-1, -2) + self.pos.to(x.dtype)  # [B, N, H, l, D]
+        h = torch.nn.functional.gelu(self.fc1(blocks.flatten(-2)))
+        return self.fc2(h) + blocks.mean(dim=-2)
+
+
+class NativeSparseAttention(nn.Module):
+    """x [B, T, hidden] -> [B, T, hidden] NSA attention (causal). cu_seqlens packs sequences (B == 1)."""
+
+    def __init__(self, hidden_size: int, spec: NSASpec, bias: bool = False):
+        super().__init__()
+        if not isinstance(spec, NSASpec):
+            raise TypeError(f"spec must be an NSASpec, got {type(spec).__name__}")
+        self.spec = spec
+        HQ, H, Dk, Dv = spec.heads, spec.kv_heads, spec.head_dim, spec.v_head_dim
+        self.q_proj = nn.Linear(hidden_size, HQ * Dk, bias=bias)
+        # Each branch owns its keys and values (paper Sec. 3.3): one fused projection per branch.
+        self.branches = [name for name, on in (("cmp", spec.compression), ("slc", spec.selection),
+                                               ("win", spec.window)) if on is not None]
+        self.kv_proj = nn.ModuleDict({b: nn.Linear(hidden_size, H * (Dk + Dv), bias=bias) for b in self.branches})
+        c = spec.compression
+        if c is not None:
+            if c.pool == "mlp":
+                self.k_phi = MLPCompressor(Dk, c.block, c.stride, c.first_block)
+                self.v_phi = MLPCompressor(Dv, c.block, c.stride, c.first_block)
+            else:
+                self.k_phi = MeanCompressor(c.block, c.stride, c.first_block)
+                self.v_phi = MeanCompressor(c.block, c.stride, c.first_block)
+        self.gate = nn.Linear(hidden_size, 3 * HQ, bias=True)
+        self.o_proj = nn.Linear(HQ * Dv, hidden_size, bias=bias)
+
+    def _kv(self, x, branch):
+        B, T, _ = x.shape
+        H, Dk, Dv = self.spec.kv_heads, self.spec.head_dim, self.spec.v_head_dim
+        kv = self.kv_proj[branch](x).view(B, T, H, Dk + Dv)
+        return kv[..., :Dk], kv[..., Dk:]
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 3:
+            raise ValueError(f"x must be [B, T, hidden], got shape {list(x.shape)}")
+        spec = self.spec
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, spec.heads, spec.head_dim)
+        g = torch.sigmoid(self.gate(x)).view(B, T, 3, spec.heads)
+        g_cmp, g_slc, g_win = g[:, :, 0], g[:, :, 1], g[:, :, 2]
+        kv = {b: self._kv(x, b) for b in self.branches}
+        # The selection branch's K/V are "the" k, v; a branch that is off borrows them for shape only.
+        k, v = kv.get("slc") or kv.get("win") or kv["cmp"]
+        k_cmp = v_cmp = k_win = v_win = None
+        if "cmp" in kv:
+            k_cmp, v_cmp = self._compress(*kv["cmp"], cu_seqlens)
+        if "win" in kv:
+            k_win, v_win = kv["win"]
+        attn = _attention_fn(q)
+        o = attn(q, k, v, g_cmp, g_slc, g_win, spec, k_cmp=k_cmp, v_cmp=v_cmp, k_win=k_win, v_win=v_win,
+                 cu_seqlens=cu_seqlens)
+        return self.o_proj(o.reshape(B, T, spec.heads * spec.v_head_dim))
+
+    def _compress(self, k, v, cu_seqlens):
+        if cu_seqlens is None:
+            return self.k_phi(k), self.v_phi(v)
+        # Packed sequences: pool each sequence on its own, then pack the compressed rows in order.
+        bounds = [int(b) for b in cu_seqlens.tolist()]
+        ks = [self.k_phi(k[:, a:b]) for a, b in zip(bounds, bounds[1:])]
+        vs = [self.v_phi(v[:, a:b]) for a, b in zip(bounds, bounds[1:])]
+        return torch.cat(ks, 1), torch.cat(vs, 1)
+
+
+def _attention_fn(q: torch.Tensor):
+    """The compiled-kernel op on CUDA when the kernels are available; the reference otherwise."""
+    if q.is_cuda:
+        try:
+            from .ops import nsa_attention
+            return nsa_attention
+        except ImportError:
+            pass
+    return reference.nsa_reference

@@ -1,0 +1,1 @@
+"""Per-arch schedule search spaces (schedules/<arch>.yaml), shipped as package data."""

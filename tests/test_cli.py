@@ -1,0 +1,39 @@
+import subprocess
+import sys
+
+from nsa_codegen.cli import main
+
+
+def test_help_lists_commands(capsys):
+    try:
+        main(["--help"])
+    except SystemExit as e:
+        assert e.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("doctor", "spec", "build", "tune"):
+        assert cmd in out
+
+
+def test_doctor_reports_toolchain(capsys):
+    main(["doctor"])
+    out = capsys.readouterr().out
+    for item in ("torch", "tilelang", "nvcc", "gpu"):
+        assert item in out
+
+
+def test_spec_validate(tmp_path, capsys):
+    good = tmp_path / "good.yaml"
+    good.write_text("heads: 64\nkv_heads: 4\nhead_dim: 128\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("heads: 64\nkv_heads: 4\nhead_dim: 100\n")
+    assert main(["spec", "validate", str(good)]) == 0
+    assert "ok" in capsys.readouterr().out
+    assert main(["spec", "validate", str(good), str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "head_dim" in err and "supported" in err
+    assert main(["spec", "validate", str(tmp_path / "missing.yaml")]) == 1
+
+
+def test_console_entry_point_runs_as_module():
+    r = subprocess.run([sys.executable, "-m", "nsa_codegen", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "nsa-codegen" in r.stdout

@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from nsa_codegen import CompressionBranch, NativeSparseAttention, NSASpec, SelectionBranch, WindowBranch
+from nsa_codegen import reference as ref
+from nsa_codegen.layer import MLPCompressor
+
+SPEC = NSASpec(heads=4, kv_heads=2, head_dim=64, v_head_dim=64, dtype="float16",
+               compression=CompressionBranch(32, 16, "mlp"), selection=SelectionBranch(32, 4, 1, 2),
+               window=WindowBranch(64))
+
+
+def test_layer_forward_backward_on_cpu():
+    torch.manual_seed(0)
+    layer = NativeSparseAttention(48, SPEC)
+    x = torch.randn(2, 150, 48, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    y.square().mean().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+    # phi (MLP + position encoding) and the gate MLP are trained through the compression branch.
+    assert layer.k_phi.pos.grad.abs().sum() > 0 and layer.gate.weight.grad.abs().sum() > 0
+
+
+def test_layer_matches_reference_call():
+    torch.manual_seed(1)
+    layer = NativeSparseAttention(32, SPEC).double()
+    x = torch.randn(1, 100, 32, dtype=torch.float64)
+    B, T = 1, 100
+    q = layer.q_proj(x).view(B, T, 4, 64)
+    g = torch.sigmoid(layer.gate(x)).view(B, T, 3, 4)
+    kc, vc = layer._kv(x, "cmp")
+    ks, vs = layer._kv(x, "slc")
+    kw, vw = layer._kv(x, "win")
+    o = ref.nsa_reference(q, ks, vs, g[:, :, 0], g[:, :, 1], g[:, :, 2], SPEC, k_cmp=layer.k_phi(kc),
+                          v_cmp=layer.v_phi(vc), k_win=kw, v_win=vw)
+    torch.testing.assert_close(layer(x), layer.o_proj(o.reshape(B, T, -1)))
+
+
+def test_mean_pool_layer_uses_compress():
+    spec = NSASpec(heads=4, kv_heads=4, head_dim=64, compression=CompressionBranch(16, 16, "mean"),
+                   selection=None, window=None)
+    layer = NativeSparseAttention(16, spec)
+    x = torch.randn(1, 40, 16)
+    k = torch.randn(1, 40, 4, 64)
+    torch.testing.assert_close(layer.k_phi(k), ref.compress(k, 16, 16))
+    assert layer(x).shape == x.shape
+
+
+def test_mlp_compressor_shapes_and_first_block():
+    phi = MLPCompressor(8, block=4, stride=2, first_block=1)
+    x = torch.randn(2, 16, 3, 8)
+    assert phi(x).shape == (2, 6, 3, 8)
+    assert phi(x[:, :3]).shape == (2, 0, 3, 8)
+
+
+def test_layer_cu_seqlens_equals_separate_sequences():
+    torch.manual_seed(2)
+    layer = NativeSparseAttention(32, SPEC).double()
+    a, b = torch.randn(1, 70, 32, dtype=torch.float64), torch.randn(1, 45, 32, dtype=torch.float64)
+    packed = layer(torch.cat([a, b], 1), cu_seqlens=torch.tensor([0, 70, 115]))
+    torch.testing.assert_close(packed, torch.cat([layer(a), layer(b)], 1))
+
+
+def test_layer_rejects_bad_input():
+    layer = NativeSparseAttention(32, SPEC)
+    with pytest.raises(ValueError, match=r"x must be \[B, T, hidden\]"):
+        layer(torch.randn(10, 32))
+    with pytest.raises(TypeError, match="NSASpec"):
+        NativeSparseAttention(32, {"heads": 4})

@@ -1,0 +1,36 @@
+"""README's install and test commands are what CI runs; the installed package ships its data."""
+import importlib.metadata
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bash_blocks(text):
+    return re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+
+
+def test_ci_runs_readme_install_and_test_commands():
+    readme = (ROOT / "README.md").read_text()
+    blocks = _bash_blocks(readme)
+    install = blocks[0].strip().splitlines()[0]
+    test = blocks[1].strip().splitlines()[0]
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.strip().startswith("#")]
+    assert install in ci and test in ci
+    assert ci.index(install) < ci.index(test)
+
+
+def test_installed_distribution_ships_templates_and_schedules():
+    try:
+        files = importlib.metadata.files("nsa-codegen")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("nsa-codegen is not pip-installed here")
+    names = {str(f) for f in files or []}
+    if any("__editable__" in n for n in names):
+        pytest.skip("editable install: data stays in the source tree")
+    assert "nsa_codegen/templates/__init__.py" in names
+    assert "nsa_codegen/schedule_files/__init__.py" in names
+    assert "nsa_codegen/cli.py" in names
