@@ -336,7 +336,9 @@ def nsa_reference(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
 
 
 def _packed(q, k, v, g_cmp, g_slc, g_win, spec, k_cmp, v_cmp, k_win, v_win, block_indices, cu_seqlens,
-            return_indices):
+            return_indices, forward=None):
+    """Run `forward` (default nsa_reference) on each sequence of a cu_seqlens-packed batch."""
+    forward = forward or nsa_reference
     if q.shape[0] != 1:
         raise ValueError(f"with cu_seqlens, q must be packed as [1, total, HQ, D], got batch {q.shape[0]}")
     bounds = [int(x) for x in cu_seqlens.tolist()]
@@ -356,7 +358,7 @@ def _packed(q, k, v, g_cmp, g_slc, g_win, spec, k_cmp, v_cmp, k_win, v_win, bloc
             n_c = num_compressed_blocks(b - a, c.block, c.stride, c.first_block)
             kc, vc = cut(k_cmp, cmp_at, cmp_at + n_c), cut(v_cmp, cmp_at, cmp_at + n_c)
             cmp_at += n_c
-        r = nsa_reference(q[:, a:b], k[:, a:b], v[:, a:b], cut(g_cmp, a, b), cut(g_slc, a, b), cut(g_win, a, b),
+        r = forward(q[:, a:b], k[:, a:b], v[:, a:b], cut(g_cmp, a, b), cut(g_slc, a, b), cut(g_win, a, b),
                           spec, k_cmp=kc, v_cmp=vc, k_win=cut(k_win, a, b), v_win=cut(v_win, a, b),
                           block_indices=cut(block_indices, a, b), return_indices=True)
         outs.append(r[0])

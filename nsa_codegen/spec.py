@@ -77,6 +77,10 @@ class NSASpec:
     window: WindowBranch | None = field(default_factory=WindowBranch)
 
     def __post_init__(self):
+        # Branches may be given as mappings (as in YAML); coerce them to their dataclasses.
+        for name, branch_cls in (("compression", CompressionBranch), ("selection", SelectionBranch),
+                                 ("window", WindowBranch)):
+            object.__setattr__(self, name, _branch_from(name, branch_cls, getattr(self, name)))
         if self.v_head_dim is None:
             # Default: Dv = Dk, or 128 where Dk is wider than any supported Dv (the paper's 192/128).
             dv = self.head_dim if self.head_dim in SUPPORTED_V_HEAD_DIMS else 128
@@ -108,12 +112,7 @@ class NSASpec:
         unknown = sorted(set(data) - known)
         if unknown:
             raise SpecError(unknown[0], f"unknown field; known fields are {sorted(known)}")
-        kwargs = dict(data)
-        for name, branch_cls in (("compression", CompressionBranch), ("selection", SelectionBranch),
-                                 ("window", WindowBranch)):
-            if name in kwargs:
-                kwargs[name] = _branch_from(name, branch_cls, kwargs[name])
-        return cls(**kwargs)
+        return cls(**data)
 
     @classmethod
     def from_yaml(cls, text_or_path: str | os.PathLike) -> "NSASpec":

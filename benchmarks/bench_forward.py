@@ -1,0 +1,168 @@
+"""Forward benchmark on one GPU: dense SDPA (cuDNN, flash), FLA's parallel_nsa (if installed),
+FlexAttention (window) and nsa-codegen, on the same inputs, in one process.
+
+    python benchmarks/bench_forward.py [--T 8192 32768 65536] [--out benchmarks/results]
+
+Times are medians of triton.testing.do_bench after warm-up. Writes <date>-<gpu>.json and .md.
+Cases (B=1, HQ=64, H=4, D=128 unless said):
+  dense_cudnn / dense_flash   causal SDPA over all T keys (GQA expanded for the backends that need it)
+  fla_full                    FLA parallel_nsa: compression + top-n + selection (l=d=l'=64, mean, n=16, w=0)
+  ours_fla_cfg                nsa_attention with the same config (compression + top-n + selection + gates)
+  fla_selection / ours_selection   selection attention alone on the same random indices
+  flex_window512 / ours_window512  sliding-window attention, w=512
+  ours_paper                  paper config: Dk=192, Dv=128, l=32, d=16, l'=64, n=16, w=512, all branches
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nsa_codegen import CompressionBranch, NSASpec, SelectionBranch, WindowBranch, nsa_attention  # noqa: E402
+from nsa_codegen import ops  # noqa: E402
+
+HQ, H, D = 64, 4, 128
+
+
+def bench(fn):
+    import triton.testing
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def attn_flops(T, keys_per_query, dk, dv, heads=HQ):
+    return 2.0 * T * heads * keys_per_query * (dk + dv)
+
+
+def random_indices(B, T, n, bs, device, causal_block=True):
+    """Random distinct visible blocks per (token, head), always including the block holding t."""
+    t = torch.arange(T, device=device)
+    nvis = (t // bs + 1)[:, None].float()
+    r = torch.rand(B, T, H, 64 * n // 16 + n, device=device)
+    cand = (r * nvis[None, :, None, :]).long()  # visible ids, duplicates possible
+    cand[..., 0] = (t // bs)[None, :, None]
+    idx = torch.full((B, T, H, n), -1, dtype=torch.int32, device=device)
+    # de-duplicate by sorting and masking repeats, keep the first n unique
+    s, _ = cand.sort(-1)
+    uniq = torch.ones_like(s, dtype=torch.bool)
+    uniq[..., 1:] = s[..., 1:] != s[..., :-1]
+    s = torch.where(uniq, s, torch.full_like(s, 1 << 30)).sort(-1).values[..., :n]
+    idx = torch.where(s < (1 << 30), s, torch.full_like(s, -1)).int()
+    return idx
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", type=int, nargs="+", default=[8192, 32768, 65536])
+    ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
+    ap.add_argument("--dtype", default="float16")
+    args = ap.parse_args()
+    dt = getattr(torch, args.dtype)
+    dev = "cuda"
+    gpu = torch.cuda.get_device_name()
+    try:
+        from fla.ops.nsa.parallel import ParallelNSAFunction, parallel_nsa
+        has_fla = True
+    except Exception as e:  # optional peer
+        print(f"FLA not available: {e}")
+        has_fla = False
+    fla_spec = NSASpec(heads=HQ, kv_heads=H, head_dim=D, v_head_dim=D, dtype=args.dtype,
+                       compression=CompressionBranch(64, 64, "mean"), selection=SelectionBranch(64, 16, 1, 2),
+                       window=None)
+    paper = NSASpec(heads=HQ, kv_heads=H, head_dim=192, v_head_dim=128, dtype=args.dtype,
+                    compression=CompressionBranch(32, 16, "mean"), selection=SelectionBranch(64, 16, 1, 2),
+                    window=WindowBranch(512))
+    rows = []
+
+    def record(case, T, fn, flops):
+        try:
+            ms = bench(fn)
+            rows.append(dict(case=case, T=T, ms=ms, tflops=flops / ms / 1e9))
+            print(f"T={T:6d} {case:<18} {ms:9.3f} ms  {flops / ms / 1e9:7.1f} TFLOP/s", flush=True)
+        except Exception as e:
+            rows.append(dict(case=case, T=T, ms=None, error=f"{type(e).__name__}: {str(e)[:200]}"))
+            print(f"T={T:6d} {case:<18} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+        torch.cuda.empty_cache()
+
+    for T in args.T:
+        torch.manual_seed(T)
+        q = torch.randn(1, T, HQ, D, device=dev, dtype=dt)
+        k = torch.randn(1, T, H, D, device=dev, dtype=dt)
+        v = torch.randn(1, T, H, D, device=dev, dtype=dt)
+        g = [torch.rand(1, T, HQ, device=dev, dtype=dt) for _ in range(3)]
+        dense = attn_flops(T, (T + 1) / 2, D, D)
+        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        kx, vx = kh.repeat_interleave(HQ // H, 1), vh.repeat_interleave(HQ // H, 1)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        for name, backend in (("dense_cudnn", SDPBackend.CUDNN_ATTENTION), ("dense_flash", SDPBackend.FLASH_ATTENTION)):
+            def run(backend=backend):
+                with sdpa_kernel(backend):
+                    return torch.nn.functional.scaled_dot_product_attention(qh, kx, vx, is_causal=True)
+            record(name, T, run, dense)
+        del kx, vx
+        torch.cuda.empty_cache()
+        n, bs = 16, 64
+        sel_flops = attn_flops(T, n * bs, D, D)
+        idx = random_indices(1, T, n, bs, dev)
+        if has_fla:
+            record("fla_full", T, lambda: parallel_nsa(q, k, v, g[0], g[1], None, block_counts=n, block_size=bs),
+                   sel_flops)
+            idx_l = idx.long().masked_fill(idx < 0, 0)
+            cnt = (idx >= 0).sum(-1)
+            record("fla_selection", T, lambda: ParallelNSAFunction.apply(q, k, v, idx_l, cnt, bs, D ** -0.5, None),
+                   sel_flops)
+        record("ours_fla_cfg", T, lambda: nsa_attention(q, k, v, g[0], g[1], None, fla_spec), sel_flops)
+        record("ours_selection", T, lambda: ops.selection_attention(q, k, v, idx, bs, -1.0), sel_flops)
+        w = 512
+        win_flops = attn_flops(T, w, D, D)
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            mask = create_block_mask(lambda b, h, qi, ki: (ki <= qi) & (qi - ki < w), None, None, T, T, device=dev)
+            flex = torch.compile(flex_attention)
+            record("flex_window512", T, lambda: flex(qh, kh, vh, block_mask=mask, enable_gqa=True), win_flops)
+        except Exception as e:
+            print(f"flex attention unavailable: {e}")
+        record("ours_window512", T, lambda: ops.window_attention(q, k, v, w, -1.0), win_flops)
+        del q, k, v, qh, kh, vh
+        torch.cuda.empty_cache()
+        qp = torch.randn(1, T, HQ, 192, device=dev, dtype=dt)
+        kp = torch.randn(1, T, H, 192, device=dev, dtype=dt)
+        vp = torch.randn(1, T, H, 128, device=dev, dtype=dt)
+        paper_flops = attn_flops(T, n * bs + w + T / 16 / 2, 192, 128)
+        record("ours_paper", T, lambda: nsa_attention(qp, kp, vp, *g, paper), paper_flops)
+        del qp, kp, vp
+        torch.cuda.empty_cache()
+
+    date = datetime.date.today().isoformat()
+    tag = gpu.replace(" ", "_")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(date=date, gpu=gpu, torch=torch.__version__, dtype=args.dtype, B=1, HQ=HQ, H=H, D=D,
+                cuda=torch.version.cuda)
+    (out / f"{date}-{tag}-forward.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    lines = [f"# Forward benchmark, {gpu}, {date}", "",
+             f"B=1, HQ={HQ}, H={H}, D={D}, {args.dtype}; median ms (triton do_bench); speedup vs dense cuDNN.", "",
+             "| T | case | ms | TFLOP/s | vs dense cuDNN |", "|---|---|---|---|---|"]
+    for T in args.T:
+        base = next((r["ms"] for r in rows if r["T"] == T and r["case"] == "dense_cudnn" and r["ms"]), None)
+        for r in (r for r in rows if r["T"] == T):
+            if r["ms"] is None:
+                lines.append(f"| {T} | {r['case']} | failed: {r['error'][:80]} | | |")
+                continue
+            sp = f"{base / r['ms']:.1f}x" if base else ""
+            lines.append(f"| {T} | {r['case']} | {r['ms']:.3f} | {r['tflops']:.1f} | {sp} |")
+    (out / f"{date}-{tag}-forward.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One GPU pass on the lent H100: GPU tests, then the forward benchmark. Logs and results go to $OUT.
+#   bash benchmarks/gpu_pass.sh [tests|bench|all] [pytest -k expr]
+set -uo pipefail
+what=${1:-all}
+mkdir -p /tmp/site
+[ -f .gpu/site.tar.xz ] && tar -C /tmp/site -xJf .gpu/site.tar.xz
+ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NSA_CODEGEN_CACHE_DIR=/tmp/nsacache
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+rc=0
+if [[ $what == tests || $what == all ]]; then
+  python3 -m pytest -q -x tests/test_ops.py ${2:+-k "$2"} 2>&1 | tee "$OUT/tests.log" | tail -40
+  rc=${PIPESTATUS[0]}
+fi
+if [[ $what == bench || $what == all ]]; then
+  python3 benchmarks/bench_forward.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | grep -v "^\s*$" | tail -60
+fi
+exit $rc

@@ -1,0 +1,144 @@
+"""Where compiled kernels live, and loading them once per process.
+
+Layout: $NSA_CODEGEN_CACHE_DIR (default ~/.cache/nsa_codegen) / <version tag> /
+  tilelang/                 TileLang's own kernel cache (CUDA source, kernel .so, params); its entries
+                            are keyed by the prim_func text, target and TileLang/CUDA build, written by
+                            atomic directory rename and verified by a content manifest on load, so a
+                            corrupt or half-written entry is recompiled, never launched.
+  kernels/<key>/meta.json   our index: kernel key, schedule and its source, template hash, versions.
+The version tag changes with nsa-codegen and TileLang versions, so stale builds are never reused.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .kernel_key import KernelKey
+
+_LOCK = threading.Lock()
+_LOADED: dict[KernelKey, "CompiledKernel"] = {}
+
+
+def cache_root() -> Path:
+    root = os.environ.get("NSA_CODEGEN_CACHE_DIR")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "nsa_codegen"
+
+
+def version_tag() -> str:
+    from . import __version__
+    try:
+        import tilelang
+        tl = tilelang.__version__
+    except Exception:
+        tl = "none"
+    return f"v{__version__}-tl{tl}"
+
+
+def versioned_dir() -> Path:
+    return cache_root() / version_tag()
+
+
+@contextlib.contextmanager
+def _tilelang_cache_dir(path: Path):
+    """Point TileLang's kernel cache at ours for the duration of a compile."""
+    from tilelang.env import env
+    path.mkdir(parents=True, exist_ok=True)
+    old = env.TILELANG_CACHE_DIR
+    env.TILELANG_CACHE_DIR = str(path)
+    try:
+        yield
+    finally:
+        env.TILELANG_CACHE_DIR = old
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".meta-", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)  # atomic: readers see the old or the new file, never half of one
+
+
+@dataclass
+class CompiledKernel:
+    key: KernelKey
+    kernel: Any  # tilelang JITKernel
+    schedule_source: str  # tuned | default | fallback
+    compile_seconds: float
+
+    def __call__(self, *tensors):
+        return self.kernel(*tensors)
+
+    def source(self) -> str:
+        return self.kernel.get_kernel_source()
+
+
+def get_kernel(problem: KernelKey) -> CompiledKernel:
+    """The compiled kernel for a problem key (schedule resolved here), compiled at most once per process."""
+    from .codegen import check_schedule, compile_kernel, template_source_hash
+    from .schedules import resolve_schedule
+
+    with _LOCK:
+        hit = _LOADED.get(problem.problem)
+        if hit is not None:
+            return hit
+        schedule, source = resolve_schedule(problem, lambda s: check_schedule(problem, s))
+        key = problem.with_schedule(schedule)
+        t0 = time.perf_counter()
+        with _tilelang_cache_dir(versioned_dir() / "tilelang"):
+            jit = compile_kernel(key)
+        ck = CompiledKernel(key, jit, source, time.perf_counter() - t0)
+        meta = versioned_dir() / "kernels" / key.dirname / "meta.json"
+        if not meta.exists():
+            _write_json_atomic(meta, {"key": str(key), "problem": key.problem_id, "schedule": schedule,
+                                      "schedule_source": source, "template_hash": template_source_hash(key.kind),
+                                      "version_tag": version_tag()})
+        _LOADED[problem.problem] = ck
+        return ck
+
+
+def clear_loaded() -> None:
+    """Forget kernels loaded in this process (the disk cache stays)."""
+    with _LOCK:
+        _LOADED.clear()
+
+
+def _precompile_one(problem: KernelKey) -> tuple[str, str | None, float]:
+    try:
+        k = get_kernel(problem)
+        return str(k.key), None, k.compile_seconds
+    except Exception as e:  # reported per kernel by the caller
+        return str(problem), f"{type(e).__name__}: {e}", 0.0
+
+
+def precompile(problems, jobs: int | None = None, progress=None) -> list[tuple[str, str | None, float]]:
+    """Compile many problem keys in parallel worker processes into the disk cache.
+
+    Returns (key, error or None, seconds) per problem, in order. Later get_kernel calls in this
+    process then load from disk instead of compiling. progress(done, total, result) is called
+    after each kernel.
+    """
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    problems = list(dict.fromkeys(p.problem for p in problems))
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(problems) or 1))
+    results: list = [None] * len(problems)
+    # spawn: the parent may hold CUDA state, which must not be forked.
+    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_precompile_one, p): i for i, p in enumerate(problems)}
+        for done, fut in enumerate(cf.as_completed(futures), 1):
+            results[futures[fut]] = fut.result()
+            if progress:
+                progress(done, len(problems), results[futures[fut]])
+    return results

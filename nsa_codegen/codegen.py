@@ -1,0 +1,89 @@
+"""Codegen: a `KernelKey` with its schedule -> TileLang prim_func -> compiled kernel for a target.
+
+Each kernel kind has one template family in templates/; its config dataclass is filled from the
+key's problem parameters (under the names the template uses) and the schedule's knobs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+from typing import Any
+
+from .kernel_key import KernelKey
+from .resources import template_module
+
+# kind -> (template module, config class)
+FAMILIES = {
+    "compression_fwd": ("compression_attention", "CompressionAttentionConfig"),
+    "selection_topn": ("selection_topn", "SelectionTopNConfig"),
+    "selection_fwd": ("selection_attention", "SelectionAttentionConfig"),
+    "window_fwd": ("window_attention", "WindowAttentionConfig"),
+}
+
+TARGETS = {"sm90": {"kind": "cuda", "arch": "sm_90a"}, "sm80": {"kind": "cuda", "arch": "sm_80"}}
+
+
+def _problem_fields(key: KernelKey) -> dict[str, Any]:
+    """Every name a template may use for the problem's sizes (templates pick theirs)."""
+    p = key.param
+    scale = key.scale if key.scale is not None else key.head_dim ** -0.5
+    fields = dict(heads_q=key.heads, heads_kv=key.kv_heads, head_dim_qk=key.head_dim, head_dim_v=key.v_head_dim,
+                  dim_k=key.head_dim, dim_v=key.v_head_dim, scale=float(scale), dtype=key.dtype, **p)
+    if key.kind == "selection_fwd":
+        fields["block"] = p["sel_block"]
+    return fields
+
+
+def template_config(key: KernelKey, schedule: dict[str, Any] | None = None):
+    """The template's config object for key (schedule: key.schedule unless given)."""
+    module_name, cls_name = FAMILIES[key.kind]
+    mod = template_module(module_name)
+    cls = getattr(mod, cls_name)
+    sched = dict(key.schedule or ()) if schedule is None else dict(schedule)
+    problem = _problem_fields(key)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(sched) - names)
+    if unknown:
+        raise ValueError(f"{key}: schedule knobs {unknown} are not fields of {module_name}.{cls_name}")
+    kwargs = {n: problem[n] for n in names if n in problem and n not in sched}
+    kwargs.update(sched)
+    return cls(**kwargs)
+
+
+def check_schedule(key: KernelKey, schedule: dict[str, Any]) -> str | None:
+    """None when the template accepts schedule for key's problem, else the reason it does not."""
+    mod = template_module(FAMILIES[key.kind][0])
+    try:
+        cfg = template_config(key, schedule)
+        mod.check_config(cfg)
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return None
+
+
+def template_source_hash(kind: str) -> str:
+    mod = template_module(FAMILIES[kind][0])
+    return hashlib.sha256(inspect.getsource(mod).encode()).hexdigest()[:12]
+
+
+def build_prim_func(key: KernelKey):
+    if key.schedule is None:
+        raise ValueError(f"{key}: choose a schedule before building (KernelKey.with_schedule)")
+    mod = template_module(FAMILIES[key.kind][0])
+    cfg = template_config(key)
+    mod.check_config(cfg)
+    pass_configs = mod.pass_configs(cfg) if hasattr(mod, "pass_configs") else None
+    return mod.build(cfg), pass_configs
+
+
+def compile_kernel(key: KernelKey, target: dict | str | None = None):
+    """TileLang-compile key's kernel for its arch (or an explicit target). Returns the JITKernel."""
+    import tilelang
+
+    func, pass_configs = build_prim_func(key)
+    target = target or TARGETS[key.arch]
+    try:
+        return tilelang.compile(func, target=target, pass_configs=pass_configs)
+    except Exception as e:
+        raise RuntimeError(f"compiling {key} for {target} failed: {type(e).__name__}: {e}") from e

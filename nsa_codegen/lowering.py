@@ -1,0 +1,87 @@
+"""Lowering: spec (+ arch, dtype, which inputs the caller gave) -> `KernelPlan`.
+
+A plan is the ordered list of kernel calls that compute one NSA forward, each naming its kernel
+problem (a `KernelKey` without schedule) and the tensors it reads and writes. Pure Python: no
+TileLang, no torch. Tensor names: q, k, v (selection K/V), k_cmp, v_cmp, k_win, v_win, lse_cmp,
+block_indices, block_counts, o_cmp, o_slc, o_win, and the gates g_cmp, g_slc, g_win.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .kernel_key import KernelKey
+from .spec import NSASpec
+
+ARCH_ALIASES = {"sm90": "sm90", "sm_90": "sm90", "sm_90a": "sm90", "sm90a": "sm90", "hopper": "sm90",
+                "sm80": "sm80", "sm_80": "sm80", "ampere": "sm80"}
+
+
+def normalize_arch(arch: str) -> str:
+    try:
+        return ARCH_ALIASES[str(arch).lower()]
+    except KeyError:
+        raise ValueError(f"unknown arch {arch!r}; supported: sm80, sm90") from None
+
+
+def arch_of_capability(major: int, minor: int) -> str:
+    """The arch whose kernels run on a device of this compute capability."""
+    if major == 9:
+        return "sm90"
+    if major >= 8:
+        return "sm80"
+    raise ValueError(f"compute capability {major}.{minor} is not supported; nsa-codegen needs sm80 or newer")
+
+
+@dataclass(frozen=True)
+class KernelCall:
+    kind: str
+    key: KernelKey  # the problem; the schedule is chosen later
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    spec: NSASpec
+    arch: str
+    calls: tuple[KernelCall, ...]
+    # Gated sum of the branch outputs that are on: ((gate, branch output), ...)
+    combine: tuple[tuple[str, str], ...]
+
+    def describe(self) -> str:
+        lines = [f"{c.kind:<16} {c.key}  ({', '.join(c.inputs)}) -> ({', '.join(c.outputs)})" for c in self.calls]
+        lines.append("combine          o = " + " + ".join(f"{g}*{o}" for g, o in self.combine))
+        return "\n".join(lines)
+
+
+def lower_to_plan(spec: NSASpec, arch: str = "sm90", explicit_indices: bool = False) -> KernelPlan:
+    """The kernels that compute `spec`'s forward on `arch`, in order.
+
+    explicit_indices: the caller passes block_indices, so no scoring / top-n kernel runs.
+    """
+    arch = normalize_arch(arch)
+    c, s = spec.compression, spec.selection
+    common = dict(arch=arch, dtype=spec.dtype, head_dim=spec.head_dim, v_head_dim=spec.v_head_dim,
+                  kv_heads=spec.kv_heads, group=spec.group, scale=spec.scale)
+    calls, combine = [], []
+    if s is not None and c is None and not explicit_indices:
+        raise ValueError("the compression branch is off, so the selection branch needs explicit block_indices")
+    if c is not None:
+        cmp_params = dict(cmp_block=c.block, stride=c.stride, first_block=c.first_block)
+        calls.append(KernelCall("compression_fwd", KernelKey.make(kind="compression_fwd", **common, **cmp_params),
+                                ("q", "k_cmp", "v_cmp"), ("o_cmp", "lse_cmp")))
+        combine.append(("g_cmp", "o_cmp"))
+        if s is not None and not explicit_indices:
+            key = KernelKey.make(kind="selection_topn", **{**common, "v_head_dim": 0}, **cmp_params, sel_block=s.block, top_n=s.top_n,
+                                 initial=s.initial, local=s.local)
+            calls.append(KernelCall("selection_topn", key, ("q", "k_cmp", "lse_cmp"),
+                                    ("block_indices", "block_counts")))
+    if s is not None:
+        key = KernelKey.make(kind="selection_fwd", **common, sel_block=s.block, top_n=s.top_n)
+        calls.append(KernelCall("selection_fwd", key, ("q", "k", "v", "block_indices"), ("o_slc", "lse_slc")))
+        combine.append(("g_slc", "o_slc"))
+    if spec.window is not None:
+        key = KernelKey.make(kind="window_fwd", **common, window=spec.window.size)
+        calls.append(KernelCall("window_fwd", key, ("q", "k_win", "v_win"), ("o_win", "lse_win")))
+        combine.append(("g_win", "o_win"))
+    return KernelPlan(spec, arch, tuple(calls), tuple(combine))

@@ -1,0 +1,248 @@
+"""PyTorch ops over the compiled kernels.
+
+Per-branch ops (torch.library custom ops, each with a fake implementation for torch.compile):
+  nsa_codegen::compression_attention(q, k_cmp, v_cmp, block, stride, first_block, scale) -> (o, lse)
+  nsa_codegen::selection_topn(q, k_cmp, lse, block, stride, first_block, sel_block, top_n, initial,
+                              local, scale) -> (block_indices int32, block_counts int32)
+  nsa_codegen::selection_attention(q, k, v, block_indices, sel_block, scale) -> (o, lse)
+  nsa_codegen::window_attention(q, k, v, window, scale) -> (o, lse)
+and `nsa_attention(...)`, the whole forward, which matches `nsa_codegen.reference.nsa_reference`.
+Layouts: q [B, T, HQ, Dk], k [B, T, H, Dk], v [B, T, H, Dv], k_cmp [B, N, H, Dk], o [B, T, HQ, Dv],
+lse [B, T, HQ] float32 (natural log), block_indices [B, T, H, n]. Scale < 0 means 1/sqrt(Dk).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from . import reference
+from .cache import get_kernel
+from .kernel_key import DTYPE_TAGS, KernelKey
+from .lowering import arch_of_capability, lower_to_plan
+from .spec import SUPPORTED_GROUPS, SUPPORTED_HEAD_DIMS, SUPPORTED_V_HEAD_DIMS, NSASpec
+
+_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _poison() -> bool:
+    # Tests set this so that every element a kernel fails to write shows up as NaN / garbage.
+    return os.environ.get("NSA_CODEGEN_POISON_OUTPUTS") == "1"
+
+
+def _empty(shape, dtype, device):
+    if not _poison():
+        return torch.empty(shape, dtype=dtype, device=device)
+    if dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.full(shape, -7, dtype=dtype, device=device)
+
+
+def _check_tensor(name: str, t: torch.Tensor, ndim: int, like: Optional[torch.Tensor] = None, dtype=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {list(t.shape)}")
+    if not t.is_cuda:
+        raise ValueError(f"{name} must be a CUDA tensor (the kernels run on the GPU), got device {t.device}; "
+                         f"use nsa_codegen.reference on the CPU")
+    want = dtype if dtype is not None else (like.dtype if like is not None else None)
+    if want is None and t.dtype not in _DTYPES:
+        raise ValueError(f"{name} must be bfloat16 or float16, got {t.dtype}")
+    if want is not None and t.dtype != want:
+        raise ValueError(f"{name} must be {want} (like q), got {t.dtype}")
+    if like is not None and t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but q is on {like.device}")
+
+
+def _arch(t: torch.Tensor) -> str:
+    return arch_of_capability(*torch.cuda.get_device_capability(t.device))
+
+
+def _heads(q, k, what="k"):
+    HQ, H = q.shape[2], k.shape[2]
+    if H == 0 or HQ % H:
+        raise ValueError(f"q heads ({HQ}) must be a multiple of {what} heads ({H})")
+    G = HQ // H
+    if G not in SUPPORTED_GROUPS:
+        raise ValueError(f"group HQ/H = {G} is not supported; supported: {list(SUPPORTED_GROUPS)}")
+    if q.shape[3] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q head dim {q.shape[3]} is not supported; supported: {list(SUPPORTED_HEAD_DIMS)}")
+    return H, G
+
+
+def _key(kind, q, k, v_dim, scale, **params) -> KernelKey:
+    H, G = _heads(q, k)
+    if v_dim and v_dim not in SUPPORTED_V_HEAD_DIMS:
+        raise ValueError(f"v head dim {v_dim} is not supported; supported: {list(SUPPORTED_V_HEAD_DIMS)}")
+    return KernelKey.make(arch=_arch(q), kind=kind, dtype=_DTYPES[q.dtype], head_dim=q.shape[3], v_head_dim=v_dim,
+                          kv_heads=H, group=G, scale=None if scale < 0 else float(scale), **params)
+
+
+def _launch(key: KernelKey, *tensors):
+    kernel = get_kernel(key)
+    try:
+        kernel(*tensors)
+    except Exception as e:
+        raise RuntimeError(f"launching {kernel.key} failed: {type(e).__name__}: {e}") from e
+
+
+def _c(x):
+    return x if x.is_contiguous() else x.contiguous()
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-branch ops
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("nsa_codegen::compression_attention", mutates_args=())
+def compression_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, block: int, stride: int,
+                          first_block: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_tensor("q", q, 4)
+    _check_tensor("k_cmp", k_cmp, 4, like=q)
+    _check_tensor("v_cmp", v_cmp, 4, like=q)
+    B, T, HQ, _ = q.shape
+    key = _key("compression_fwd", q, k_cmp, v_cmp.shape[3], scale, cmp_block=block, stride=stride,
+               first_block=first_block)
+    o = _empty((B, T, HQ, v_cmp.shape[3]), q.dtype, q.device)
+    lse = _empty((B, T, HQ), torch.float32, q.device)
+    if T:
+        _launch(key, _c(q), _c(k_cmp), _c(v_cmp), o, lse)
+    return o, lse
+
+
+@compression_attention.register_fake
+def _(q, k_cmp, v_cmp, block, stride, first_block, scale):
+    B, T, HQ, _ = q.shape
+    return q.new_empty(B, T, HQ, v_cmp.shape[3]), q.new_empty(B, T, HQ, dtype=torch.float32)
+
+
+@torch.library.custom_op("nsa_codegen::selection_topn", mutates_args=())
+def selection_topn(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, block: int, stride: int,
+                   first_block: int, sel_block: int, top_n: int, initial: int, local: int,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_tensor("q", q, 4)
+    _check_tensor("k_cmp", k_cmp, 4, like=q)
+    _check_tensor("lse", lse, 3, dtype=torch.float32)
+    B, T, HQ, _ = q.shape
+    H = k_cmp.shape[2]
+    key = _key("selection_topn", q, k_cmp, 0, scale, cmp_block=block, stride=stride, first_block=first_block,
+               sel_block=sel_block, top_n=top_n, initial=initial, local=local)
+    idx = _empty((B, T, H, top_n), torch.int32, q.device)
+    cnt = _empty((B, T, H), torch.int32, q.device)
+    if T:
+        _launch(key, _c(q), _c(k_cmp), _c(lse), idx, cnt)
+    return idx, cnt
+
+
+@selection_topn.register_fake
+def _(q, k_cmp, lse, block, stride, first_block, sel_block, top_n, initial, local, scale):
+    B, T, _, _ = q.shape
+    H = k_cmp.shape[2]
+    return (q.new_empty(B, T, H, top_n, dtype=torch.int32), q.new_empty(B, T, H, dtype=torch.int32))
+
+
+@torch.library.custom_op("nsa_codegen::selection_attention", mutates_args=())
+def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
+                        sel_block: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_tensor("q", q, 4)
+    _check_tensor("k", k, 4, like=q)
+    _check_tensor("v", v, 4, like=q)
+    _check_tensor("block_indices", block_indices, 4, dtype=torch.int32)
+    B, T, HQ, _ = q.shape
+    if tuple(block_indices.shape[:3]) != (B, T, k.shape[2]):
+        raise ValueError(f"block_indices must be [B, T, H, n] = [{B}, {T}, {k.shape[2]}, n], "
+                         f"got {list(block_indices.shape)}")
+    key = _key("selection_fwd", q, k, v.shape[3], scale, sel_block=sel_block, top_n=block_indices.shape[3])
+    o = _empty((B, T, HQ, v.shape[3]), q.dtype, q.device)
+    lse = _empty((B, T, HQ), torch.float32, q.device)
+    if T:
+        _launch(key, _c(q), _c(k), _c(v), _c(block_indices), o, lse)
+    return o, lse
+
+
+@selection_attention.register_fake
+def _(q, k, v, block_indices, sel_block, scale):
+    B, T, HQ, _ = q.shape
+    return q.new_empty(B, T, HQ, v.shape[3]), q.new_empty(B, T, HQ, dtype=torch.float32)
+
+
+@torch.library.custom_op("nsa_codegen::window_attention", mutates_args=())
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_tensor("q", q, 4)
+    _check_tensor("k", k, 4, like=q)
+    _check_tensor("v", v, 4, like=q)
+    B, T, HQ, _ = q.shape
+    key = _key("window_fwd", q, k, v.shape[3], scale, window=window)
+    o = _empty((B, T, HQ, v.shape[3]), q.dtype, q.device)
+    lse = _empty((B, T, HQ), torch.float32, q.device)
+    if T:
+        _launch(key, _c(q), _c(k), _c(v), o, lse)
+    return o, lse
+
+
+@window_attention.register_fake
+def _(q, k, v, window, scale):
+    B, T, HQ, _ = q.shape
+    return q.new_empty(B, T, HQ, v.shape[3]), q.new_empty(B, T, HQ, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole forward
+# ------------------------------------------------------------------------------------------------
+def _check_against_spec(q, k, v, spec: NSASpec):
+    _check_tensor("q", q, 4)
+    if _DTYPES[q.dtype] != spec.dtype:
+        raise ValueError(f"q is {q.dtype} but the spec's dtype is {spec.dtype}")
+    reference._check_inputs(q, k, v, spec)
+    _check_tensor("k", k, 4, like=q)
+    _check_tensor("v", v, 4, like=q)
+
+
+def nsa_attention(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_cmp=None, k_win=None, v_win=None,
+                  block_indices=None, cu_seqlens=None, return_indices: bool = False):
+    """NSA forward on the GPU kernels; same contract as `nsa_codegen.reference.nsa_reference`.
+
+    q [B, T, HQ, Dk], k [B, T, H, Dk], v [B, T, H, Dv], gates [B, T, HQ] -> o [B, T, HQ, Dv].
+    k_cmp / v_cmp default to mean pooling of k / v; k_win / v_win default to k / v.
+    cu_seqlens [S+1] with B == 1 packs S sequences (each runs as its own launch sequence).
+    """
+    if not isinstance(spec, NSASpec):
+        raise TypeError(f"spec must be an NSASpec, got {type(spec).__name__}")
+    _check_against_spec(q, k, v, spec)
+    if cu_seqlens is not None:
+        return reference._packed(q, k, v, g_cmp, g_slc, g_win, spec, k_cmp, v_cmp, k_win, v_win, block_indices,
+                                 cu_seqlens, return_indices, forward=nsa_attention)
+    T = q.shape[1]
+    c, s = spec.compression, spec.selection
+    plan = lower_to_plan(spec, _arch(q), explicit_indices=block_indices is not None)
+    scale = spec.scale if spec.scale is not None else -1.0
+    env = {"q": q, "k": k, "v": v, "k_win": k if k_win is None else k_win, "v_win": v if v_win is None else v_win,
+           "block_indices": None if block_indices is None else block_indices.to(torch.int32)}
+    if c is not None:
+        N = reference.num_compressed_blocks(T, c.block, c.stride, c.first_block)
+        env["k_cmp"] = reference.compress(k, c.block, c.stride, c.first_block) if k_cmp is None else k_cmp
+        env["v_cmp"] = reference.compress(v, c.block, c.stride, c.first_block) if v_cmp is None else v_cmp
+        if env["k_cmp"].shape[1] != N or env["v_cmp"].shape[1] != N:
+            raise ValueError(f"k_cmp / v_cmp must have N = {N} compressed rows for T = {T}, "
+                             f"got {env['k_cmp'].shape[1]} / {env['v_cmp'].shape[1]}")
+    for call in plan.calls:
+        if call.kind == "compression_fwd":
+            env["o_cmp"], env["lse_cmp"] = compression_attention(q, env["k_cmp"], env["v_cmp"], c.block, c.stride,
+                                                                 c.first_block, scale)
+        elif call.kind == "selection_topn":
+            env["block_indices"], env["block_counts"] = selection_topn(
+                q, env["k_cmp"], env["lse_cmp"], c.block, c.stride, c.first_block, s.block, s.top_n, s.initial,
+                s.local, scale)
+        elif call.kind == "selection_fwd":
+            env["o_slc"], _ = selection_attention(q, k, v, env["block_indices"], s.block, scale)
+        elif call.kind == "window_fwd":
+            env["o_win"], _ = window_attention(q, env["k_win"], env["v_win"], spec.window.size, scale)
+    gates = {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}
+    out = None
+    for gate, branch in plan.combine:
+        term = gates[gate].unsqueeze(-1).float() * env[branch].float()
+        out = term if out is None else out + term
+    out = out.to(q.dtype)
+    return (out, env["block_indices"]) if return_indices else out

@@ -1,0 +1,94 @@
+"""Schedules: per arch and kernel kind, a default and a search space (schedules/<arch>.yaml).
+
+A schedule is a flat dict of template knobs (tile sizes, threads, pipeline stages, ...). The one a
+kernel uses is, in order: the best correct record for its problem in tuning_logs/<arch>/*.jsonl,
+else the arch default, else the first candidate of the search space the template accepts.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import yaml
+
+from .kernel_key import KINDS, KernelKey
+from .resources import schedules_dir
+
+_SOURCE_TUNING_DIR = Path(__file__).resolve().parent.parent / "tuning_logs"
+
+
+@lru_cache(maxsize=None)
+def load_arch(arch: str) -> dict[str, Any]:
+    path = schedules_dir() / f"{arch}.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"no schedules for arch {arch!r} (looked for {path})")
+    data = yaml.safe_load(path.read_text())
+    kernels = data.get("kernels", {})
+    for kind in KINDS:
+        if kind not in kernels or "default" not in kernels[kind]:
+            raise ValueError(f"{path}: kernels.{kind}.default is missing")
+    return data
+
+
+def default_schedule(key: KernelKey) -> dict[str, Any]:
+    return dict(load_arch(key.arch)["kernels"][key.kind]["default"])
+
+
+def search_space(key: KernelKey) -> Iterator[dict[str, Any]]:
+    """Every schedule of the kind's space (cartesian product), the default first."""
+    entry = load_arch(key.arch)["kernels"][key.kind]
+    default = dict(entry["default"])
+    yield default
+    space = entry.get("space", {})
+    names = sorted(space)
+    for values in itertools.product(*(space[n] for n in names)):
+        cand = {**default, **dict(zip(names, values))}
+        if cand != default:
+            yield cand
+
+
+def tuning_dir(arch: str) -> Path:
+    root = os.environ.get("NSA_CODEGEN_TUNING_DIR")
+    return (Path(root) if root else _SOURCE_TUNING_DIR) / arch
+
+
+def tuned_best(key: KernelKey) -> dict[str, Any] | None:
+    """The fastest correct record for key's problem in tuning_logs/<arch>/*.jsonl, if any."""
+    best = None
+    d = tuning_dir(key.arch)
+    if not d.is_dir():
+        return None
+    pid = key.problem_id
+    for path in sorted(d.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by an interrupted tune
+            if rec.get("problem") != pid or not rec.get("correct") or rec.get("median_ms") is None:
+                continue
+            if best is None or rec["median_ms"] < best["median_ms"]:
+                best = rec
+    return dict(best["schedule"]) if best else None
+
+
+def resolve_schedule(key: KernelKey, feasible: Callable[[dict], str | None]) -> tuple[dict[str, Any], str]:
+    """(schedule, source) for key's problem; source is 'tuned', 'default' or 'fallback'.
+
+    feasible(schedule) returns None when the template accepts it, else the reason it does not.
+    """
+    tuned = tuned_best(key)
+    if tuned is not None and feasible(tuned) is None:
+        return tuned, "tuned"
+    reasons = []
+    for i, cand in enumerate(search_space(key)):
+        why = feasible(cand)
+        if why is None:
+            return cand, ("default" if i == 0 else "fallback")
+        reasons.append(why)
+    raise ValueError(f"{key.problem_id}: no schedule in schedules/{key.arch}.yaml fits this problem; "
+                     f"first reason: {reasons[0] if reasons else 'empty search space'}")

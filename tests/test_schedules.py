@@ -1,0 +1,58 @@
+import json
+
+import pytest
+
+from nsa_codegen import NSASpec
+from nsa_codegen import schedules
+from nsa_codegen.codegen import check_schedule
+from nsa_codegen.kernel_key import KINDS
+from nsa_codegen.lowering import lower_to_plan
+
+PLAN = lower_to_plan(NSASpec(), "sm90")
+
+
+@pytest.mark.parametrize("arch", ["sm80", "sm90"])
+def test_every_kind_has_a_default_and_a_space(arch):
+    data = schedules.load_arch(arch)
+    for kind in KINDS:
+        assert data["kernels"][kind]["default"]
+        assert data["kernels"][kind]["space"]
+
+
+@pytest.mark.parametrize("call", PLAN.calls, ids=lambda c: c.kind)
+def test_default_schedule_is_feasible_for_paper_config(call):
+    sched, source = schedules.resolve_schedule(call.key, lambda s: check_schedule(call.key, s))
+    assert source == "default"
+    assert sched == schedules.default_schedule(call.key)
+
+
+def test_search_space_starts_with_default_and_has_no_duplicates():
+    key = PLAN.calls[0].key
+    space = list(schedules.search_space(key))
+    assert space[0] == schedules.default_schedule(key)
+    assert len({json.dumps(s, sort_keys=True) for s in space}) == len(space) > 10
+
+
+def test_tuned_record_wins_and_broken_lines_are_skipped(tmp_path, monkeypatch):
+    key = PLAN.calls[2].key
+    d = tmp_path / "sm90"
+    d.mkdir()
+    good = {**schedules.default_schedule(key), "num_stages": 3}
+    lines = [json.dumps({"problem": key.problem_id, "schedule": good, "correct": True, "median_ms": 1.0}),
+             json.dumps({"problem": key.problem_id, "schedule": {"threads": 64, "num_stages": 1},
+                         "correct": False, "median_ms": 0.1}),
+             json.dumps({"problem": "other", "schedule": {}, "correct": True, "median_ms": 0.01}),
+             '{"problem": "cut sho']
+    (d / "NVIDIA_H100.jsonl").write_text("\n".join(lines))
+    monkeypatch.setenv("NSA_CODEGEN_TUNING_DIR", str(tmp_path))
+    sched, source = schedules.resolve_schedule(key, lambda s: check_schedule(key, s))
+    assert (sched, source) == (good, "tuned")
+
+
+def test_infeasible_default_falls_back_with_reason():
+    key = PLAN.calls[3].key
+    default = schedules.default_schedule(key)
+    sched, source = schedules.resolve_schedule(key, lambda s: "nope" if s == default else None)
+    assert source == "fallback" and sched != default
+    with pytest.raises(ValueError, match="no schedule .* fits"):
+        schedules.resolve_schedule(key, lambda s: "never")
