@@ -74,7 +74,8 @@ class CompiledKernel:
     key: KernelKey
     kernel: Any  # tilelang JITKernel
     schedule_source: str  # tuned | default | fallback
-    compile_seconds: float
+    compile_seconds: float  # compile, or load when prebuilt / cached on disk
+    prebuilt: Path | None = None  # the generated/<arch> folder it was loaded from
 
     def __call__(self, *tensors):
         return self.kernel(*tensors)
@@ -92,14 +93,17 @@ def get_kernel(problem: KernelKey) -> CompiledKernel:
         hit = _LOADED.get(problem.problem)
         if hit is not None:
             return hit
+        from .build import find_prebuilt
         schedule, source = resolve_schedule(problem, lambda s: check_schedule(problem, s))
         key = problem.with_schedule(schedule)
         t0 = time.perf_counter()
-        with _tilelang_cache_dir(versioned_dir() / "tilelang"):
+        prebuilt = find_prebuilt(key)
+        # A prebuilt artifact (nsa-codegen build) loads from its TileLang cache: no compiler runs.
+        with _tilelang_cache_dir(prebuilt / "tilelang" if prebuilt else versioned_dir() / "tilelang"):
             jit = compile_kernel(key)
-        ck = CompiledKernel(key, jit, source, time.perf_counter() - t0)
+        ck = CompiledKernel(key, jit, source, time.perf_counter() - t0, prebuilt)
         meta = versioned_dir() / "kernels" / key.dirname / "meta.json"
-        if not meta.exists():
+        if prebuilt is None and not meta.exists():
             _write_json_atomic(meta, {"key": str(key), "problem": key.problem_id, "schedule": schedule,
                                       "schedule_source": source, "template_hash": template_source_hash(key.kind),
                                       "version_tag": version_tag()})

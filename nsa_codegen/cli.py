@@ -64,6 +64,93 @@ def _spec_validate(args) -> int:
     return status
 
 
+def _load_specs(paths) -> dict:
+    specs = {}
+    for path in paths:
+        specs[os.path.splitext(os.path.basename(path))[0]] = NSASpec.from_yaml(os.fspath(path))
+    return specs
+
+
+def _build(args) -> int:
+    from .build import build, default_build_set, summary_table
+    from .lowering import normalize_arch
+    try:
+        arch = normalize_arch(args.arch)
+    except ValueError as e:
+        print(f"nsa-codegen build: {e}", file=sys.stderr)
+        return 2
+    try:
+        import tilelang  # noqa: F401
+    except Exception as e:
+        print(f"nsa-codegen build: tilelang is not importable ({e}); pip install tilelang==0.1.15", file=sys.stderr)
+        return 2
+    try:
+        specs = _load_specs(args.config) if args.config else default_build_set()
+    except (SpecError, OSError) as e:
+        print(f"nsa-codegen build: {e}", file=sys.stderr)
+        return 2
+    print(f"building {len(specs)} spec(s) for {arch} into {os.path.join(args.out, arch)}")
+    try:
+        results = build(specs, arch, args.out, jobs=args.jobs, force=args.force)
+    except RuntimeError as e:
+        print(f"nsa-codegen build: {e}", file=sys.stderr)
+        return 2
+    print()
+    print(summary_table(results))
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+def _list(args) -> int:
+    import json
+    from .build import generated_dirs
+    from .cache import versioned_dir
+    rows = []
+    for root in generated_dirs():
+        for meta_path in sorted(root.glob("*/*/meta.json")):
+            meta = json.loads(meta_path.read_text())
+            rows.append((meta["arch"], "generated", meta["schedule_source"], meta["key"], str(meta_path.parent)))
+    for meta_path in sorted((versioned_dir() / "kernels").glob("*/meta.json")):
+        meta = json.loads(meta_path.read_text())
+        rows.append((meta["key"].split("/")[0], "cache", meta["schedule_source"], meta["key"], str(meta_path.parent)))
+    if not rows:
+        print("no kernels built or cached yet (nsa-codegen build --arch sm90)")
+        return 0
+    print(f"{'arch':<6}{'where':<11}{'schedule':<10}key")
+    for arch, where, src, key, _ in rows:
+        print(f"{arch:<6}{where:<11}{src:<10}{key}")
+    return 0
+
+
+def _show(args) -> int:
+    import json
+    from .build import generated_dirs
+    from .cache import versioned_dir
+    name = args.key.strip("/").replace("/", "__")
+    candidates = [root / args.key.split("/")[0] / name for root in generated_dirs()]
+    candidates.append(versioned_dir() / "kernels" / name)
+    for d in candidates:
+        if (d / "meta.json").exists():
+            meta = json.loads((d / "meta.json").read_text())
+            print(json.dumps(meta, indent=1))
+            if (d / "kernel.cu").exists():
+                print(f"generated source: {d / 'kernel.cu'}")
+            return 0
+    print(f"nsa-codegen show: no built or cached kernel with key {args.key} (see nsa-codegen list)", file=sys.stderr)
+    return 1
+
+
+def _cache_clear(args) -> int:
+    import shutil
+    from .cache import cache_root
+    root = cache_root()
+    if root.exists():
+        shutil.rmtree(root)
+        print(f"removed {root}")
+    else:
+        print(f"nothing to clear at {root}")
+    return 0
+
+
 def _not_yet(name):
     def run(args) -> int:
         print(f"nsa-codegen {name}: not implemented yet", file=sys.stderr)
@@ -81,11 +168,25 @@ def main(argv=None) -> int:
     pv = spec_sub.add_parser("validate", help="validate NSA spec YAML files")
     pv.add_argument("files", nargs="+")
     pv.set_defaults(fn=_spec_validate)
-    for name, text in (("build", "ahead-of-time build of kernels into generated/"),
-                       ("tune", "autotune schedules on a GPU into tuning_logs/")):
-        p = sub.add_parser(name, help=f"{text} (not implemented yet)")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(fn=_not_yet(name))
+    p = sub.add_parser("build", help="ahead-of-time build of kernels into generated/<arch>/")
+    p.add_argument("--arch", required=True, help="sm80 or sm90 (sm90 builds sm_90a kernels)")
+    p.add_argument("--config", nargs="+", help="spec YAML files (default: the repo's default build set)")
+    p.add_argument("--out", default="generated", help="output folder (default: generated)")
+    p.add_argument("-j", "--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
+    p.add_argument("--force", action="store_true", help="rebuild kernels that are up to date")
+    p.set_defaults(fn=_build)
+    p = sub.add_parser("list", help="kernels built into generated/ and cached")
+    p.set_defaults(fn=_list)
+    p = sub.add_parser("show", help="spec, schedule and source path of one kernel key")
+    p.add_argument("key")
+    p.set_defaults(fn=_show)
+    p = sub.add_parser("cache", help="the compiled-kernel cache")
+    cache_sub = p.add_subparsers(dest="cache_command", required=True)
+    pc = cache_sub.add_parser("clear", help="delete the cache folder")
+    pc.set_defaults(fn=_cache_clear)
+    p = sub.add_parser("tune", help="autotune schedules on a GPU into tuning_logs/ (not implemented yet)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=_not_yet("tune"))
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -1,0 +1,214 @@
+"""Ahead-of-time build: specs -> kernel keys -> compiled kernels in generated/<arch>/.
+
+Layout of generated/<arch>/:
+  tilelang/              a TileLang kernel cache holding the compiled artifacts (kernel .so, CUDA
+                         source, params), written by atomic directory rename
+  <key>/kernel.cu        the generated CUDA source of one kernel (key with '/' -> '__')
+  <key>/meta.json        spec, schedule (and where it came from), versions, source hash, fingerprint
+  manifest.json          problem id -> key and fingerprint, for every kernel built here
+A kernel is up to date when its fingerprint (key with schedule, template source hash, nsa-codegen
+and TileLang versions, target) matches and its artifact is intact; `build` skips those.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import fcntl
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import yaml
+
+from .cache import _tilelang_cache_dir, _write_json_atomic, version_tag
+from .codegen import TARGETS, check_schedule, compile_kernel, template_source_hash
+from .kernel_key import KernelKey
+from .lowering import lower_to_plan, normalize_arch
+from .resources import schedules_dir
+from .schedules import resolve_schedule
+from .spec import NSASpec
+
+_SOURCE_GENERATED = Path(__file__).resolve().parent.parent / "generated"
+
+
+def default_build_set() -> dict[str, NSASpec]:
+    data = yaml.safe_load((schedules_dir() / "build_set.yaml").read_text())
+    return {name: NSASpec.from_dict(d) for name, d in data.items()}
+
+
+def generated_dirs() -> list[Path]:
+    """Where prebuilt kernels are looked up: $NSA_CODEGEN_GENERATED_DIR (':'-separated), then ./generated
+    of a source checkout."""
+    env = os.environ.get("NSA_CODEGEN_GENERATED_DIR")
+    dirs = [Path(p) for p in env.split(os.pathsep) if p] if env else []
+    return dirs + [_SOURCE_GENERATED]
+
+
+def fingerprint(key: KernelKey) -> str:
+    text = json.dumps([str(key), template_source_hash(key.kind), version_tag(), TARGETS[key.arch]], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass
+class BuildResult:
+    key: str
+    status: str  # built | up-to-date | failed
+    schedule_source: str
+    seconds: float
+    error: str | None = None
+
+
+def plan_keys(specs: dict[str, NSASpec], arch: str) -> list[tuple[KernelKey, str]]:
+    """Every distinct kernel of the specs' forward plans, with its schedule resolved: (key, source)."""
+    problems = {}
+    for spec in specs.values():
+        for call in lower_to_plan(spec, arch).calls:
+            problems.setdefault(call.key, None)
+    out = []
+    for problem in problems:
+        sched, source = resolve_schedule(problem, lambda s, p=problem: check_schedule(p, s))
+        out.append((problem.with_schedule(sched), source))
+    return out
+
+
+def artifact_ok(arch_dir: Path, key: KernelKey) -> bool:
+    """meta.json matches the current fingerprint and the compiled artifact's bytes are intact."""
+    meta_path = arch_dir / key.dirname / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if meta.get("fingerprint") != fingerprint(key):
+        return False
+    lib = arch_dir / meta.get("artifact", "")
+    return lib.is_file() and _file_hash(lib) == meta.get("artifact_sha256")
+
+
+def _build_one(arch_dir: str, key: KernelKey, source: str, spec_names: list[str]) -> BuildResult:
+    arch_dir = Path(arch_dir)
+    t0 = time.perf_counter()
+    try:
+        with _tilelang_cache_dir(arch_dir / "tilelang"):
+            jit = compile_kernel(key)
+        entry = Path(getattr(jit, "_tilelang_cache_path", "") or "")
+        # The tvm_ffi backend writes executable.so; other TileLang backends kernel_lib.so.
+        lib = next((entry / n for n in ("executable.so", "kernel_lib.so") if (entry / n).is_file()), None)
+        if lib is None:
+            raise RuntimeError(f"TileLang wrote no compiled artifact for {key} under {entry}")
+        kdir = arch_dir / key.dirname
+        kdir.mkdir(parents=True, exist_ok=True)
+        src = jit.get_kernel_source()
+        tmp = kdir / f".kernel.cu.{os.getpid()}"
+        tmp.write_text(src)
+        os.replace(tmp, kdir / "kernel.cu")
+        import tilelang
+        meta = {"key": str(key), "problem": key.problem_id, "arch": key.arch, "kind": key.kind,
+                "schedule": dict(key.schedule), "schedule_source": source, "specs": spec_names,
+                "template_hash": template_source_hash(key.kind), "source_sha256": hashlib.sha256(src.encode()).hexdigest(),
+                "versions": {"nsa_codegen": version_tag(), "tilelang": tilelang.__version__},
+                "target": TARGETS[key.arch], "artifact": str(lib.relative_to(arch_dir)),
+                "artifact_sha256": _file_hash(lib), "fingerprint": fingerprint(key),
+                "built": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        _write_json_atomic(kdir / "meta.json", meta)
+        return BuildResult(str(key), "built", source, time.perf_counter() - t0)
+    except Exception as e:
+        return BuildResult(str(key), "failed", source, time.perf_counter() - t0, f"{type(e).__name__}: {e}")
+
+
+@contextlib.contextmanager
+def _build_lock(arch_dir: Path):
+    """One build per output folder at a time; a second one waits (and says so)."""
+    arch_dir.mkdir(parents=True, exist_ok=True)
+    with open(arch_dir / ".build.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"another build holds {arch_dir}; waiting for it...", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _progress(done: int, total: int, r: BuildResult, stream=None):
+    width = 24
+    bar = "#" * (width * done // total) + "-" * (width - width * done // total)
+    extra = f" {r.error.splitlines()[0][:160]}" if r.error else ""
+    print(f"[{bar}] {done}/{total} {r.status:<10} {r.seconds:6.1f}s  {r.key} ({r.schedule_source}){extra}",
+          file=stream or sys.stdout, flush=True)
+
+
+def build(specs: dict[str, NSASpec], arch: str, out: Path | str, jobs: int | None = None,
+          force: bool = False, progress=_progress) -> list[BuildResult]:
+    """Compile every kernel of `specs` for `arch` into out/<arch>/; returns one result per kernel."""
+    arch = normalize_arch(arch)
+    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        raise RuntimeError("nvcc not found: building kernels needs the CUDA toolkit (set PATH or CUDA_HOME)")
+    arch_dir = Path(out) / arch
+    keys = plan_keys(specs, arch)
+    users: dict[str, list[str]] = {}
+    for name, spec in specs.items():
+        for call in lower_to_plan(spec, arch).calls:
+            users.setdefault(call.key.problem_id, []).append(name)
+    results: list[BuildResult] = []
+    with _build_lock(arch_dir):
+        todo = []
+        for key, source in keys:
+            if not force and artifact_ok(arch_dir, key):
+                r = BuildResult(str(key), "up-to-date", source, 0.0)
+                results.append(r)
+                progress(len(results), len(keys), r)
+            else:
+                todo.append((key, source))
+        if todo:
+            n = max(1, min(jobs or os.cpu_count() or 1, len(todo)))
+            with cf.ProcessPoolExecutor(n, mp_context=mp.get_context("spawn")) as pool:
+                futs = [pool.submit(_build_one, str(arch_dir), k, s, users.get(k.problem_id, [])) for k, s in todo]
+                for fut in cf.as_completed(futs):
+                    results.append(fut.result())
+                    progress(len(results), len(keys), results[-1])
+        _write_manifest(arch_dir)
+    return results
+
+
+def _write_manifest(arch_dir: Path):
+    entries = {}
+    for meta_path in sorted(arch_dir.glob("*/meta.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        entries[meta["problem"]] = {k: meta[k] for k in ("key", "fingerprint", "schedule_source", "artifact")}
+    _write_json_atomic(arch_dir / "manifest.json", {"arch": arch_dir.name, "version": version_tag(),
+                                                    "kernels": entries})
+
+
+def find_prebuilt(key: KernelKey) -> Path | None:
+    """The generated/<arch> folder holding an up-to-date, intact build of `key` (with schedule), if any."""
+    for root in generated_dirs():
+        arch_dir = root / key.arch
+        if artifact_ok(arch_dir, key):
+            return arch_dir
+    return None
+
+
+def summary_table(results: Iterable[BuildResult]) -> str:
+    results = list(results)
+    lines = [f"{'status':<11}{'seconds':>8}  {'schedule':<9} key"]
+    for r in sorted(results, key=lambda r: r.key):
+        lines.append(f"{r.status:<11}{r.seconds:8.1f}  {r.schedule_source:<9} {r.key}")
+    counts = {s: sum(r.status == s for r in results) for s in ("built", "up-to-date", "failed")}
+    lines.append(", ".join(f"{v} {k}" for k, v in counts.items()))
+    return "\n".join(lines)

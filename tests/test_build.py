@@ -1,0 +1,85 @@
+"""`nsa-codegen build` on the CPU (nvcc, no GPU): artifacts, idempotence, corruption, loading without nvcc."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nsa_codegen import NSASpec
+from nsa_codegen.build import artifact_ok, build, default_build_set, find_prebuilt, plan_keys
+from nsa_codegen.cli import main
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+WINDOW_ONLY = NSASpec(heads=8, kv_heads=2, head_dim=64, v_head_dim=64, dtype="float16", compression=None,
+                      selection=None, window={"size": 128})
+
+
+def test_default_build_set_covers_the_issue_configs():
+    specs = default_build_set()
+    assert {"paper_bf16", "paper_fp16", "paper_d128_bf16", "fla_fp16", "g1_bf16", "g4_fp16"} <= set(specs)
+    assert specs["paper_bf16"].head_dim == 192 and specs["g1_fp16"].group == 1 and specs["g4_bf16"].group == 4
+    keys = plan_keys(specs, "sm90")
+    assert len({str(k) for k, _ in keys}) == len(keys) >= 20
+
+
+@needs_nvcc
+@pytest.mark.compile
+def test_build_is_idempotent_detects_corruption_and_loads_without_nvcc(tmp_path, capsys):
+    out = tmp_path / "generated"
+    r1 = build({"win": WINDOW_ONLY}, "sm90", out, jobs=1)
+    assert [r.status for r in r1] == ["built"], r1
+    key = plan_keys({"win": WINDOW_ONLY}, "sm90")[0][0]
+    kdir = out / "sm90" / key.dirname
+    meta = json.loads((kdir / "meta.json").read_text())
+    assert meta["key"] == str(key) and meta["schedule_source"] == "default"
+    assert "__global__" in (kdir / "kernel.cu").read_text()
+    manifest = json.loads((out / "sm90" / "manifest.json").read_text())
+    assert manifest["kernels"][key.problem_id]["key"] == str(key)
+    assert "[" in capsys.readouterr().out  # the progress bar
+
+    assert [r.status for r in build({"win": WINDOW_ONLY}, "sm90", out, jobs=1)] == ["up-to-date"]
+
+    lib = out / "sm90" / meta["artifact"]
+    lib.write_bytes(lib.read_bytes()[: lib.stat().st_size // 2])  # a truncated artifact
+    assert not artifact_ok(out / "sm90", key)
+    assert [r.status for r in build({"win": WINDOW_ONLY}, "sm90", out, jobs=1)] == ["built"]
+    assert artifact_ok(out / "sm90", key)
+
+    # A fresh process with no nvcc on PATH resolves the prebuilt artifact.
+    env = dict(os.environ, PATH="/usr/bin:/bin", NSA_CODEGEN_GENERATED_DIR=str(out))
+    env.pop("CUDA_HOME", None)
+    code = ("import shutil, sys; assert shutil.which('nvcc') is None;"
+            "from nsa_codegen.build import find_prebuilt, plan_keys; from tests.test_build import WINDOW_ONLY;"
+            "k = plan_keys({'w': WINDOW_ONLY}, 'sm90')[0][0]; print(find_prebuilt(k))")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(out / "sm90")
+
+
+def test_build_cli_errors(tmp_path, capsys, monkeypatch):
+    assert main(["build", "--arch", "sm75"]) == 2
+    assert "supported: sm80, sm90" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("heads: 64\nkv_heads: 3\n")
+    assert main(["build", "--arch", "sm90", "--config", str(bad)]) == 2
+    assert "kv_heads" in capsys.readouterr().err
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    good = tmp_path / "good.yaml"
+    good.write_text(WINDOW_ONLY.to_yaml())
+    assert main(["build", "--arch", "sm90", "--config", str(good), "--out", str(tmp_path)]) == 2
+    assert "nvcc not found" in capsys.readouterr().err
+
+
+def test_list_show_and_cache_clear(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NSA_CODEGEN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("NSA_CODEGEN_GENERATED_DIR", str(tmp_path / "gen"))
+    assert main(["list"]) == 0
+    assert main(["show", "sm90/window_fwd/fp16/dk64_dv64/h2_g4/w128/s-000000"]) == 1
+    assert "no built or cached kernel" in capsys.readouterr().err
+    (tmp_path / "cache").mkdir()
+    assert main(["cache", "clear"]) == 0 and not (tmp_path / "cache").exists()
