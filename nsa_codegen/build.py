@@ -44,11 +44,11 @@ def default_build_set() -> dict[str, NSASpec]:
 
 
 def generated_dirs() -> list[Path]:
-    """Where prebuilt kernels are looked up: $NSA_CODEGEN_GENERATED_DIR (':'-separated), then ./generated
-    of a source checkout."""
+    """Where prebuilt kernels are looked up: $NSA_CODEGEN_GENERATED_DIR (':'-separated), ./generated in
+    the working directory (where `nsa-codegen build` writes by default), and a source checkout's."""
     env = os.environ.get("NSA_CODEGEN_GENERATED_DIR")
     dirs = [Path(p) for p in env.split(os.pathsep) if p] if env else []
-    return dirs + [_SOURCE_GENERATED]
+    return list(dict.fromkeys(dirs + [Path.cwd() / "generated", _SOURCE_GENERATED]))
 
 
 def fingerprint(key: KernelKey) -> str:

@@ -146,3 +146,23 @@ def precompile(problems, jobs: int | None = None, progress=None) -> list[tuple[s
             if progress:
                 progress(done, len(problems), results[futures[fut]])
     return results
+
+
+def _compile_scheduled(key: KernelKey) -> str | None:
+    from .codegen import compile_kernel
+    try:
+        with _tilelang_cache_dir(versioned_dir() / "tilelang"):
+            compile_kernel(key)
+        return None
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def _precompile_scheduled(keys, jobs: int | None = None) -> list[str | None]:
+    """Compile keys that already carry a schedule (tuning candidates) into the disk cache, in parallel."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    keys = list(keys)
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(keys) or 1))
+    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+        return list(pool.map(_compile_scheduled, keys))

@@ -151,11 +151,32 @@ def _cache_clear(args) -> int:
     return 0
 
 
-def _not_yet(name):
-    def run(args) -> int:
-        print(f"nsa-codegen {name}: not implemented yet", file=sys.stderr)
+def _tune(args) -> int:
+    from .build import default_build_set
+    from .lowering import lower_to_plan, normalize_arch
+    try:
+        arch = normalize_arch(args.arch)
+        specs = _load_specs(args.config) if args.config else default_build_set()
+    except (ValueError, OSError) as e:
+        print(f"nsa-codegen tune: {e}", file=sys.stderr)
         return 2
-    return run
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            print("nsa-codegen tune: no CUDA GPU found; tuning times kernels, so it needs one", file=sys.stderr)
+            return 2
+        from .tuning import tune
+    except ImportError as e:
+        print(f"nsa-codegen tune: {e}", file=sys.stderr)
+        return 2
+    problems = list(dict.fromkeys(c.key for s in specs.values() for c in lower_to_plan(s, arch).calls))
+    if args.kernel:
+        problems = [p for p in problems if p.problem_id == args.kernel.split("/s-")[0]]
+        if not problems:
+            print(f"nsa-codegen tune: no kernel {args.kernel} in the given specs", file=sys.stderr)
+            return 2
+    tune(problems, T=args.seq_len, budget_minutes=args.budget_minutes, jobs=args.jobs)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -184,9 +205,14 @@ def main(argv=None) -> int:
     cache_sub = p.add_subparsers(dest="cache_command", required=True)
     pc = cache_sub.add_parser("clear", help="delete the cache folder")
     pc.set_defaults(fn=_cache_clear)
-    p = sub.add_parser("tune", help="autotune schedules on a GPU into tuning_logs/ (not implemented yet)")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=_not_yet("tune"))
+    p = sub.add_parser("tune", help="autotune schedules on a GPU; records go to tuning_logs/<arch>/<gpu>.jsonl")
+    p.add_argument("--arch", required=True)
+    p.add_argument("--config", nargs="+", help="spec YAML files (default: the default build set)")
+    p.add_argument("--kernel", help="tune only this kernel key (problem id)")
+    p.add_argument("--budget-minutes", type=float, default=None)
+    p.add_argument("--seq-len", type=int, default=16384, help="T of the timed problem (default 16384)")
+    p.add_argument("-j", "--jobs", type=int, default=None)
+    p.set_defaults(fn=_tune)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -104,6 +104,9 @@ def compression_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Ten
     B, T, HQ, _ = q.shape
     key = _key("compression_fwd", q, k_cmp, v_cmp.shape[3], scale, cmp_block=block, stride=stride,
                first_block=first_block)
+    if k_cmp.shape[1] == 0:  # T < block: no compressed block exists yet, for any query
+        return (q.new_zeros(B, T, HQ, v_cmp.shape[3]),
+                torch.full((B, T, HQ), float("-inf"), device=q.device))
     o = _empty((B, T, HQ, v_cmp.shape[3]), q.dtype, q.device)
     lse = _empty((B, T, HQ), torch.float32, q.device)
     if T:
@@ -128,6 +131,10 @@ def selection_topn(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, bloc
     H = k_cmp.shape[2]
     key = _key("selection_topn", q, k_cmp, 0, scale, cmp_block=block, stride=stride, first_block=first_block,
                sel_block=sel_block, top_n=top_n, initial=initial, local=local)
+    if k_cmp.shape[1] == 0:  # no compressed block: every score is 0, only visibility and forcing matter
+        scores = torch.zeros(B, T, H, reference.num_selection_blocks(T, sel_block), device=q.device)
+        idx = reference.select_top_n(scores, sel_block, top_n, initial, local)
+        return idx, (idx >= 0).sum(-1, dtype=torch.int32)
     idx = _empty((B, T, H, top_n), torch.int32, q.device)
     cnt = _empty((B, T, H), torch.int32, q.device)
     if T:

@@ -37,3 +37,11 @@ def test_spec_validate(tmp_path, capsys):
 def test_console_entry_point_runs_as_module():
     r = subprocess.run([sys.executable, "-m", "nsa_codegen", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "nsa-codegen" in r.stdout
+
+
+def test_tune_without_gpu_says_so(capsys):
+    import torch
+    if torch.cuda.is_available():
+        return
+    assert main(["tune", "--arch", "sm90"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
