@@ -82,6 +82,16 @@ def main():
                     compression=CompressionBranch(32, 16, "mean"), selection=SelectionBranch(64, 16, 1, 2),
                     window=WindowBranch(512))
     rows = []
+    # Compile every kernel the cases need up front, in parallel on the host's cores.
+    from nsa_codegen.cache import precompile
+    from nsa_codegen.lowering import arch_of_capability, lower_to_plan
+    arch = arch_of_capability(*torch.cuda.get_device_capability())
+    win_only = NSASpec(heads=HQ, kv_heads=H, head_dim=D, v_head_dim=D, dtype=args.dtype, compression=None,
+                       selection=None, window=WindowBranch(512))
+    bad = [r for r in precompile([c.key for s in (fla_spec, paper, win_only) for c in lower_to_plan(s, arch).calls])
+           if r[1]]
+    for key, err, _ in bad:
+        print(f"compile failed: {key}: {err[:300]}")
 
     def record(case, T, fn, flops):
         try:

@@ -1,0 +1,200 @@
+"""NSA compression-branch attention forward (TileLang template).
+
+Layouts (contiguous, row-major):
+    Q      [B, T, HQ, Dk]   dtype
+    K_cmp  [B, N, H,  Dk]   dtype
+    V_cmp  [B, N, H,  Dv]   dtype
+    O      [B, T, HQ, Dv]   dtype    (output)
+    LSE    [B, T, HQ]       float32  (output, natural-log logsumexp of scale*q.k)
+
+B, T and N are dynamic; everything else is fixed by the config.
+Compressed row c is compressed block i = first_block + c covering tokens
+[i*stride, i*stride + cmp_block); it is visible to query t iff
+i*stride + cmp_block - 1 <= t.  A query that sees no row gets O = 0, LSE = -inf.
+
+GQA: the G = HQ // H query heads that share a KV head are packed into the M
+dimension of the tile, head-major: tile row r <-> (token t0 + r % BT,
+query head h*G + r // BT) with BT = block_M // G tokens per program.
+One program handles block_M // G consecutive tokens of one KV head, so each
+K/V tile is fetched once for all G heads and the causal loop bound is tight.
+K/V tiles come in by TMA; the pipeline pass warp-specializes the loop (an extra
+128-thread producer warpgroup), and both gemms are wgmma on sm_90a.
+
+Perf note (H100, ncu): the kernel is latency-bound, dominated by the per-program
+SIMT Q-tile prologue (global-load scoreboard stalls) at 1 program/SM; a TMA Q
+load (token-major rows, 3-D box) is the obvious next step.
+"""
+
+import math
+from dataclasses import dataclass
+
+import tilelang.language as T
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+@dataclass(frozen=True)
+class CompressionAttentionConfig:
+    heads_q: int = 64           # HQ
+    heads_kv: int = 4           # H
+    dim_k: int = 128            # Dk
+    dim_v: int = 128            # Dv
+    cmp_block: int = 32         # l
+    stride: int = 16            # d (d | l)
+    first_block: int = 0        # f
+    scale: float = 128 ** -0.5
+    dtype: str = "bfloat16"     # "float16" | "bfloat16"
+    # schedule
+    # schedule (defaults: fastest GPU-verified setting at the FLA shape on H100;
+    # block_N=128 was ~4% faster there but does not fit smem at dim_k=256)
+    block_M: int = 64           # tile rows = (block_M // G) tokens x G heads
+    block_N: int = 64           # compressed keys per tile
+    threads: int = 128          # consumer threads, 128 or 256 (one wgmma warpgroup per 64 rows);
+                                # the pipeline pass adds a 128-thread TMA producer warpgroup
+    num_stages: int = 2         # K/V smem pipeline depth
+
+
+def _smem_bytes(cfg) -> int:
+    e = 2
+    q = cfg.block_M * cfg.dim_k * e
+    kv = cfg.block_N * (cfg.dim_k + cfg.dim_v) * e * max(cfg.num_stages, 1)
+    o = cfg.block_M * cfg.dim_v * e
+    return q + kv + o
+
+
+def check_config(cfg) -> None:
+    """Raise ValueError (naming the field) for configs this template cannot build."""
+    if cfg.dtype not in ("float16", "bfloat16"):
+        raise ValueError("dtype must be float16 or bfloat16")
+    if cfg.heads_kv <= 0 or cfg.heads_q % cfg.heads_kv != 0:
+        raise ValueError("heads_q must be a positive multiple of heads_kv")
+    G = cfg.heads_q // cfg.heads_kv
+    if G not in (1, 2, 4, 8, 16, 32):
+        raise ValueError("heads_q: G = heads_q // heads_kv must be in {1,2,4,8,16,32}")
+    if cfg.dim_k not in (64, 128, 192, 256):
+        raise ValueError("dim_k must be in {64,128,192,256}")
+    if cfg.dim_v not in (64, 128):
+        raise ValueError("dim_v must be in {64,128}")
+    if cfg.cmp_block <= 0 or cfg.stride <= 0 or cfg.cmp_block % cfg.stride != 0:
+        raise ValueError("stride must divide cmp_block")
+    if cfg.first_block < 0:
+        raise ValueError("first_block must be >= 0")
+    if not (cfg.scale > 0 and math.isfinite(cfg.scale)):
+        raise ValueError("scale must be a positive finite float")
+    if cfg.threads not in (128, 256):
+        raise ValueError("threads must be 128 or 256 (one wgmma warpgroup per 64 rows)")
+    if cfg.block_M % 64 != 0 or cfg.block_M < 64 * (cfg.threads // 128) or cfg.block_M > 256:
+        raise ValueError("block_M must be a multiple of 64, >= 64*threads/128 and <= 256")
+    if cfg.block_M % G != 0:
+        raise ValueError("block_M must be a multiple of G = heads_q // heads_kv")
+    if cfg.block_N % 16 != 0 or not (16 <= cfg.block_N <= 256):
+        raise ValueError("block_N must be a multiple of 16 in [16, 256]")
+    if cfg.num_stages < 1 or cfg.num_stages > 4:
+        raise ValueError("num_stages must be in [1, 4]")
+    # accumulator registers per consumer thread: O (fp32) + S (fp32) + P (16 bit)
+    regs = (cfg.block_M * (cfg.dim_v + cfg.block_N * 1.5)) / cfg.threads
+    if regs > 200:
+        raise ValueError("block_M: accumulator tiles need too many registers for these threads")
+    if _smem_bytes(cfg) > 227 * 1024:
+        raise ValueError("block_N: shared memory (Q + pipelined K/V + O) exceeds 227 KiB")
+
+
+def build(cfg: CompressionAttentionConfig):
+    """Return the (uncompiled) prim_func main(Q, K_cmp, V_cmp, O, LSE)."""
+    check_config(cfg)
+    HQ, H = cfg.heads_q, cfg.heads_kv
+    G = HQ // H
+    Dk, Dv = cfg.dim_k, cfg.dim_v
+    l, d, f = cfg.cmp_block, cfg.stride, cfg.first_block
+    BM, BN = cfg.block_M, cfg.block_N
+    BT = BM // G                     # tokens per program
+    dtype = cfg.dtype
+    acc = "float32"
+    scale2 = float(cfg.scale) * _LOG2E   # softmax in base 2: exp(x*s) = exp2(x*s*log2e)
+    # query t sees rows c < nvis(t) = max(t + 1 - l - f*d + d, 0) // d  (then clamp to N)
+    off = d - l - f * d + 1
+
+    B, Tn, N = T.dynamic("B, T, N")
+
+    @T.prim_func
+    def main(
+        Q: T.Tensor([B, Tn, HQ, Dk], dtype),
+        K_cmp: T.Tensor([B, N, H, Dk], dtype),
+        V_cmp: T.Tensor([B, N, H, Dv], dtype),
+        O: T.Tensor([B, Tn, HQ, Dv], dtype),
+        LSE: T.Tensor([B, Tn, HQ], acc),
+    ):
+        with T.Kernel(T.ceildiv(Tn, BT), H, B, threads=cfg.threads) as (bx, by, bz):
+            Q_s = T.alloc_shared([BM, Dk], dtype)
+            K_s = T.alloc_shared([BN, Dk], dtype)
+            V_s = T.alloc_shared([BN, Dv], dtype)
+            O_s = T.alloc_shared([BM, Dv], dtype)
+            acc_s = T.alloc_fragment([BM, BN], acc)
+            acc_p = T.alloc_fragment([BM, BN], dtype)
+            acc_o = T.alloc_fragment([BM, Dv], acc)
+            m_cur = T.alloc_fragment([BM], acc)
+            m_prev = T.alloc_fragment([BM], acc)
+            m_use = T.alloc_fragment([BM], acc)
+            alpha = T.alloc_fragment([BM], acc)
+            row_sum = T.alloc_fragment([BM], acc)
+            l_sum = T.alloc_fragment([BM], acc)
+            nvis = T.alloc_fragment([BM], "int32")
+
+            t0 = bx * BT
+            # Q tile, head-major rows: row g*BT + tt <-> (token t0+tt, head by*G+g).
+            # One strided 2-D SIMT copy per head (an 8-row TMA box would not match the
+            # 128B-swizzled smem layout); rows past T read as 0.
+            for g in T.unroll(G):
+                T.copy(Q[bz, t0:t0 + BT, by * G + g, :], Q_s[g * BT:(g + 1) * BT, :], disable_tma=True)
+
+            T.fill(acc_o, 0)
+            T.fill(l_sum, 0)
+            T.fill(m_cur, -T.infinity(acc))
+            for i in T.Parallel(BM):
+                nvis[i] = T.min(T.max(t0 + i % BT + off, 0) // d, N)
+
+            # Only key tiles visible to the last (valid) token of the tile.
+            t_last = T.min(t0 + BT, Tn) - 1
+            n_keys = T.min(T.max(t_last + off, 0) // d, N)
+            for kt in T.Pipelined(T.ceildiv(n_keys, BN), num_stages=cfg.num_stages):
+                T.copy(K_cmp[bz, kt * BN:(kt + 1) * BN, by, :], K_s)
+                # mask first (additive -inf), then accumulate q.k on top of it
+                for i, j in T.Parallel(BM, BN):
+                    acc_s[i, j] = T.if_then_else(kt * BN + j < nvis[i], 0, -T.infinity(acc))
+                T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+
+                T.copy(m_cur, m_prev)
+                T.reduce_max(acc_s, m_cur, dim=1, clear=False)
+                # rows that have seen nothing yet keep m = -inf; use 0 as the
+                # reference so exp2(-inf - ref) = 0 instead of NaN.
+                for i in T.Parallel(BM):
+                    m_use[i] = T.if_then_else(m_cur[i] == -T.infinity(acc), 0, m_cur[i])
+                    alpha[i] = T.exp2((m_prev[i] - m_use[i]) * scale2)
+                for i, j in T.Parallel(BM, BN):
+                    acc_s[i, j] = T.exp2(acc_s[i, j] * scale2 - m_use[i] * scale2)
+                T.reduce_sum(acc_s, row_sum, dim=1)
+                for i in T.Parallel(BM):
+                    l_sum[i] = l_sum[i] * alpha[i] + row_sum[i]
+                T.copy(acc_s, acc_p)
+                for i, k in T.Parallel(BM, Dv):
+                    acc_o[i, k] *= alpha[i]
+                # OOB V rows are zero-filled by the bounded copy; their P is 0.
+                T.copy(V_cmp[bz, kt * BN:(kt + 1) * BN, by, :], V_s)
+                T.gemm(acc_p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
+
+            # empty rows: l_sum == 0 -> O = 0, LSE = -inf (no division by zero)
+            for i, k in T.Parallel(BM, Dv):
+                acc_o[i, k] = T.if_then_else(l_sum[i] > 0, acc_o[i, k] / l_sum[i], 0)
+            T.copy(acc_o, O_s)
+            for g in T.unroll(G):
+                T.copy(O_s[g * BT:(g + 1) * BT, :], O[bz, t0:t0 + BT, by * G + g, :], disable_tma=True)
+            for i in T.Parallel(BM):
+                if t0 + i % BT < Tn:
+                    LSE[bz, t0 + i % BT, by * G + i // BT] = T.if_then_else(
+                        l_sum[i] > 0,
+                        (T.log2(l_sum[i]) + m_cur[i] * scale2) * _LN2,
+                        -T.infinity(acc),
+                    )
+
+    return main

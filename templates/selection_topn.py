@@ -1,0 +1,334 @@
+"""NSA selection-block scoring + online top-n (TileLang template).
+
+Layouts (contiguous, row-major):
+    Q             [B, T, HQ, Dk]  dtype
+    K_cmp         [B, N, H,  Dk]  dtype
+    LSE           [B, T, HQ]      float32  (natural-log lse of the compression branch)
+    BlockIndices  [B, T, H, n]    int32    (output: selected blocks ascending, then -1)
+    Counts        [B, T, H]       int32    (output: number of valid entries)
+
+B, T and N are dynamic; everything else is fixed by the config.
+
+For token t and KV head h:
+    p[c]     = sum_{hq in group h} exp(scale * q_t[hq].k_cmp[c] - lse[t, hq])   (visible c)
+    score[j] = sum_c w(first_block + c, j) * p[c]          (w = shared stride units)
+Visible selection blocks (j*sel_block <= t) are ranked by (score desc, index asc);
+blocks 0..initial-1 and the `local` newest visible blocks are forced (+inf).
+
+Structure: one program per (tile of BT = block_M // G tokens, KV head, batch).
+The G query heads of the group are packed (head-major) into the M dimension of
+the Q tile (row g*BT + b <-> token t0+b, head h*G+g), so one gemm scores all
+heads.  Selection blocks are processed in chunks of BS = block_N // r blocks
+(r = sel_block // stride): chunk kc runs the gemm against the block_N
+compressed blocks i = kc*block_N + x (rows c = i - first_block), i.e. those
+whose first stride unit lies in the chunk; the m-1 (m = cmp_block // stride)
+blocks that reach forward into the chunk from the previous one are carried in
+a small smem halo of group-summed probabilities.  Scores never leave the SM:
+TPR = threads // BT threads share a token row, each scores a strided subset of
+the chunk's blocks and keeps a private sorted top-n in registers (insertion
+network; candidates arrive in increasing index order, so strict '>' keeps the
+lower index on ties).  At the end the TPR lists of a row are tree-merged in
+shared memory with the full (score desc, index asc) order, and each entry is
+written at its rank among the selected indices.  Nothing of size
+[B, T, H, num_blocks] is ever written to global memory.
+"""
+
+import math
+from dataclasses import dataclass
+
+import tilelang.language as T
+
+_LOG2E = 1.4426950408889634
+_BIG = 1 << 30
+
+
+@dataclass(frozen=True)
+class SelectionTopNConfig:
+    heads_q: int = 64           # HQ
+    heads_kv: int = 4           # H
+    dim_k: int = 128            # Dk
+    cmp_block: int = 32         # l
+    stride: int = 16            # d (d | l, d | sel_block)
+    first_block: int = 0        # f
+    sel_block: int = 64         # l'
+    top_n: int = 16             # n (<= 32)
+    initial: int = 1            # forced leading blocks
+    local: int = 2              # forced most-recent blocks
+    scale: float = 128 ** -0.5
+    dtype: str = "bfloat16"     # "float16" | "bfloat16"
+    # schedule (defaults: fastest GPU-verified setting valid for every first_block)
+    block_M: int = 128          # gemm rows = (block_M // G) tokens x G heads
+    block_N: int = 32           # compressed blocks per chunk (multiple of sel_block//stride)
+    threads: int = 128          # 128 or 256; threads // (block_M // G) threads share a token row
+    num_stages: int = 1         # K pipeline depth, used by k_load="tma" (1-3); cp_async needs 1;
+                                # ignored by "sync" (nothing to pipeline)
+    k_load: str = "sync"        # "sync" | "cp_async" | "tma"; the last two need first_block == 0
+
+
+def _derived(cfg):
+    G = cfg.heads_q // cfg.heads_kv
+    m = cfg.cmp_block // cfg.stride      # stride units per compressed block
+    r = cfg.sel_block // cfg.stride      # stride units per selection block
+    BT = cfg.block_M // G
+    BS = cfg.block_N // r
+    TPR = cfg.threads // BT
+    return G, m, r, BT, BS, TPR
+
+
+def _overlap_weights(m: int, r: int):
+    """w[u] for compressed block i = j*r - (m-1) + u and selection block j."""
+    return [min(u, r - 1) - max(u - m + 1, 0) + 1 for u in range(r + m - 1)]
+
+
+def _smem_bytes(cfg) -> int:
+    G, m, r, BT, BS, TPR = _derived(cfg)
+    q = cfg.block_M * cfg.dim_k * 2
+    k = cfg.block_N * cfg.dim_k * 2 * max(cfg.num_stages, 1)
+    p = cfg.block_M * (cfg.block_N + 4) * 4 + BT * (cfg.block_N + m - 1 + TPR) * 4
+    merge = cfg.threads * (cfg.top_n + 1) * 8
+    return q + k + p + merge
+
+
+def check_config(cfg) -> None:
+    """Raise ValueError (naming the field) for configs this template cannot build."""
+    if cfg.dtype not in ("float16", "bfloat16"):
+        raise ValueError("dtype must be float16 or bfloat16")
+    if cfg.heads_kv <= 0 or cfg.heads_q % cfg.heads_kv != 0:
+        raise ValueError("heads_q must be a positive multiple of heads_kv")
+    G = cfg.heads_q // cfg.heads_kv
+    if G not in (1, 2, 4, 8, 16, 32):
+        raise ValueError("heads_q: G = heads_q // heads_kv must be in {1,2,4,8,16,32}")
+    if cfg.dim_k not in (64, 128, 192, 256):
+        raise ValueError("dim_k must be in {64,128,192,256}")
+    if cfg.stride <= 0 or cfg.cmp_block % cfg.stride != 0:
+        raise ValueError("stride must divide cmp_block")
+    if cfg.sel_block % cfg.stride != 0:
+        raise ValueError("stride must divide sel_block")
+    if cfg.first_block < 0:
+        raise ValueError("first_block must be >= 0")
+    if not (1 <= cfg.top_n <= 32):
+        raise ValueError("top_n must be in [1, 32]")
+    if cfg.initial < 0 or cfg.local < 0 or cfg.initial + cfg.local > cfg.top_n:
+        raise ValueError("initial/local must be >= 0 with initial + local <= top_n")
+    if not (cfg.scale > 0 and math.isfinite(cfg.scale)):
+        raise ValueError("scale must be a positive finite float")
+    if cfg.threads not in (128, 256):
+        raise ValueError("threads must be 128 or 256")
+    if cfg.block_M % 64 != 0 or cfg.block_M < 64 * (cfg.threads // 128) or cfg.block_M > 256:
+        raise ValueError("block_M must be a multiple of 64, >= 64*threads/128 and <= 256")
+    if cfg.block_M % G != 0:
+        raise ValueError("block_M must be a multiple of G = heads_q // heads_kv")
+    G, m, r, BT, BS, TPR = _derived(cfg)
+    if cfg.threads % BT != 0:
+        raise ValueError("threads must be a multiple of block_M // G (one thread per token row at least)")
+    if cfg.block_N % 16 != 0 or not (16 <= cfg.block_N <= 128):
+        raise ValueError("block_N must be a multiple of 16 in [16, 128]")
+    if cfg.block_N % r != 0:
+        raise ValueError("block_N must be a multiple of sel_block // stride")
+    if cfg.k_load not in ("sync", "cp_async", "tma"):
+        raise ValueError("k_load must be 'sync', 'cp_async' or 'tma'")
+    if cfg.k_load != "sync" and cfg.first_block != 0:
+        raise ValueError("k_load: async K loads need first_block == 0 (chunk start row would be negative)")
+    if cfg.num_stages < 1 or cfg.num_stages > 3:
+        raise ValueError("num_stages must be in [1, 3]")
+    if cfg.k_load == "cp_async" and cfg.num_stages != 1:
+        raise ValueError("num_stages must be 1 with k_load='cp_async' (tilelang 0.1.15 codegen fails for more)")
+    if cfg.block_M * cfg.block_N / cfg.threads > 64:
+        raise ValueError("block_N: score accumulator needs > 64 registers per thread")
+    if _smem_bytes(cfg) > 227 * 1024:
+        raise ValueError("block_M: shared memory (Q + K stages + P + merge) exceeds 227 KiB")
+
+
+def build(cfg: SelectionTopNConfig):
+    """Return the (uncompiled) prim_func main(Q, K_cmp, LSE, BlockIndices, Counts)."""
+    check_config(cfg)
+    HQ, H, Dk = cfg.heads_q, cfg.heads_kv, cfg.dim_k
+    l, d, f, lp = cfg.cmp_block, cfg.stride, cfg.first_block, cfg.sel_block
+    n, n_init, n_local = cfg.top_n, cfg.initial, cfg.local
+    BM, BN, NT = cfg.block_M, cfg.block_N, cfg.threads
+    G, m, r, BT, BS, TPR = _derived(cfg)
+    HALO = m - 1                       # compressed blocks reaching back into the chunk
+    # width of the group-summed prob buffer, padded so BT*PW is a multiple of
+    # the thread count (tile-op layouts must cover the iteration space evenly)
+    PW = (BN + HALO + TPR - 1) // TPR * TPR
+    CPT = (BS + TPR - 1) // TPR        # candidates per thread per chunk
+    w = _overlap_weights(m, r)
+    merge_steps = [1 << s for s in range(int(math.log2(TPR)))]   # TPR is a power of 2
+    dtype, acc = cfg.dtype, "float32"
+    scale2 = float(cfg.scale) * _LOG2E
+    NEG_INF = -T.infinity(acc)
+    POS_INF = T.infinity(acc)
+
+    B, Tn, N = T.dynamic("B, T, N")
+
+    def block_score(Pg_s, row, jj):
+        # sum_u w[u] * Pg[row, jj*r + u]; weights are compile-time constants
+        e = Pg_s[row, jj * r] * float(w[0])
+        for u in range(1, r + m - 1):
+            e = e + Pg_s[row, jj * r + u] * float(w[u])
+        return e
+
+    def group_sum(P_s, b, x):
+        e = P_s[b, x]
+        for g in range(1, G):
+            e = e + P_s[g * BT + b, x]
+        return e
+
+    def better(sa, ia, sb, ib):
+        # strict total order: higher score first, lower block index on ties
+        return (sa > sb) | ((sa == sb) & (ia < ib))
+
+    @T.prim_func
+    def main(
+        Q: T.Tensor([B, Tn, HQ, Dk], dtype),
+        K_cmp: T.Tensor([B, N, H, Dk], dtype),
+        LSE: T.Tensor([B, Tn, HQ], acc),
+        BlockIndices: T.Tensor([B, Tn, H, n], "int32"),
+        Counts: T.Tensor([B, Tn, H], "int32"),
+    ):
+        with T.Kernel(T.ceildiv(Tn, BT), H, B, threads=NT) as (bx, by, bz):
+            Q_s = T.alloc_shared([BM, Dk], dtype)
+            K_s = T.alloc_shared([BN, Dk], dtype)
+            S = T.alloc_fragment([BM, BN], acc)
+            lse2 = T.alloc_fragment([BM], acc)
+            # +4 floats of row padding: the wgmma accumulator stores 8 rows x 4
+            # column pairs per warp instruction; a row stride that is a multiple
+            # of 32 floats would put all 8 rows in the same banks (8-way conflict;
+            # fixing this took the FLA-shape top-n from 5.5 to 4.1 ms)
+            P_s = T.alloc_shared([BM, BN + 4], acc)
+            Pg_s = T.alloc_shared([BT, PW], acc)
+            # odd row stride (n+1): per-thread lists in distinct banks
+            M_s = T.alloc_shared([NT, n + 1], acc)
+            M_i = T.alloc_shared([NT, n + 1], "int32")
+            top_s = T.alloc_local([n], acc)
+            top_i = T.alloc_local([n], "int32")
+            cs = T.alloc_var(acc)
+            ci = T.alloc_var("int32")
+            ts = T.alloc_var(acc)
+            ti = T.alloc_var("int32")
+            pa = T.alloc_var("int32")
+            pb = T.alloc_var("int32")
+            cnt = T.alloc_var("int32")
+
+            tx = T.get_thread_binding()
+            row = tx // TPR                  # token row owned by this thread
+            lane = tx % TPR                  # which strided subset of a chunk's blocks
+            t0 = bx * BT
+            t_row = t0 + row
+            jt = t_row // lp                 # newest selection block visible to t_row
+
+            # Q tile, head-major rows: row g*BT + b <-> (token t0+b, head by*G+g)
+            for g in T.unroll(G):
+                T.copy(Q[bz, t0:t0 + BT, by * G + g, :], Q_s[g * BT:(g + 1) * BT, :], disable_tma=True)
+            for i in T.Parallel(BM):
+                lse2[i] = T.if_then_else(
+                    t0 + i % BT < Tn, LSE[bz, t0 + i % BT, by * G + i // BT] * _LOG2E, 0)
+            T.fill(Pg_s, 0)                  # zero halo for the first chunk
+            for k in T.unroll(n):
+                top_s[k] = NEG_INF           # empty slot: never beats a visible block
+                top_i[k] = -1
+
+            t_last = T.min(t0 + BT, Tn) - 1
+            n_chunks = (t_last // lp) // BS + 1
+            for kc in T.Pipelined(n_chunks, num_stages=cfg.num_stages):
+                # compressed blocks i = kc*BN + x  ->  rows c = i - f (zero outside [0, N))
+                if cfg.k_load == "tma":
+                    # bulk tensor copy; rows >= N are zero-filled by the TMA unit.
+                    # The pipeline pass warp-specializes (one producer warpgroup).
+                    T.copy(K_cmp[bz, kc * BN:(kc + 1) * BN, by, :], K_s)
+                elif cfg.k_load == "cp_async":
+                    # predicated cp.async, prefetched one chunk ahead
+                    T.copy(K_cmp[bz, kc * BN:(kc + 1) * BN, by, :], K_s, disable_tma=True)
+                else:
+                    # plain predicated loads; handles first_block > 0 (negative rows)
+                    for x, k in T.Parallel(BN, Dk):
+                        K_s[x, k] = T.if_then_else(
+                            (kc * BN + x >= f) & (kc * BN + x - f < N),
+                            K_cmp[bz, kc * BN + x - f, by, k], T.cast(0, dtype))
+                T.gemm(Q_s, K_s, S, transpose_B=True, clear_accum=True,
+                       policy=T.GemmWarpPolicy.FullRow)
+                # compression-branch probabilities (base-2 exp with log2e folded in)
+                for i, x in T.Parallel(BM, BN):
+                    P_s[i, x] = T.if_then_else(
+                        (kc * BN + x >= f) & (kc * BN + x - f < N)
+                        & ((kc * BN + x) * d + l - 1 <= t0 + i % BT),
+                        T.exp2(S[i, x] * scale2 - lse2[i]), 0)
+                if HALO > 0:
+                    # carry the previous chunk's last HALO blocks to the front
+                    for q in T.unroll((BT * HALO + NT - 1) // NT):
+                        if tx + q * NT < BT * HALO:
+                            Pg_s[(tx + q * NT) // HALO, (tx + q * NT) % HALO] = \
+                                Pg_s[(tx + q * NT) // HALO, BN + (tx + q * NT) % HALO]
+                    T.sync_threads()
+                for b, x in T.Parallel(BT, BN):
+                    Pg_s[b, HALO + x] = group_sum(P_s, b, x)
+                T.sync_threads()
+                # score this thread's blocks and insert into its private top-n.
+                # Candidates arrive in increasing index, so "strictly greater"
+                # keeps the lower index first on ties.
+                for q in T.unroll(CPT):
+                    if (lane + q * TPR < BS) & (kc * BS + lane + q * TPR <= jt):
+                        cs = block_score(Pg_s, row, lane + q * TPR)
+                        ci = kc * BS + lane + q * TPR
+                        if (ci < n_init) | (ci > jt - n_local):
+                            cs = POS_INF
+                        if cs > top_s[n - 1]:
+                            for k in T.unroll(n):
+                                if cs > top_s[k]:
+                                    ts = top_s[k]
+                                    ti = top_i[k]
+                                    top_s[k] = cs
+                                    top_i[k] = ci
+                                    cs = ts
+                                    ci = ti
+                T.sync_threads()
+
+            # tree-merge the TPR private lists of each row (sorted, keep n)
+            for k in T.unroll(n):
+                M_s[tx, k] = top_s[k]
+                M_i[tx, k] = top_i[k]
+            T.sync_threads()
+            for step in merge_steps:
+                if lane % (2 * step) == 0:
+                    pa = 0
+                    pb = 0
+                    for k in T.unroll(n):
+                        if better(M_s[tx, pa], M_i[tx, pa], M_s[tx + step, pb], M_i[tx + step, pb]):
+                            top_s[k] = M_s[tx, pa]
+                            top_i[k] = M_i[tx, pa]
+                            pa = pa + 1
+                        else:
+                            top_s[k] = M_s[tx + step, pb]
+                            top_i[k] = M_i[tx + step, pb]
+                            pb = pb + 1
+                T.sync_threads()
+                if lane % (2 * step) == 0:
+                    for k in T.unroll(n):
+                        M_s[tx, k] = top_s[k]
+                        M_i[tx, k] = top_i[k]
+                T.sync_threads()
+
+            # emit ascending indices: entry e goes to position rank(e) among
+            # keys (index, or BIG+e for empty slots, which sort last as -1)
+            if t_row < Tn:
+                for q in T.unroll((n + TPR - 1) // TPR):
+                    if lane + q * TPR < n:
+                        ci = M_i[row * TPR, lane + q * TPR]
+                        if ci < 0:
+                            ci = _BIG + lane + q * TPR
+                        cnt = 0
+                        for e in T.unroll(n):
+                            ti = M_i[row * TPR, e]
+                            if ti < 0:
+                                ti = _BIG + e
+                            if ti < ci:
+                                cnt = cnt + 1
+                        BlockIndices[bz, t_row, by, cnt] = T.if_then_else(ci < _BIG, ci, -1)
+                if lane == 0:
+                    cnt = 0
+                    for e in T.unroll(n):
+                        if M_i[row * TPR, e] >= 0:
+                            cnt = cnt + 1
+                    Counts[bz, t_row, by] = cnt
+
+    return main

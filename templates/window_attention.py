@@ -1,0 +1,199 @@
+"""Sliding-window causal attention forward (NSA sliding-window branch), TileLang.
+
+Layouts (contiguous, row-major), B and T dynamic:
+    Q   [B, T, HQ, Dk]   dtype
+    K   [B, T, H,  Dk]   dtype
+    V   [B, T, H,  Dv]   dtype
+    O   [B, T, HQ, Dv]   dtype   (output)
+    LSE [B, T, HQ]       float32 (output, natural log of sum_s exp(scale * q.k_s))
+Query t attends keys s with t - window < s <= t.  GQA: query head hq reads kv
+head hq // G, G = HQ // H.
+
+Schedule: FlashAttention-2 style.  One program = block_M consecutive query
+tokens of one query head; it walks only the block_N key tiles that intersect the
+band [t0 - window + 1, t0 + block_M - 1].  GQA maps query head hq to KV head
+hq // G (heads are not packed into M).  The grid puts the query head on the
+fastest axis so the G heads sharing a KV head run back to back and hit the same
+K/V tiles in L2.  On sm90 TileLang lowers this to TMA loads in a
+warp-specialized producer/consumer pipeline with WGMMA (P @ V reads P from
+registers).
+"""
+
+import dataclasses
+import math
+
+import tilelang.language as T
+
+_SMEM_LIMIT = 227 * 1024  # max dynamic smem per block on sm90
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowAttentionConfig:
+    heads_q: int = 64          # HQ
+    heads_kv: int = 4          # H
+    head_dim_qk: int = 128     # Dk
+    head_dim_v: int = 128      # Dv
+    window: int = 512          # w >= 1
+    scale: float = 128 ** -0.5
+    dtype: str = "bfloat16"    # "float16" | "bfloat16"
+    # schedule
+    block_M: int = 128         # query tokens per program
+    block_N: int = 0           # keys per pipelined step; 0 = 128 if smem fits, else 64
+    fast_math: bool = True     # compile with TileLang's fast-math pass config (faster exp; ~20% at w=512)
+    threads: int = 256         # consumer threads (multiple of 128 for WGMMA)
+    num_stages: int = 2        # K/V smem ring depth
+
+
+def _block_n(cfg, bn=None):
+    if bn is None:
+        bn = cfg.block_N
+    if bn:
+        return bn
+    return 128 if _smem_bytes(cfg, 128) <= _SMEM_LIMIT else 64
+
+
+def _smem_bytes(cfg, bn=None):
+    # Q tile (the O staging tile reuses its space) + the K/V ring.  P stays in
+    # registers (WGMMA RS operand), so it costs no smem.
+    bn = _block_n(cfg, bn)
+    e = 2
+    qo = cfg.block_M * max(cfg.head_dim_qk, cfg.head_dim_v) * e
+    kv = cfg.num_stages * bn * (cfg.head_dim_qk + cfg.head_dim_v) * e
+    return qo + kv + 1024
+
+
+def check_config(cfg) -> None:
+    """Raise ValueError naming the offending field if build(cfg) can't work."""
+    if cfg.dtype not in ("float16", "bfloat16"):
+        raise ValueError(f"dtype: unsupported {cfg.dtype!r}")
+    if cfg.heads_kv < 1 or cfg.heads_q % cfg.heads_kv != 0:
+        raise ValueError("heads_q: must be a positive multiple of heads_kv")
+    if cfg.heads_q // cfg.heads_kv not in (1, 2, 4, 8, 16, 32):
+        raise ValueError("heads_q: group size heads_q/heads_kv must be in {1,2,4,8,16,32}")
+    if cfg.head_dim_qk not in (64, 128, 192, 256):
+        raise ValueError("head_dim_qk: must be one of 64, 128, 192, 256")
+    if cfg.head_dim_v not in (64, 128):
+        raise ValueError("head_dim_v: must be 64 or 128")
+    if cfg.window < 1:
+        raise ValueError("window: must be >= 1")
+    if not (isinstance(cfg.scale, (int, float)) and math.isfinite(cfg.scale) and cfg.scale > 0):
+        raise ValueError("scale: must be a positive finite float")
+    if cfg.block_M not in (64, 128, 192, 256):
+        raise ValueError("block_M: must be one of 64, 128, 192, 256")
+    if cfg.block_N not in (0, 32, 64, 128, 256):
+        raise ValueError("block_N: must be 0 (auto), 32, 64, 128 or 256")
+    if cfg.threads not in (128, 256, 384):
+        raise ValueError("threads: must be 128, 256 or 384")
+    # WGMMA: each consumer warpgroup (128 threads) owns a multiple of 64 rows.
+    if cfg.block_M % (64 * (cfg.threads // 128)) != 0:
+        raise ValueError("threads: block_M must be a multiple of 64 rows per 128 threads")
+    if cfg.num_stages < 1 or cfg.num_stages > 4:
+        raise ValueError("num_stages: must be in 1..4")
+    # fp32 accumulators live in registers: acc_o + acc_s per thread.
+    regs = (cfg.block_M * (cfg.head_dim_v + _block_n(cfg))) // cfg.threads
+    if regs > 160:
+        raise ValueError("block_M: fp32 accumulators exceed register budget for these threads")
+    if _smem_bytes(cfg) > _SMEM_LIMIT:
+        raise ValueError("num_stages: shared memory for this block_M/block_N/num_stages exceeds 227 KiB")
+
+
+def pass_configs(cfg) -> dict:
+    """TileLang pass configs this kernel is compiled with."""
+    return {"tl.enable_fast_math": bool(cfg.fast_math)}
+
+
+def build(cfg):
+    """Return the (uncompiled) T.prim_func (Q, K, V, O, LSE) for cfg."""
+    check_config(cfg)
+    HQ, H = cfg.heads_q, cfg.heads_kv
+    G = HQ // H
+    Dk, Dv, W = cfg.head_dim_qk, cfg.head_dim_v, cfg.window
+    bm, bn = cfg.block_M, _block_n(cfg)
+    dtype = cfg.dtype
+    acc = "float32"
+    sc = float(cfg.scale)
+    ninf = -T.infinity(acc)
+
+    B, S = T.dynamic("B, T")
+
+    @T.prim_func
+    def window_attention_fwd(
+        Q: T.Tensor([B, S, HQ, Dk], dtype),
+        K: T.Tensor([B, S, H, Dk], dtype),
+        V: T.Tensor([B, S, H, Dv], dtype),
+        O: T.Tensor([B, S, HQ, Dv], dtype),
+        LSE: T.Tensor([B, S, HQ], acc),
+    ):
+        with T.Kernel(HQ, T.ceildiv(S, bm), B, threads=cfg.threads) as (hq, mt, b):
+            Q_s = T.alloc_shared([bm, Dk], dtype)
+            K_s = T.alloc_shared([bn, Dk], dtype)
+            V_s = T.alloc_shared([bn, Dv], dtype)
+            O_s = T.alloc_shared([bm, Dv], dtype)
+            acc_s = T.alloc_fragment([bm, bn], acc)
+            p = T.alloc_fragment([bm, bn], dtype)
+            acc_o = T.alloc_fragment([bm, Dv], acc)
+            m = T.alloc_fragment([bm], acc)
+            m_prev = T.alloc_fragment([bm], acc)
+            alpha = T.alloc_fragment([bm], acc)
+            ms = T.alloc_fragment([bm], acc)
+            rsum = T.alloc_fragment([bm], acc)
+            l = T.alloc_fragment([bm], acc)
+
+            h = hq // G
+            t0 = mt * bm
+            # Key tiles intersecting the band of this query tile.  Rows past T
+            # (tail tile) are computed on zero-filled Q but never stored.
+            k_lo = T.max(t0 - W + 1, 0) // bn
+            k_hi = T.ceildiv(T.min(t0 + bm, S), bn)
+
+            # (The TMA load of Q is awaited in the first loop step; the loop
+            # always runs >= 1 step since t0 < T, so it never stays in flight.)
+            T.copy(Q[b, t0:t0 + bm, hq, :], Q_s)
+            T.fill(acc_o, 0)
+            T.fill(l, 0)
+            T.fill(m, ninf)
+
+            for kk in T.Pipelined(k_hi - k_lo, num_stages=cfg.num_stages):
+                kt = k_lo + kk
+                T.copy(K[b, kt * bn:(kt + 1) * bn, h, :], K_s)
+                # Pre-load the band mask into the accumulator; the GEMM adds
+                # q.k on top, so masked entries stay -inf with no extra pass.
+                for i, j in T.Parallel(bm, bn):
+                    acc_s[i, j] = T.if_then_else(
+                        (kt * bn + j <= t0 + i) and (kt * bn + j > t0 + i - W), 0, ninf)
+                T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+
+                T.copy(m, m_prev)
+                T.reduce_max(acc_s, m, dim=1, clear=True)
+                for i in T.Parallel(bm):
+                    m[i] = T.max(m[i], m_prev[i])
+                # A row can be fully masked in its first tiles (tile starts
+                # before its window): keep m = -inf but exponentiate against 0
+                # so no (-inf) - (-inf) = NaN appears.  T.__exp is __expf
+                # (ex2.approx), fast even when the caller doesn't enable
+                # fast-math.
+                for i in T.Parallel(bm):
+                    ms[i] = T.if_then_else(m[i] == ninf, 0, m[i] * sc)
+                    alpha[i] = T.__exp(m_prev[i] * sc - ms[i])
+                for i, j in T.Parallel(bm, bn):
+                    acc_s[i, j] = T.__exp(acc_s[i, j] * sc - ms[i])
+                T.reduce_sum(acc_s, rsum, dim=1)
+                for i in T.Parallel(bm):
+                    l[i] = l[i] * alpha[i] + rsum[i]
+                T.copy(acc_s, p)
+                for i, j in T.Parallel(bm, Dv):
+                    acc_o[i, j] *= alpha[i]
+                T.copy(V[b, kt * bn:(kt + 1) * bn, h, :], V_s)
+                T.gemm(p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
+
+            # Every in-range row has >= 1 key (itself), but guard l == 0 anyway.
+            for i, j in T.Parallel(bm, Dv):
+                acc_o[i, j] = T.if_then_else(l[i] > 0, acc_o[i, j] / l[i], 0)
+            T.copy(acc_o, O_s)
+            T.copy(O_s, O[b, t0:t0 + bm, hq, :])
+            for i in T.Parallel(bm):
+                if t0 + i < S:
+                    LSE[b, t0 + i, hq] = T.if_then_else(
+                        l[i] > 0, m[i] * cfg.scale + T.log(l[i]), ninf)
+
+    return window_attention_fwd
