@@ -152,13 +152,46 @@ def main():
         del qp, kp, vp
         torch.cuda.empty_cache()
 
+    # Where the time goes: each kernel of the two full forwards alone, at the longest T.
+    T = max(args.T)
+    breakdown = []
+    for label, spec in (("fla_cfg", fla_spec), ("paper", paper)):
+        torch.manual_seed(1)
+        q = torch.randn(1, T, HQ, spec.head_dim, device=dev, dtype=dt)
+        k = torch.randn(1, T, H, spec.head_dim, device=dev, dtype=dt)
+        v = torch.randn(1, T, H, spec.v_head_dim, device=dev, dtype=dt)
+        c, s = spec.compression, spec.selection
+        from nsa_codegen import reference as ref
+        kc, vc = ref.compress(k, c.block, c.stride), ref.compress(v, c.block, c.stride)
+        o_c, lse = ops.compression_attention(q, kc, vc, c.block, c.stride, 0, -1.0)
+        idx, _ = ops.selection_topn(q, kc, lse, c.block, c.stride, 0, s.block, s.top_n, s.initial, s.local, -1.0)
+        parts = [("mean pooling (torch)", lambda: (ref.compress(k, c.block, c.stride), ref.compress(v, c.block, c.stride))),
+                 ("compression_fwd", lambda: ops.compression_attention(q, kc, vc, c.block, c.stride, 0, -1.0)),
+                 ("selection_topn", lambda: ops.selection_topn(q, kc, lse, c.block, c.stride, 0, s.block, s.top_n,
+                                                               s.initial, s.local, -1.0)),
+                 ("selection_fwd", lambda: ops.selection_attention(q, k, v, idx, s.block, -1.0))]
+        if spec.window:
+            parts.append(("window_fwd", lambda: ops.window_attention(q, k, v, spec.window.size, -1.0)))
+        n_on = 3 if spec.window else 2
+        outs = [o_c] * n_on
+        gs = [g[0]] * n_on
+        pairs = [x for o, gg in zip(outs, gs) for x in (o, gg)] + [None, None] * (3 - n_on)
+        parts.append(("gate_combine", lambda: ops.gate_combine(*pairs, H)))
+        for name, fn in parts:
+            ms = bench(fn)
+            breakdown.append(dict(config=label, T=T, kernel=name, ms=ms))
+            print(f"breakdown T={T} {label:<8} {name:<22} {ms:8.3f} ms", flush=True)
+        del q, k, v, kc, vc, o_c, lse, idx, outs
+        torch.cuda.empty_cache()
+
     date = datetime.date.today().isoformat()
     tag = gpu.replace(" ", "_")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(date=date, gpu=gpu, torch=torch.__version__, dtype=args.dtype, B=1, HQ=HQ, H=H, D=D,
                 cuda=torch.version.cuda)
-    (out / f"{date}-{tag}-forward.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    (out / f"{date}-{tag}-forward.json").write_text(json.dumps(dict(meta=meta, rows=rows, breakdown=breakdown),
+                                                               indent=1))
     lines = [f"# Forward benchmark, {gpu}, {date}", "",
              f"B=1, HQ={HQ}, H={H}, D={D}, {args.dtype}; median ms (triton do_bench); speedup vs dense cuDNN.", "",
              "| T | case | ms | TFLOP/s | vs dense cuDNN |", "|---|---|---|---|---|"]
@@ -170,6 +203,9 @@ def main():
                 continue
             sp = f"{base / r['ms']:.1f}x" if base else ""
             lines.append(f"| {T} | {r['case']} | {r['ms']:.3f} | {r['tflops']:.1f} | {sp} |")
+    lines += ["", f"Per kernel at T={T} (each alone, same inputs as a full forward would give it):", "",
+              "| config | kernel | ms |", "|---|---|---|"]
+    lines += [f"| {b['config']} | {b['kernel']} | {b['ms']:.3f} |" for b in breakdown]
     (out / f"{date}-{tag}-forward.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -19,6 +19,7 @@ FAMILIES = {
     "selection_topn": ("selection_topn", "SelectionTopNConfig"),
     "selection_fwd": ("selection_attention", "SelectionAttentionConfig"),
     "window_fwd": ("window_attention", "WindowAttentionConfig"),
+    "gate_combine": ("gate_combine", "GateCombineConfig"),
 }
 
 TARGETS = {"sm90": {"kind": "cuda", "arch": "sm_90a"}, "sm80": {"kind": "cuda", "arch": "sm_80"}}
@@ -27,7 +28,7 @@ TARGETS = {"sm90": {"kind": "cuda", "arch": "sm_90a"}, "sm80": {"kind": "cuda", 
 def _problem_fields(key: KernelKey) -> dict[str, Any]:
     """Every name a template may use for the problem's sizes (templates pick theirs)."""
     p = key.param
-    scale = key.scale if key.scale is not None else key.head_dim ** -0.5
+    scale = key.scale if key.scale is not None else (key.head_dim or 1) ** -0.5
     fields = dict(heads_q=key.heads, heads_kv=key.kv_heads, head_dim_qk=key.head_dim, head_dim_v=key.v_head_dim,
                   dim_k=key.head_dim, dim_v=key.v_head_dim, scale=float(scale), dtype=key.dtype, **p)
     if key.kind == "selection_fwd":

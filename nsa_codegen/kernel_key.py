@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 ARCHS = ("sm80", "sm90")
-KINDS = ("compression_fwd", "selection_topn", "selection_fwd", "window_fwd")
+KINDS = ("compression_fwd", "selection_topn", "selection_fwd", "window_fwd", "gate_combine")
 DTYPE_TAGS = {"bfloat16": "bf16", "float16": "fp16"}
 
 # The problem parameters each kind depends on, in key order, with their short tags.
@@ -24,6 +24,7 @@ KIND_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
                        ("top_n", "n"), ("initial", "i"), ("local", "loc")),
     "selection_fwd": (("sel_block", "bs"), ("top_n", "n")),
     "window_fwd": (("window", "w"),),
+    "gate_combine": (("branches", "b-"),),
 }
 
 
@@ -40,7 +41,7 @@ class KernelKey:
     arch: str
     kind: str
     dtype: str  # "bfloat16" | "float16"
-    head_dim: int
+    head_dim: int  # 0 for kinds that never read Q/K (gate_combine)
     v_head_dim: int  # 0 for kinds that never read V (selection_topn)
     kv_heads: int
     group: int
@@ -94,7 +95,7 @@ class KernelKey:
         p = "_".join(f"{tags[n]}{v}" for n, v in self.params)
         if self.scale is not None:
             p += f"_sc{self.scale:.6g}"
-        dims = f"dk{self.head_dim}" + (f"_dv{self.v_head_dim}" if self.v_head_dim else "")
+        dims = "_".join(f"{tag}{d}" for tag, d in (("dk", self.head_dim), ("dv", self.v_head_dim)) if d)
         return [self.arch, self.kind, DTYPE_TAGS[self.dtype], dims,
                 f"h{self.kv_heads}_g{self.group}", p]
 

@@ -50,7 +50,6 @@ class KernelPlan:
 
     def describe(self) -> str:
         lines = [f"{c.kind:<16} {c.key}  ({', '.join(c.inputs)}) -> ({', '.join(c.outputs)})" for c in self.calls]
-        lines.append("combine          o = " + " + ".join(f"{g}*{o}" for g, o in self.combine))
         return "\n".join(lines)
 
 
@@ -84,4 +83,8 @@ def lower_to_plan(spec: NSASpec, arch: str = "sm90", explicit_indices: bool = Fa
         key = KernelKey.make(kind="window_fwd", **common, window=spec.window.size)
         calls.append(KernelCall("window_fwd", key, ("q", "k_win", "v_win"), ("o_win", "lse_win")))
         combine.append(("g_win", "o_win"))
+    # One pass sums the gated branch outputs (fp32 math, one rounding).
+    branches = ".".join(o.split("_")[1] for _, o in combine)
+    key = KernelKey.make(kind="gate_combine", **{**common, "head_dim": 0, "scale": None}, branches=branches)
+    calls.append(KernelCall("gate_combine", key, tuple(x for pair in combine for x in (pair[1], pair[0])), ("o",)))
     return KernelPlan(spec, arch, tuple(calls), tuple(combine))

@@ -195,6 +195,46 @@ def _(q, k, v, window, scale):
     return q.new_empty(B, T, HQ, v.shape[3]), q.new_empty(B, T, HQ, dtype=torch.float32)
 
 
+@torch.library.custom_op("nsa_codegen::gate_combine", mutates_args=())
+def gate_combine(o_cmp: Optional[torch.Tensor], g_cmp: Optional[torch.Tensor], o_slc: Optional[torch.Tensor],
+                 g_slc: Optional[torch.Tensor], o_win: Optional[torch.Tensor], g_win: Optional[torch.Tensor],
+                 kv_heads: int) -> torch.Tensor:
+    """o = g_cmp*o_cmp + g_slc*o_slc + g_win*o_win over the branches given (o: [B, T, HQ, Dv], g: [B, T, HQ])."""
+    pairs = [(n, o, g) for n, o, g in (("cmp", o_cmp, g_cmp), ("slc", o_slc, g_slc), ("win", o_win, g_win))
+             if o is not None]
+    if not pairs:
+        raise ValueError("gate_combine needs at least one branch output")
+    first = pairs[0][1]
+    _check_tensor(f"o_{pairs[0][0]}", first, 4)
+    B, T, HQ, Dv = first.shape
+    for n, o, g in pairs:
+        _check_tensor(f"o_{n}", o, 4, like=first)
+        if g is None:
+            raise ValueError(f"g_{n} is required with o_{n}")
+        _check_tensor(f"g_{n}", g, 3, like=first)
+        if tuple(o.shape) != (B, T, HQ, Dv) or tuple(g.shape) != (B, T, HQ):
+            raise ValueError(f"o_{n} must be [{B}, {T}, {HQ}, {Dv}] and g_{n} [{B}, {T}, {HQ}], "
+                             f"got {list(o.shape)} and {list(g.shape)}")
+    if HQ % kv_heads or HQ // kv_heads not in SUPPORTED_GROUPS:
+        raise ValueError(f"kv_heads ({kv_heads}) must divide the {HQ} heads into a supported group")
+    key = KernelKey.make(arch=_arch(first), kind="gate_combine", dtype=_DTYPES[first.dtype], head_dim=0,
+                         v_head_dim=Dv, kv_heads=kv_heads, group=HQ // kv_heads,
+                         branches=".".join(n for n, _, _ in pairs))
+    out = _empty((B, T, HQ, Dv), first.dtype, first.device)
+    slots = {n: (_c(o), _c(g)) for n, o, g in pairs}
+    filler = slots[pairs[0][0]]  # an off branch is never read; any tensor of the right shape fills its slot
+    args = [x for n in ("cmp", "slc", "win") for x in slots.get(n, filler)]
+    if T:
+        _launch(key, *args, out)
+    return out
+
+
+@gate_combine.register_fake
+def _(o_cmp, g_cmp, o_slc, g_slc, o_win, g_win, kv_heads):
+    first = next(o for o in (o_cmp, o_slc, o_win) if o is not None)
+    return torch.empty_like(first)
+
+
 # ------------------------------------------------------------------------------------------------
 # The whole forward
 # ------------------------------------------------------------------------------------------------
@@ -246,10 +286,19 @@ def nsa_attention(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
             env["o_slc"], _ = selection_attention(q, k, v, env["block_indices"], s.block, scale)
         elif call.kind == "window_fwd":
             env["o_win"], _ = window_attention(q, env["k_win"], env["v_win"], spec.window.size, scale)
-    gates = {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}
-    out = None
-    for gate, branch in plan.combine:
-        term = gates[gate].unsqueeze(-1).float() * env[branch].float()
-        out = term if out is None else out + term
-    out = out.to(q.dtype)
+        elif call.kind == "gate_combine":
+            gates = {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}
+            on = {branch: (env[branch], _gate(gate, gates[gate], q)) for gate, branch in plan.combine}
+            none = (None, None)
+            env["o"] = gate_combine(*on.get("o_cmp", none), *on.get("o_slc", none), *on.get("o_win", none),
+                                    spec.kv_heads)
+    out = env["o"]
     return (out, env["block_indices"]) if return_indices else out
+
+
+def _gate(name: str, g, q):
+    if g is None:
+        raise ValueError(f"{name} is required: its branch is on in the spec")
+    if tuple(g.shape) != tuple(q.shape[:3]):
+        raise ValueError(f"{name} must be [B, T, HQ] = {list(q.shape[:3])}, got {list(g.shape)}")
+    return g.to(q.dtype)

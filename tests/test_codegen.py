@@ -48,7 +48,8 @@ def test_configs_carry_the_spec_and_schedule():
     for call in lower_to_plan(PAPER_FP16_D128).calls:
         key = _scheduled(call)
         cfg = template_config(key)
-        assert cfg.dtype == "float16" and cfg.heads_q == 64 and cfg.heads_kv == 4
+        assert cfg.dtype == "float16" and cfg.heads_q == 64
+        assert key.kind == "gate_combine" or cfg.heads_kv == 4
         for knob, value in key.schedule:
             assert getattr(cfg, knob) == value
         func, _ = build_prim_func(key)

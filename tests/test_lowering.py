@@ -6,26 +6,30 @@ from nsa_codegen.lowering import arch_of_capability, lower_to_plan, normalize_ar
 
 def test_paper_plan_order_and_tensors():
     plan = lower_to_plan(NSASpec(), "sm90")
-    assert [c.kind for c in plan.calls] == ["compression_fwd", "selection_topn", "selection_fwd", "window_fwd"]
-    produced = {"q", "k", "v", "k_cmp", "v_cmp", "k_win", "v_win"}
+    assert [c.kind for c in plan.calls] == ["compression_fwd", "selection_topn", "selection_fwd", "window_fwd",
+                                            "gate_combine"]
+    produced = {"q", "k", "v", "k_cmp", "v_cmp", "k_win", "v_win", "g_cmp", "g_slc", "g_win"}
     for call in plan.calls:  # every input exists before the call that reads it
         assert set(call.inputs) <= produced, call
         produced |= set(call.outputs)
     assert plan.combine == (("g_cmp", "o_cmp"), ("g_slc", "o_slc"), ("g_win", "o_win"))
     assert str(plan.calls[2].key) == "sm90/selection_fwd/bf16/dk192_dv128/h4_g16/bs64_n16"
     assert str(plan.calls[1].key) == "sm90/selection_topn/bf16/dk192/h4_g16/l32_d16_f0_bs64_n16_i1_loc2"
+    assert str(plan.calls[4].key) == "sm90/gate_combine/bf16/dv128/h4_g16/b-cmp.slc.win"
     assert "window_fwd" in plan.describe()
 
 
 def test_explicit_indices_skip_topn_and_branches_switch_off():
     plan = lower_to_plan(NSASpec(window={"size": 0}), "sm_90a", explicit_indices=True)
-    assert [c.kind for c in plan.calls] == ["compression_fwd", "selection_fwd"]
+    assert [c.kind for c in plan.calls] == ["compression_fwd", "selection_fwd", "gate_combine"]
+    assert plan.calls[-1].key.param["branches"] == "cmp.slc"
     spec = NSASpec(compression=None, selection=SelectionBranch(64, 16), window=None)
-    assert [c.kind for c in lower_to_plan(spec, "sm80", explicit_indices=True).calls] == ["selection_fwd"]
+    assert [c.kind for c in lower_to_plan(spec, "sm80", explicit_indices=True).calls] == ["selection_fwd",
+                                                                                           "gate_combine"]
     with pytest.raises(ValueError, match="block_indices"):
         lower_to_plan(spec, "sm90")
     only_cmp = NSASpec(compression=CompressionBranch(), selection=None, window=None)
-    assert [c.kind for c in lower_to_plan(only_cmp).calls] == ["compression_fwd"]
+    assert [c.kind for c in lower_to_plan(only_cmp).calls] == ["compression_fwd", "gate_combine"]
 
 
 def test_arch_names():
