@@ -172,9 +172,11 @@ def _tune(args) -> int:
     problems = list(dict.fromkeys(c.key for s in specs.values() for c in lower_to_plan(s, arch).calls))
     if args.kernel:
         problems = [p for p in problems if p.problem_id == args.kernel.split("/s-")[0]]
-        if not problems:
-            print(f"nsa-codegen tune: no kernel {args.kernel} in the given specs", file=sys.stderr)
-            return 2
+    if args.kind:
+        problems = [p for p in problems if p.kind in args.kind]
+    if not problems:
+        print("nsa-codegen tune: no kernel of the given specs matches --kernel / --kind", file=sys.stderr)
+        return 2
     tune(problems, T=args.seq_len, budget_minutes=args.budget_minutes, jobs=args.jobs)
     return 0
 
@@ -209,6 +211,7 @@ def main(argv=None) -> int:
     p.add_argument("--arch", required=True)
     p.add_argument("--config", nargs="+", help="spec YAML files (default: the default build set)")
     p.add_argument("--kernel", help="tune only this kernel key (problem id)")
+    p.add_argument("--kind", nargs="+", help="tune only these kernel kinds (e.g. selection_fwd window_fwd)")
     p.add_argument("--budget-minutes", type=float, default=None)
     p.add_argument("--seq-len", type=int, default=16384, help="T of the timed problem (default 16384)")
     p.add_argument("-j", "--jobs", type=int, default=None)
