@@ -74,6 +74,14 @@ def _inputs(key: KernelKey, T: int, seed: int):
     def rn(*s):
         return torch.randn(*s, generator=g, device="cuda").to(dt)
 
+    if key.kind == "gate_combine":
+        names = p["branches"].split(".")
+        os_, gs = [rn(1, T, HQ, Dv) for _ in names], [torch.rand(1, T, HQ, generator=g, device="cuda").to(dt)
+                                                      for _ in names]
+        slots = {n: (o, gg) for n, o, gg in zip(names, os_, gs)}
+        args = [x for n in ("cmp", "slc", "win") for x in slots.get(n, slots[names[0]])]
+        outs = [torch.full((1, T, HQ, Dv), float("nan"), device="cuda", dtype=dt)]
+        return args, outs, lambda: (sum(o.float() * gg.float()[..., None] for o, gg in zip(os_, gs)),)
     q = rn(1, T, HQ, Dk)
     if key.kind in ("compression_fwd", "selection_topn"):
         N = ref.num_compressed_blocks(T, p["cmp_block"], p["stride"], p["first_block"])
@@ -121,7 +129,7 @@ def check_candidate(key: KernelKey, kernel) -> str | None:
     if key.kind == "selection_topn":
         agree = (outs[0] == expect[0]).all(-1).float().mean().item()
         return None if agree > 0.98 else f"only {agree:.1%} of index rows match the reference"
-    o, lse = outs
+    o, lse = outs[0], (outs[1] if len(outs) > 1 else outs[0][..., 0])
     if torch.isnan(o).any() or torch.isnan(lse).any():
         return "NaN in output (unwritten elements)"
     err = ((o.double() - expect[0].double()).norm() / expect[0].double().norm()).item()
@@ -162,6 +170,7 @@ def tune(problems: list[KernelKey], T: int = 16384, budget_minutes: float | None
     for problem in problems:
         path = log_path(problem.arch)
         seen = _done(path)
+        logged = sum(pid == problem.problem_id for pid, _ in seen)
         cands, pruned = [], 0
         for s in search_space(problem):
             if (problem.problem_id, schedule_hash(s)) in seen:
@@ -170,7 +179,7 @@ def tune(problems: list[KernelKey], T: int = 16384, budget_minutes: float | None
                 cands.append(problem.with_schedule(s))
             else:
                 pruned += 1
-        say(f"{problem.problem_id}: {len(cands)} candidates to try ({pruned} pruned, {len(seen)} already logged)")
+        say(f"{problem.problem_id}: {len(cands)} candidates to try ({pruned} pruned, {logged} already logged)")
         if not cands or time.time() > deadline:
             continue
         # Compile in parallel on the CPU cores, into the user cache; each later load is a disk hit.
