@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU pass on the lent H100: GPU tests, then the forward benchmark. Logs and results go to $OUT.
-#   bash benchmarks/gpu_pass.sh [tests|bench|all] [pytest -k expr]
+#   bash benchmarks/gpu_pass.sh [tests|bench|first|all] [pytest -k expr]
 set -uo pipefail
 what=${1:-all}
 mkdir -p /tmp/site
@@ -17,5 +17,8 @@ if [[ $what == tests || $what == all ]]; then
 fi
 if [[ $what == bench || $what == all ]]; then
   python3 benchmarks/bench_forward.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | grep -v "^\s*$" | tail -60
+fi
+if [[ $what == first || $what == all ]]; then
+  python3 benchmarks/bench_first_call.py --out "$OUT" 2>&1 | grep -v INFO | tee "$OUT/first_call.log" | tail -15
 fi
 exit $rc
