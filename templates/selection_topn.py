@@ -20,10 +20,12 @@ The G query heads of the group are packed (head-major) into the M dimension of
 the Q tile (row g*BT + b <-> token t0+b, head h*G+g), so one gemm scores all
 heads.  Selection blocks are processed in chunks of BS = block_N // r blocks
 (r = sel_block // stride): chunk kc runs the gemm against the block_N
-compressed blocks i = kc*block_N + x (rows c = i - first_block), i.e. those
-whose first stride unit lies in the chunk; the m-1 (m = cmp_block // stride)
-blocks that reach forward into the chunk from the previous one are carried in
-a small smem halo of group-summed probabilities.  Scores never leave the SM:
+compressed rows c = kc*block_N + x (blocks i = c + first_block).  Scoring chunk
+kc needs blocks i in [kc*block_N - (m-1), (kc+1)*block_N) (m = cmp_block //
+stride: blocks reach m-1 stride units forward); the m-1+first_block of them
+computed by the previous chunk are carried in a small smem halo of
+group-summed probabilities.  K rows never go negative, so the K tile can come
+in by TMA for every first_block.  Scores never leave the SM:
 TPR = threads // BT threads share a token row, each scores a strided subset of
 the chunk's blocks and keeps a private sorted top-n in registers (insertion
 network; candidates arrive in increasing index order, so strict '>' keeps the
@@ -33,6 +35,7 @@ written at its rank among the selected indices.  Nothing of size
 [B, T, H, num_blocks] is ever written to global memory.
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -58,11 +61,13 @@ class SelectionTopNConfig:
     dtype: str = "bfloat16"     # "float16" | "bfloat16"
     # schedule (defaults: fastest GPU-verified setting valid for every first_block)
     block_M: int = 128          # gemm rows = (block_M // G) tokens x G heads
-    block_N: int = 32           # compressed blocks per chunk (multiple of sel_block//stride)
+    block_N: int = 32           # compressed blocks per chunk (multiple of sel_block//stride);
+                                # 0 = auto: the largest of 128, 64, 32, 16 this config accepts
     threads: int = 128          # 128 or 256; threads // (block_M // G) threads share a token row
     num_stages: int = 1         # K pipeline depth, used by k_load="tma" (1-3); cp_async needs 1;
                                 # ignored by "sync" (nothing to pipeline)
-    k_load: str = "sync"        # "sync" | "cp_async" | "tma"; the last two need first_block == 0
+    k_load: str = "sync"        # "sync" | "cp_async" | "tma"
+    fast_math: bool = False     # compile with TileLang's fast-math pass config (approximate exp2)
 
 
 def _derived(cfg):
@@ -84,13 +89,35 @@ def _smem_bytes(cfg) -> int:
     G, m, r, BT, BS, TPR = _derived(cfg)
     q = cfg.block_M * cfg.dim_k * 2
     k = cfg.block_N * cfg.dim_k * 2 * max(cfg.num_stages, 1)
-    p = cfg.block_M * (cfg.block_N + 4) * 4 + BT * (cfg.block_N + m - 1 + TPR) * 4
+    p = cfg.block_M * (cfg.block_N + 4) * 4 + BT * (cfg.block_N + m - 1 + cfg.first_block + TPR) * 4
     merge = cfg.threads * (cfg.top_n + 1) * 8
-    return q + k + p + merge
+    # the merge buffers are live only after the loop: they share the K/P space
+    return q + max(k + p, merge + BT * (cfg.block_N + m - 1 + cfg.first_block + TPR) * 4) + 1024
+
+
+def pass_configs(cfg) -> dict:
+    """TileLang pass configs this kernel is compiled with."""
+    return {"tl.enable_fast_math": bool(cfg.fast_math)}
+
+
+def _resolve(cfg):
+    """cfg with block_N = 0 (auto) replaced by the largest chunk width it accepts."""
+    if cfg.block_N:
+        return cfg
+    for bn in (128, 64, 32):
+        c = dataclasses.replace(cfg, block_N=bn)
+        try:
+            check_config(c)
+            return c
+        except ValueError:
+            pass
+    return dataclasses.replace(cfg, block_N=16)
 
 
 def check_config(cfg) -> None:
     """Raise ValueError (naming the field) for configs this template cannot build."""
+    if cfg.block_N == 0:
+        cfg = _resolve(cfg)
     if cfg.dtype not in ("float16", "bfloat16"):
         raise ValueError("dtype must be float16 or bfloat16")
     if cfg.heads_kv <= 0 or cfg.heads_q % cfg.heads_kv != 0:
@@ -127,8 +154,8 @@ def check_config(cfg) -> None:
         raise ValueError("block_N must be a multiple of sel_block // stride")
     if cfg.k_load not in ("sync", "cp_async", "tma"):
         raise ValueError("k_load must be 'sync', 'cp_async' or 'tma'")
-    if cfg.k_load != "sync" and cfg.first_block != 0:
-        raise ValueError("k_load: async K loads need first_block == 0 (chunk start row would be negative)")
+    if cfg.cmp_block // cfg.stride - 1 + cfg.first_block > cfg.block_N:
+        raise ValueError("block_N: must be >= cmp_block // stride - 1 + first_block (the carried halo)")
     if cfg.num_stages < 1 or cfg.num_stages > 3:
         raise ValueError("num_stages must be in [1, 3]")
     if cfg.k_load == "cp_async" and cfg.num_stages != 1:
@@ -142,12 +169,13 @@ def check_config(cfg) -> None:
 def build(cfg: SelectionTopNConfig):
     """Return the (uncompiled) prim_func main(Q, K_cmp, LSE, BlockIndices, Counts)."""
     check_config(cfg)
+    cfg = _resolve(cfg)
     HQ, H, Dk = cfg.heads_q, cfg.heads_kv, cfg.dim_k
     l, d, f, lp = cfg.cmp_block, cfg.stride, cfg.first_block, cfg.sel_block
     n, n_init, n_local = cfg.top_n, cfg.initial, cfg.local
     BM, BN, NT = cfg.block_M, cfg.block_N, cfg.threads
     G, m, r, BT, BS, TPR = _derived(cfg)
-    HALO = m - 1                       # compressed blocks reaching back into the chunk
+    HALO = m - 1 + f                   # carried blocks: Pg_s column u <-> block kc*BN - (m-1) + u
     # width of the group-summed prob buffer, padded so BT*PW is a multiple of
     # the thread count (tile-op layouts must cover the iteration space evenly)
     PW = (BN + HALO + TPR - 1) // TPR * TPR
@@ -219,11 +247,16 @@ def build(cfg: SelectionTopNConfig):
 
             # Q tile, head-major rows: row g*BT + b <-> (token t0+b, head by*G+g)
             for g in T.unroll(G):
-                T.copy(Q[bz, t0:t0 + BT, by * G + g, :], Q_s[g * BT:(g + 1) * BT, :], disable_tma=True)
+                T.copy(Q[bz, t0:t0 + BT, by * G + g, :], Q_s[g * BT:(g + 1) * BT, :], disable_tma=True,
+                       coalesced_width=8)
             for i in T.Parallel(BM):
                 lse2[i] = T.if_then_else(
                     t0 + i % BT < Tn, LSE[bz, t0 + i % BT, by * G + i // BT] * _LOG2E, 0)
-            T.fill(Pg_s, 0)                  # zero halo for the first chunk
+            # zero halo for the first chunk (plain thread loop: with a TMA producer
+            # warpgroup the prologue runs on more threads than NT)
+            for q in T.serial((BT * PW + NT - 1) // NT):
+                if tx + q * NT < BT * PW:
+                    Pg_s[(tx + q * NT) // PW, (tx + q * NT) % PW] = 0
             for k in T.unroll(n):
                 top_s[k] = NEG_INF           # empty slot: never beats a visible block
                 top_i[k] = -1
@@ -231,7 +264,7 @@ def build(cfg: SelectionTopNConfig):
             t_last = T.min(t0 + BT, Tn) - 1
             n_chunks = (t_last // lp) // BS + 1
             for kc in T.Pipelined(n_chunks, num_stages=cfg.num_stages):
-                # compressed blocks i = kc*BN + x  ->  rows c = i - f (zero outside [0, N))
+                # compressed rows c = kc*BN + x  ->  blocks i = c + f (zero outside [0, N))
                 if cfg.k_load == "tma":
                     # bulk tensor copy; rows >= N are zero-filled by the TMA unit.
                     # The pipeline pass warp-specializes (one producer warpgroup).
@@ -240,18 +273,16 @@ def build(cfg: SelectionTopNConfig):
                     # predicated cp.async, prefetched one chunk ahead
                     T.copy(K_cmp[bz, kc * BN:(kc + 1) * BN, by, :], K_s, disable_tma=True)
                 else:
-                    # plain predicated loads; handles first_block > 0 (negative rows)
+                    # plain predicated loads
                     for x, k in T.Parallel(BN, Dk):
                         K_s[x, k] = T.if_then_else(
-                            (kc * BN + x >= f) & (kc * BN + x - f < N),
-                            K_cmp[bz, kc * BN + x - f, by, k], T.cast(0, dtype))
+                            kc * BN + x < N, K_cmp[bz, kc * BN + x, by, k], T.cast(0, dtype))
                 T.gemm(Q_s, K_s, S, transpose_B=True, clear_accum=True,
                        policy=T.GemmWarpPolicy.FullRow)
                 # compression-branch probabilities (base-2 exp with log2e folded in)
                 for i, x in T.Parallel(BM, BN):
                     P_s[i, x] = T.if_then_else(
-                        (kc * BN + x >= f) & (kc * BN + x - f < N)
-                        & ((kc * BN + x) * d + l - 1 <= t0 + i % BT),
+                        (kc * BN + x < N) & ((kc * BN + x + f) * d + l - 1 <= t0 + i % BT),
                         T.exp2(S[i, x] * scale2 - lse2[i]), 0)
                 if HALO > 0:
                     # carry the previous chunk's last HALO blocks to the front
