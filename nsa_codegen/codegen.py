@@ -88,3 +88,58 @@ def compile_kernel(key: KernelKey, target: dict | str | None = None):
         return tilelang.compile(func, target=target, pass_configs=pass_configs)
     except Exception as e:
         raise RuntimeError(f"compiling {key} for {target} failed: {type(e).__name__}: {e}") from e
+
+
+def _nvdisasm() -> str | None:
+    import shutil
+    found = shutil.which("nvdisasm")
+    if found:
+        return found
+    try:  # the nvidia-cuda-nvdisasm wheel (the test extra) ships the binary
+        import importlib.util
+        from pathlib import Path
+        spec = importlib.util.find_spec("nvidia")
+        for root in (spec.submodule_search_locations or []) if spec else []:
+            for cand in Path(root).glob("cu*/bin/nvdisasm"):
+                return str(cand)
+    except ImportError:
+        pass
+    return None
+
+
+def embedded_cubins(artifact: str) -> list[bytes]:
+    """The device ELF images (cubins) inside a compiled TileLang artifact (.so).
+
+    TVM stores each as an 8-byte little-endian length followed by the ELF image.
+    """
+    import struct
+    data = open(artifact, "rb").read()
+    out, at = [], data.find(b"\x7fELF", 1)
+    while at > 8:
+        (size,) = struct.unpack_from("<Q", data, at - 8)
+        if 0 < size <= len(data) - at and data[at + 18] == 0xBE:  # e_machine EM_CUDA
+            out.append(data[at:at + size])
+        at = data.find(b"\x7fELF", at + 1)
+    return out
+
+
+def disassemble(jit_kernel) -> str:
+    """SASS of a compiled kernel (its artifact in the TileLang cache), via nvdisasm."""
+    import glob
+    import os
+    import subprocess
+    import tempfile
+    tool = _nvdisasm()
+    if tool is None:
+        raise FileNotFoundError("nvdisasm not found (install nvidia-cuda-nvdisasm or the CUDA toolkit)")
+    entry = getattr(jit_kernel, "_tilelang_cache_path", None)
+    libs = sorted(glob.glob(os.path.join(entry, "*.so"))) if entry else []
+    if not libs:
+        raise FileNotFoundError("the kernel has no compiled artifact on disk (TileLang cache disabled?)")
+    sass = []
+    for cubin in embedded_cubins(libs[0]):
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            sass.append(subprocess.run([tool, f.name], capture_output=True, text=True, check=True).stdout)
+    return "\n".join(sass)

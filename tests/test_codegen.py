@@ -4,7 +4,8 @@ import shutil
 import pytest
 
 from nsa_codegen import CompressionBranch, NSASpec, SelectionBranch, WindowBranch
-from nsa_codegen.codegen import build_prim_func, check_schedule, compile_kernel, template_config
+from nsa_codegen.codegen import (_nvdisasm, build_prim_func, check_schedule, compile_kernel, disassemble,
+                                 template_config)
 from nsa_codegen.lowering import lower_to_plan
 from nsa_codegen.schedules import resolve_schedule
 
@@ -42,6 +43,10 @@ def test_template_compiles_for_sm90a(call, spec, tmp_path, monkeypatch):
     assert "__global__" in src
     if key.kind in CLAIMS_WGMMA and spec is PAPER:
         assert "wgmma" in src, f"{key} should lower its GEMMs to WGMMA on sm_90a"
+        if _nvdisasm():  # and the machine code really issues Hopper's warpgroup MMA
+            assert "HGMMA" in disassemble(kernel), f"{key}: no HGMMA in its SASS"
+    if key.kind == "selection_fwd" and _nvdisasm():
+        assert "HMMA" in disassemble(kernel), f"{key}: no tensor-core MMA in its SASS"
 
 
 def test_configs_carry_the_spec_and_schedule():
