@@ -113,7 +113,9 @@ def _build_one(arch_dir: str, key: KernelKey, source: str, spec_names: list[str]
         tmp.write_text(src)
         os.replace(tmp, kdir / "kernel.cu")
         import tilelang
-        meta = {"key": str(key), "problem": key.problem_id, "arch": key.arch, "kind": key.kind,
+        from .codegen import build_prim_func
+        entry_fn = str(build_prim_func(key)[0].attrs["global_symbol"])
+        meta = {"key": str(key), "entry_function": entry_fn, "problem": key.problem_id, "arch": key.arch, "kind": key.kind,
                 "schedule": dict(key.schedule), "schedule_source": source, "specs": spec_names,
                 "template_hash": template_source_hash(key.kind), "source_sha256": hashlib.sha256(src.encode()).hexdigest(),
                 "versions": {"nsa_codegen": version_tag(), "tilelang": tilelang.__version__},

@@ -81,7 +81,31 @@ class CompiledKernel:
         return self.kernel(*tensors)
 
     def source(self) -> str:
+        if self.prebuilt is not None:
+            return (self.prebuilt / self.key.dirname / "kernel.cu").read_text()
         return self.kernel.get_kernel_source()
+
+
+def _load_prebuilt(arch_dir: Path, key: KernelKey):
+    """Open a prebuilt kernel with TVM-FFI alone: no TileLang import, no prim_func, no compiler.
+
+    The artifact's host entry (its prim_func's name, recorded by the build) takes torch tensors as
+    they are. TileLang's runtime libraries provide the helpers it calls (TMA descriptors, ...).
+    Returns None when this fast path is unavailable; the caller then goes through TileLang.
+    """
+    import ctypes
+    import importlib.util
+    try:
+        meta = json.loads((arch_dir / key.dirname / "meta.json").read_text())
+        entry = meta["entry_function"]
+        spec = importlib.util.find_spec("tilelang")  # locates the package without importing it
+        libdir = Path(next(iter(spec.submodule_search_locations))) / "lib"
+        for lib in ("libtvm_runtime.so", "libtilelang.so"):
+            ctypes.CDLL(str(libdir / lib), mode=ctypes.RTLD_GLOBAL)
+        import tvm_ffi
+        return tvm_ffi.load_module(str(arch_dir / meta["artifact"]))[entry]
+    except Exception:
+        return None
 
 
 def get_kernel(problem: KernelKey) -> CompiledKernel:
@@ -98,9 +122,11 @@ def get_kernel(problem: KernelKey) -> CompiledKernel:
         key = problem.with_schedule(schedule)
         t0 = time.perf_counter()
         prebuilt = find_prebuilt(key)
-        # A prebuilt artifact (nsa-codegen build) loads from its TileLang cache: no compiler runs.
-        with _tilelang_cache_dir(prebuilt / "tilelang" if prebuilt else versioned_dir() / "tilelang"):
-            jit = compile_kernel(key)
+        jit = _load_prebuilt(prebuilt, key) if prebuilt else None
+        if jit is None:
+            # A prebuilt artifact the fast path can't open still loads from its TileLang cache (no compile).
+            with _tilelang_cache_dir(prebuilt / "tilelang" if prebuilt else versioned_dir() / "tilelang"):
+                jit = compile_kernel(key)
         ck = CompiledKernel(key, jit, source, time.perf_counter() - t0, prebuilt)
         meta = versioned_dir() / "kernels" / key.dirname / "meta.json"
         if prebuilt is None and not meta.exists():
