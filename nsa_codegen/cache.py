@@ -36,10 +36,10 @@ def cache_root() -> Path:
 
 def version_tag() -> str:
     from . import __version__
-    try:
-        import tilelang
-        tl = tilelang.__version__
-    except Exception:
+    import importlib.metadata
+    try:  # the distribution's version: no import of TileLang itself (seconds) just to name the cache
+        tl = importlib.metadata.version("tilelang")
+    except importlib.metadata.PackageNotFoundError:
         tl = "none"
     return f"v{__version__}-tl{tl}"
 
@@ -118,10 +118,19 @@ def get_kernel(problem: KernelKey) -> CompiledKernel:
         if hit is not None:
             return hit
         from .build import find_prebuilt
-        schedule, source = resolve_schedule(problem, lambda s: check_schedule(problem, s))
-        key = problem.with_schedule(schedule)
+        from .schedules import default_schedule, tuned_best
         t0 = time.perf_counter()
-        prebuilt = find_prebuilt(key)
+        # A prebuilt kernel of the tuned (else default) schedule was checked by its build: open it
+        # without touching the template, which would import TileLang (seconds).
+        prebuilt = jit = None
+        for schedule, source in ((tuned_best(problem), "tuned"), (default_schedule(problem), "default")):
+            if schedule is not None:
+                key = problem.with_schedule(schedule)
+                prebuilt = find_prebuilt(key)
+                break
+        if prebuilt is None:
+            schedule, source = resolve_schedule(problem, lambda s: check_schedule(problem, s))
+            key = problem.with_schedule(schedule)
         jit = _load_prebuilt(prebuilt, key) if prebuilt else None
         if jit is None:
             # A prebuilt artifact the fast path can't open still loads from its TileLang cache (no compile).

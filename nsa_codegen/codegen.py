@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 from typing import Any
 
 from .kernel_key import KernelKey
@@ -64,8 +63,9 @@ def check_schedule(key: KernelKey, schedule: dict[str, Any]) -> str | None:
 
 
 def template_source_hash(kind: str) -> str:
-    mod = template_module(FAMILIES[kind][0])
-    return hashlib.sha256(inspect.getsource(mod).encode()).hexdigest()[:12]
+    """Hash of the template file's text (read, not imported: checking a prebuilt kernel needs no TileLang)."""
+    from .resources import templates_dir
+    return hashlib.sha256((templates_dir() / f"{FAMILIES[kind][0]}.py").read_bytes()).hexdigest()[:12]
 
 
 def build_prim_func(key: KernelKey):
