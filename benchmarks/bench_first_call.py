@@ -39,9 +39,11 @@ t2 = time.perf_counter()
 nsa_attention(q, k, v, g, g, g, spec)
 torch.cuda.synchronize()
 t_second = time.perf_counter() - t2
-prebuilt = [str(get_kernel(c.key).prebuilt) for c in lower_to_plan(spec, "sm90").calls]
-print(json.dumps(dict(import_s=t_import, first_call_s=t_first, second_call_s=t_second, prebuilt=prebuilt,
-                      finite=bool(torch.isfinite(o).all()))))
+kernels = [get_kernel(c.key) for c in lower_to_plan(spec, "sm90").calls]
+print(json.dumps(dict(import_s=t_import, first_call_s=t_first, second_call_s=t_second,
+                      prebuilt=[str(k.prebuilt) for k in kernels], loader=[type(k.kernel).__name__ for k in kernels],
+                      load_s=[round(k.compile_seconds, 4) for k in kernels],
+                      tilelang_imported="tilelang" in sys.modules, finite=bool(torch.isfinite(o).all()))))
 """
 
 

@@ -53,13 +53,17 @@ def test_build_is_idempotent_detects_corruption_and_loads_without_nvcc(tmp_path,
     # A fresh process with no nvcc on PATH resolves the prebuilt artifact.
     env = dict(os.environ, PATH="/usr/bin:/bin", NSA_CODEGEN_GENERATED_DIR=str(out))
     env.pop("CUDA_HOME", None)
+    # get_kernel opens it through TVM-FFI: no compiler, and not even a TileLang import.
     code = ("import shutil, sys; assert shutil.which('nvcc') is None;"
             "from nsa_codegen.build import find_prebuilt, plan_keys; from tests.test_build import WINDOW_ONLY;"
-            "k = plan_keys({'w': WINDOW_ONLY}, 'sm90')[0][0]; print(find_prebuilt(k))")
+            "from nsa_codegen.cache import get_kernel; from nsa_codegen.lowering import lower_to_plan;"
+            "ck = get_kernel(lower_to_plan(WINDOW_ONLY).calls[0].key); imported = 'tilelang' in sys.modules;"
+            "k = plan_keys({'w': WINDOW_ONLY}, 'sm90')[0][0];"  # (checking templates imports TileLang)
+            "print(find_prebuilt(k), ck.prebuilt, str(ck.key) == str(k), type(ck.kernel).__name__, imported)")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parent.parent)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == str(out / "sm90")
+    assert r.stdout.split() == [str(out / "sm90"), str(out / "sm90"), "True", "Function", "False"], r.stdout
 
 
 def test_build_cli_errors(tmp_path, capsys, monkeypatch):
