@@ -27,6 +27,14 @@ def schedules_dir() -> Path:
     return _package_dir("nsa_codegen.schedule_files", "schedules")
 
 
+def tuning_logs_dir() -> Path | None:
+    """The tuning records shipped with the package (or the source tree's), if any."""
+    try:
+        return _package_dir("nsa_codegen.tuning_files", "tuning_logs")
+    except FileNotFoundError:
+        return None
+
+
 def templates_dir() -> Path:
     return _package_dir("nsa_codegen.templates", "templates")
 

@@ -16,9 +16,7 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from .kernel_key import KINDS, KernelKey
-from .resources import schedules_dir
-
-_SOURCE_TUNING_DIR = Path(__file__).resolve().parent.parent / "tuning_logs"
+from .resources import schedules_dir, tuning_logs_dir
 
 
 @lru_cache(maxsize=None)
@@ -52,18 +50,25 @@ def search_space(key: KernelKey) -> Iterator[dict[str, Any]]:
 
 
 def tuning_dir(arch: str) -> Path:
+    """Where `tune` appends records: $NSA_CODEGEN_TUNING_DIR, else ./tuning_logs."""
     root = os.environ.get("NSA_CODEGEN_TUNING_DIR")
-    return (Path(root) if root else _SOURCE_TUNING_DIR) / arch
+    return (Path(root) if root else Path.cwd() / "tuning_logs") / arch
+
+
+def tuning_dirs(arch: str) -> list[Path]:
+    """Where records are read: the tune folder above, then the records shipped with nsa-codegen."""
+    dirs = [tuning_dir(arch)]
+    shipped = tuning_logs_dir()
+    if shipped is not None:
+        dirs.append(shipped / arch)
+    return [d for d in dict.fromkeys(p.resolve() for p in dirs) if d.is_dir()]
 
 
 def tuned_best(key: KernelKey) -> dict[str, Any] | None:
     """The fastest correct record for key's problem in tuning_logs/<arch>/*.jsonl, if any."""
     best = None
-    d = tuning_dir(key.arch)
-    if not d.is_dir():
-        return None
     pid = key.problem_id
-    for path in sorted(d.glob("*.jsonl")):
+    for path in sorted(p for d in tuning_dirs(key.arch) for p in d.glob("*.jsonl")):
         for line in path.read_text().splitlines():
             try:
                 rec = json.loads(line)

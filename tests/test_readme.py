@@ -24,13 +24,16 @@ def test_ci_runs_readme_install_and_test_commands():
 
 
 def test_installed_distribution_ships_templates_and_schedules():
-    try:
-        files = importlib.metadata.files("nsa-codegen")
-    except importlib.metadata.PackageNotFoundError:
+    # The pip-installed distribution (a dist-info), not a build's egg-info left in the source tree.
+    dists = [d for d in importlib.metadata.distributions(name="nsa-codegen")
+             if str(getattr(d, "_path", "")).endswith(".dist-info")]
+    if not dists:
         pytest.skip("nsa-codegen is not pip-installed here")
-    names = {str(f) for f in files or []}
+    names = {str(f) for f in dists[0].files or []}
     if any("__editable__" in n for n in names):
         pytest.skip("editable install: data stays in the source tree")
     assert "nsa_codegen/templates/__init__.py" in names
     assert "nsa_codegen/schedule_files/__init__.py" in names
+    assert "nsa_codegen/schedule_files/sm90.yaml" in names
+    assert any(n.startswith("nsa_codegen/tuning_files/sm90/") for n in names)
     assert "nsa_codegen/cli.py" in names

@@ -1,0 +1,1 @@
+"""Autotuning records (tuning_logs/<arch>/<gpu>.jsonl), shipped as package data."""
