@@ -11,12 +11,10 @@ and TileLang versions, target) matches and its artifact is intact; `build` skips
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import contextlib
 import fcntl
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import shutil
 import sys
@@ -27,7 +25,7 @@ from typing import Iterable
 
 import yaml
 
-from .cache import _tilelang_cache_dir, _write_json_atomic, version_tag
+from .cache import _tilelang_cache_dir, _write_json_atomic, run_in_workers, version_tag
 from .codegen import TARGETS, check_schedule, compile_kernel, template_source_hash
 from .kernel_key import KernelKey
 from .lowering import lower_to_plan, normalize_arch
@@ -174,13 +172,13 @@ def build(specs: dict[str, NSASpec], arch: str, out: Path | str, jobs: int | Non
                 progress(len(results), len(keys), r)
             else:
                 todo.append((key, source))
-        if todo:
-            n = max(1, min(jobs or os.cpu_count() or 1, len(todo)))
-            with cf.ProcessPoolExecutor(n, mp_context=mp.get_context("spawn")) as pool:
-                futs = [pool.submit(_build_one, str(arch_dir), k, s, users.get(k.problem_id, [])) for k, s in todo]
-                for fut in cf.as_completed(futs):
-                    results.append(fut.result())
-                    progress(len(results), len(keys), results[-1])
+        done_before = len(results)
+
+        def report(done, _total, r):
+            progress(done_before + done, len(keys), r)
+
+        results += run_in_workers(_build_one, [(str(arch_dir), k, s, users.get(k.problem_id, [])) for k, s in todo],
+                                  jobs, report)
         _write_manifest(arch_dir)
     return results
 

@@ -152,6 +152,29 @@ def clear_loaded() -> None:
         _LOADED.clear()
 
 
+def run_in_workers(fn, calls, jobs: int | None = None, on_result=None) -> list:
+    """fn(*args) for each args tuple in calls, in spawned worker processes; results in call order.
+
+    spawn, not fork: the parent may hold CUDA state. on_result(done, total, result) runs in the
+    parent as each call finishes (progress bars).
+    """
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    calls = list(calls)
+    results: list = [None] * len(calls)
+    if not calls:
+        return results
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(calls)))
+    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(fn, *args): i for i, args in enumerate(calls)}
+        for done, fut in enumerate(cf.as_completed(futures), 1):
+            results[futures[fut]] = fut.result()
+            if on_result:
+                on_result(done, len(calls), results[futures[fut]])
+    return results
+
+
 def _precompile_one(problem: KernelKey) -> tuple[str, str | None, float]:
     try:
         k = get_kernel(problem)
@@ -163,24 +186,11 @@ def _precompile_one(problem: KernelKey) -> tuple[str, str | None, float]:
 def precompile(problems, jobs: int | None = None, progress=None) -> list[tuple[str, str | None, float]]:
     """Compile many problem keys in parallel worker processes into the disk cache.
 
-    Returns (key, error or None, seconds) per problem, in order. Later get_kernel calls in this
-    process then load from disk instead of compiling. progress(done, total, result) is called
-    after each kernel.
+    Returns (key, error or None, seconds) per distinct problem, in order. Later get_kernel calls in
+    this process then load from disk instead of compiling.
     """
-    import concurrent.futures as cf
-    import multiprocessing as mp
-
     problems = list(dict.fromkeys(p.problem for p in problems))
-    jobs = max(1, min(jobs or os.cpu_count() or 1, len(problems) or 1))
-    results: list = [None] * len(problems)
-    # spawn: the parent may hold CUDA state, which must not be forked.
-    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_precompile_one, p): i for i, p in enumerate(problems)}
-        for done, fut in enumerate(cf.as_completed(futures), 1):
-            results[futures[fut]] = fut.result()
-            if progress:
-                progress(done, len(problems), results[futures[fut]])
-    return results
+    return run_in_workers(_precompile_one, [(p,) for p in problems], jobs, progress)
 
 
 def _compile_scheduled(key: KernelKey) -> str | None:
@@ -193,11 +203,6 @@ def _compile_scheduled(key: KernelKey) -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
-def _precompile_scheduled(keys, jobs: int | None = None) -> list[str | None]:
+def precompile_scheduled(keys, jobs: int | None = None) -> list[str | None]:
     """Compile keys that already carry a schedule (tuning candidates) into the disk cache, in parallel."""
-    import concurrent.futures as cf
-    import multiprocessing as mp
-    keys = list(keys)
-    jobs = max(1, min(jobs or os.cpu_count() or 1, len(keys) or 1))
-    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-        return list(pool.map(_compile_scheduled, keys))
+    return run_in_workers(_compile_scheduled, [(k,) for k in keys], jobs)

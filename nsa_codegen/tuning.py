@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from . import reference as ref
-from .cache import _tilelang_cache_dir, precompile, versioned_dir
+from .cache import _tilelang_cache_dir, precompile_scheduled, versioned_dir
 from .codegen import check_schedule, compile_kernel
 from .kernel_key import KernelKey, schedule_hash
 from .schedules import search_space, tuning_dir
@@ -186,7 +186,7 @@ def tune(problems: list[KernelKey], T: int = 16384, budget_minutes: float | None
         if not cands or time.time() > deadline:
             continue
         # Compile in parallel on the CPU cores, into the user cache; each later load is a disk hit.
-        precompile_keys(cands, jobs)
+        precompile_scheduled(cands, jobs)
         for i, key in enumerate(cands, 1):
             if time.time() > deadline:
                 say("budget spent; rerun to resume")
@@ -210,7 +210,3 @@ def tune(problems: list[KernelKey], T: int = 16384, budget_minutes: float | None
                                                    f"rejected ({rec.get('why')})"))
     return written
 
-
-def precompile_keys(keys: list[KernelKey], jobs: int | None):
-    from .cache import _precompile_scheduled
-    _precompile_scheduled(keys, jobs)
