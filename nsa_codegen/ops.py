@@ -19,7 +19,7 @@ import torch
 
 from . import reference
 from .cache import get_kernel
-from .kernel_key import DTYPE_TAGS, KernelKey
+from .kernel_key import KernelKey
 from .lowering import arch_of_capability, lower_to_plan
 from .spec import SUPPORTED_GROUPS, SUPPORTED_HEAD_DIMS, SUPPORTED_V_HEAD_DIMS, NSASpec
 
@@ -92,6 +92,22 @@ def _c(x):
     return x if x.is_contiguous() else x.contiguous()
 
 
+def _attend(key: KernelKey, q: torch.Tensor, v_dim: int, *inputs: torch.Tensor):
+    """Allocate o [B, T, HQ, v_dim] (q's dtype) and lse [B, T, HQ] float32, launch key's kernel on
+    (*inputs, o, lse) made contiguous, and return (o, lse)."""
+    B, T, HQ, _ = q.shape
+    o = _empty((B, T, HQ, v_dim), q.dtype, q.device)
+    lse = _empty((B, T, HQ), torch.float32, q.device)
+    if T:
+        _launch(key, *(_c(x) for x in inputs), o, lse)
+    return o, lse
+
+
+def _attend_fake(q: torch.Tensor, v_dim: int):
+    B, T, HQ, _ = q.shape
+    return q.new_empty(B, T, HQ, v_dim), q.new_empty(B, T, HQ, dtype=torch.float32)
+
+
 # ------------------------------------------------------------------------------------------------
 # Per-branch ops
 # ------------------------------------------------------------------------------------------------
@@ -107,17 +123,12 @@ def compression_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Ten
     if k_cmp.shape[1] == 0:  # T < block: no compressed block exists yet, for any query
         return (q.new_zeros(B, T, HQ, v_cmp.shape[3]),
                 torch.full((B, T, HQ), float("-inf"), device=q.device))
-    o = _empty((B, T, HQ, v_cmp.shape[3]), q.dtype, q.device)
-    lse = _empty((B, T, HQ), torch.float32, q.device)
-    if T:
-        _launch(key, _c(q), _c(k_cmp), _c(v_cmp), o, lse)
-    return o, lse
+    return _attend(key, q, v_cmp.shape[3], q, k_cmp, v_cmp)
 
 
 @compression_attention.register_fake
 def _(q, k_cmp, v_cmp, block, stride, first_block, scale):
-    B, T, HQ, _ = q.shape
-    return q.new_empty(B, T, HQ, v_cmp.shape[3]), q.new_empty(B, T, HQ, dtype=torch.float32)
+    return _attend_fake(q, v_cmp.shape[3])
 
 
 @torch.library.custom_op("nsa_codegen::selection_topn", mutates_args=())
@@ -161,17 +172,12 @@ def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
         raise ValueError(f"block_indices must be [B, T, H, n] = [{B}, {T}, {k.shape[2]}, n], "
                          f"got {list(block_indices.shape)}")
     key = _key("selection_fwd", q, k, v.shape[3], scale, sel_block=sel_block, top_n=block_indices.shape[3])
-    o = _empty((B, T, HQ, v.shape[3]), q.dtype, q.device)
-    lse = _empty((B, T, HQ), torch.float32, q.device)
-    if T:
-        _launch(key, _c(q), _c(k), _c(v), _c(block_indices), o, lse)
-    return o, lse
+    return _attend(key, q, v.shape[3], q, k, v, block_indices)
 
 
 @selection_attention.register_fake
 def _(q, k, v, block_indices, sel_block, scale):
-    B, T, HQ, _ = q.shape
-    return q.new_empty(B, T, HQ, v.shape[3]), q.new_empty(B, T, HQ, dtype=torch.float32)
+    return _attend_fake(q, v.shape[3])
 
 
 @torch.library.custom_op("nsa_codegen::window_attention", mutates_args=())
@@ -180,19 +186,13 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     _check_tensor("q", q, 4)
     _check_tensor("k", k, 4, like=q)
     _check_tensor("v", v, 4, like=q)
-    B, T, HQ, _ = q.shape
     key = _key("window_fwd", q, k, v.shape[3], scale, window=window)
-    o = _empty((B, T, HQ, v.shape[3]), q.dtype, q.device)
-    lse = _empty((B, T, HQ), torch.float32, q.device)
-    if T:
-        _launch(key, _c(q), _c(k), _c(v), o, lse)
-    return o, lse
+    return _attend(key, q, v.shape[3], q, k, v)
 
 
 @window_attention.register_fake
 def _(q, k, v, window, scale):
-    B, T, HQ, _ = q.shape
-    return q.new_empty(B, T, HQ, v.shape[3]), q.new_empty(B, T, HQ, dtype=torch.float32)
+    return _attend_fake(q, v.shape[3])
 
 
 @torch.library.custom_op("nsa_codegen::gate_combine", mutates_args=())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nsa_codegen import NSASpec
-from nsa_codegen.build import artifact_ok, build, default_build_set, find_prebuilt, plan_keys
+from nsa_codegen.build import artifact_ok, build, default_build_set, plan_keys
 from nsa_codegen.cli import main
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")

@@ -4,7 +4,6 @@ Inputs are fresh random normals; outputs are NaN-poisoned before launch (see con
 relative error ||out - ref|| / ||ref|| below 1e-2 and at most 2x the error of the same reference
 run in the kernel's dtype (fp32/fp64 reference otherwise).
 """
-import os
 
 import pytest
 import torch
