@@ -59,6 +59,30 @@ def random_indices(B, T, n, bs, device, causal_block=True):
     return idx
 
 
+def load_fla():
+    """(ParallelNSAFunction, parallel_nsa) from FLA (fla-core, optional), or None."""
+    try:
+        from fla.ops.nsa.parallel import ParallelNSAFunction, parallel_nsa
+        return ParallelNSAFunction, parallel_nsa
+    except Exception as e:  # optional peer
+        print(f"FLA not available: {e}")
+        return None
+
+
+def bench_specs(dtype):
+    """The benchmarked configs: FLA-compatible (l=d=l'=64, mean, n=16, no window), the paper's
+    (Dk=192, Dv=128, l=32, d=16, l'=64, n=16, w=512) and the window branch alone (w=512)."""
+    fla_spec = NSASpec(heads=HQ, kv_heads=H, head_dim=D, v_head_dim=D, dtype=dtype,
+                       compression=CompressionBranch(64, 64, "mean"), selection=SelectionBranch(64, 16, 1, 2),
+                       window=None)
+    paper = NSASpec(heads=HQ, kv_heads=H, head_dim=192, v_head_dim=128, dtype=dtype,
+                    compression=CompressionBranch(32, 16, "mean"), selection=SelectionBranch(64, 16, 1, 2),
+                    window=WindowBranch(512))
+    win_only = NSASpec(heads=HQ, kv_heads=H, head_dim=D, v_head_dim=D, dtype=dtype, compression=None,
+                       selection=None, window=WindowBranch(512))
+    return fla_spec, paper, win_only
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, nargs="+", default=[8192, 32768, 65536])
@@ -68,25 +92,16 @@ def main():
     dt = getattr(torch, args.dtype)
     dev = "cuda"
     gpu = torch.cuda.get_device_name()
-    try:
-        from fla.ops.nsa.parallel import ParallelNSAFunction, parallel_nsa
-        has_fla = True
-    except Exception as e:  # optional peer
-        print(f"FLA not available: {e}")
-        has_fla = False
-    fla_spec = NSASpec(heads=HQ, kv_heads=H, head_dim=D, v_head_dim=D, dtype=args.dtype,
-                       compression=CompressionBranch(64, 64, "mean"), selection=SelectionBranch(64, 16, 1, 2),
-                       window=None)
-    paper = NSASpec(heads=HQ, kv_heads=H, head_dim=192, v_head_dim=128, dtype=args.dtype,
-                    compression=CompressionBranch(32, 16, "mean"), selection=SelectionBranch(64, 16, 1, 2),
-                    window=WindowBranch(512))
+    fla = load_fla()
+    has_fla = fla is not None
+    if has_fla:
+        ParallelNSAFunction, parallel_nsa = fla
+    fla_spec, paper, win_only = bench_specs(args.dtype)
     rows = []
     # Compile every kernel the cases need up front, in parallel on the host's cores.
     from nsa_codegen.cache import precompile
     from nsa_codegen.lowering import arch_of_capability, lower_to_plan
     arch = arch_of_capability(*torch.cuda.get_device_capability())
-    win_only = NSASpec(heads=HQ, kv_heads=H, head_dim=D, v_head_dim=D, dtype=args.dtype, compression=None,
-                       selection=None, window=WindowBranch(512))
     bad = [r for r in precompile([c.key for s in (fla_spec, paper, win_only) for c in lower_to_plan(s, arch).calls])
            if r[1]]
     for key, err, _ in bad:
@@ -183,29 +198,39 @@ def main():
         del q, k, v, kc, vc, o_c, lse, idx, outs
         torch.cuda.empty_cache()
 
+    save_results(args.out, "forward", f"Forward benchmark, {gpu}",
+                 f"B=1, HQ={HQ}, H={H}, D={D}, {args.dtype}; median ms (triton do_bench); speedup vs dense cuDNN.",
+                 args.dtype, args.T, rows, breakdown,
+                 f"Per kernel at T={max(args.T)} (each alone, same inputs as a full forward would give it):",
+                 ("kernel", "ms"), with_tflops=True)
+
+
+def save_results(out, what, title, intro, dtype, Ts, rows, breakdown, breakdown_intro, breakdown_cols,
+                 with_tflops=False, **meta):
+    """Write <out>/<date>-<gpu>-<what>.json (meta, rows, breakdown) and .md (tables); print the md."""
+    gpu = torch.cuda.get_device_name()
     date = datetime.date.today().isoformat()
-    tag = gpu.replace(" ", "_")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = dict(date=date, gpu=gpu, torch=torch.__version__, dtype=args.dtype, B=1, HQ=HQ, H=H, D=D,
-                cuda=torch.version.cuda)
-    (out / f"{date}-{tag}-forward.json").write_text(json.dumps(dict(meta=meta, rows=rows, breakdown=breakdown),
-                                                               indent=1))
-    lines = [f"# Forward benchmark, {gpu}, {date}", "",
-             f"B=1, HQ={HQ}, H={H}, D={D}, {args.dtype}; median ms (triton do_bench); speedup vs dense cuDNN.", "",
-             "| T | case | ms | TFLOP/s | vs dense cuDNN |", "|---|---|---|---|---|"]
-    for T in args.T:
+    stem = Path(out) / f"{date}-{gpu.replace(' ', '_')}-{what}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(date=date, gpu=gpu, torch=torch.__version__, dtype=dtype, B=1, HQ=HQ, H=H, D=D,
+                cuda=torch.version.cuda, **meta)
+    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows, breakdown=breakdown), indent=1))
+    tf_head, tf_rule = (" TFLOP/s |", "---|") if with_tflops else ("", "")
+    lines = [f"# {title}, {date}", "", intro, "",
+             f"| T | case | ms |{tf_head} vs dense cuDNN |", f"|---|---|---|{tf_rule}---|"]
+    for T in Ts:
         base = next((r["ms"] for r in rows if r["T"] == T and r["case"] == "dense_cudnn" and r["ms"]), None)
         for r in (r for r in rows if r["T"] == T):
             if r["ms"] is None:
-                lines.append(f"| {T} | {r['case']} | failed: {r['error'][:80]} | | |")
+                lines.append(f"| {T} | {r['case']} | failed: {r['error'][:80]} |{' |' if with_tflops else ''} |")
                 continue
             sp = f"{base / r['ms']:.1f}x" if base else ""
-            lines.append(f"| {T} | {r['case']} | {r['ms']:.3f} | {r['tflops']:.1f} | {sp} |")
-    lines += ["", f"Per kernel at T={T} (each alone, same inputs as a full forward would give it):", "",
-              "| config | kernel | ms |", "|---|---|---|"]
+            tf = f" {r['tflops']:.1f} |" if with_tflops else ""
+            lines.append(f"| {T} | {r['case']} | {r['ms']:.3f} |{tf} {sp} |")
+    lines += ["", breakdown_intro, "", "| config | " + " | ".join(breakdown_cols) + " |",
+              "|---|" + "---|" * len(breakdown_cols)]
     lines += [f"| {b['config']} | {b['kernel']} | {b['ms']:.3f} |" for b in breakdown]
-    (out / f"{date}-{tag}-forward.md").write_text("\n".join(lines) + "\n")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

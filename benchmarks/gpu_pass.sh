@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One GPU pass on the lent H100: GPU tests, then the forward benchmark. Logs and results go to $OUT.
-#   bash benchmarks/gpu_pass.sh [tests|bench|first|all] [pytest -k expr]
+# One GPU pass on the lent H100. Logs and results go to $OUT.
+#   bash benchmarks/gpu_pass.sh [tests|bench|first|all|bwdtests|bwdbench|train|decode] [pytest -k expr]
+#   tests: forward GPU tests; bwdtests: backward GPU tests; bench / bwdbench: forward / forward+backward
+#   benchmarks; first: first-call latency; train: benchmarks/train_tiny.py; decode: decode tests + benchmark
 set -uo pipefail
 what=${1:-all}
 mkdir -p /tmp/site
@@ -13,6 +15,17 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | t
 rc=0
 if [[ $what == tests || $what == all ]]; then
   python3 -m pytest -q -x tests/test_ops.py ${2:+-k "$2"} 2>&1 | tee "$OUT/tests.log" | tail -40
+  rc=${PIPESTATUS[0]}
+fi
+if [[ $what == bwdtests ]]; then
+  python3 -m pytest -q tests/test_ops_backward.py ${2:+-k "$2"} 2>&1 | tee "$OUT/bwdtests.log" | tail -40
+  rc=${PIPESTATUS[0]}
+fi
+if [[ $what == bwdbench ]]; then
+  python3 benchmarks/bench_backward.py --out "$OUT" 2>&1 | tee "$OUT/bwdbench.log" | grep -v "^\s*$" | tail -60
+fi
+if [[ $what == train ]]; then
+  python3 benchmarks/train_tiny.py --out "$OUT" 2>&1 | tee "$OUT/train.log" | tail -30
   rc=${PIPESTATUS[0]}
 fi
 if [[ $what == bench || $what == all ]]; then

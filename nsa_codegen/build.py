@@ -67,11 +67,17 @@ class BuildResult:
     error: str | None = None
 
 
-def plan_keys(specs: dict[str, NSASpec], arch: str) -> list[tuple[KernelKey, str]]:
-    """Every distinct kernel of the specs' forward plans, with its schedule resolved: (key, source)."""
+def _plan_calls(spec: NSASpec, arch: str, backward: bool):
+    plan = lower_to_plan(spec, arch)
+    return plan.all_calls if backward else plan.calls
+
+
+def plan_keys(specs: dict[str, NSASpec], arch: str, backward: bool = True) -> list[tuple[KernelKey, str]]:
+    """Every distinct kernel of the specs' plans (forward, and backward unless backward=False), with its
+    schedule resolved: (key, source)."""
     problems = {}
     for spec in specs.values():
-        for call in lower_to_plan(spec, arch).calls:
+        for call in _plan_calls(spec, arch, backward):
             problems.setdefault(call.key, None)
     out = []
     for problem in problems:
@@ -151,16 +157,17 @@ def _progress(done: int, total: int, r: BuildResult, stream=None):
 
 
 def build(specs: dict[str, NSASpec], arch: str, out: Path | str, jobs: int | None = None,
-          force: bool = False, progress=_progress) -> list[BuildResult]:
-    """Compile every kernel of `specs` for `arch` into out/<arch>/; returns one result per kernel."""
+          force: bool = False, progress=_progress, backward: bool = True) -> list[BuildResult]:
+    """Compile every kernel of `specs` for `arch` (forward, and backward unless backward=False) into
+    out/<arch>/; returns one result per kernel."""
     arch = normalize_arch(arch)
     if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
         raise RuntimeError("nvcc not found: building kernels needs the CUDA toolkit (set PATH or CUDA_HOME)")
     arch_dir = Path(out) / arch
-    keys = plan_keys(specs, arch)
+    keys = plan_keys(specs, arch, backward)
     users: dict[str, list[str]] = {}
     for name, spec in specs.items():
-        for call in lower_to_plan(spec, arch).calls:
+        for call in _plan_calls(spec, arch, backward):
             users.setdefault(call.key.problem_id, []).append(name)
     results: list[BuildResult] = []
     with _build_lock(arch_dir):

@@ -91,7 +91,7 @@ def _build(args) -> int:
         return 2
     print(f"building {len(specs)} spec(s) for {arch} into {os.path.join(args.out, arch)}")
     try:
-        results = build(specs, arch, args.out, jobs=args.jobs, force=args.force)
+        results = build(specs, arch, args.out, jobs=args.jobs, force=args.force, backward=not args.forward_only)
     except RuntimeError as e:
         print(f"nsa-codegen build: {e}", file=sys.stderr)
         return 2
@@ -197,6 +197,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="generated", help="output folder (default: generated)")
     p.add_argument("-j", "--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
     p.add_argument("--force", action="store_true", help="rebuild kernels that are up to date")
+    p.add_argument("--forward-only", action="store_true", help="skip the backward (training) kernels")
     p.set_defaults(fn=_build)
     p = sub.add_parser("list", help="kernels built into generated/ and cached")
     p.set_defaults(fn=_list)

@@ -19,6 +19,22 @@ FAMILIES = {
     "selection_fwd": ("selection_attention", "SelectionAttentionConfig"),
     "window_fwd": ("window_attention", "WindowAttentionConfig"),
     "gate_combine": ("gate_combine", "GateCombineConfig"),
+    "compression_bwd_dq": ("compression_attention_bwd", "CompressionAttentionBwdConfig"),
+    "compression_bwd_dkdv": ("compression_attention_bwd", "CompressionAttentionBwdConfig"),
+    "selection_bwd_dq": ("selection_attention_bwd", "SelectionAttentionBwdConfig"),
+    "selection_bwd_dkdv": ("selection_attention_bwd", "SelectionAttentionBwdConfig"),
+    "selection_bwd_reduce": ("selection_attention_bwd", "SelectionAttentionBwdConfig"),
+    "window_bwd_dq": ("window_attention_bwd", "WindowAttentionBwdConfig"),
+    "window_bwd_dkdv": ("window_attention_bwd", "WindowAttentionBwdConfig"),
+    "gate_combine_bwd": ("gate_combine", "GateCombineConfig"),
+}
+
+# Kinds that share a template family select their kernel with the config's `part` field.
+PARTS = {
+    "compression_bwd_dq": "dq", "compression_bwd_dkdv": "dkdv",
+    "selection_bwd_dq": "dq", "selection_bwd_dkdv": "dkdv", "selection_bwd_reduce": "reduce",
+    "window_bwd_dq": "dq", "window_bwd_dkdv": "dkdv",
+    "gate_combine": "fwd", "gate_combine_bwd": "bwd",
 }
 
 TARGETS = {"sm90": {"kind": "cuda", "arch": "sm_90a"}, "sm80": {"kind": "cuda", "arch": "sm_80"}}
@@ -30,8 +46,10 @@ def _problem_fields(key: KernelKey) -> dict[str, Any]:
     scale = key.scale if key.scale is not None else (key.head_dim or 1) ** -0.5
     fields = dict(heads_q=key.heads, heads_kv=key.kv_heads, head_dim_qk=key.head_dim, head_dim_v=key.v_head_dim,
                   dim_k=key.head_dim, dim_v=key.v_head_dim, scale=float(scale), dtype=key.dtype, **p)
-    if key.kind == "selection_fwd":
+    if "sel_block" in p:
         fields["block"] = p["sel_block"]
+    if key.kind in PARTS:
+        fields["part"] = PARTS[key.kind]
     return fields
 
 

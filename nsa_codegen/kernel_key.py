@@ -14,7 +14,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 ARCHS = ("sm80", "sm90")
-KINDS = ("compression_fwd", "selection_topn", "selection_fwd", "window_fwd", "gate_combine")
+KINDS = ("compression_fwd", "selection_topn", "selection_fwd", "window_fwd", "gate_combine",
+         "compression_bwd_dq", "compression_bwd_dkdv", "selection_bwd_dq", "selection_bwd_dkdv",
+         "selection_bwd_reduce", "window_bwd_dq", "window_bwd_dkdv", "gate_combine_bwd")
 DTYPE_TAGS = {"bfloat16": "bf16", "float16": "fp16"}
 
 # The problem parameters each kind depends on, in key order, with their short tags.
@@ -26,6 +28,15 @@ KIND_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
     "window_fwd": (("window", "w"),),
     "gate_combine": (("branches", "b-"),),
 }
+# A backward kernel depends on the same problem parameters as its forward.
+_CMP = KIND_PARAMS["compression_fwd"]
+KIND_PARAMS.update({
+    "compression_bwd_dq": _CMP, "compression_bwd_dkdv": _CMP,
+    "selection_bwd_dq": KIND_PARAMS["selection_fwd"], "selection_bwd_dkdv": KIND_PARAMS["selection_fwd"],
+    "selection_bwd_reduce": KIND_PARAMS["selection_fwd"],
+    "window_bwd_dq": KIND_PARAMS["window_fwd"], "window_bwd_dkdv": KIND_PARAMS["window_fwd"],
+    "gate_combine_bwd": KIND_PARAMS["gate_combine"],
+})
 
 
 def schedule_hash(schedule: Mapping[str, Any]) -> str:

@@ -55,13 +55,23 @@ class MLPCompressor(nn.Module):
 
 
 class NativeSparseAttention(nn.Module):
-    """x [B, T, hidden] -> [B, T, hidden] NSA attention (causal). cu_seqlens packs sequences (B == 1)."""
+    """x [B, T, hidden] -> [B, T, hidden] NSA attention (causal). cu_seqlens packs sequences (B == 1).
 
-    def __init__(self, hidden_size: int, spec: NSASpec, bias: bool = False):
+    backend: "auto" (the compiled kernels on CUDA, the reference elsewhere), "kernels" or "reference".
+    deterministic: insist on bit-identical gradients run to run. Every nsa-codegen backward kernel is
+    deterministic (no atomics; selection's dk/dv sums its per-unit partials in a fixed order), so the
+    kernel path always is; the reference on CUDA is not (its gather backward scatter-adds with atomics),
+    so with deterministic=True the layer refuses to train through it.
+    """
+
+    def __init__(self, hidden_size: int, spec: NSASpec, bias: bool = False, backend: str = "auto",
+                 deterministic: bool = False):
         super().__init__()
         if not isinstance(spec, NSASpec):
             raise TypeError(f"spec must be an NSASpec, got {type(spec).__name__}")
-        self.spec = spec
+        if backend not in ("auto", "kernels", "reference"):
+            raise ValueError(f"backend must be 'auto', 'kernels' or 'reference', got {backend!r}")
+        self.spec, self.backend, self.deterministic = spec, backend, deterministic
         HQ, H, Dk, Dv = spec.heads, spec.kv_heads, spec.head_dim, spec.v_head_dim
         self.q_proj = nn.Linear(hidden_size, HQ * Dk, bias=bias)
         # Each branch owns its keys and values (paper Sec. 3.3): one fused projection per branch.
@@ -101,7 +111,10 @@ class NativeSparseAttention(nn.Module):
             k_cmp, v_cmp = self._compress(*kv["cmp"], cu_seqlens)
         if "win" in kv:
             k_win, v_win = kv["win"]
-        attn = _attention_fn(q)
+        attn = _attention_fn(q, self.backend)
+        if self.deterministic and attn is reference.nsa_reference and q.is_cuda and torch.is_grad_enabled():
+            raise RuntimeError("deterministic=True: the reference backend's backward on CUDA is not deterministic "
+                               "(atomic scatter-add); use backend='kernels'")
         o = attn(q, k, v, g_cmp, g_slc, g_win, spec, k_cmp=k_cmp, v_cmp=v_cmp, k_win=k_win, v_win=v_win,
                  cu_seqlens=cu_seqlens)
         return self.o_proj(o.reshape(B, T, spec.heads * spec.v_head_dim))
@@ -116,12 +129,13 @@ class NativeSparseAttention(nn.Module):
         return torch.cat(ks, 1), torch.cat(vs, 1)
 
 
-def _attention_fn(q: torch.Tensor):
-    """The compiled-kernel op on CUDA when the kernels are available; the reference otherwise."""
+def _attention_fn(q: torch.Tensor, backend: str = "auto"):
+    """The compiled-kernel op on CUDA (backend auto/kernels), the reference otherwise."""
+    if backend == "reference":
+        return reference.nsa_reference
+    if backend == "kernels" and not q.is_cuda:
+        raise ValueError(f"backend='kernels' needs CUDA tensors, got device {q.device}")
     if q.is_cuda:
-        try:
-            from .ops import nsa_attention
-            return nsa_attention
-        except ImportError:
-            pass
+        from .ops import nsa_attention
+        return nsa_attention
     return reference.nsa_reference

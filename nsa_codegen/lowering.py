@@ -47,9 +47,16 @@ class KernelPlan:
     calls: tuple[KernelCall, ...]
     # Gated sum of the branch outputs that are on: ((gate, branch output), ...)
     combine: tuple[tuple[str, str], ...]
+    # The backward's kernels, in launch order (the top-n selection is not differentiated).
+    backward: tuple[KernelCall, ...] = ()
 
-    def describe(self) -> str:
-        lines = [f"{c.kind:<16} {c.key}  ({', '.join(c.inputs)}) -> ({', '.join(c.outputs)})" for c in self.calls]
+    @property
+    def all_calls(self) -> tuple[KernelCall, ...]:
+        return self.calls + self.backward
+
+    def describe(self, backward: bool = False) -> str:
+        calls = self.all_calls if backward else self.calls
+        lines = [f"{c.kind:<20} {c.key}  ({', '.join(c.inputs)}) -> ({', '.join(c.outputs)})" for c in calls]
         return "\n".join(lines)
 
 
@@ -87,4 +94,40 @@ def lower_to_plan(spec: NSASpec, arch: str = "sm90", explicit_indices: bool = Fa
     branches = ".".join(o.split("_")[1] for _, o in combine)
     key = KernelKey.make(kind="gate_combine", **{**common, "head_dim": 0, "scale": None}, branches=branches)
     calls.append(KernelCall("gate_combine", key, tuple(x for pair in combine for x in (pair[1], pair[0])), ("o",)))
-    return KernelPlan(spec, arch, tuple(calls), tuple(combine))
+    return KernelPlan(spec, arch, tuple(calls), tuple(combine), _lower_backward(calls, combine))
+
+
+def _lower_backward(calls: list[KernelCall], combine: list[tuple[str, str]]) -> tuple[KernelCall, ...]:
+    """Backward kernels for the forward `calls`: the gate backward first, then per attention branch a
+    query-major dq kernel (which also writes Delta) and a key-major dk/dv kernel; selection's dk/dv
+    runs over a transposed block map and a deterministic reduction."""
+    out = []
+    for c in calls:
+        p = c.key.param
+        k = c.key
+        def make(kind):
+            return KernelKey.make(kind=kind, arch=k.arch, dtype=k.dtype, head_dim=k.head_dim,
+                                  v_head_dim=k.v_head_dim, kv_heads=k.kv_heads, group=k.group, scale=k.scale, **p)
+        if c.kind == "gate_combine":
+            out.insert(0, KernelCall("gate_combine_bwd", make("gate_combine_bwd"),
+                                     ("do",) + c.inputs, tuple(f"d{x}" for x in c.inputs)))
+        elif c.kind == "compression_fwd":
+            out += [KernelCall("compression_bwd_dq", make("compression_bwd_dq"),
+                               ("q", "k_cmp", "v_cmp", "o_cmp", "do_cmp", "lse_cmp", "dlse_cmp"), ("dq", "delta_cmp")),
+                    KernelCall("compression_bwd_dkdv", make("compression_bwd_dkdv"),
+                               ("q", "k_cmp", "v_cmp", "do_cmp", "lse_cmp", "delta_cmp"), ("dk_cmp", "dv_cmp"))]
+        elif c.kind == "selection_fwd":
+            out += [KernelCall("selection_bwd_dq", make("selection_bwd_dq"),
+                               ("q", "k", "v", "o_slc", "do_slc", "lse_slc", "dlse_slc", "block_indices"),
+                               ("dq", "delta_slc")),
+                    KernelCall("selection_bwd_dkdv", make("selection_bwd_dkdv"),
+                               ("q", "k", "v", "do_slc", "lse_slc", "delta_slc", "block_units"),
+                               ("dk_partial", "dv_partial")),
+                    KernelCall("selection_bwd_reduce", make("selection_bwd_reduce"),
+                               ("dk_partial", "dv_partial", "block_units"), ("dk", "dv"))]
+        elif c.kind == "window_fwd":
+            out += [KernelCall("window_bwd_dq", make("window_bwd_dq"),
+                               ("q", "k_win", "v_win", "o_win", "do_win", "lse_win", "dlse_win"), ("dq", "delta_win")),
+                    KernelCall("window_bwd_dkdv", make("window_bwd_dkdv"),
+                               ("q", "k_win", "v_win", "do_win", "lse_win", "delta_win"), ("dk_win", "dv_win"))]
+    return tuple(out)

@@ -236,6 +236,253 @@ def _(o_cmp, g_cmp, o_slc, g_slc, o_win, g_win, kv_heads):
 
 
 # ------------------------------------------------------------------------------------------------
+# Backward: one custom op per branch (so torch.compile traces it), registered as the forward's autograd.
+# Every kernel is deterministic (no atomics): a query-major dq kernel that also writes
+# Delta = rowsum(dO * O) - dlse, and a key-major dk/dv kernel; gradients are bit-identical run to run.
+# ------------------------------------------------------------------------------------------------
+def _delta_inputs(do, dlse, o, lse):
+    """do (zeros where the output's gradient is None) and dlse as float32 (zeros where None)."""
+    do = torch.zeros_like(o) if do is None else _c(do.to(o.dtype))
+    dlse = torch.zeros_like(lse) if dlse is None else _c(dlse.to(torch.float32))
+    return do, dlse
+
+
+def _attention_bwd(kind_dq: str, kind_dkdv: str, key_params: dict, q, k, v, o, lse, do, dlse, scale):
+    """Launch the dq kernel (writes dq, delta) then the dk/dv kernel of a branch whose dk/dv kernel
+    writes dk, dv directly (window); returns (dq, dk, dv)."""
+    B, T, HQ, Dk = q.shape
+    do, dlse = _delta_inputs(do, dlse, o, lse)
+    dq = _empty(q.shape, q.dtype, q.device)
+    dk = _empty(k.shape, k.dtype, k.device)
+    dv = _empty(v.shape, v.dtype, v.device)
+    if T == 0 or k.shape[1] == 0:
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    delta = _empty((B, T, HQ), torch.float32, q.device)
+    q, k, v, o, lse = (_c(x) for x in (q, k, v, o, lse))
+    _launch(_key(kind_dq, q, k, v.shape[3], scale, **key_params), q, k, v, o, do, lse, dlse, dq, delta)
+    _launch(_key(kind_dkdv, q, k, v.shape[3], scale, **key_params), q, k, v, do, lse, delta, dk, dv)
+    return dq, dk, dv
+
+
+@torch.library.custom_op("nsa_codegen::compression_attention_bwd", mutates_args=())
+def compression_attention_bwd(do: Optional[torch.Tensor], dlse: Optional[torch.Tensor], q: torch.Tensor,
+                              k_cmp: torch.Tensor, v_cmp: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                              block: int, stride: int, first_block: int,
+                              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq [B,T,HQ,Dk], dk_cmp [B,N,H,Dk], dv_cmp [B,N,H,Dv]) of compression_attention.
+
+    The dk/dv kernel splits each compressed-row tile's tokens over S programs (few rows, many
+    tokens) and writes fp32 partials [S, B, N, H, D]; their sum over S is taken here, in order."""
+    B, T, HQ, Dk = q.shape
+    N = k_cmp.shape[1]
+    do, dlse = _delta_inputs(do, dlse, o, lse)
+    if T == 0 or N == 0:
+        return q.new_zeros(q.shape), k_cmp.new_zeros(k_cmp.shape), v_cmp.new_zeros(v_cmp.shape)
+    params = dict(cmp_block=block, stride=stride, first_block=first_block)
+    q, k_cmp, v_cmp, o, lse = (_c(x) for x in (q, k_cmp, v_cmp, o, lse))
+    dq = _empty(q.shape, q.dtype, q.device)
+    delta = _empty((B, T, HQ), torch.float32, q.device)
+    _launch(_key("compression_bwd_dq", q, k_cmp, v_cmp.shape[3], scale, **params),
+            q, k_cmp, v_cmp, o, do, lse, dlse, dq, delta)
+    dkdv = get_kernel(_key("compression_bwd_dkdv", q, k_cmp, v_cmp.shape[3], scale, **params))
+    # S as templates/compression_attention_bwd.splits computes it (kv_splits, 0 = stride // 16);
+    # read from the schedule so a prebuilt kernel needs no template import.
+    S = dict(dkdv.key.schedule or ()).get("kv_splits", 0) or max(1, stride // 16)
+    part_k = _empty((S, B, N, k_cmp.shape[2], Dk), torch.float32, q.device)
+    part_v = _empty((S, B, N, v_cmp.shape[2], v_cmp.shape[3]), torch.float32, q.device)
+    try:
+        dkdv(q, k_cmp, v_cmp, do, lse, delta, part_k, part_v)
+    except Exception as e:
+        raise RuntimeError(f"launching {dkdv.key} failed: {type(e).__name__}: {e}") from e
+    return dq, part_k.sum(0).to(k_cmp.dtype), part_v.sum(0).to(v_cmp.dtype)
+
+
+@compression_attention_bwd.register_fake
+def _(do, dlse, q, k_cmp, v_cmp, o, lse, block, stride, first_block, scale):
+    return torch.empty_like(q), torch.empty_like(k_cmp), torch.empty_like(v_cmp)
+
+
+@torch.library.custom_op("nsa_codegen::window_attention_bwd", mutates_args=())
+def window_attention_bwd(do: Optional[torch.Tensor], dlse: Optional[torch.Tensor], q: torch.Tensor,
+                         k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, window: int,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of window_attention."""
+    return _attention_bwd("window_bwd_dq", "window_bwd_dkdv", dict(window=window),
+                          q, k, v, o, lse, do, dlse, scale)
+
+
+@window_attention_bwd.register_fake
+def _(do, dlse, q, k, v, o, lse, window, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+# Tokens per unit of selection's transposed map: a block selected by more queries (block 0 is forced
+# for every query) is split into several units, each its own program, summed in a fixed order after.
+SELECTION_UNIT_TOKENS = 256
+
+
+def selection_block_units(block_indices: torch.Tensor, T: int, sel_block: int,
+                          unit_tokens: int = SELECTION_UNIT_TOKENS):
+    """The transposed selection map (block CSR) cut into units of at most unit_tokens queries.
+
+    block_indices [B, T, H, n] (-1 = pad) -> (tok_idx [P], unit_block [U], unit_start [U], unit_end [U],
+    block_unit_start [B*H*NB + 1]), all int32: entries sorted by flat block id (b*H + h)*NB + j, then by
+    token; unit u covers entries [unit_start[u], unit_end[u]) of block unit_block[u]; the units of block
+    bid are block_unit_start[bid] .. block_unit_start[bid+1]-1. Sort-based, so deterministic.
+    """
+    B, _, H, n = block_indices.shape
+    dev = block_indices.device
+    NB = -(-T // sel_block)
+    nblk = B * H * NB
+    idx = block_indices.long()
+    valid = (idx >= 0) & (idx < NB)
+    bb = torch.arange(B, device=dev).view(B, 1, 1, 1)
+    tt = torch.arange(T, device=dev).view(1, T, 1, 1)
+    hh = torch.arange(H, device=dev).view(1, 1, H, 1)
+    flat = ((bb * H + hh) * NB + idx) * T + tt  # block id major, token minor
+    keys, _ = torch.sort(flat[valid])
+    tok_idx = (keys % T).to(torch.int32)
+    counts = torch.bincount(keys // T, minlength=nblk)
+    units = (counts + unit_tokens - 1) // unit_tokens
+    block_unit_start = torch.zeros(nblk + 1, dtype=torch.long, device=dev)
+    torch.cumsum(units, 0, out=block_unit_start[1:])
+    entry_start = torch.cumsum(counts, 0) - counts
+    U = int(block_unit_start[-1])
+    unit_block = torch.repeat_interleave(torch.arange(nblk, device=dev), units, output_size=U)
+    rank = torch.arange(U, device=dev) - block_unit_start[unit_block]
+    unit_start = entry_start[unit_block] + rank * unit_tokens
+    unit_end = torch.minimum(unit_start + unit_tokens, entry_start[unit_block] + counts[unit_block])
+    i32 = torch.int32
+    return tok_idx, unit_block.to(i32), unit_start.to(i32), unit_end.to(i32), block_unit_start.to(i32)
+
+
+@torch.library.custom_op("nsa_codegen::selection_attention_bwd", mutates_args=())
+def selection_attention_bwd(do: Optional[torch.Tensor], dlse: Optional[torch.Tensor], q: torch.Tensor,
+                            k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                            block_indices: torch.Tensor, sel_block: int,
+                            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of selection_attention; dk/dv run over the transposed block map."""
+    B, T, HQ, Dk = q.shape
+    n = block_indices.shape[3]
+    params = dict(sel_block=sel_block, top_n=n)
+    do, dlse = _delta_inputs(do, dlse, o, lse)
+    if T == 0:
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    q, k, v, o, lse, bi = (_c(x) for x in (q, k, v, o, lse, block_indices.to(torch.int32)))
+    dq = _empty(q.shape, q.dtype, q.device)
+    delta = _empty((B, T, HQ), torch.float32, q.device)
+    _launch(_key("selection_bwd_dq", q, k, v.shape[3], scale, **params), q, k, v, o, do, lse, dlse, bi, dq, delta)
+    tok_idx, unit_block, unit_start, unit_end, block_unit_start = selection_block_units(bi, T, sel_block)
+    U = unit_block.shape[0]
+    part_k = _empty((max(U, 1), sel_block, Dk), torch.float32, q.device)
+    part_v = _empty((max(U, 1), sel_block, v.shape[3]), torch.float32, q.device)
+    if U:
+        _launch(_key("selection_bwd_dkdv", q, k, v.shape[3], scale, **params), q, k, v, do, lse, delta,
+                tok_idx, unit_block, unit_start, unit_end, part_k, part_v)
+    dk = _empty(k.shape, k.dtype, k.device)
+    dv = _empty(v.shape, v.dtype, v.device)
+    _launch(_key("selection_bwd_reduce", q, k, v.shape[3], scale, **params), part_k, part_v, block_unit_start,
+            dk, dv)
+    return dq, dk, dv
+
+
+@selection_attention_bwd.register_fake
+def _(do, dlse, q, k, v, o, lse, block_indices, sel_block, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@torch.library.custom_op("nsa_codegen::gate_combine_bwd", mutates_args=())
+def gate_combine_bwd(do: torch.Tensor, o_cmp: Optional[torch.Tensor], g_cmp: Optional[torch.Tensor],
+                     o_slc: Optional[torch.Tensor], g_slc: Optional[torch.Tensor], o_win: Optional[torch.Tensor],
+                     g_win: Optional[torch.Tensor], kv_heads: int) -> list[torch.Tensor]:
+    """[do_x, dg_x for each branch given, in cmp, slc, win order]: do_x = g_x * do, dg_x = sum_d do * o_x."""
+    pairs = [(n, o, g) for n, o, g in (("cmp", o_cmp, g_cmp), ("slc", o_slc, g_slc), ("win", o_win, g_win))
+             if o is not None]
+    first = pairs[0][1]
+    B, T, HQ, Dv = first.shape
+    key = KernelKey.make(arch=_arch(first), kind="gate_combine_bwd", dtype=_DTYPES[first.dtype], head_dim=0,
+                         v_head_dim=Dv, kv_heads=kv_heads, group=HQ // kv_heads,
+                         branches=".".join(n for n, _, _ in pairs))
+    grads = {n: (_empty(o.shape, o.dtype, o.device), _empty(g.shape, g.dtype, g.device)) for n, o, g in pairs}
+    slots = {n: (_c(o), _c(g)) for n, o, g in pairs}
+    fill_in, fill_out = slots[pairs[0][0]], grads[pairs[0][0]]
+    ins = [x for n in ("cmp", "slc", "win") for x in slots.get(n, fill_in)]
+    outs = [x for n in ("cmp", "slc", "win") for x in grads.get(n, fill_out)]
+    if T:
+        _launch(key, _c(do.to(first.dtype)), *ins, *outs)
+    return [x for n, _, _ in pairs for x in grads[n]]
+
+
+@gate_combine_bwd.register_fake
+def _(do, o_cmp, g_cmp, o_slc, g_slc, o_win, g_win, kv_heads):
+    out = []
+    for o, g in ((o_cmp, g_cmp), (o_slc, g_slc), (o_win, g_win)):
+        if o is not None:
+            out += [torch.empty_like(o), torch.empty_like(g)]
+    return out
+
+
+def _setup_compression(ctx, inputs, output):
+    q, k_cmp, v_cmp, block, stride, first_block, scale = inputs
+    ctx.save_for_backward(q, k_cmp, v_cmp, *output)
+    ctx.params = (block, stride, first_block, scale)
+
+
+def _backward_compression(ctx, do, dlse):
+    q, k_cmp, v_cmp, o, lse = ctx.saved_tensors
+    dq, dk, dv = compression_attention_bwd(do, dlse, q, k_cmp, v_cmp, o, lse, *ctx.params)
+    return dq, dk, dv, None, None, None, None
+
+
+def _setup_window(ctx, inputs, output):
+    q, k, v, window, scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.params = (window, scale)
+
+
+def _backward_window(ctx, do, dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = window_attention_bwd(do, dlse, q, k, v, o, lse, *ctx.params)
+    return dq, dk, dv, None, None
+
+
+def _setup_selection(ctx, inputs, output):
+    q, k, v, block_indices, sel_block, scale = inputs
+    ctx.save_for_backward(q, k, v, block_indices, *output)
+    ctx.params = (sel_block, scale)
+
+
+def _backward_selection(ctx, do, dlse):
+    q, k, v, block_indices, o, lse = ctx.saved_tensors
+    dq, dk, dv = selection_attention_bwd(do, dlse, q, k, v, o, lse, block_indices, *ctx.params)
+    return dq, dk, dv, None, None, None
+
+
+def _setup_gate(ctx, inputs, output):
+    ctx.save_for_backward(*(x if x is not None else torch.empty(0) for x in inputs[:6]))
+    ctx.present = tuple(x is not None for x in inputs[:6])
+    ctx.kv_heads = inputs[6]
+
+
+def _backward_gate(ctx, do):
+    saved = [x if p else None for x, p in zip(ctx.saved_tensors, ctx.present)]
+    grads = iter(gate_combine_bwd(do, *saved, ctx.kv_heads))
+    out = []
+    for i in range(0, 6, 2):
+        if ctx.present[i]:
+            out += [next(grads), next(grads)]
+        else:
+            out += [None, None]
+    return (*out, None)
+
+
+compression_attention.register_autograd(_backward_compression, setup_context=_setup_compression)
+window_attention.register_autograd(_backward_window, setup_context=_setup_window)
+selection_attention.register_autograd(_backward_selection, setup_context=_setup_selection)
+gate_combine.register_autograd(_backward_gate, setup_context=_setup_gate)
+
+
+# ------------------------------------------------------------------------------------------------
 # The whole forward
 # ------------------------------------------------------------------------------------------------
 def _check_against_spec(q, k, v, spec: NSASpec):
@@ -279,8 +526,9 @@ def nsa_attention(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
             env["o_cmp"], env["lse_cmp"] = compression_attention(q, env["k_cmp"], env["v_cmp"], c.block, c.stride,
                                                                  c.first_block, scale)
         elif call.kind == "selection_topn":
+            # Top-n is not differentiated (as in the paper): its inputs are detached.
             env["block_indices"], env["block_counts"] = selection_topn(
-                q, env["k_cmp"], env["lse_cmp"], c.block, c.stride, c.first_block, s.block, s.top_n, s.initial,
+                q.detach(), env["k_cmp"].detach(), env["lse_cmp"].detach(), c.block, c.stride, c.first_block, s.block, s.top_n, s.initial,
                 s.local, scale)
         elif call.kind == "selection_fwd":
             env["o_slc"], _ = selection_attention(q, k, v, env["block_indices"], s.block, scale)

@@ -52,8 +52,10 @@ def template_module(family: str) -> ModuleType:
     path = templates_dir() / f"{family}.py"
     if not path.exists():
         raise FileNotFoundError(f"no template for kernel family {family!r} at {path}")
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    # A source checkout: templates/ stands in for the nsa_codegen.templates package (so that the
+    # templates' relative imports, e.g. `from ._problem import check_problem`, resolve).
+    package = ModuleType("nsa_codegen.templates")
+    package.__path__ = [str(templates_dir())]
+    package.__package__ = "nsa_codegen.templates"
+    sys.modules.setdefault("nsa_codegen.templates", package)
+    return importlib.import_module(name)

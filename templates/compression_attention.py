@@ -28,10 +28,11 @@ without it, tile shapes whose size does not divide the prologue's thread count
 (producer warpgroup included) fell back to 2-byte loads.
 """
 
-import math
 from dataclasses import dataclass
 
 import tilelang.language as T
+
+from ._problem import check_problem
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -90,23 +91,12 @@ def pass_configs(cfg) -> dict:
 
 def check_config(cfg) -> None:
     """Raise ValueError (naming the field) for configs this template cannot build."""
-    if cfg.dtype not in ("float16", "bfloat16"):
-        raise ValueError("dtype must be float16 or bfloat16")
-    if cfg.heads_kv <= 0 or cfg.heads_q % cfg.heads_kv != 0:
-        raise ValueError("heads_q must be a positive multiple of heads_kv")
+    check_problem(cfg, dk="dim_k", dv="dim_v")
     G = cfg.heads_q // cfg.heads_kv
-    if G not in (1, 2, 4, 8, 16, 32):
-        raise ValueError("heads_q: G = heads_q // heads_kv must be in {1,2,4,8,16,32}")
-    if cfg.dim_k not in (64, 128, 192, 256):
-        raise ValueError("dim_k must be in {64,128,192,256}")
-    if cfg.dim_v not in (64, 128):
-        raise ValueError("dim_v must be in {64,128}")
     if cfg.cmp_block <= 0 or cfg.stride <= 0 or cfg.cmp_block % cfg.stride != 0:
         raise ValueError("stride must divide cmp_block")
     if cfg.first_block < 0:
         raise ValueError("first_block must be >= 0")
-    if not (cfg.scale > 0 and math.isfinite(cfg.scale)):
-        raise ValueError("scale must be a positive finite float")
     if cfg.threads not in (128, 256, 384):
         raise ValueError("threads must be 128, 256 or 384 (one wgmma warpgroup per 64 rows)")
     if cfg.block_M % (64 * (cfg.threads // 128)) != 0 or cfg.block_M > 256:

@@ -20,9 +20,10 @@ mma.sync (M = 16/32 rows is below WGMMA's 64).
 """
 
 import dataclasses
-import math
 
 import tilelang.language as T
+
+from ._problem import check_problem
 
 _SMEM_LIMIT = 227 * 1024
 
@@ -72,22 +73,11 @@ def _min_blocks(cfg):
 
 def check_config(cfg) -> None:
     """Raise ValueError naming the offending field if build(cfg) can't work."""
-    if cfg.dtype not in ("float16", "bfloat16"):
-        raise ValueError(f"dtype: unsupported {cfg.dtype!r}")
-    if cfg.heads_kv < 1 or cfg.heads_q % cfg.heads_kv != 0:
-        raise ValueError("heads_q: must be a positive multiple of heads_kv")
-    if cfg.heads_q // cfg.heads_kv not in (1, 2, 4, 8, 16, 32):
-        raise ValueError("heads_q: group size heads_q/heads_kv must be in {1,2,4,8,16,32}")
-    if cfg.head_dim_qk not in (64, 128, 192, 256):
-        raise ValueError("head_dim_qk: must be one of 64, 128, 192, 256")
-    if cfg.head_dim_v not in (64, 128):
-        raise ValueError("head_dim_v: must be 64 or 128")
+    check_problem(cfg)
     if cfg.block not in (32, 64, 128):
         raise ValueError("block: must be 32, 64 or 128")
     if not (1 <= cfg.top_n <= 256):
         raise ValueError("top_n: must be in 1..256")
-    if not (isinstance(cfg.scale, (int, float)) and math.isfinite(cfg.scale) and cfg.scale > 0):
-        raise ValueError("scale: must be a positive finite float")
     if cfg.threads not in (32, 64, 128, 256):
         raise ValueError("threads: must be 32, 64, 128 or 256")
     warps = cfg.threads // 32

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 
 import tilelang.language as T
 
+from ._problem import check_problem
+
 _LOG2E = 1.4426950408889634
 _BIG = 1 << 30
 
@@ -118,15 +120,8 @@ def check_config(cfg) -> None:
     """Raise ValueError (naming the field) for configs this template cannot build."""
     if cfg.block_N == 0:
         cfg = _resolve(cfg)
-    if cfg.dtype not in ("float16", "bfloat16"):
-        raise ValueError("dtype must be float16 or bfloat16")
-    if cfg.heads_kv <= 0 or cfg.heads_q % cfg.heads_kv != 0:
-        raise ValueError("heads_q must be a positive multiple of heads_kv")
+    check_problem(cfg, dk="dim_k", dv=None)
     G = cfg.heads_q // cfg.heads_kv
-    if G not in (1, 2, 4, 8, 16, 32):
-        raise ValueError("heads_q: G = heads_q // heads_kv must be in {1,2,4,8,16,32}")
-    if cfg.dim_k not in (64, 128, 192, 256):
-        raise ValueError("dim_k must be in {64,128,192,256}")
     if cfg.stride <= 0 or cfg.cmp_block % cfg.stride != 0:
         raise ValueError("stride must divide cmp_block")
     if cfg.sel_block % cfg.stride != 0:
@@ -137,8 +132,6 @@ def check_config(cfg) -> None:
         raise ValueError("top_n must be in [1, 32]")
     if cfg.initial < 0 or cfg.local < 0 or cfg.initial + cfg.local > cfg.top_n:
         raise ValueError("initial/local must be >= 0 with initial + local <= top_n")
-    if not (cfg.scale > 0 and math.isfinite(cfg.scale)):
-        raise ValueError("scale must be a positive finite float")
     if cfg.threads not in (128, 256):
         raise ValueError("threads must be 128 or 256")
     if cfg.block_M % 64 != 0 or cfg.block_M < 64 * (cfg.threads // 128) or cfg.block_M > 256:

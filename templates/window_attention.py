@@ -20,9 +20,10 @@ registers).
 """
 
 import dataclasses
-import math
 
 import tilelang.language as T
+
+from ._problem import check_problem
 
 _SMEM_LIMIT = 227 * 1024  # max dynamic smem per block on sm90
 
@@ -64,20 +65,9 @@ def _smem_bytes(cfg, bn=None):
 
 def check_config(cfg) -> None:
     """Raise ValueError naming the offending field if build(cfg) can't work."""
-    if cfg.dtype not in ("float16", "bfloat16"):
-        raise ValueError(f"dtype: unsupported {cfg.dtype!r}")
-    if cfg.heads_kv < 1 or cfg.heads_q % cfg.heads_kv != 0:
-        raise ValueError("heads_q: must be a positive multiple of heads_kv")
-    if cfg.heads_q // cfg.heads_kv not in (1, 2, 4, 8, 16, 32):
-        raise ValueError("heads_q: group size heads_q/heads_kv must be in {1,2,4,8,16,32}")
-    if cfg.head_dim_qk not in (64, 128, 192, 256):
-        raise ValueError("head_dim_qk: must be one of 64, 128, 192, 256")
-    if cfg.head_dim_v not in (64, 128):
-        raise ValueError("head_dim_v: must be 64 or 128")
+    check_problem(cfg)
     if cfg.window < 1:
         raise ValueError("window: must be >= 1")
-    if not (isinstance(cfg.scale, (int, float)) and math.isfinite(cfg.scale) and cfg.scale > 0):
-        raise ValueError("scale: must be a positive finite float")
     if cfg.block_M not in (64, 128, 192, 256):
         raise ValueError("block_M: must be one of 64, 128, 192, 256")
     if cfg.block_N not in (0, 32, 64, 128, 256):

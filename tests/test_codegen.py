@@ -20,8 +20,9 @@ G1 = NSASpec(heads=4, kv_heads=4, head_dim=64, v_head_dim=64, dtype="float16",
 CLAIMS_WGMMA = {"compression_fwd", "selection_topn", "window_fwd"}
 
 
-def _calls(spec, arch="sm90"):
-    return [(c, spec) for c in lower_to_plan(spec, arch).calls]
+def _calls(spec, arch="sm90", backward=False):
+    plan = lower_to_plan(spec, arch)
+    return [(c, spec) for c in (plan.all_calls if backward else plan.calls)]
 
 
 def _scheduled(call):
@@ -29,7 +30,7 @@ def _scheduled(call):
     return call.key.with_schedule(sched)
 
 
-CASES = _calls(PAPER) + _calls(G1) + _calls(PAPER, "sm80")
+CASES = _calls(PAPER, backward=True) + _calls(G1) + _calls(PAPER, "sm80")
 
 
 @needs_nvcc

@@ -39,3 +39,21 @@ def test_arch_names():
     assert arch_of_capability(9, 0) == "sm90" and arch_of_capability(8, 9) == "sm80"
     with pytest.raises(ValueError, match="sm80 or newer"):
         arch_of_capability(7, 5)
+
+
+def test_backward_plan_mirrors_the_forward():
+    plan = lower_to_plan(NSASpec())
+    assert [c.kind for c in plan.backward] == [
+        "gate_combine_bwd", "compression_bwd_dq", "compression_bwd_dkdv", "selection_bwd_dq", "selection_bwd_dkdv",
+        "selection_bwd_reduce", "window_bwd_dq", "window_bwd_dkdv"]
+    fwd = {c.kind: c.key for c in plan.calls}
+    for c in plan.backward:
+        twin = fwd[c.kind.split("_bwd")[0] + ("_fwd" if not c.kind.startswith("gate") else "")]
+        # Same problem parameters, dims and group as the forward kernel it differentiates.
+        assert (c.key.params, c.key.head_dim, c.key.v_head_dim, c.key.group) == \
+            (twin.params, twin.head_dim, twin.v_head_dim, twin.group)
+    assert str(plan.backward[4].key) == "sm90/selection_bwd_dkdv/bf16/dk192_dv128/h4_g16/bs64_n16"
+    assert plan.all_calls == plan.calls + plan.backward
+    no_window = lower_to_plan(NSASpec(window=None))
+    assert not any(c.kind.startswith("window") for c in no_window.backward)
+    assert no_window.backward[0].key.param["branches"] == "cmp.slc"

@@ -1,0 +1,506 @@
+"""KV cache for NSA decode, and `nsa_decode` over it (TileLang kernels in templates/decode_attention.py).
+
+`NSAKVCache` holds one layer's cache, preallocated for `capacity` tokens per batch entry:
+  k, v           [B, cap, H, Dk / Dv]  selection-branch keys/values (views into kv_k / kv_v)
+  k_win, v_win   [B, cap, H, Dk / Dv]  window-branch keys/values (the same views unless
+                                       separate_window=True)
+  k_cmp, v_cmp   [B, cap_cmp, H, D]    compressed rows; row c = block first_block + c
+  cache_seqlens  [B] int32             per-entry lengths (entries may differ)
+Physically keys live in kv_k [B, cap_phys, NB, H, Dk] (NB = 2 with a separate window slot), so
+one kernel argument serves both branches; cap_phys adds padding rows (tile over-reads and
+dropped writes land there).  Buffers are zero-filled once: rows past a length are never used
+but must stay finite.  A host mirror of the lengths makes capacity checks and launch sizing
+free of device syncs (pass seqlens_new as a CPU tensor / list to keep it that way).
+
+phi: a callable [..., cmp_block, H, D] -> [..., H, D] (default: mean, = reference.compress).
+`compressor_phi(module)` adapts nsa_codegen.layer.MeanCompressor / MLPCompressor.  phi runs on
+the K/V given as k_cmp_new / v_cmp_new (the compression branch's own raw K/V, when the cache was
+built with separate_cmp=True) or else on the selection K/V, and only on newly completed blocks.
+
+`nsa_decode(q, cache, g_cmp, g_slc, g_win, spec)`: q [B, ql, HQ, Dk] are the queries of the last
+ql cached tokens (positions L_b - ql .. L_b - 1; append first); returns o [B, ql, HQ, Dv] equal
+to reference.nsa_reference on the whole sequence at those positions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from . import reference
+from .ops import _empty as _ws  # NaN / -7 poisoned under NSA_CODEGEN_POISON_OUTPUTS=1 (tests)
+from .resources import template_module
+from .spec import NSASpec
+
+_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_ROW_PAD = 128           # tile over-read / dropped-write padding rows (>= any tile)
+_GATHER_BUDGET = 1 << 26  # elements per phi call when compressing many blocks at once
+
+
+def mean_phi(blocks: torch.Tensor) -> torch.Tensor:
+    """[..., l, H, D] -> [..., H, D]: the mean pool of reference.compress."""
+    return blocks.mean(dim=-3)
+
+
+def compressor_phi(module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Adapt a layer.MeanCompressor / MLPCompressor (x [B, T, H, D] -> [B, N, H, D]) to a block phi.
+
+    Each block is fed as its own length-l sequence with first_block forced to 0, which yields
+    exactly that block's compressed row.
+    """
+    def phi(blocks: torch.Tensor) -> torch.Tensor:
+        lead = blocks.shape[:-3]
+        l, H, D = blocks.shape[-3:]
+        x = blocks.reshape(-1, l, H, D)
+        saved = module.first_block
+        module.first_block = 0
+        try:
+            out = module(x)  # [X, 1, H, D]
+        finally:
+            module.first_block = saved
+        return out.reshape(*lead, H, D)
+    return phi
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def _num_cmp_host(L: int, c) -> int:
+    return reference.num_compressed_blocks(L, c.block, c.stride, c.first_block)
+
+
+def _num_cmp_dev(L: torch.Tensor, c) -> torch.Tensor:
+    n = torch.div(L - c.block, c.stride, rounding_mode="floor") + 1 - c.first_block
+    return torch.where(L >= c.block, n.clamp_min(0), torch.zeros_like(n))
+
+
+class NSAKVCache:
+    """One layer's NSA decode cache (see module docstring)."""
+
+    def __init__(self, spec: NSASpec, batch_size: int, capacity: int, *, device=None, dtype=None,
+                 separate_window: bool = False, separate_cmp: bool = False,
+                 phi_k: Optional[Callable] = None, phi_v: Optional[Callable] = None):
+        if not isinstance(spec, NSASpec):
+            raise TypeError(f"spec must be an NSASpec, got {type(spec).__name__}")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if int(capacity) < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        dtype = dtype or getattr(torch, spec.dtype)
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be float16 or bfloat16, got {dtype}")
+        if separate_window and spec.window is None:
+            raise ValueError("separate_window=True but the spec's window branch is off")
+        if separate_cmp and spec.compression is None:
+            raise ValueError("separate_cmp=True but the spec's compression branch is off")
+        self.spec = spec
+        self.batch_size = B = int(batch_size)
+        self.capacity = int(capacity)
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else torch.device("cuda")
+        self.separate_window = bool(separate_window)
+        self.separate_cmp = bool(separate_cmp)
+        self.phi_k = phi_k or mean_phi
+        self.phi_v = phi_v or mean_phi
+        H, Dk, Dv = spec.kv_heads, spec.head_dim, spec.v_head_dim
+        self.cap_phys = _round_up(self.capacity, 128) + _ROW_PAD
+        NB = 2 if self.separate_window else 1
+        z = dict(dtype=dtype, device=self.device)
+        self.kv_k = torch.zeros(B, self.cap_phys, NB, H, Dk, **z)
+        self.kv_v = torch.zeros(B, self.cap_phys, NB, H, Dv, **z)
+        self.k_cmp_raw = self.v_cmp_raw = None
+        if self.separate_cmp:
+            self.k_cmp_raw = torch.zeros(B, self.cap_phys, H, Dk, **z)
+            self.v_cmp_raw = torch.zeros(B, self.cap_phys, H, Dv, **z)
+        c = spec.compression
+        self.cap_cmp = _num_cmp_host(self.capacity, c) if c is not None else 0
+        self.cap_cmp_phys = _round_up(max(self.cap_cmp, 1), 128) + _ROW_PAD
+        if c is not None:
+            self.k_cmp = torch.zeros(B, self.cap_cmp_phys, H, Dk, **z)
+            self.v_cmp = torch.zeros(B, self.cap_cmp_phys, H, Dv, **z)
+        else:
+            self.k_cmp = self.v_cmp = None
+        self.cache_seqlens = torch.zeros(B, dtype=torch.int32, device=self.device)
+        self._lens = [0] * B          # host mirror of cache_seqlens
+        self._scores = {}             # decode workspace: q_len -> Scores [B, HQ, ql, cap_cmp_phys] f32
+
+    # ---- views --------------------------------------------------------------------------------
+    @property
+    def k(self) -> torch.Tensor:
+        return self.kv_k[:, :, 0]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.kv_v[:, :, 0]
+
+    @property
+    def k_win(self) -> torch.Tensor:
+        return self.kv_k[:, :, -1]
+
+    @property
+    def v_win(self) -> torch.Tensor:
+        return self.kv_v[:, :, -1]
+
+    @property
+    def lengths(self) -> list[int]:
+        """Host copy of cache_seqlens."""
+        return list(self._lens)
+
+    @property
+    def num_cmp(self) -> torch.Tensor:
+        """[B] int32: complete compressed rows per batch entry."""
+        c = self.spec.compression
+        if c is None:
+            return torch.zeros_like(self.cache_seqlens)
+        return _num_cmp_dev(self.cache_seqlens.long(), c).to(torch.int32)
+
+    @property
+    def num_cmp_host(self) -> list[int]:
+        c = self.spec.compression
+        return [_num_cmp_host(L, c) if c is not None else 0 for L in self._lens]
+
+    # ---- state ----------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Empty every entry (contents stay; they are past the lengths)."""
+        self.cache_seqlens.zero_()
+        self._lens = [0] * self.batch_size
+
+    def set_lengths(self, lengths: Sequence[int]) -> None:
+        """Declare lengths without writing (benchmarks / tests: the contents are taken as they are)."""
+        lens = [int(x) for x in lengths]
+        if len(lens) != self.batch_size or any(not 0 <= x <= self.capacity for x in lens):
+            raise ValueError(f"lengths must be {self.batch_size} ints in [0, {self.capacity}], got {lens}")
+        self._lens = lens
+        self.cache_seqlens.copy_(torch.tensor(lens, dtype=torch.int32))
+
+    def narrow_batch(self, n: int) -> "NSAKVCache":
+        """A cache over the first n batch entries sharing this one's storage."""
+        if not 1 <= n <= self.batch_size:
+            raise ValueError(f"n must be in [1, {self.batch_size}], got {n}")
+        new = object.__new__(NSAKVCache)
+        new.__dict__.update(self.__dict__)
+        new.batch_size = n
+        for name in ("kv_k", "kv_v", "k_cmp_raw", "v_cmp_raw", "k_cmp", "v_cmp", "cache_seqlens"):
+            t = getattr(self, name)
+            setattr(new, name, None if t is None else t[:n])
+        new._lens = self._lens[:n]
+        new._scores = {}
+        return new
+
+    # ---- writes ---------------------------------------------------------------------------------
+    def _check_new(self, name, t, s, D, B):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        want = (B, s, self.spec.kv_heads, D)
+        if t.dim() != 4 or tuple(t.shape) != want:
+            raise ValueError(f"{name} must have shape {list(want)}, got {list(t.shape)}")
+        if t.dtype != self.dtype:
+            raise ValueError(f"{name} must be {self.dtype} (the cache dtype), got {t.dtype}")
+        if t.device != self.kv_k.device:
+            raise ValueError(f"{name} is on {t.device}, the cache on {self.kv_k.device}")
+
+    def prefill(self, k, v, k_win=None, v_win=None, seqlens=None, *, k_cmp=None, v_cmp=None) -> None:
+        """Reset and write k/v [B, T, H, D] (seqlens [B]: valid tokens per entry, default T)."""
+        self.reset()
+        self.append(k, v, k_win, v_win, seqlens, k_cmp_new=k_cmp, v_cmp_new=v_cmp)
+
+    def append(self, k_new, v_new, k_win_new=None, v_win_new=None, seqlens_new=None, *,
+               k_cmp_new=None, v_cmp_new=None) -> None:
+        """Write new tokens in place after each entry's current length and compress completed blocks.
+
+        k_new [B, s, H, Dk], v_new [B, s, H, Dv]; seqlens_new [B] (default s): how many of the s
+        tokens are real for each entry (the rest are dropped).  k_win_new / v_win_new are required
+        iff the cache has a separate window slot; k_cmp_new / v_cmp_new iff separate_cmp.
+        """
+        spec, B = self.spec, self.batch_size
+        Dk, Dv = spec.head_dim, spec.v_head_dim
+        if not isinstance(k_new, torch.Tensor) or k_new.dim() != 4:
+            raise ValueError(f"k_new must be a 4-D tensor [B, s, H, Dk], got "
+                             f"{list(k_new.shape) if isinstance(k_new, torch.Tensor) else type(k_new).__name__}")
+        s = k_new.shape[1]
+        self._check_new("k_new", k_new, s, Dk, B)
+        self._check_new("v_new", v_new, s, Dv, B)
+        if self.separate_window:
+            if k_win_new is None or v_win_new is None:
+                raise ValueError("this cache keeps separate window K/V: pass k_win_new and v_win_new")
+            self._check_new("k_win_new", k_win_new, s, Dk, B)
+            self._check_new("v_win_new", v_win_new, s, Dv, B)
+        elif k_win_new is not None or v_win_new is not None:
+            raise ValueError("k_win_new / v_win_new given, but the cache was built with separate_window=False")
+        if self.separate_cmp:
+            if k_cmp_new is None or v_cmp_new is None:
+                raise ValueError("this cache keeps separate compression K/V: pass k_cmp_new and v_cmp_new")
+            self._check_new("k_cmp_new", k_cmp_new, s, Dk, B)
+            self._check_new("v_cmp_new", v_cmp_new, s, Dv, B)
+        elif k_cmp_new is not None or v_cmp_new is not None:
+            raise ValueError("k_cmp_new / v_cmp_new given, but the cache was built with separate_cmp=False")
+        if seqlens_new is None:
+            n_host = [s] * B
+        else:
+            n_host = [int(x) for x in (seqlens_new.tolist() if isinstance(seqlens_new, torch.Tensor)
+                                       else seqlens_new)]
+            if len(n_host) != B or any(not 0 <= x <= s for x in n_host):
+                raise ValueError(f"seqlens_new must be {B} ints in [0, {s}], got {n_host}")
+        over = [b for b in range(B) if self._lens[b] + n_host[b] > self.capacity]
+        if over:
+            b = over[0]
+            raise ValueError(f"capacity overflow: entry {b} has {self._lens[b]} tokens + {n_host[b]} new > "
+                             f"capacity {self.capacity}")
+        if s == 0 or max(n_host) == 0:
+            return
+        dev = self.kv_k.device
+        L0_host = list(self._lens)
+        L0 = self.cache_seqlens.long()
+        j = torch.arange(s, device=dev)
+        pos = L0[:, None] + j[None, :]                                    # [B, s]
+        if seqlens_new is not None:
+            n_dev = torch.tensor(n_host, dtype=torch.long).to(dev, non_blocking=True)
+            pos = torch.where(j[None, :] < n_dev[:, None], pos, torch.full_like(pos, self.cap_phys - 1))
+        else:
+            n_dev = None
+        bi = torch.arange(B, device=dev)[:, None].expand(B, s)
+        self.kv_k[bi, pos, 0] = k_new
+        self.kv_v[bi, pos, 0] = v_new
+        if self.separate_window:
+            self.kv_k[bi, pos, 1] = k_win_new
+            self.kv_v[bi, pos, 1] = v_win_new
+        if self.separate_cmp:
+            self.k_cmp_raw[bi, pos] = k_cmp_new
+            self.v_cmp_raw[bi, pos] = v_cmp_new
+        if n_dev is None:
+            self.cache_seqlens += s
+        else:
+            self.cache_seqlens += n_dev.to(torch.int32)
+        self._lens = [a + n for a, n in zip(L0_host, n_host)]
+        if spec.compression is not None:
+            self._compress(L0, L0_host)
+
+    def _compress(self, L0: torch.Tensor, L0_host: list[int]) -> None:
+        """phi over the blocks completed between lengths L0 and the current ones (rows N(L0)..N(L1)-1)."""
+        c = self.spec.compression
+        N0h = [_num_cmp_host(L, c) for L in L0_host]
+        N1h = [_num_cmp_host(L, c) for L in self._lens]
+        K = max(b - a for a, b in zip(N0h, N1h))
+        if K <= 0:
+            return
+        B, H = self.batch_size, self.spec.kv_heads
+        src_k = self.k_cmp_raw if self.separate_cmp else self.kv_k[:, :, 0]
+        src_v = self.v_cmp_raw if self.separate_cmp else self.kv_v[:, :, 0]
+        D = max(src_k.shape[-1], src_v.shape[-1])
+        step = max(1, _GATHER_BUDGET // (B * c.block * H * D))
+        uniform = len(set(N0h)) == 1 and len(set(N1h)) == 1
+        dev = self.kv_k.device
+        if not uniform:
+            N0 = _num_cmp_dev(L0, c)
+            N1 = _num_cmp_dev(self.cache_seqlens.long(), c)
+        for k0 in range(0, K, step):
+            kn = min(step, K - k0)
+            if uniform:
+                row0 = N0h[0] + k0
+                kb = self._blocks_uniform(src_k, row0, kn)
+                vb = self._blocks_uniform(src_v, row0, kn)
+                self.k_cmp[:, row0:row0 + kn] = self.phi_k(kb).to(self.dtype)
+                self.v_cmp[:, row0:row0 + kn] = self.phi_v(vb).to(self.dtype)
+            else:
+                rows = N0[:, None] + k0 + torch.arange(kn, device=dev)[None, :]          # [B, kn]
+                valid = rows < N1[:, None]
+                tok = (rows + c.first_block) * c.stride
+                tok = tok[:, :, None] + torch.arange(c.block, device=dev)                # [B, kn, l]
+                tok = tok.clamp(0, self.cap_phys - 1)
+                bi = torch.arange(B, device=dev)[:, None, None]
+                kb, vb = src_k[bi, tok], src_v[bi, tok]                                  # [B, kn, l, H, D]
+                dst = torch.where(valid, rows, torch.full_like(rows, self.cap_cmp_phys - 1))
+                bj = torch.arange(B, device=dev)[:, None].expand_as(dst)
+                self.k_cmp[bj, dst] = self.phi_k(kb).to(self.dtype)
+                self.v_cmp[bj, dst] = self.phi_v(vb).to(self.dtype)
+
+    def _blocks_uniform(self, src: torch.Tensor, row0: int, kn: int) -> torch.Tensor:
+        """[B, kn, l, H, D] strided view of blocks row0 .. row0+kn-1 of src [B, cap, H, D] (no copy)."""
+        c = self.spec.compression
+        sB, sT, sH, sD = src.stride()
+        B, _, H, D = src.shape
+        return src.as_strided((B, kn, c.block, H, D), (sB, c.stride * sT, sT, sH, sD),
+                              src.storage_offset() + (row0 + c.first_block) * c.stride * sT)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decode
+# ------------------------------------------------------------------------------------------------
+_KERNELS: dict = {}
+_LOCK = threading.Lock()
+
+
+def _tmpl():
+    return template_module("decode_attention")
+
+
+def _max_seqlen_bucket(capacity: int) -> int:
+    # one bucket for every cache up to 128k tokens (the sparse kernel sizes its merge by it)
+    return max(1 << 17, 1 << (max(1, capacity) - 1).bit_length())
+
+
+def decode_configs(spec: NSASpec, q_len: int, *, separate_window: bool = False, capacity: int = 1 << 16,
+                   **schedule) -> dict:
+    """The four DecodeAttentionConfig (part -> config) nsa_decode launches for this problem."""
+    DecodeAttentionConfig = _tmpl().DecodeAttentionConfig
+    c, s, w = spec.compression, spec.selection, spec.window
+    if c is None or s is None or w is None:
+        raise ValueError("nsa_decode needs all three branches (compression, selection, window) on")
+    base = DecodeAttentionConfig(
+        heads_q=spec.heads, heads_kv=spec.kv_heads, head_dim_qk=spec.head_dim, head_dim_v=spec.v_head_dim,
+        cmp_block=c.block, stride=c.stride, first_block=c.first_block, sel_block=s.block, top_n=s.top_n,
+        initial=s.initial, local=s.local, window=w.size, scale=float(spec.softmax_scale), dtype=spec.dtype,
+        q_len=int(q_len), separate_window=bool(separate_window), max_seqlen=_max_seqlen_bucket(capacity),
+        **schedule)
+    return {p: dataclasses.replace(base, part=p) for p in ("cmp", "topn", "sparse", "combine")}
+
+
+_CFG_MEMO: dict = {}
+
+
+def _decode_configs_memo(spec, q_len, separate_window, capacity, schedule):
+    key = (spec, q_len, separate_window, _max_seqlen_bucket(capacity), tuple(sorted((schedule or {}).items())))
+    cfgs = _CFG_MEMO.get(key)
+    if cfgs is None:
+        cfgs = _CFG_MEMO[key] = decode_configs(spec, q_len, separate_window=separate_window, capacity=capacity,
+                                               **(schedule or {}))
+    return cfgs
+
+
+def _compile_worker(fields: dict, target) -> tuple[str, Optional[str], float]:
+    import time
+    t0 = time.time()
+    cfg = _tmpl().DecodeAttentionConfig(**fields)
+    try:
+        get_decode_kernel(cfg, target)
+        return cfg.part, None, time.time() - t0
+    except Exception as e:  # reported by the caller
+        return cfg.part, f"{type(e).__name__}: {e}", time.time() - t0
+
+
+def precompile_decode(cfgs, jobs: Optional[int] = None, target=None) -> list:
+    """Compile decode configs in parallel worker processes (filling TileLang's disk cache), then load
+    them here.  Returns (part, error or None, seconds) per config."""
+    from .cache import run_in_workers
+
+    cfgs = list(dict.fromkeys(cfgs))
+    res = run_in_workers(_compile_worker, [(dataclasses.asdict(c), target) for c in cfgs], jobs)
+    for c, (_, err, _) in zip(cfgs, res):
+        if err is None:
+            get_decode_kernel(c, target)
+    return res
+
+
+def get_decode_kernel(cfg, target=None):
+    """Compile (memoized per config) one decode kernel."""
+    with _LOCK:
+        k = _KERNELS.get((cfg, str(target)))
+    if k is not None:
+        return k
+    import tilelang
+
+    tmpl = _tmpl()
+    tmpl.check_config(cfg)
+    try:
+        k = tilelang.compile(tmpl.build(cfg), target=target or "auto", pass_configs=tmpl.pass_configs(cfg))
+    except Exception as e:
+        raise RuntimeError(f"compiling decode kernel {cfg} failed: {type(e).__name__}: {e}") from e
+    with _LOCK:
+        return _KERNELS.setdefault((cfg, str(target)), k)
+
+
+def _splits(B, H, spec, q_len, max_len, sms, cfgs, num_splits):
+    c, s, w = spec.compression, spec.selection, spec.window
+    MAX_CMP_SPLITS = _tmpl().MAX_CMP_SPLITS
+    BH = B * H
+    n_cmp = _num_cmp_host(max_len, c)
+    tiles = -(-n_cmp // cfgs["cmp"].cmp_block_N)
+    # ~2 programs per SM, at least 2 tiles each
+    sc = max(1, min(MAX_CMP_SPLITS, -(-2 * sms // BH), max(1, -(-tiles // 2))))
+    nw = -(-min(max_len, w.size + q_len - 1) // s.block) + 1
+    target = max(1, -(-2 * sms // BH))
+    per = max(1, -(-(q_len * s.top_n + nw) // target))
+    s_sel = max(1, -(-s.top_n // per))
+    sw = max(1, -(-nw // per))
+    if num_splits is not None:
+        sc, s_sel, sw = (int(x) for x in num_splits)
+        if not (1 <= sc <= MAX_CMP_SPLITS and 1 <= s_sel <= s.top_n and 1 <= sw <= nw):
+            raise ValueError(f"num_splits (cmp, sel per query, win) = {num_splits} out of range "
+                             f"([1, {MAX_CMP_SPLITS}], [1, {s.top_n}], [1, {nw}])")
+    return sc, s_sel, sw
+
+
+def nsa_decode(q: torch.Tensor, cache: NSAKVCache, g_cmp: torch.Tensor, g_slc: torch.Tensor,
+               g_win: torch.Tensor, spec: Optional[NSASpec] = None, *, return_indices: bool = False,
+               num_splits: Optional[tuple] = None, schedule: Optional[dict] = None):
+    """NSA attention of the last q_len cached tokens of every entry.
+
+    q [B, ql, HQ, Dk] (ql in 1..8; query i of entry b sits at cache_seqlens[b] - ql + i), gates
+    [B, ql, HQ].  Returns o [B, ql, HQ, Dv] (q's dtype), plus block indices [B, ql, H, top_n]
+    int32 (ascending, -1 padded) with return_indices.  num_splits = (cmp splits, selection
+    splits per query, window splits) overrides the occupancy heuristic.  No host sync.
+    """
+    spec = spec or cache.spec
+    if spec != cache.spec:
+        raise ValueError("spec differs from the cache's spec")
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError("q must be a 4-D tensor [B, q_len, HQ, Dk]")
+    B, ql, HQ, Dk = q.shape
+    if B != cache.batch_size:
+        raise ValueError(f"q batch {B} != cache batch {cache.batch_size}")
+    if not 1 <= ql <= 8:
+        raise ValueError(f"q_len must be in 1..8, got {ql}")
+    if HQ != spec.heads or Dk != spec.head_dim:
+        raise ValueError(f"q must be [B, ql, {spec.heads}, {spec.head_dim}], got {list(q.shape)}")
+    if q.dtype != cache.dtype or q.device != cache.kv_k.device:
+        raise ValueError(f"q must be {cache.dtype} on {cache.kv_k.device}, got {q.dtype} on {q.device}")
+    gates = []
+    for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_win", g_win)):
+        if not isinstance(g, torch.Tensor) or tuple(g.shape) != (B, ql, HQ):
+            raise ValueError(f"{name} must have shape [{B}, {ql}, {HQ}]")
+        gates.append(g.to(q.dtype).contiguous())
+    short = [b for b, L in enumerate(cache._lens) if L < ql]
+    if short:
+        raise ValueError(f"entry {short[0]} has {cache._lens[short[0]]} cached tokens < q_len {ql}: append first")
+    cfgs = _decode_configs_memo(spec, ql, cache.separate_window, cache.capacity, schedule)
+    kern = {p: get_decode_kernel(cfg) for p, cfg in cfgs.items()}
+    dev = q.device
+    H, Dv, n = spec.kv_heads, spec.v_head_dim, spec.selection.top_n
+    G = HQ // H
+    MR = G * ql
+    max_len = max(cache._lens)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    sc, s_sel, sw = _splits(B, H, spec, ql, max_len, sms, cfgs, num_splits)
+    ss = ql * s_sel
+    CB = cfgs["topn"].topn_threads
+    nc = max(1, -(-(-(-max_len // spec.selection.block)) // CB))
+    f32 = torch.float32
+    scores = cache._scores.get(ql)
+    if scores is None:
+        scores = cache._scores[ql] = _ws((B, HQ, ql, cache.cap_cmp_phys), f32, dev)
+    q = q.contiguous()
+    o_cmp, l_cmp = _ws((B, H, sc, MR, Dv), f32, dev), _ws((B, H, sc, MR), f32, dev)
+    cand_s, cand_i = _ws((B, ql, H, nc, n), f32, dev), _ws((B, ql, H, nc, n), torch.int32, dev)
+    idx = _ws((B, ql, H, n), torch.int32, dev)
+    o_slc, l_slc = _ws((B, H, ss, MR, Dv), f32, dev), _ws((B, H, ss, MR), f32, dev)
+    o_win, l_win = _ws((B, H, sw, MR, Dv), f32, dev), _ws((B, H, sw, MR), f32, dev)
+    out = _ws((B, ql, HQ, Dv), q.dtype, dev)
+    lens = cache.cache_seqlens
+    kern["cmp"](q, cache.k_cmp, cache.v_cmp, lens, scores, o_cmp, l_cmp)
+    kern["topn"](scores, l_cmp, lens, cand_s, cand_i)
+    kern["sparse"](q, cache.kv_k, cache.kv_v, lens, cand_s, cand_i, idx, o_slc, l_slc, o_win, l_win)
+    kern["combine"](o_cmp, l_cmp, o_slc, l_slc, o_win, l_win, gates[0], gates[1], gates[2], out)
+    return (out, idx) if return_indices else out
+
+
+def nsa_decode_bytes(spec: NSASpec, length: int, elem_bytes: int = 2) -> int:
+    """Bytes of K/V one decode step must read for one sequence of `length` tokens (all kv heads)."""
+    c, s, w = spec.compression, spec.selection, spec.window
+    row = spec.kv_heads * (spec.head_dim + spec.v_head_dim) * elem_bytes
+    n_cmp = _num_cmp_host(length, c) if c else 0
+    n_sel = min(s.top_n, -(-length // s.block)) * s.block if s else 0
+    n_win = min(w.size, length) if w else 0
+    return (n_cmp + n_sel + n_win) * row

@@ -1,0 +1,28 @@
+"""The checks every template's check_config shares: the problem fields (the spec's support matrix).
+
+Validation only: it shapes no generated code (so build fingerprints hash the template files alone).
+"""
+import math
+
+GROUPS = (1, 2, 4, 8, 16, 32)
+HEAD_DIMS = (64, 128, 192, 256)
+V_HEAD_DIMS = (64, 128)
+
+
+def check_problem(cfg, dk: str = "head_dim_qk", dv: str | None = "head_dim_v", parts=None) -> None:
+    """Raise ValueError naming the field: dtype, part (when `parts` is given), heads_q / heads_kv
+    and their group, the q/k head dim (field `dk`), the v head dim (field `dv`; None: no V) and scale."""
+    if cfg.dtype not in ("float16", "bfloat16"):
+        raise ValueError(f"dtype: must be float16 or bfloat16, got {cfg.dtype!r}")
+    if parts is not None and cfg.part not in parts:
+        raise ValueError(f"part: must be one of {tuple(parts)}, got {cfg.part!r}")
+    if cfg.heads_kv < 1 or cfg.heads_q % cfg.heads_kv != 0:
+        raise ValueError("heads_q: must be a positive multiple of heads_kv")
+    if cfg.heads_q // cfg.heads_kv not in GROUPS:
+        raise ValueError("heads_q: group size heads_q/heads_kv must be in {1,2,4,8,16,32}")
+    if getattr(cfg, dk) not in HEAD_DIMS:
+        raise ValueError(f"{dk}: must be one of 64, 128, 192, 256")
+    if dv is not None and getattr(cfg, dv) not in V_HEAD_DIMS:
+        raise ValueError(f"{dv}: must be 64 or 128")
+    if not (isinstance(cfg.scale, (int, float)) and math.isfinite(cfg.scale) and cfg.scale > 0):
+        raise ValueError("scale: must be a positive finite float")

@@ -1,0 +1,740 @@
+"""NSA decode against a KV cache (q_len = 1..8 new queries per sequence), TileLang.
+
+One template family; `cfg.part` picks the kernel build() returns.  Layouts (contiguous,
+row-major); B, the cache capacities CAP / CAPC and every split / chunk count are dynamic
+(`T.dynamic`), everything else is fixed by the config:
+
+    Q          [B, ql, HQ, Dk]       dtype    new queries; query i sits at t_i = L_b - ql + i
+    SeqLens    [B]                   int32    L_b = cache length after the append
+    K_cmp      [B, CAPC, H, Dk]      dtype    compressed rows (row c = block first_block + c)
+    V_cmp      [B, CAPC, H, Dv]      dtype
+    KV_K       [B, CAP, NB, H, Dk]   dtype    raw keys; NB = 2 when the window branch has its
+    KV_V       [B, CAP, NB, H, Dv]   dtype    own K/V (slot 0 = selection, 1 = window), else 1
+    Scores     [B, HQ, ql, CAPC]     float32  scale * q.k_cmp (written for c < N(L_b) only)
+    O_cmp      [B, H, SC, MR, Dv]    float32  per-split normalised partial outputs
+    L_cmp      [B, H, SC, MR]        float32  per-split base-2 lse (-inf: split saw nothing)
+    CandS/CandI[B, ql, H, NC, n]     f32/i32  per-chunk top-n candidates (key, block)
+    BlockIdx   [B, ql, H, n]         int32    selected blocks ascending, -1 padded (output)
+    O_slc/L_slc[B, H, SS, MR(, Dv)]  float32  selection partials, SS = ql * S_sel
+    O_win/L_win[B, H, SW, MR(, Dv)]  float32  window partials
+    G_cmp/G_slc/G_win [B, ql, HQ]    dtype    gates
+    O          [B, ql, HQ, Dv]       dtype    output
+Row r = i * G + g of a tile (MR = G * ql real rows, padded to MP = max(16, ...)) is query i,
+query head h * G + g of KV head h.  Rows of the caches at or beyond L_b are never used but
+must be finite (the cache zero-fills them): masked probabilities are 0 and 0 * NaN is NaN.
+
+Parts (all deterministic, no atomics):
+  cmp     grid (SC, H, B): split-KV over the compressed rows visible to the last query,
+          N(L) = max(L - l - f*d + d, 0) // d rows, in SC contiguous chunks of block_N-row tiles;
+          the G*ql query rows are packed in M.  Writes the raw scaled scores for top-n and a
+          partial (o, lse) per split.  cp.async K/V pipeline, mma / wgmma.
+  topn    grid (NC, ql*H, B): lse per head from the SC partials; program c scores the
+          `topn_threads` selection blocks [c*CB, (c+1)*CB) (one per thread): group-summed
+          p_cmp mapped onto the blocks by stride-unit overlap, forced initial/local blocks
+          +inf, invisible -inf; an exact rank count in shared memory gives the chunk's top-n
+          under (score desc, index asc), written as candidates.
+  sparse  grid (ql*S_sel + SW, H, B): programs < SS merge the NC*n candidates of their query
+          (rank count again, then sort ascending; split 0 writes BlockIdx) and attend over
+          their share of the selected blocks (keys <= t); the others attend over their share of
+          the window span (L - ql - w, L) (keys in (t_i - w, t_i] per row).  One cp.async
+          pipeline, tiles of sel_block keys, one (o, lse) partial per program.
+  combine grid (MR, H, B): merges the three partial sets in base 2, applies the gates, writes O.
+The exact top-n of a query is the top-n of the union of its chunks' top-n lists, so the
+two-level selection equals reference.select_top_n (ties to the lower block index).
+"""
+
+from dataclasses import dataclass
+
+import tilelang.language as T
+
+from ._problem import check_problem
+
+_LOG2E = 1.4426950408889634
+_SMEM_LIMIT = 227 * 1024
+_BIG = 1 << 30
+PARTS = ("cmp", "topn", "sparse", "combine")
+MAX_CMP_SPLITS = 64         # upper bound on SC (the combine / top-n kernels stage lse in smem)
+
+
+@dataclass(frozen=True)
+class DecodeAttentionConfig:
+    heads_q: int = 64           # HQ
+    heads_kv: int = 4           # H
+    head_dim_qk: int = 128      # Dk
+    head_dim_v: int = 128       # Dv
+    cmp_block: int = 32         # l
+    stride: int = 16            # d
+    first_block: int = 0        # f
+    sel_block: int = 64         # l'
+    top_n: int = 16             # n
+    initial: int = 1
+    local: int = 2
+    window: int = 512           # w
+    scale: float = 128 ** -0.5
+    dtype: str = "bfloat16"
+    q_len: int = 1              # new queries per sequence (1..8)
+    separate_window: bool = False  # NB = 2: the window branch has its own K/V (cache slot 1)
+    max_seqlen: int = 131072    # bound on the cache length; sizes the candidate merge (NC <= this / (l'*CB))
+    part: str = "cmp"           # "cmp" | "topn" | "sparse" | "combine"
+    # schedule
+    cmp_block_N: int = 64       # compressed rows per tile
+    cmp_threads: int = 0        # 0 = auto (128 for MP <= 64, else 256)
+    cmp_stages: int = 1         # T.Pipelined stages (1 = one tile of cp.async lookahead; TileLang
+                                # 0.1.15 fails to generate code for more with a dynamic trip count)
+    topn_threads: int = 128     # = selection blocks per top-n chunk (CB)
+    sparse_threads: int = 128
+    sparse_stages: int = 1      # as cmp_stages
+    combine_threads: int = 128
+    fast_math: bool = False
+
+
+def _rows(cfg):
+    G = cfg.heads_q // cfg.heads_kv
+    MR = G * cfg.q_len
+    MP = max(16, (MR + 15) // 16 * 16)
+    return G, MR, MP
+
+
+def _cmp_threads(cfg):
+    if cfg.cmp_threads:
+        return cfg.cmp_threads
+    return 128 if _rows(cfg)[2] <= 64 else 256
+
+
+def _p_in_regs(mp, threads):
+    # FullRow: warps split the rows first (16 each), then the key columns.  A warp that owns only
+    # some key columns of its rows can't feed P @ V from registers: P goes through shared memory.
+    return threads // 32 <= mp // 16
+
+
+def _n_cand_max(cfg):
+    nsb = (cfg.max_seqlen + cfg.sel_block - 1) // cfg.sel_block
+    return (nsb + cfg.topn_threads - 1) // cfg.topn_threads * cfg.top_n
+
+
+def _max_splits(cfg):
+    """Static bound on SC, SS and SW (sizes the combine kernel's smem)."""
+    sw = (cfg.window + cfg.q_len - 1 + cfg.sel_block - 1) // cfg.sel_block + 1
+    return max(MAX_CMP_SPLITS, cfg.q_len * cfg.top_n, sw)
+
+
+def _regs(mp, bn, dv, threads):
+    return mp * (dv + 1.5 * bn) / threads
+
+
+def _smem_attn(mp, bn, dk, dv, stages, threads):
+    p = 0 if _p_in_regs(mp, threads) else mp * bn * 2
+    return mp * dk * 2 + stages * bn * (dk + dv) * 2 + p + 1024
+
+
+def pass_configs(cfg) -> dict:
+    return {"tl.enable_fast_math": bool(cfg.fast_math)}
+
+
+def check_config(cfg) -> None:
+    """Raise ValueError whose message starts with the offending field."""
+    if cfg.part not in PARTS:
+        raise ValueError(f"part: must be one of {PARTS}, got {cfg.part!r}")
+    check_problem(cfg)
+    G = cfg.heads_q // cfg.heads_kv
+    if cfg.stride < 1 or cfg.cmp_block % cfg.stride:
+        raise ValueError("stride: must divide cmp_block")
+    if cfg.cmp_block not in (16, 32, 64):
+        raise ValueError("cmp_block: must be 16, 32 or 64")
+    if cfg.first_block < 0:
+        raise ValueError("first_block: must be >= 0")
+    if cfg.sel_block not in (32, 64, 128) or cfg.sel_block % cfg.stride:
+        raise ValueError("sel_block: must be 32, 64 or 128 and a multiple of stride")
+    if not 1 <= cfg.top_n <= 32:
+        raise ValueError("top_n: must be in 1..32")
+    if cfg.initial < 0 or cfg.local < 0 or cfg.initial + cfg.local > cfg.top_n:
+        raise ValueError("initial: initial, local >= 0 and initial + local <= top_n required")
+    if cfg.local < 0:
+        raise ValueError("local: must be >= 0")
+    if not 1 <= cfg.window <= 4096:
+        raise ValueError("window: must be in 1..4096 (the decode kernels need all three branches)")
+    if not 1 <= cfg.q_len <= 8:
+        raise ValueError("q_len: must be in 1..8")
+    if cfg.max_seqlen < 1:
+        raise ValueError("max_seqlen: must be >= 1")
+    _, MR, MP = _rows(cfg)
+    if MP > 256:
+        raise ValueError("q_len: (heads_q / heads_kv) * q_len must be <= 256")
+    Dk, Dv = cfg.head_dim_qk, cfg.head_dim_v
+    if cfg.part == "cmp":
+        bn, nt = cfg.cmp_block_N, _cmp_threads(cfg)
+        if bn not in (16, 32, 64, 128):
+            raise ValueError("cmp_block_N: must be 16, 32, 64 or 128")
+        if nt not in (64, 128, 256):
+            raise ValueError("cmp_threads: must be 0 (auto), 64, 128 or 256")
+        if bn // max(1, (nt // 32) // max(1, MP // 16)) < 8:
+            raise ValueError("cmp_threads: too many warps for cmp_block_N")
+        if cfg.cmp_stages != 1:
+            raise ValueError("cmp_stages: must be 1 (multi-stage cp.async with a dynamic trip count fails "
+                             "in TileLang 0.1.15 codegen)")
+        if _regs(MP, bn, Dv, nt) > 192:
+            raise ValueError("cmp_block_N: accumulators need too many registers; lower it or raise cmp_threads")
+        if _smem_attn(MP, bn, Dk, Dv, cfg.cmp_stages, nt) > _SMEM_LIMIT:
+            raise ValueError("cmp_stages: shared memory exceeds 227 KiB")
+    elif cfg.part == "topn":
+        if cfg.topn_threads not in (64, 128, 256):
+            raise ValueError("topn_threads: must be 64, 128 or 256")
+        if cfg.topn_threads < G:
+            raise ValueError("topn_threads: must be >= heads_q / heads_kv")
+    elif cfg.part == "sparse":
+        nt = cfg.sparse_threads
+        if nt not in (64, 128, 256):
+            raise ValueError("sparse_threads: must be 64, 128 or 256")
+        if nt < cfg.top_n:
+            raise ValueError("sparse_threads: must be >= top_n")
+        if cfg.sel_block // max(1, (nt // 32) // max(1, MP // 16)) < 8:
+            raise ValueError("sparse_threads: too many warps for sel_block")
+        if cfg.sparse_stages != 1:
+            raise ValueError("sparse_stages: must be 1 (multi-stage cp.async with a dynamic trip count fails "
+                             "in TileLang 0.1.15 codegen)")
+        if _regs(MP, cfg.sel_block, Dv, nt) > 192:
+            raise ValueError("sparse_threads: accumulators need too many registers")
+        if _n_cand_max(cfg) > 8192:
+            raise ValueError("max_seqlen: too many top-n candidates to merge; raise topn_threads")
+        if _smem_attn(MP, cfg.sel_block, Dk, Dv, cfg.sparse_stages, nt) + _n_cand_max(cfg) * 8 > _SMEM_LIMIT:
+            raise ValueError("sparse_stages: shared memory exceeds 227 KiB")
+    else:
+        nt = cfg.combine_threads
+        if nt not in (64, 128, 256):
+            raise ValueError("combine_threads: must be 64, 128 or 256")
+        if nt < Dv // 4 or nt < Dv:
+            raise ValueError("combine_threads: must be >= head_dim_v")
+
+
+def build(cfg: DecodeAttentionConfig):
+    """Return the (uncompiled) prim_func of cfg.part (signatures in the module docstring)."""
+    check_config(cfg)
+    return {"cmp": _build_cmp, "topn": _build_topn, "sparse": _build_sparse,
+            "combine": _build_combine}[cfg.part](cfg)
+
+
+def _nvis(t, l, d, f, cap):
+    """Compressed rows visible to query t: c with (f+c)*d + l - 1 <= t, clamped to cap."""
+    return T.min(T.max(t + (d - l - f * d + 1), 0) // d, cap)
+
+
+# ------------------------------------------------------------------------------------------------
+# cmp: split-KV compression attention + raw scores
+# ------------------------------------------------------------------------------------------------
+def _build_cmp(cfg):
+    HQ, H, Dk, Dv, ql = cfg.heads_q, cfg.heads_kv, cfg.head_dim_qk, cfg.head_dim_v, cfg.q_len
+    G, MR, MP = _rows(cfg)
+    l, d, f = cfg.cmp_block, cfg.stride, cfg.first_block
+    BN, NT = cfg.cmp_block_N, _cmp_threads(cfg)
+    dtype, acc = cfg.dtype, "float32"
+    sc = float(cfg.scale)
+    sc2 = sc * _LOG2E
+    ninf = -T.infinity(acc)
+    p_regs = _p_in_regs(MP, NT)
+
+    B, CAPC, SC = T.dynamic("B, CAPC, SC")
+
+    @T.prim_func
+    def nsa_decode_cmp(
+        Q: T.Tensor([B, ql, HQ, Dk], dtype),
+        K_cmp: T.Tensor([B, CAPC, H, Dk], dtype),
+        V_cmp: T.Tensor([B, CAPC, H, Dv], dtype),
+        SeqLens: T.Tensor([B], "int32"),
+        Scores: T.Tensor([B, HQ, ql, CAPC], acc),
+        O_part: T.Tensor([B, H, SC, MR, Dv], acc),
+        L_part: T.Tensor([B, H, SC, MR], acc),
+    ):
+        with T.Kernel(SC, H, B, threads=NT) as (sid, h, b):
+            Q_s = T.alloc_shared([MP, Dk], dtype)
+            K_s = T.alloc_shared([BN, Dk], dtype)
+            V_s = T.alloc_shared([BN, Dv], dtype)
+            acc_s = T.alloc_fragment([MP, BN], acc)
+            if p_regs:
+                acc_p = T.alloc_fragment([MP, BN], dtype)
+            else:
+                acc_p = T.alloc_shared([MP, BN], dtype)
+            acc_o = T.alloc_fragment([MP, Dv], acc)
+            m = T.alloc_fragment([MP], acc)
+            m_prev = T.alloc_fragment([MP], acc)
+            m_use = T.alloc_fragment([MP], acc)
+            alpha = T.alloc_fragment([MP], acc)
+            rsum = T.alloc_fragment([MP], acc)
+            lsum = T.alloc_fragment([MP], acc)
+            nv = T.alloc_fragment([MP], "int32")
+            seq = T.alloc_var("int32")
+            c_beg = T.alloc_var("int32")
+            c_end = T.alloc_var("int32")
+            chunk = T.alloc_var("int32")
+
+            seq = SeqLens[b]
+            # rows visible to the last query; SC contiguous tile-aligned chunks
+            chunk = T.ceildiv(T.ceildiv(_nvis(seq - 1, l, d, f, CAPC), SC), BN) * BN
+            c_beg = sid * chunk
+            c_end = T.min(c_beg + chunk, _nvis(seq - 1, l, d, f, CAPC))
+
+            for r, k in T.Parallel(MP, Dk):
+                Q_s[r, k] = T.if_then_else(r < MR, Q[b, r // G, h * G + r % G, k], T.cast(0, dtype))
+            T.fill(acc_o, 0)
+            T.fill(lsum, 0)
+            T.fill(m, ninf)
+            for r in T.Parallel(MP):
+                nv[r] = T.if_then_else(r < MR, T.min(_nvis(seq - ql + r // G, l, d, f, CAPC), c_end), 0)
+
+            for kt in T.Pipelined(T.ceildiv(T.max(c_end - c_beg, 0), BN), num_stages=cfg.cmp_stages):
+                T.copy(K_cmp[b, c_beg + kt * BN:c_beg + (kt + 1) * BN, h, :], K_s, disable_tma=True)
+                T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                # raw scaled scores for the top-n stage (every row of this split, all queries)
+                for r, j in T.Parallel(MP, BN):
+                    if (r < MR) & (c_beg + kt * BN + j < c_end):
+                        Scores[b, h * G + r % G, r // G, c_beg + kt * BN + j] = acc_s[r, j] * sc
+                # select (not add): rows past the length may hold anything finite or not
+                for r, j in T.Parallel(MP, BN):
+                    acc_s[r, j] = T.if_then_else(c_beg + kt * BN + j < nv[r], acc_s[r, j], ninf)
+                T.copy(m, m_prev)
+                T.reduce_max(acc_s, m, dim=1, clear=False)
+                for r in T.Parallel(MP):
+                    m_use[r] = T.if_then_else(m[r] == ninf, 0, m[r])
+                    alpha[r] = T.exp2((m_prev[r] - m_use[r]) * sc2)
+                for r, j in T.Parallel(MP, BN):
+                    acc_s[r, j] = T.exp2(acc_s[r, j] * sc2 - m_use[r] * sc2)
+                T.reduce_sum(acc_s, rsum, dim=1)
+                for r in T.Parallel(MP):
+                    lsum[r] = lsum[r] * alpha[r] + rsum[r]
+                T.copy(acc_s, acc_p)
+                for r, k in T.Parallel(MP, Dv):
+                    acc_o[r, k] *= alpha[r]
+                T.copy(V_cmp[b, c_beg + kt * BN:c_beg + (kt + 1) * BN, h, :], V_s, disable_tma=True)
+                T.gemm(acc_p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
+
+            for r, k in T.Parallel(MP, Dv):
+                if r < MR:
+                    O_part[b, h, sid, r, k] = T.if_then_else(lsum[r] > 0, acc_o[r, k] / lsum[r], 0)
+            for r in T.Parallel(MP):
+                if r < MR:
+                    L_part[b, h, sid, r] = T.if_then_else(lsum[r] > 0, T.log2(lsum[r]) + m[r] * sc2, ninf)
+
+    return nsa_decode_cmp
+
+
+# ------------------------------------------------------------------------------------------------
+# topn: per-chunk block scores and exact chunk top-n (candidates)
+# ------------------------------------------------------------------------------------------------
+def _overlap_weights(m, r):
+    """w[u]: stride units shared by compressed block i = j*r - (m-1) + u and selection block j."""
+    return [min(u + 1, r) - max(u - m + 1, 0) for u in range(r + m - 1)]
+
+
+def _build_topn(cfg):
+    HQ, H, ql = cfg.heads_q, cfg.heads_kv, cfg.q_len
+    G, MR, MP = _rows(cfg)
+    l, d, f, lp = cfg.cmp_block, cfg.stride, cfg.first_block, cfg.sel_block
+    n, n_init, n_local = cfg.top_n, cfg.initial, cfg.local
+    NT = CB = cfg.topn_threads
+    m_u, r_u = l // d, lp // d
+    w = _overlap_weights(m_u, r_u)
+    PW = CB * r_u + m_u - 1                 # p entries a chunk needs (its blocks + the halo)
+    PQ = (PW + NT - 1) // NT
+    LQ = (G * MAX_CMP_SPLITS + NT - 1) // NT
+    acc = "float32"
+    ninf, pinf = -T.infinity(acc), T.infinity(acc)
+
+    B, CAPC, SC, NC = T.dynamic("B, CAPC, SC, NC")
+
+    def block_key(P_s, jj):
+        # sum_u w[u] * P_s[jj*r + u]; the weights are compile-time constants
+        e = P_s[jj * r_u] * float(w[0])
+        for u in range(1, r_u + m_u - 1):
+            e = e + P_s[jj * r_u + u] * float(w[u])
+        return e
+
+    @T.prim_func
+    def nsa_decode_topn(
+        Scores: T.Tensor([B, HQ, ql, CAPC], acc),
+        L_part: T.Tensor([B, H, SC, MR], acc),
+        SeqLens: T.Tensor([B], "int32"),
+        CandS: T.Tensor([B, ql, H, NC, n], acc),
+        CandI: T.Tensor([B, ql, H, NC, n], "int32"),
+    ):
+        with T.Kernel(NC, ql * H, B, threads=NT) as (cid, qh, b):
+            Lp_s = T.alloc_shared([G, MAX_CMP_SPLITS], acc)
+            lse_s = T.alloc_shared([G], acc)
+            P_s = T.alloc_shared([PW], acc)
+            Key_s = T.alloc_shared([CB], acc)
+            seq = T.alloc_var("int32")
+            t = T.alloc_var("int32")
+            jt = T.alloc_var("int32")
+            nv = T.alloc_var("int32")
+            mx = T.alloc_var(acc)
+            sm = T.alloc_var(acc)
+            pv = T.alloc_var(acc)
+            key = T.alloc_var(acc)
+            ke = T.alloc_var(acc)
+            rank = T.alloc_var("int32")
+            cc = T.alloc_var("int32")
+            j = T.alloc_var("int32")
+            nvalid = T.alloc_var("int32")
+
+            tx = T.get_thread_binding()
+            qi = qh // H
+            h = qh % H
+            seq = SeqLens[b]
+            t = seq - ql + qi
+            jt = t // lp
+            nv = _nvis(t, l, d, f, CAPC)
+            j0 = cid * CB
+
+            # 1. base-2 lse of each head of the group from the SC split partials
+            for q in T.unroll(LQ):
+                if q * NT + tx < G * MAX_CMP_SPLITS:
+                    Lp_s[(q * NT + tx) // MAX_CMP_SPLITS, (q * NT + tx) % MAX_CMP_SPLITS] = T.if_then_else(
+                        (q * NT + tx) % MAX_CMP_SPLITS < SC,
+                        L_part[b, h, T.min((q * NT + tx) % MAX_CMP_SPLITS, SC - 1), qi * G + (q * NT + tx) // MAX_CMP_SPLITS],
+                        ninf)
+            T.sync_threads()
+            if tx < G:
+                mx = ninf
+                for s in T.unroll(MAX_CMP_SPLITS):
+                    mx = T.max(mx, Lp_s[tx, s])
+                sm = 0
+                for s in T.unroll(MAX_CMP_SPLITS):
+                    sm = sm + T.if_then_else(Lp_s[tx, s] == ninf, 0, T.exp2(Lp_s[tx, s] - mx))
+                lse_s[tx] = T.if_then_else(sm > 0, mx + T.log2(sm), ninf)
+            T.sync_threads()
+
+            # 2. group-summed compression probabilities of the rows this chunk's blocks overlap:
+            #    P_s[x] <-> compressed block i = j0*r - (m-1) + x, row c = i - f
+            for q in T.unroll(PQ):
+                if q * NT + tx < PW:
+                    cc = j0 * r_u - (m_u - 1) - f + q * NT + tx
+                    pv = 0
+                    if (cc >= 0) & (cc < nv):
+                        for g in T.unroll(G):
+                            pv = pv + T.exp2(Scores[b, h * G + g, qi, cc] * _LOG2E - lse_s[g])
+                    P_s[q * NT + tx] = pv
+            T.sync_threads()
+
+            # 3. block key: overlap-weighted sum; forced +inf, invisible -inf
+            j = j0 + tx
+            key = block_key(P_s, tx)
+            if j > jt:
+                key = ninf
+            elif (j < n_init) | (j > jt - n_local):
+                key = pinf
+            Key_s[tx] = key
+            T.sync_threads()
+
+            # 4. exact rank under (key desc, index asc); the chunk's top-n are its candidates
+            rank = 0
+            for e in T.unroll(CB):
+                ke = Key_s[e]
+                rank = rank + T.if_then_else((ke > key) | ((ke == key) & (e < tx)), 1, 0)
+            nvalid = T.min(T.max(jt - j0 + 1, 0), CB)
+            if (rank < n) & (j <= jt):
+                CandS[b, qi, h, cid, rank] = key
+                CandI[b, qi, h, cid, rank] = j
+            if (tx < n) & (tx >= T.min(nvalid, n)):
+                CandS[b, qi, h, cid, tx] = ninf
+                CandI[b, qi, h, cid, tx] = -1
+
+    return nsa_decode_topn
+
+
+# ------------------------------------------------------------------------------------------------
+# sparse: candidate merge + selection / window attention, split-KV
+# ------------------------------------------------------------------------------------------------
+def _build_sparse(cfg):
+    HQ, H, Dk, Dv, ql = cfg.heads_q, cfg.heads_kv, cfg.head_dim_qk, cfg.head_dim_v, cfg.q_len
+    G, MR, MP = _rows(cfg)
+    lp, n, win = cfg.sel_block, cfg.top_n, cfg.window
+    NB = 2 if cfg.separate_window else 1
+    NT = cfg.sparse_threads
+    NCAND = _n_cand_max(cfg)
+    CQ = (NCAND + NT - 1) // NT
+    unroll_merge = NCAND <= 512
+    dtype, acc = cfg.dtype, "float32"
+    sc2 = float(cfg.scale) * _LOG2E
+    ninf = -T.infinity(acc)
+    p_regs = _p_in_regs(MP, NT)
+
+    B, CAP, NC, SS, SW = T.dynamic("B, CAP, NC, SS, SW")
+
+    def tile_start(qsel, Sel_l, ws, ta, kt):
+        # first key of tile kt: a selected block (selection program) or a window tile.  The
+        # block list is read from a per-thread copy: a shared-memory read in the copy address
+        # makes the sync pass put a barrier in every cp.async iteration.
+        return T.if_then_else(qsel >= 0, Sel_l[T.min(ta + kt, n - 1)] * lp, ws + (ta + kt) * lp)
+
+    def slot(qsel):
+        return 0 if NB == 1 else T.if_then_else(qsel >= 0, 0, 1)
+
+    @T.prim_func
+    def nsa_decode_sparse(
+        Q: T.Tensor([B, ql, HQ, Dk], dtype),
+        KV_K: T.Tensor([B, CAP, NB, H, Dk], dtype),
+        KV_V: T.Tensor([B, CAP, NB, H, Dv], dtype),
+        SeqLens: T.Tensor([B], "int32"),
+        CandS: T.Tensor([B, ql, H, NC, n], acc),
+        CandI: T.Tensor([B, ql, H, NC, n], "int32"),
+        BlockIdx: T.Tensor([B, ql, H, n], "int32"),
+        O_slc: T.Tensor([B, H, SS, MR, Dv], acc),
+        L_slc: T.Tensor([B, H, SS, MR], acc),
+        O_win: T.Tensor([B, H, SW, MR, Dv], acc),
+        L_win: T.Tensor([B, H, SW, MR], acc),
+    ):
+        with T.Kernel(SS + SW, H, B, threads=NT) as (sid, h, b):
+            Q_s = T.alloc_shared([MP, Dk], dtype)
+            K_s = T.alloc_shared([lp, Dk], dtype)
+            V_s = T.alloc_shared([lp, Dv], dtype)
+            acc_s = T.alloc_fragment([MP, lp], acc)
+            if p_regs:
+                acc_p = T.alloc_fragment([MP, lp], dtype)
+            else:
+                acc_p = T.alloc_shared([MP, lp], dtype)
+            acc_o = T.alloc_fragment([MP, Dv], acc)
+            m = T.alloc_fragment([MP], acc)
+            m_prev = T.alloc_fragment([MP], acc)
+            m_use = T.alloc_fragment([MP], acc)
+            alpha = T.alloc_fragment([MP], acc)
+            rsum = T.alloc_fragment([MP], acc)
+            lsum = T.alloc_fragment([MP], acc)
+            CS_s = T.alloc_shared([NCAND], acc)
+            CI_s = T.alloc_shared([NCAND], "int32")
+            Rk_s = T.alloc_shared([n], "int32")      # selected block of rank k
+            Sel_s = T.alloc_shared([n], "int32")     # selected blocks ascending, -1 padded
+            Sel_l = T.alloc_local([n], "int32")
+            seq = T.alloc_var("int32")
+            qsel = T.alloc_var("int32")              # query of a selection program, else -1
+            t_sel = T.alloc_var("int32")
+            n_sel = T.alloc_var("int32")
+            ta = T.alloc_var("int32")                # first tile (selection slot / window tile)
+            ntiles = T.alloc_var("int32")
+            ws = T.alloc_var("int32")
+            key = T.alloc_var(acc)
+            idx = T.alloc_var("int32")
+            ke = T.alloc_var(acc)
+            ie = T.alloc_var("int32")
+            rank = T.alloc_var("int32")
+            pos = T.alloc_var("int32")
+            per = T.alloc_var("int32")
+
+            tx = T.get_thread_binding()
+            seq = SeqLens[b]
+            ws = T.max(seq - ql - win + 1, 0)
+            qsel = -1
+            t_sel = 0
+            ta = 0
+            ntiles = 0
+            for r, k in T.Parallel(MP, Dk):
+                Q_s[r, k] = T.if_then_else(r < MR, Q[b, r // G, h * G + r % G, k], T.cast(0, dtype))
+            T.fill(acc_o, 0)
+            T.fill(lsum, 0)
+            T.fill(m, ninf)
+
+            if sid < SS:
+                # ---- selection program: merge the chunk candidates of query qsel
+                qsel = sid // (SS // ql)
+                t_sel = seq - ql + qsel
+                n_sel = T.min(t_sel // lp + 1, n)
+                for q in T.unroll(CQ):
+                    if q * NT + tx < NCAND:
+                        if q * NT + tx < NC * n:
+                            CS_s[q * NT + tx] = CandS[b, qsel, h, (q * NT + tx) // n, (q * NT + tx) % n]
+                            CI_s[q * NT + tx] = CandI[b, qsel, h, (q * NT + tx) // n, (q * NT + tx) % n]
+                        else:
+                            CS_s[q * NT + tx] = ninf
+                            CI_s[q * NT + tx] = -1
+                T.sync_threads()
+                for q in T.unroll(CQ):
+                    if q * NT + tx < NC * n:
+                        key = CS_s[q * NT + tx]
+                        idx = CI_s[q * NT + tx]
+                        if idx >= 0:
+                            rank = 0
+                            if unroll_merge:
+                                for e in T.unroll(NCAND):
+                                    ke = CS_s[e]
+                                    ie = CI_s[e]
+                                    rank = rank + T.if_then_else((ke > key) | ((ke == key) & (ie < idx) & (ie >= 0)), 1, 0)
+                            else:
+                                for e in T.serial(NC * n):
+                                    ke = CS_s[e]
+                                    ie = CI_s[e]
+                                    rank = rank + T.if_then_else((ke > key) | ((ke == key) & (ie < idx) & (ie >= 0)), 1, 0)
+                            if rank < n_sel:
+                                Rk_s[rank] = idx
+                T.sync_threads()
+                if tx < n:
+                    if tx < n_sel:
+                        idx = Rk_s[tx]
+                        pos = 0
+                        for e in T.unroll(n):
+                            pos = pos + T.if_then_else((e < n_sel) & (Rk_s[e] < idx), 1, 0)
+                        Sel_s[pos] = idx
+                    else:
+                        Sel_s[tx] = -1
+                T.sync_threads()
+                if (sid % (SS // ql) == 0) & (tx < n):
+                    BlockIdx[b, qsel, h, tx] = Sel_s[tx]
+                for k in T.unroll(n):
+                    Sel_l[k] = Sel_s[k]
+                per = T.ceildiv(n, SS // ql)
+                ta = (sid % (SS // ql)) * per
+                ntiles = T.max(T.min(ta + per, n_sel) - ta, 0)
+            else:
+                # ---- window program: its share of the key span [ws, seq)
+                per = T.ceildiv(T.ceildiv(seq - ws, lp), SW)
+                ta = (sid - SS) * per
+                ntiles = T.max(T.min(ta + per, T.ceildiv(seq - ws, lp)) - ta, 0)
+
+            for kt in T.Pipelined(ntiles, num_stages=cfg.sparse_stages):
+                # first key of the tile: a selected block, or a window tile
+                T.copy(KV_K[b, tile_start(qsel, Sel_l, ws, ta, kt):tile_start(qsel, Sel_l, ws, ta, kt) + lp,
+                            slot(qsel), h, :], K_s, disable_tma=True)
+                T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                for r, c in T.Parallel(MP, lp):
+                    acc_s[r, c] = T.if_then_else(
+                        T.if_then_else(
+                            qsel >= 0,
+                            (r // G == qsel) & (Sel_l[T.min(ta + kt, n - 1)] * lp + c <= t_sel),
+                            (r < MR) & (ws + (ta + kt) * lp + c <= seq - ql + r // G)
+                            & (ws + (ta + kt) * lp + c > seq - ql + r // G - win)),
+                        acc_s[r, c], ninf)
+                T.copy(m, m_prev)
+                T.reduce_max(acc_s, m, dim=1, clear=False)
+                for r in T.Parallel(MP):
+                    m_use[r] = T.if_then_else(m[r] == ninf, 0, m[r])
+                    alpha[r] = T.exp2((m_prev[r] - m_use[r]) * sc2)
+                for r, c in T.Parallel(MP, lp):
+                    acc_s[r, c] = T.exp2(acc_s[r, c] * sc2 - m_use[r] * sc2)
+                T.reduce_sum(acc_s, rsum, dim=1)
+                for r in T.Parallel(MP):
+                    lsum[r] = lsum[r] * alpha[r] + rsum[r]
+                T.copy(acc_s, acc_p)
+                for r, k in T.Parallel(MP, Dv):
+                    acc_o[r, k] *= alpha[r]
+                T.copy(KV_V[b, tile_start(qsel, Sel_l, ws, ta, kt):tile_start(qsel, Sel_l, ws, ta, kt) + lp,
+                            slot(qsel), h, :], V_s, disable_tma=True)
+                T.gemm(acc_p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
+
+            if sid < SS:
+                for r, k in T.Parallel(MP, Dv):
+                    if r < MR:
+                        O_slc[b, h, sid, r, k] = T.if_then_else(lsum[r] > 0, acc_o[r, k] / lsum[r], 0)
+                for r in T.Parallel(MP):
+                    if r < MR:
+                        L_slc[b, h, sid, r] = T.if_then_else(lsum[r] > 0, T.log2(lsum[r]) + m[r] * sc2, ninf)
+            else:
+                for r, k in T.Parallel(MP, Dv):
+                    if r < MR:
+                        O_win[b, h, sid - SS, r, k] = T.if_then_else(lsum[r] > 0, acc_o[r, k] / lsum[r], 0)
+                for r in T.Parallel(MP):
+                    if r < MR:
+                        L_win[b, h, sid - SS, r] = T.if_then_else(lsum[r] > 0, T.log2(lsum[r]) + m[r] * sc2, ninf)
+
+    return nsa_decode_sparse
+
+
+# ------------------------------------------------------------------------------------------------
+# combine: merge split partials (base 2), gate, write O
+# ------------------------------------------------------------------------------------------------
+def _build_combine(cfg):
+    HQ, H, Dv, ql = cfg.heads_q, cfg.heads_kv, cfg.head_dim_v, cfg.q_len
+    G, MR, MP = _rows(cfg)
+    NT = cfg.combine_threads
+    VEC = 4
+    DG = Dv // VEC                 # thread groups along Dv
+    LN = NT // DG                  # split lanes
+    MS = _max_splits(cfg)
+    SQ = (MS + NT - 1) // NT
+    dtype, acc = cfg.dtype, "float32"
+    ninf = -T.infinity(acc)
+
+    B, SC, SS, SW = T.dynamic("B, SC, SS, SW")
+
+    @T.prim_func
+    def nsa_decode_combine(
+        O_cmp: T.Tensor([B, H, SC, MR, Dv], acc),
+        L_cmp: T.Tensor([B, H, SC, MR], acc),
+        O_slc: T.Tensor([B, H, SS, MR, Dv], acc),
+        L_slc: T.Tensor([B, H, SS, MR], acc),
+        O_win: T.Tensor([B, H, SW, MR, Dv], acc),
+        L_win: T.Tensor([B, H, SW, MR], acc),
+        G_cmp: T.Tensor([B, ql, HQ], dtype),
+        G_slc: T.Tensor([B, ql, HQ], dtype),
+        G_win: T.Tensor([B, ql, HQ], dtype),
+        O: T.Tensor([B, ql, HQ, Dv], dtype),
+    ):
+        with T.Kernel(MR, H, B, threads=NT) as (r, h, b):
+            Ls = T.alloc_shared([3, MS], acc)       # lse per split, then gate * weight
+            tot = T.alloc_shared([3], acc)
+            A_s = T.alloc_shared([LN, Dv], acc)
+            o = T.alloc_local([VEC], acc)
+            mx = T.alloc_var(acc)
+            sm = T.alloc_var(acc)
+            wt = T.alloc_var(acc)
+            sz = T.alloc_var("int32")
+
+            tx = T.get_thread_binding()
+            qi = r // G
+            hq = h * G + r % G
+            lane = tx // DG
+            dg = tx % DG
+            for q in T.unroll(SQ):
+                if q * NT + tx < MS:
+                    Ls[0, q * NT + tx] = T.if_then_else(
+                        q * NT + tx < SC, L_cmp[b, h, T.min(q * NT + tx, SC - 1), r], ninf)
+                    Ls[1, q * NT + tx] = T.if_then_else(
+                        q * NT + tx < SS, L_slc[b, h, T.min(q * NT + tx, SS - 1), r], ninf)
+                    Ls[2, q * NT + tx] = T.if_then_else(
+                        q * NT + tx < SW, L_win[b, h, T.min(q * NT + tx, SW - 1), r], ninf)
+            T.sync_threads()
+            if tx < 3:
+                mx = ninf
+                for s in T.unroll(MS):
+                    mx = T.max(mx, Ls[tx, s])
+                sm = 0
+                for s in T.unroll(MS):
+                    sm = sm + T.if_then_else(Ls[tx, s] == ninf, 0, T.exp2(Ls[tx, s] - mx))
+                tot[tx] = T.if_then_else(sm > 0, mx + T.log2(sm), ninf)
+            T.sync_threads()
+            # gate * exp2(lse_split - lse_branch); 0 for empty splits / branches
+            for q in T.unroll(SQ):
+                if q * NT + tx < MS:
+                    Ls[0, q * NT + tx] = T.if_then_else(
+                        Ls[0, q * NT + tx] == ninf, 0,
+                        T.cast(G_cmp[b, qi, hq], acc) * T.exp2(Ls[0, q * NT + tx] - tot[0]))
+                    Ls[1, q * NT + tx] = T.if_then_else(
+                        Ls[1, q * NT + tx] == ninf, 0,
+                        T.cast(G_slc[b, qi, hq], acc) * T.exp2(Ls[1, q * NT + tx] - tot[1]))
+                    Ls[2, q * NT + tx] = T.if_then_else(
+                        Ls[2, q * NT + tx] == ninf, 0,
+                        T.cast(G_win[b, qi, hq], acc) * T.exp2(Ls[2, q * NT + tx] - tot[2]))
+            T.sync_threads()
+            for v in T.unroll(VEC):
+                o[v] = 0
+            # split lanes: lane handles splits lane, lane + LN, ...; DG threads cover Dv
+            sz = T.ceildiv(T.max(SC - lane, 0), LN)
+            for s in T.serial(sz):
+                wt = Ls[0, lane + s * LN]
+                for v in T.unroll(VEC):
+                    o[v] = o[v] + wt * O_cmp[b, h, lane + s * LN, r, dg * VEC + v]
+            sz = T.ceildiv(T.max(SS - lane, 0), LN)
+            for s in T.serial(sz):
+                wt = Ls[1, lane + s * LN]
+                for v in T.unroll(VEC):
+                    o[v] = o[v] + wt * O_slc[b, h, lane + s * LN, r, dg * VEC + v]
+            sz = T.ceildiv(T.max(SW - lane, 0), LN)
+            for s in T.serial(sz):
+                wt = Ls[2, lane + s * LN]
+                for v in T.unroll(VEC):
+                    o[v] = o[v] + wt * O_win[b, h, lane + s * LN, r, dg * VEC + v]
+            for v in T.unroll(VEC):
+                A_s[lane, dg * VEC + v] = o[v]
+            T.sync_threads()
+            if tx < Dv:
+                wt = 0
+                for e in T.unroll(LN):
+                    wt = wt + A_s[e, tx]
+                O[b, qi, hq, tx] = T.cast(wt, dtype)
+
+    return nsa_decode_combine

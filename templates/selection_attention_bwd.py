@@ -1,0 +1,499 @@
+"""NSA selection-branch attention backward, TileLang.  Three kernels (cfg.part).
+
+Forward: templates/selection_attention.py.  Block j covers keys [j*block, (j+1)*block);
+query t (all G = HQ/H heads of kv head h) sees the keys s <= t (s < T) of each block
+selected in BlockIndices[b, t, h, :] (-1 = pad).  P = exp(scale*q.k - lse); a row with no
+visible key has lse = -inf and gets zero gradients.  With Delta = rowsum(dO*O) - DLSE:
+    dP = dO V^T,  dS = P (dP - Delta),  dQ = scale dS K,  dK = scale dS^T Q,  dV = P^T dO.
+No atomics: every output element is written by exactly one program, sums run in a fixed order.
+
+Layouts (contiguous, row-major); B, T (and P, U, NBU below) dynamic, NB = ceil(T / block):
+  part "dq"     (Q [B,T,HQ,Dk], K [B,T,H,Dk], V [B,T,H,Dv], O [B,T,HQ,Dv], dO [B,T,HQ,Dv],
+                 LSE [B,T,HQ] f32, DLSE [B,T,HQ] f32, BlockIndices [B,T,H,top_n] int32,
+                 dQ [B,T,HQ,Dk] dtype (out), Delta [B,T,HQ] f32 (out))
+      Group-centric like the forward: one program per (token t, kv head h, batch b); the G
+      query heads are the M rows (padded to 16).  Delta is computed first (fp32, from the
+      dtype O and dO) and written out; then a num_stages-deep cp.async pipeline walks the
+      top_n slots: S = Q K^T, dP = dO V^T, dS = P (dP - Delta) (masked), dQ += dS K (fp32
+      registers), dQ written once.  Unusable slots load the block holding t, fully masked.
+  part "dkdv"   (Q, K, V, dO, LSE, Delta, TokIdx [P] int32, UnitBlock [U] int32,
+                 UnitStart [U] int32, UnitEnd [U] int32,
+                 PartK [U, block, Dk] f32 (out), PartV [U, block, Dv] f32 (out))
+      Key-major over a host-built transposed map (block CSR, see devchecks/check_selection_bwd.py
+      build_units): the valid selections sorted by flat block id bid = (b*H + h)*NB + j, then t;
+      TokIdx[p] = t of entry p; unit u = entries [UnitStart[u], UnitEnd[u]) of block UnitBlock[u].
+      One program per unit: K/V of the block (rows >= T zero) in smem, then a pipelined loop
+      over chunks of chunk_rows // G tokens: gather their G query-head rows of Q, dO, LSE,
+      Delta (cp.async; rows past the unit's end repeat its last token and are masked),
+      S^T = K Q^T, dP^T = V dO^T (M = block rows, WGMMA on sm90 when block >= 64),
+      dV += P^T dO, dK += dS^T Q in fp32 registers; all `block` rows of the unit's partial
+      written to PartK[u], PartV[u] (exact zeros where no query sees a key).
+  part "reduce" (PartK [U, block, Dk] f32, PartV [U, block, Dv] f32,
+                 BlockUnitStart [B*H*NB + 1] int32, dK [B,T,H,Dk] dtype (out), dV [B,T,H,Dv] dtype (out))
+      One program per flat block id (grid NB x H x B): sums units BlockUnitStart[bid] ..
+      BlockUnitStart[bid+1]-1 in unit order (deterministic) and writes rows
+      j*block .. min((j+1)*block, T)-1 of head h; a block without units writes zeros.
+
+Schedule fields (defaults):
+  threads = 0            auto: dq 128, dkdv 256, reduce 256.
+  num_stages = 0         auto: dq 2 (K/V slot ring); dkdv 1 (the gather of chunk i+1 is issued
+                         right after chunk i's last use of each buffer).  dkdv > 1 pipelines
+                         static groups of chunk_group chunks (TileLang 0.1.15 can't emit a
+                         multi-stage cp.async epilogue for a dynamic trip count).
+  chunk_rows = 0         dkdv GEMM N rows per chunk (= tokens per chunk * G, >= G); auto 64, or
+                         32 where 64 would not let two programs share an SM.
+  chunk_group = 4        dkdv with num_stages > 1 only.
+  min_blocks_per_sm = 0  auto from smem and registers (dq 2; dkdv 2 when single-stage).
+In dkdv, P^T / dS^T stay in registers as the A operand of the dV / dK GEMMs when all warps
+split the block rows (block >= 16 * warps), else they go through one smem tile.
+"""
+
+import dataclasses
+
+import tilelang.language as T
+
+from ._problem import check_problem
+
+_SMEM_LIMIT = 227 * 1024
+_PARTS = ("dq", "dkdv", "reduce")
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionAttentionBwdConfig:
+    heads_q: int = 64          # HQ
+    heads_kv: int = 4          # H
+    head_dim_qk: int = 128     # Dk
+    head_dim_v: int = 128      # Dv
+    block: int = 64            # selection block size bs
+    top_n: int = 16            # selected blocks per (token, kv head)
+    scale: float = 128 ** -0.5
+    dtype: str = "bfloat16"    # "float16" | "bfloat16"
+    part: str = "dq"           # "dq" | "dkdv" | "reduce"
+    # schedule
+    threads: int = 0           # 0 = auto (dq 128, dkdv 128 or 256 by head dims, reduce 256)
+    num_stages: int = 0        # 0 = auto (dq 2, dkdv 1); dq: K/V slot ring depth;
+                               # dkdv: gathered Q/dO chunk ring depth (1 = next chunk's gather
+                               # overlaps the current chunk after each buffer's last use)
+    chunk_rows: int = 0        # dkdv: GEMM rows (tokens * G) per chunk; 0 = auto (64, or 32
+                               # when two programs per SM would not fit 64 in smem)
+    chunk_group: int = 4       # dkdv with num_stages > 1: chunks per static pipelined group
+    min_blocks_per_sm: int = 0  # dq/dkdv __launch_bounds__ hint; 0 = auto
+
+
+def _stages(cfg):
+    if cfg.num_stages:
+        return cfg.num_stages
+    return 2 if cfg.part == "dq" else 1
+
+
+def _group(cfg):
+    return cfg.heads_q // cfg.heads_kv
+
+
+def _threads(cfg):
+    if cfg.threads:
+        return cfg.threads
+    if cfg.part == "dq":
+        return 128
+    return 256
+
+
+# ---------------------------------------------------------------- dq
+def _dq_rows(cfg):
+    return max(16, _group(cfg))
+
+
+def _dq_ds_in_regs(cfg):
+    # dS is the A operand of dS @ K: each warp needs whole rows, so it stays in
+    # registers only when the warps split just the M rows (as in the forward).
+    return _threads(cfg) // 32 <= _dq_rows(cfg) // 16
+
+
+def _dq_smem(cfg):
+    e = 2
+    m = _dq_rows(cfg)
+    q = m * cfg.head_dim_qk * e * 2          # Q tile + dQ staging
+    do = m * cfg.head_dim_v * e
+    ds = 0 if _dq_ds_in_regs(cfg) else m * cfg.block * e
+    kv = _stages(cfg) * cfg.block * (cfg.head_dim_qk + cfg.head_dim_v) * e
+    return q + do + ds + kv + 8 * m + 1024
+
+
+# ---------------------------------------------------------------- dkdv
+def _chunk_rows(cfg):
+    if cfg.chunk_rows:
+        return cfg.chunk_rows
+    for r in (64, 32):
+        if 2 * (_kv_smem(cfg, r) + 1024) <= 228 * 1024:
+            return r
+    return 32
+
+
+def _kv_pt_in_regs(cfg):
+    # The S^T / dP^T GEMMs (M = block) put warps on M first (16 rows each); if some
+    # warps split the N (= chunk row) columns, P^T rows are spread over warps and
+    # must go through smem to be the A operand of P^T @ dO.
+    return cfg.block % (16 * (_threads(cfg) // 32)) == 0
+
+
+def _kv_smem(cfg, R=None):
+    e = 2
+    R = R or _chunk_rows(cfg)
+    BS = cfg.block
+    kv = BS * (cfg.head_dim_qk + cfg.head_dim_v) * e
+    chunk = _stages(cfg) * (R * (cfg.head_dim_qk + cfg.head_dim_v) * e + 12 * R)
+    pt = 0 if _kv_pt_in_regs(cfg) else BS * R * e    # one tile, P^T then dS^T
+    return kv + chunk + pt + 1024
+
+
+def _kv_regs(cfg):
+    # fp32 accumulators per thread: dK, dV, S^T, dP^T (+ 16-bit P^T, dS^T if in registers)
+    th = _threads(cfg)
+    BS, R = cfg.block, _chunk_rows(cfg)
+    f = BS * (cfg.head_dim_qk + cfg.head_dim_v) / th + 2 * BS * R / th
+    if _kv_pt_in_regs(cfg):
+        f += BS * R / th     # two 16-bit tiles
+    return f
+
+
+def _smem_bytes(cfg):
+    if cfg.part == "dq":
+        return _dq_smem(cfg)
+    if cfg.part == "dkdv":
+        return _kv_smem(cfg)
+    return 1024
+
+
+def _min_blocks(cfg):
+    if cfg.min_blocks_per_sm:
+        return cfg.min_blocks_per_sm
+    by_smem = (228 * 1024) // _smem_bytes(cfg)
+    if cfg.part == "dkdv":
+        # Two programs per SM cap registers at 128 (256 threads): fine for the
+        # single-stage loop (~160 wanted, a few spilled words), heavy spills for
+        # num_stages > 1, which therefore runs one program per SM by default.
+        by_regs = int(65536 // (_threads(cfg) * (_kv_regs(cfg) + 32)))
+        if _stages(cfg) > 1:
+            by_regs = 1
+        return max(1, min(4, by_smem, by_regs))
+    return max(1, min(4, by_smem))
+
+
+def check_config(cfg) -> None:
+    """Raise ValueError naming the offending field if build(cfg) can't work."""
+    check_problem(cfg, parts=_PARTS)
+    if cfg.block not in (32, 64, 128):
+        raise ValueError("block: must be 32, 64 or 128")
+    if not (1 <= cfg.top_n <= 256):
+        raise ValueError("top_n: must be in 1..256")
+    if cfg.threads not in (0, 64, 128, 256):
+        raise ValueError("threads: must be 0 (auto), 64, 128 or 256")
+    if not (0 <= cfg.num_stages <= 4):
+        raise ValueError("num_stages: must be 0 (auto) or in 1..4")
+    if cfg.chunk_rows not in (0, 16, 32, 64, 128):
+        raise ValueError("chunk_rows: must be 0 (auto), 16, 32, 64 or 128")
+    if cfg.chunk_group not in (2, 4, 8, 16):
+        raise ValueError("chunk_group: must be 2, 4, 8 or 16")
+    if not (0 <= cfg.min_blocks_per_sm <= 8):
+        raise ValueError("min_blocks_per_sm: must be in 0..8")
+    warps = _threads(cfg) // 32
+    G = _group(cfg)
+    if cfg.part == "dq":
+        m = _dq_rows(cfg)
+        n_split = max(1, warps // (m // 16))
+        if cfg.block // n_split < 8 or cfg.head_dim_qk // n_split < 8:
+            raise ValueError("threads: too many warps for this block / head_dim_qk")
+    elif cfg.part == "dkdv":
+        if _chunk_rows(cfg) < G:
+            raise ValueError("chunk_rows: must be >= the group size heads_q/heads_kv")
+        m_split = min(warps, cfg.block // 16)
+        while warps % m_split:
+            m_split -= 1
+        n_split = warps // m_split
+        if _chunk_rows(cfg) // n_split < 8 or cfg.head_dim_v // n_split < 8:
+            raise ValueError("threads: too many warps for this block / chunk_rows")
+        if _kv_regs(cfg) > 192:
+            raise ValueError("threads: fp32 accumulators need too many registers; raise threads "
+                             "or lower chunk_rows")
+    if _smem_bytes(cfg) > _SMEM_LIMIT:
+        raise ValueError("num_stages: shared memory for these tiles/num_stages exceeds 227 KiB")
+
+
+def pass_configs(cfg) -> dict:
+    """TileLang pass configs this kernel is compiled with (none needed)."""
+    return {}
+
+
+def build(cfg):
+    """Return the (uncompiled) T.prim_func of cfg.part (see the module docstring)."""
+    check_config(cfg)
+    if cfg.part == "dq":
+        return _build_dq(cfg)
+    if cfg.part == "dkdv":
+        return _build_dkdv(cfg)
+    return _build_reduce(cfg)
+
+
+def _build_dq(cfg):
+    HQ, H = cfg.heads_q, cfg.heads_kv
+    G = HQ // H
+    M = _dq_rows(cfg)
+    Dk, Dv = cfg.head_dim_qk, cfg.head_dim_v
+    BS, NSEL = cfg.block, cfg.top_n
+    dtype = cfg.dtype
+    acc = "float32"
+    sc = float(cfg.scale)
+    threads = _threads(cfg)
+    ds_in_regs = _dq_ds_in_regs(cfg)
+    copy_ann = {"disable_tma": True}   # cp.async pipeline, as in the forward
+    min_blocks = _min_blocks(cfg)
+    ninf = -T.infinity(acc)
+    pinf = T.infinity(acc)
+
+    B, S = T.dynamic("B, T")
+
+    @T.prim_func
+    def selection_attention_bwd_dq(
+        Q: T.Tensor([B, S, HQ, Dk], dtype),
+        K: T.Tensor([B, S, H, Dk], dtype),
+        V: T.Tensor([B, S, H, Dv], dtype),
+        O: T.Tensor([B, S, HQ, Dv], dtype),
+        dO: T.Tensor([B, S, HQ, Dv], dtype),
+        LSE: T.Tensor([B, S, HQ], acc),
+        DLSE: T.Tensor([B, S, HQ], acc),
+        BlockIndices: T.Tensor([B, S, H, NSEL], "int32"),
+        dQ: T.Tensor([B, S, HQ, Dk], dtype),
+        Delta: T.Tensor([B, S, HQ], acc),
+    ):
+        with T.Kernel(S, H, B, threads=threads) as (t, h, b):
+            Q_s = T.alloc_shared([M, Dk], dtype)
+            dO_s = T.alloc_shared([M, Dv], dtype)
+            K_s = T.alloc_shared([BS, Dk], dtype)
+            V_s = T.alloc_shared([BS, Dv], dtype)
+            dQ_s = T.alloc_shared([M, Dk], dtype)
+            lse_s = T.alloc_shared([M], acc)
+            delta_s = T.alloc_shared([M], acc)
+            od = T.alloc_fragment([M, Dv], acc)
+            delta_f = T.alloc_fragment([M], acc)
+            acc_s = T.alloc_fragment([M, BS], acc)
+            acc_dp = T.alloc_fragment([M, BS], acc)
+            if ds_in_regs:
+                ds = T.alloc_fragment([M, BS], dtype)
+            else:
+                ds = T.alloc_shared([M, BS], dtype)
+            acc_dq = T.alloc_fragment([M, Dk], acc)
+            T.no_set_max_nreg()
+            if min_blocks > 1:
+                T.annotate_min_blocks_per_sm(min_blocks)
+
+            # Group rows; padding rows are zero and never stored.
+            for i, d in T.Parallel(M, Dk):
+                Q_s[i, d] = T.if_then_else(i < G, Q[b, t, h * G + i, d], T.cast(0, dtype))
+            for i, d in T.Parallel(M, Dv):
+                dO_s[i, d] = T.if_then_else(i < G, dO[b, t, h * G + i, d], T.cast(0, dtype))
+            # Delta = rowsum(dO * O) - DLSE, fp32 from the dtype values.
+            for i, d in T.Parallel(M, Dv):
+                od[i, d] = T.if_then_else(
+                    i < G, T.cast(dO[b, t, h * G + i, d], acc) * T.cast(O[b, t, h * G + i, d], acc), 0)
+            T.reduce_sum(od, delta_f, dim=1, clear=True)
+            for i in T.Parallel(M):
+                delta_s[i] = T.if_then_else(i < G, delta_f[i] - DLSE[b, t, h * G + i], 0)
+                # lse = -inf (no visible key) or a padding row -> +inf so P = exp(-inf) = 0.
+                lse_s[i] = T.if_then_else(i < G and LSE[b, t, h * G + i] != ninf,
+                                          LSE[b, t, h * G + i], pinf)
+            for i in T.Parallel(M):
+                if i < G:
+                    Delta[b, t, h * G + i] = delta_s[i]
+            T.fill(acc_dq, 0)
+
+            for it in T.Pipelined(NSEL, num_stages=_stages(cfg)):
+                j = BlockIndices[b, t, h, it]
+                ok = (j >= 0) and (j * BS <= t)
+                # Unusable slot: load the (valid, L2-hot) block holding t, mask it all.
+                jl = T.if_then_else(ok, j, t // BS)
+                T.copy(K[b, jl * BS:(jl + 1) * BS, h, :], K_s, annotations=copy_ann)
+                T.copy(V[b, jl * BS:(jl + 1) * BS, h, :], V_s, annotations=copy_ann)
+                T.clear(acc_s)
+                T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                T.clear(acc_dp)
+                T.gemm(dO_s, V_s, acc_dp, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                for i, c in T.Parallel(M, BS):
+                    ds[i, c] = T.if_then_else(
+                        ok and (jl * BS + c <= t),
+                        T.__exp(acc_s[i, c] * sc - lse_s[i]) * (acc_dp[i, c] - delta_s[i]),
+                        0)
+                T.gemm(ds, K_s, acc_dq, policy=T.GemmWarpPolicy.FullRow)
+
+            for i, d in T.Parallel(M, Dk):
+                dQ_s[i, d] = acc_dq[i, d] * sc
+            T.copy(dQ_s[0:G, :], dQ[b, t, h * G:(h + 1) * G, :])
+
+    return selection_attention_bwd_dq
+
+
+def _build_dkdv(cfg):
+    HQ, H = cfg.heads_q, cfg.heads_kv
+    G = HQ // H
+    Dk, Dv = cfg.head_dim_qk, cfg.head_dim_v
+    BS = cfg.block
+    R = _chunk_rows(cfg)
+    C = R // G                       # tokens per chunk
+    dtype = cfg.dtype
+    acc = "float32"
+    sc = float(cfg.scale)
+    threads = _threads(cfg)
+    pt_in_regs = _kv_pt_in_regs(cfg)
+    min_blocks = _min_blocks(cfg)
+    NSTAGE, CG = _stages(cfg), cfg.chunk_group
+
+    B, S, P, U = T.dynamic("B, T, P, U")
+
+    # Chunk ci: entries p0 + ci*C .. (+C); row r <-> (entry p0 + ci*C + r // G,
+    # query head h*G + r % G).  Entries past p1 repeat entry p1-1 (loads stay
+    # in bounds) and are masked out, so a chunk past the unit's end adds 0.
+    @T.macro
+    def chunk(ci, b, h, k0, p0, p1, Q, dO, LSE, Delta, TokIdx, K_s, V_s, Qc, dOc, tok_s, lse_s,
+              delta_s, acc_st, acc_dpt, pt, dst, acc_dk, acc_dv):
+        for r, d in T.Parallel(R, Dk):
+            Qc[r, d] = Q[b, TokIdx[T.min(p0 + ci * C + r // G, p1 - 1)], h * G + r % G, d]
+        for r, d in T.Parallel(R, Dv):
+            dOc[r, d] = dO[b, TokIdx[T.min(p0 + ci * C + r // G, p1 - 1)], h * G + r % G, d]
+        for r in T.Parallel(R):
+            tok_s[r] = TokIdx[T.min(p0 + ci * C + r // G, p1 - 1)]
+        for r in T.Parallel(R):
+            lse_s[r] = LSE[b, TokIdx[T.min(p0 + ci * C + r // G, p1 - 1)], h * G + r % G]
+        for r in T.Parallel(R):
+            delta_s[r] = Delta[b, TokIdx[T.min(p0 + ci * C + r // G, p1 - 1)], h * G + r % G]
+        T.clear(acc_st)
+        T.gemm(K_s, Qc, acc_st, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+        T.clear(acc_dpt)
+        T.gemm(V_s, dOc, acc_dpt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+        for i, r in T.Parallel(BS, R):
+            acc_st[i, r] = T.if_then_else(
+                (p0 + ci * C + r // G < p1) and (k0 + i <= tok_s[r]),
+                T.__exp(acc_st[i, r] * sc - lse_s[r]), 0)
+            pt[i, r] = acc_st[i, r]
+        T.gemm(pt, dOc, acc_dv, policy=T.GemmWarpPolicy.FullRow)
+        for i, r in T.Parallel(BS, R):
+            dst[i, r] = acc_st[i, r] * (acc_dpt[i, r] - delta_s[r])
+        T.gemm(dst, Qc, acc_dk, policy=T.GemmWarpPolicy.FullRow)
+
+
+    @T.prim_func
+    def selection_attention_bwd_dkdv(
+        Q: T.Tensor([B, S, HQ, Dk], dtype),
+        K: T.Tensor([B, S, H, Dk], dtype),
+        V: T.Tensor([B, S, H, Dv], dtype),
+        dO: T.Tensor([B, S, HQ, Dv], dtype),
+        LSE: T.Tensor([B, S, HQ], acc),
+        Delta: T.Tensor([B, S, HQ], acc),
+        TokIdx: T.Tensor([P], "int32"),
+        UnitBlock: T.Tensor([U], "int32"),
+        UnitStart: T.Tensor([U], "int32"),
+        UnitEnd: T.Tensor([U], "int32"),
+        PartK: T.Tensor([U, BS, Dk], acc),
+        PartV: T.Tensor([U, BS, Dv], acc),
+    ):
+        with T.Kernel(U, threads=threads) as u:
+            K_s = T.alloc_shared([BS, Dk], dtype)
+            V_s = T.alloc_shared([BS, Dv], dtype)
+            Qc = T.alloc_shared([R, Dk], dtype)
+            dOc = T.alloc_shared([R, Dv], dtype)
+            tok_s = T.alloc_shared([R], "int32")
+            lse_s = T.alloc_shared([R], acc)
+            delta_s = T.alloc_shared([R], acc)
+            acc_st = T.alloc_fragment([BS, R], acc)
+            acc_dpt = T.alloc_fragment([BS, R], acc)
+            if pt_in_regs:
+                pt = T.alloc_fragment([BS, R], dtype)
+                dst = T.alloc_fragment([BS, R], dtype)
+            else:
+                # One smem tile holds P^T for the dV GEMM, then dS^T for the dK GEMM.
+                pt = T.alloc_shared([BS, R], dtype)
+                dst = pt
+            acc_dk = T.alloc_fragment([BS, Dk], acc)
+            acc_dv = T.alloc_fragment([BS, Dv], acc)
+            T.no_set_max_nreg()
+            if min_blocks > 1:
+                T.annotate_min_blocks_per_sm(min_blocks)
+
+            nb = T.ceildiv(S, BS)
+            bid = UnitBlock[u]          # (b*H + h)*NB + j, >= 0
+            j = T.truncmod(bid, nb)
+            h = T.truncmod(T.truncdiv(bid, nb), H)
+            b = T.truncdiv(bid, nb * H)
+            p0 = UnitStart[u]
+            p1 = UnitEnd[u]
+            k0 = j * BS
+
+            # The block's keys/values, rows past T zero (they are masked anyway).
+            for i, d in T.Parallel(BS, Dk):
+                K_s[i, d] = T.if_then_else(k0 + i < S, K[b, k0 + i, h, d], T.cast(0, dtype))
+            for i, d in T.Parallel(BS, Dv):
+                V_s[i, d] = T.if_then_else(k0 + i < S, V[b, k0 + i, h, d], T.cast(0, dtype))
+            T.fill(acc_dk, 0)
+            T.fill(acc_dv, 0)
+
+            n_chunks = T.ceildiv(p1 - p0, C)
+            if NSTAGE == 1:
+                for ci in T.Pipelined(n_chunks, num_stages=1):
+                    chunk(ci, b, h, k0, p0, p1, Q, dO, LSE, Delta, TokIdx, K_s, V_s, Qc, dOc, tok_s, lse_s,
+                          delta_s, acc_st, acc_dpt, pt, dst, acc_dk, acc_dv)
+            else:
+                # TileLang 0.1.15 can't emit the cp.async epilogue of a multi-stage
+                # pipeline with a dynamic trip count, so the pipelined loop runs over
+                # static groups of CG chunks (the last group's surplus chunks are masked).
+                for og in T.serial(T.ceildiv(n_chunks, CG)):
+                    for cj in T.Pipelined(CG, num_stages=NSTAGE):
+                        chunk(og * CG + cj, b, h, k0, p0, p1, Q, dO, LSE, Delta, TokIdx, K_s, V_s, Qc, dOc, tok_s, lse_s,
+                              delta_s, acc_st, acc_dpt, pt, dst, acc_dk, acc_dv)
+
+            for i, d in T.Parallel(BS, Dk):
+                acc_dk[i, d] = acc_dk[i, d] * sc
+            T.copy(acc_dk, PartK[u, 0:BS, 0:Dk])
+            T.copy(acc_dv, PartV[u, 0:BS, 0:Dv])
+
+    return selection_attention_bwd_dkdv
+
+
+def _build_reduce(cfg):
+    H = cfg.heads_kv
+    Dk, Dv = cfg.head_dim_qk, cfg.head_dim_v
+    BS = cfg.block
+    dtype = cfg.dtype
+    acc = "float32"
+    threads = _threads(cfg)
+
+    B, S, U, NBU = T.dynamic("B, T, U, NBU")
+
+    @T.prim_func
+    def selection_attention_bwd_reduce(
+        PartK: T.Tensor([U, BS, Dk], acc),
+        PartV: T.Tensor([U, BS, Dv], acc),
+        BlockUnitStart: T.Tensor([NBU], "int32"),
+        dK: T.Tensor([B, S, H, Dk], dtype),
+        dV: T.Tensor([B, S, H, Dv], dtype),
+    ):
+        # Block on grid x (NB can exceed 65535); block 0 of every head (the most
+        # units: it is forced for every query) is in the first wave.
+        with T.Kernel(T.ceildiv(S, BS), H, B, threads=threads) as (j, h, b):
+            acc_k = T.alloc_fragment([BS, Dk], acc)
+            acc_v = T.alloc_fragment([BS, Dv], acc)
+            bid = (b * H + h) * T.ceildiv(S, BS) + j
+            u0 = BlockUnitStart[bid]
+            u1 = BlockUnitStart[bid + 1]
+            T.fill(acc_k, 0)
+            T.fill(acc_v, 0)
+            for u in T.serial(u1 - u0):
+                for i, d in T.Parallel(BS, Dk):
+                    acc_k[i, d] += PartK[u0 + u, i, d]
+                for i, d in T.Parallel(BS, Dv):
+                    acc_v[i, d] += PartV[u0 + u, i, d]
+            for i, d in T.Parallel(BS, Dk):
+                if j * BS + i < S:
+                    dK[b, j * BS + i, h, d] = T.cast(acc_k[i, d], dtype)
+            for i, d in T.Parallel(BS, Dv):
+                if j * BS + i < S:
+                    dV[b, j * BS + i, h, d] = T.cast(acc_v[i, d], dtype)
+
+    return selection_attention_bwd_reduce
