@@ -6,7 +6,10 @@ Per-branch ops (torch.library custom ops, each with a fake implementation for to
                               local, scale) -> (block_indices int32, block_counts int32)
   nsa_codegen::selection_attention(q, k, v, block_indices, sel_block, scale) -> (o, lse)
   nsa_codegen::window_attention(q, k, v, window, scale) -> (o, lse)
+  nsa_codegen::gate_combine(o_cmp, g_cmp, o_slc, g_slc, o_win, g_win, kv_heads) -> o
 and `nsa_attention(...)`, the whole forward, which matches `nsa_codegen.reference.nsa_reference`.
+Every op but selection_topn (a discrete choice, not differentiated) is differentiable: its
+autograd calls a backward custom op (`*_bwd`, also with a fake) that runs the backward kernels.
 Layouts: q [B, T, HQ, Dk], k [B, T, H, Dk], v [B, T, H, Dv], k_cmp [B, N, H, Dk], o [B, T, HQ, Dv],
 lse [B, T, HQ] float32 (natural log), block_indices [B, T, H, n]. Scale < 0 means 1/sqrt(Dk).
 """
