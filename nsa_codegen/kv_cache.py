@@ -496,6 +496,34 @@ def nsa_decode(q: torch.Tensor, cache: NSAKVCache, g_cmp: torch.Tensor, g_slc: t
     return (out, idx) if return_indices else out
 
 
+def nsa_decode_reference(q: torch.Tensor, cache: NSAKVCache, g_cmp: torch.Tensor, g_slc: torch.Tensor,
+                         g_win: torch.Tensor, spec: Optional[NSASpec] = None) -> torch.Tensor:
+    """What `nsa_decode` computes, by the reference: reference.nsa_reference over each entry's cached
+    sequence (cached compressed rows included), read at its last q_len positions. O(length) work per
+    step: the CPU path and the oracle, not a fast path. q [B, ql, HQ, Dk] -> o [B, ql, HQ, Dv]."""
+    spec = spec or cache.spec
+    B, ql, HQ, Dk = q.shape
+    if B != cache.batch_size:
+        raise ValueError(f"q batch {B} != cache batch {cache.batch_size}")
+    outs = []
+    for b, L in enumerate(cache.lengths):
+        if L < ql:
+            raise ValueError(f"entry {b} has {L} cached tokens < q_len {ql}: append first")
+
+        def full(x):  # earlier positions' queries / gates do not affect the last ql outputs
+            out = x.new_zeros(1, L, *x.shape[2:])
+            out[:, L - ql:] = x[b:b + 1]
+            return out
+        n = cache.num_cmp_host[b]
+        o = reference.nsa_reference(
+            full(q), cache.k[b:b + 1, :L], cache.v[b:b + 1, :L], full(g_cmp), full(g_slc), full(g_win), spec,
+            k_cmp=cache.k_cmp[b:b + 1, :n] if cache.k_cmp is not None else None,
+            v_cmp=cache.v_cmp[b:b + 1, :n] if cache.v_cmp is not None else None,
+            k_win=cache.k_win[b:b + 1, :L], v_win=cache.v_win[b:b + 1, :L])
+        outs.append(o[:, L - ql:])
+    return torch.cat(outs, 0)
+
+
 def nsa_decode_bytes(spec: NSASpec, length: int, elem_bytes: int = 2) -> int:
     """Bytes of K/V one decode step must read for one sequence of `length` tokens (all kv heads)."""
     c, s, w = spec.compression, spec.selection, spec.window

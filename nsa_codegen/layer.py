@@ -95,15 +95,23 @@ class NativeSparseAttention(nn.Module):
         kv = self.kv_proj[branch](x).view(B, T, H, Dk + Dv)
         return kv[..., :Dk], kv[..., Dk:]
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    def _project(self, x):
+        """x [B, T, hidden] -> q [B, T, HQ, Dk], gates (g_cmp, g_slc, g_win) [B, T, HQ], {branch: (k, v)}."""
         if x.dim() != 3:
             raise ValueError(f"x must be [B, T, hidden], got shape {list(x.shape)}")
         spec = self.spec
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, spec.heads, spec.head_dim)
         g = torch.sigmoid(self.gate(x)).view(B, T, 3, spec.heads)
-        g_cmp, g_slc, g_win = g[:, :, 0], g[:, :, 1], g[:, :, 2]
-        kv = {b: self._kv(x, b) for b in self.branches}
+        return q, (g[:, :, 0], g[:, :, 1], g[:, :, 2]), {b: self._kv(x, b) for b in self.branches}
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        return self._attend(*self._project(x), cu_seqlens)
+
+    def _attend(self, q, gates, kv, cu_seqlens=None):
+        spec = self.spec
+        B, T = q.shape[:2]
+        g_cmp, g_slc, g_win = gates
         # The selection branch's K/V are "the" k, v; a branch that is off borrows them for shape only.
         k, v = kv.get("slc") or kv.get("win") or kv["cmp"]
         k_cmp = v_cmp = k_win = v_win = None
@@ -118,6 +126,50 @@ class NativeSparseAttention(nn.Module):
         o = attn(q, k, v, g_cmp, g_slc, g_win, spec, k_cmp=k_cmp, v_cmp=v_cmp, k_win=k_win, v_win=v_win,
                  cu_seqlens=cu_seqlens)
         return self.o_proj(o.reshape(B, T, spec.heads * spec.v_head_dim))
+
+    # ---- inference: prefill, then one step at a time against an NSAKVCache -----------------------
+    def new_cache(self, batch_size: int, capacity: int, device=None, dtype=None):
+        """An `NSAKVCache` for this layer: the selection and window branches' own K/V, and the
+        compression branch's raw K/V pooled by this layer's phi (k_phi / v_phi) block by block."""
+        from .kv_cache import NSAKVCache, compressor_phi
+        on_cmp = "cmp" in self.branches
+        return NSAKVCache(self.spec, batch_size, capacity, device=device or self.q_proj.weight.device,
+                          dtype=dtype or getattr(torch, self.spec.dtype),
+                          separate_window="win" in self.branches and "slc" in self.branches,
+                          separate_cmp=on_cmp, phi_k=compressor_phi(self.k_phi) if on_cmp else None,
+                          phi_v=compressor_phi(self.v_phi) if on_cmp else None)
+
+    def _append(self, cache, kv, seqlens=None):
+        dt = cache.dtype
+        k, v = kv.get("slc") or kv.get("win") or kv["cmp"]
+        win = kv.get("win") if cache.separate_window else None
+        cmp_kv = kv.get("cmp") if cache.separate_cmp else None
+        cache.append(k.to(dt), v.to(dt), *(x.to(dt) for x in win) if win else (None, None), seqlens,
+                     k_cmp_new=cmp_kv[0].to(dt) if cmp_kv else None, v_cmp_new=cmp_kv[1].to(dt) if cmp_kv else None)
+
+    @torch.no_grad()
+    def prefill(self, x: torch.Tensor, cache, seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """The forward over x [B, T, hidden] (entry b's first seqlens[b] tokens are real, default all),
+        writing every branch's K/V into `cache` (emptied first). Returns y [B, T, hidden]."""
+        cache.reset()
+        q, gates, kv = self._project(x)
+        self._append(cache, kv, seqlens)
+        return self._attend(q, gates, kv)
+
+    @torch.no_grad()
+    def decode(self, x_new: torch.Tensor, cache) -> torch.Tensor:
+        """x_new [B, s, hidden] (s = 1..8 new tokens per entry, appended to `cache`) -> y [B, s, hidden],
+        equal to the full forward's output at those positions. Runs `nsa_decode`'s kernels on CUDA
+        (backend auto/kernels; all three branches on) and the reference otherwise."""
+        from .kv_cache import nsa_decode, nsa_decode_reference
+        spec = self.spec
+        B, s = x_new.shape[:2] if x_new.dim() == 3 else (0, 0)
+        q, gates, kv = self._project(x_new)
+        self._append(cache, kv)
+        use_kernels = self.backend != "reference" and q.is_cuda
+        fn = nsa_decode if use_kernels else nsa_decode_reference
+        o = fn(q.to(cache.dtype), cache, *(g.to(cache.dtype) for g in gates), spec)
+        return self.o_proj(o.to(x_new.dtype).reshape(B, s, spec.heads * spec.v_head_dim))
 
     def _compress(self, k, v, cu_seqlens):
         if cu_seqlens is None:

@@ -71,3 +71,28 @@ def test_layer_rejects_bad_input():
         layer(torch.randn(10, 32))
     with pytest.raises(TypeError, match="NSASpec"):
         NativeSparseAttention(32, {"heads": 4})
+
+
+@pytest.mark.parametrize("pool", ["mlp", "mean"])
+def test_prefill_then_decode_equals_the_full_forward(pool):
+    """Prefill a cache, then decode 1 and 2 tokens at a time: each step's output equals the full
+    forward's at those positions (CPU: the reference path; the kernels: benchmarks/bench_decode.py)."""
+    spec = NSASpec(heads=4, kv_heads=2, head_dim=64, v_head_dim=64, dtype="bfloat16",
+                   compression=CompressionBranch(32, 16, pool), selection=SelectionBranch(32, 4, 1, 1),
+                   window=WindowBranch(64))
+    torch.manual_seed(3)
+    layer = NativeSparseAttention(48, spec).bfloat16()
+    B, T0, T = 2, 150, 190
+    x = torch.randn(B, T, 48).bfloat16()
+    with torch.no_grad():
+        full = layer(x)
+    cache = layer.new_cache(B, 256, device="cpu")
+    y0 = layer.prefill(x[:, :T0], cache)
+    torch.testing.assert_close(y0.float(), full[:, :T0].float(), rtol=2e-2, atol=2e-2)
+    t = T0
+    while t < T:
+        s = 1 if t % 3 else 2
+        y = layer.decode(x[:, t:t + s], cache)
+        torch.testing.assert_close(y.float(), full[:, t:t + s].float(), rtol=2e-2, atol=2e-2)
+        t += s
+    assert cache.lengths == [T, T]
