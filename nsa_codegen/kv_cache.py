@@ -30,11 +30,11 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import reference
+from .ops import _DTYPES
 from .ops import _empty as _ws  # NaN / -7 poisoned under NSA_CODEGEN_POISON_OUTPUTS=1 (tests)
 from .resources import template_module
 from .spec import NSASpec
 
-_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _ROW_PAD = 128           # tile over-read / dropped-write padding rows (>= any tile)
 _GATHER_BUDGET = 1 << 26  # elements per phi call when compressing many blocks at once
 

@@ -112,8 +112,7 @@ class NativeSparseAttention(nn.Module):
         spec = self.spec
         B, T = q.shape[:2]
         g_cmp, g_slc, g_win = gates
-        # The selection branch's K/V are "the" k, v; a branch that is off borrows them for shape only.
-        k, v = kv.get("slc") or kv.get("win") or kv["cmp"]
+        k, v = _main_kv(kv)
         k_cmp = v_cmp = k_win = v_win = None
         if "cmp" in kv:
             k_cmp, v_cmp = self._compress(*kv["cmp"], cu_seqlens)
@@ -141,7 +140,7 @@ class NativeSparseAttention(nn.Module):
 
     def _append(self, cache, kv, seqlens=None):
         dt = cache.dtype
-        k, v = kv.get("slc") or kv.get("win") or kv["cmp"]
+        k, v = _main_kv(kv)
         win = kv.get("win") if cache.separate_window else None
         cmp_kv = kv.get("cmp") if cache.separate_cmp else None
         cache.append(k.to(dt), v.to(dt), *(x.to(dt) for x in win) if win else (None, None), seqlens,
@@ -163,8 +162,8 @@ class NativeSparseAttention(nn.Module):
         (backend auto/kernels; all three branches on) and the reference otherwise."""
         from .kv_cache import nsa_decode, nsa_decode_reference
         spec = self.spec
-        B, s = x_new.shape[:2] if x_new.dim() == 3 else (0, 0)
         q, gates, kv = self._project(x_new)
+        B, s = q.shape[:2]
         self._append(cache, kv)
         use_kernels = self.backend != "reference" and q.is_cuda
         fn = nsa_decode if use_kernels else nsa_decode_reference
@@ -179,6 +178,12 @@ class NativeSparseAttention(nn.Module):
         ks = [self.k_phi(k[:, a:b]) for a, b in zip(bounds, bounds[1:])]
         vs = [self.v_phi(v[:, a:b]) for a, b in zip(bounds, bounds[1:])]
         return torch.cat(ks, 1), torch.cat(vs, 1)
+
+
+def _main_kv(kv: dict):
+    """The selection branch's K/V are "the" k, v; with selection off, a branch that is on lends them
+    (for shape only: nsa_attention / the cache then read that branch's own K/V)."""
+    return kv.get("slc") or kv.get("win") or kv["cmp"]
 
 
 def _attention_fn(q: torch.Tensor, backend: str = "auto"):

@@ -84,7 +84,10 @@ def _key(kind, q, k, v_dim, scale, **params) -> KernelKey:
 
 
 def _launch(key: KernelKey, *tensors):
-    kernel = get_kernel(key)
+    _run(get_kernel(key), *tensors)
+
+
+def _run(kernel, *tensors):
     try:
         kernel(*tensors)
     except Exception as e:
@@ -220,16 +223,24 @@ def gate_combine(o_cmp: Optional[torch.Tensor], g_cmp: Optional[torch.Tensor], o
                              f"got {list(o.shape)} and {list(g.shape)}")
     if HQ % kv_heads or HQ // kv_heads not in SUPPORTED_GROUPS:
         raise ValueError(f"kv_heads ({kv_heads}) must divide the {HQ} heads into a supported group")
-    key = KernelKey.make(arch=_arch(first), kind="gate_combine", dtype=_DTYPES[first.dtype], head_dim=0,
-                         v_head_dim=Dv, kv_heads=kv_heads, group=HQ // kv_heads,
-                         branches=".".join(n for n, _, _ in pairs))
     out = _empty((B, T, HQ, Dv), first.dtype, first.device)
-    slots = {n: (_c(o), _c(g)) for n, o, g in pairs}
-    filler = slots[pairs[0][0]]  # an off branch is never read; any tensor of the right shape fills its slot
-    args = [x for n in ("cmp", "slc", "win") for x in slots.get(n, filler)]
     if T:
-        _launch(key, *args, out)
+        _launch(_gate_key("gate_combine", first, kv_heads, pairs),
+                *_gate_slots({n: (_c(o), _c(g)) for n, o, g in pairs}), out)
     return out
+
+
+def _gate_key(kind: str, first: torch.Tensor, kv_heads: int, pairs) -> KernelKey:
+    B, T, HQ, Dv = first.shape
+    return KernelKey.make(arch=_arch(first), kind=kind, dtype=_DTYPES[first.dtype], head_dim=0, v_head_dim=Dv,
+                          kv_heads=kv_heads, group=HQ // kv_heads, branches=".".join(n for n, _, _ in pairs))
+
+
+def _gate_slots(per_branch: dict) -> list:
+    """The kernel's cmp, slc, win slots: a branch that is off is never read or written, so the first
+    present branch's tensors (of the right shape) fill its slots."""
+    filler = next(iter(per_branch.values()))
+    return [x for n in ("cmp", "slc", "win") for x in per_branch.get(n, filler)]
 
 
 @gate_combine.register_fake
@@ -250,21 +261,22 @@ def _delta_inputs(do, dlse, o, lse):
     return do, dlse
 
 
-def _attention_bwd(kind_dq: str, kind_dkdv: str, key_params: dict, q, k, v, o, lse, do, dlse, scale):
-    """Launch the dq kernel (writes dq, delta) then the dk/dv kernel of a branch whose dk/dv kernel
-    writes dk, dv directly (window); returns (dq, dk, dv)."""
-    B, T, HQ, Dk = q.shape
+def _dq_and_delta(kind_dq: str, params: dict, q, k, v, o, lse, do, dlse, scale, *extra):
+    """The dq phase every branch's backward starts with: launch kind_dq's kernel on
+    (q, k, v, o, do, lse, dlse, *extra) -> (dq, delta = rowsum(do * o) - dlse).
+
+    Returns (dq, delta, (q, k, v, do, lse) made contiguous, for the dk/dv kernels)."""
+    B, T, HQ, _ = q.shape
     do, dlse = _delta_inputs(do, dlse, o, lse)
-    dq = _empty(q.shape, q.dtype, q.device)
-    dk = _empty(k.shape, k.dtype, k.device)
-    dv = _empty(v.shape, v.dtype, v.device)
-    if T == 0 or k.shape[1] == 0:
-        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
-    delta = _empty((B, T, HQ), torch.float32, q.device)
     q, k, v, o, lse = (_c(x) for x in (q, k, v, o, lse))
-    _launch(_key(kind_dq, q, k, v.shape[3], scale, **key_params), q, k, v, o, do, lse, dlse, dq, delta)
-    _launch(_key(kind_dkdv, q, k, v.shape[3], scale, **key_params), q, k, v, do, lse, delta, dk, dv)
-    return dq, dk, dv
+    dq = _empty(q.shape, q.dtype, q.device)
+    delta = _empty((B, T, HQ), torch.float32, q.device)
+    _launch(_key(kind_dq, q, k, v.shape[3], scale, **params), q, k, v, o, do, lse, dlse, *extra, dq, delta)
+    return dq, delta, (q, k, v, do, lse)
+
+
+def _no_grads(q, k, v):
+    return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
 
 
 @torch.library.custom_op("nsa_codegen::compression_attention_bwd", mutates_args=())
@@ -278,25 +290,18 @@ def compression_attention_bwd(do: Optional[torch.Tensor], dlse: Optional[torch.T
     tokens) and writes fp32 partials [S, B, N, H, D]; their sum over S is taken here, in order."""
     B, T, HQ, Dk = q.shape
     N = k_cmp.shape[1]
-    do, dlse = _delta_inputs(do, dlse, o, lse)
     if T == 0 or N == 0:
-        return q.new_zeros(q.shape), k_cmp.new_zeros(k_cmp.shape), v_cmp.new_zeros(v_cmp.shape)
+        return _no_grads(q, k_cmp, v_cmp)
     params = dict(cmp_block=block, stride=stride, first_block=first_block)
-    q, k_cmp, v_cmp, o, lse = (_c(x) for x in (q, k_cmp, v_cmp, o, lse))
-    dq = _empty(q.shape, q.dtype, q.device)
-    delta = _empty((B, T, HQ), torch.float32, q.device)
-    _launch(_key("compression_bwd_dq", q, k_cmp, v_cmp.shape[3], scale, **params),
-            q, k_cmp, v_cmp, o, do, lse, dlse, dq, delta)
+    dq, delta, (q, k_cmp, v_cmp, do, lse) = _dq_and_delta("compression_bwd_dq", params, q, k_cmp, v_cmp, o, lse,
+                                                          do, dlse, scale)
     dkdv = get_kernel(_key("compression_bwd_dkdv", q, k_cmp, v_cmp.shape[3], scale, **params))
     # S as templates/compression_attention_bwd.splits computes it (kv_splits, 0 = stride // 16);
     # read from the schedule so a prebuilt kernel needs no template import.
     S = dict(dkdv.key.schedule or ()).get("kv_splits", 0) or max(1, stride // 16)
     part_k = _empty((S, B, N, k_cmp.shape[2], Dk), torch.float32, q.device)
     part_v = _empty((S, B, N, v_cmp.shape[2], v_cmp.shape[3]), torch.float32, q.device)
-    try:
-        dkdv(q, k_cmp, v_cmp, do, lse, delta, part_k, part_v)
-    except Exception as e:
-        raise RuntimeError(f"launching {dkdv.key} failed: {type(e).__name__}: {e}") from e
+    _run(dkdv, q, k_cmp, v_cmp, do, lse, delta, part_k, part_v)
     return dq, part_k.sum(0).to(k_cmp.dtype), part_v.sum(0).to(v_cmp.dtype)
 
 
@@ -310,8 +315,14 @@ def window_attention_bwd(do: Optional[torch.Tensor], dlse: Optional[torch.Tensor
                          k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, window: int,
                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of window_attention."""
-    return _attention_bwd("window_bwd_dq", "window_bwd_dkdv", dict(window=window),
-                          q, k, v, o, lse, do, dlse, scale)
+    if q.shape[1] == 0:
+        return _no_grads(q, k, v)
+    params = dict(window=window)
+    dq, delta, (q, k, v, do, lse) = _dq_and_delta("window_bwd_dq", params, q, k, v, o, lse, do, dlse, scale)
+    dk = _empty(k.shape, k.dtype, k.device)
+    dv = _empty(v.shape, v.dtype, v.device)
+    _launch(_key("window_bwd_dkdv", q, k, v.shape[3], scale, **params), q, k, v, do, lse, delta, dk, dv)
+    return dq, dk, dv
 
 
 @window_attention_bwd.register_fake
@@ -366,15 +377,11 @@ def selection_attention_bwd(do: Optional[torch.Tensor], dlse: Optional[torch.Ten
                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of selection_attention; dk/dv run over the transposed block map."""
     B, T, HQ, Dk = q.shape
-    n = block_indices.shape[3]
-    params = dict(sel_block=sel_block, top_n=n)
-    do, dlse = _delta_inputs(do, dlse, o, lse)
     if T == 0:
-        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
-    q, k, v, o, lse, bi = (_c(x) for x in (q, k, v, o, lse, block_indices.to(torch.int32)))
-    dq = _empty(q.shape, q.dtype, q.device)
-    delta = _empty((B, T, HQ), torch.float32, q.device)
-    _launch(_key("selection_bwd_dq", q, k, v.shape[3], scale, **params), q, k, v, o, do, lse, dlse, bi, dq, delta)
+        return _no_grads(q, k, v)
+    params = dict(sel_block=sel_block, top_n=block_indices.shape[3])
+    bi = _c(block_indices.to(torch.int32))
+    dq, delta, (q, k, v, do, lse) = _dq_and_delta("selection_bwd_dq", params, q, k, v, o, lse, do, dlse, scale, bi)
     tok_idx, unit_block, unit_start, unit_end, block_unit_start = selection_block_units(bi, T, sel_block)
     U = unit_block.shape[0]
     part_k = _empty((max(U, 1), sel_block, Dk), torch.float32, q.device)
@@ -402,17 +409,10 @@ def gate_combine_bwd(do: torch.Tensor, o_cmp: Optional[torch.Tensor], g_cmp: Opt
     pairs = [(n, o, g) for n, o, g in (("cmp", o_cmp, g_cmp), ("slc", o_slc, g_slc), ("win", o_win, g_win))
              if o is not None]
     first = pairs[0][1]
-    B, T, HQ, Dv = first.shape
-    key = KernelKey.make(arch=_arch(first), kind="gate_combine_bwd", dtype=_DTYPES[first.dtype], head_dim=0,
-                         v_head_dim=Dv, kv_heads=kv_heads, group=HQ // kv_heads,
-                         branches=".".join(n for n, _, _ in pairs))
     grads = {n: (_empty(o.shape, o.dtype, o.device), _empty(g.shape, g.dtype, g.device)) for n, o, g in pairs}
-    slots = {n: (_c(o), _c(g)) for n, o, g in pairs}
-    fill_in, fill_out = slots[pairs[0][0]], grads[pairs[0][0]]
-    ins = [x for n in ("cmp", "slc", "win") for x in slots.get(n, fill_in)]
-    outs = [x for n in ("cmp", "slc", "win") for x in grads.get(n, fill_out)]
-    if T:
-        _launch(key, _c(do.to(first.dtype)), *ins, *outs)
+    if first.shape[1]:
+        _launch(_gate_key("gate_combine_bwd", first, kv_heads, pairs), _c(do.to(first.dtype)),
+                *_gate_slots({n: (_c(o), _c(g)) for n, o, g in pairs}), *_gate_slots(grads))
     return [x for n, _, _ in pairs for x in grads[n]]
 
 
