@@ -7,7 +7,7 @@ block_indices, block_counts, o_cmp, o_slc, o_win, and the gates g_cmp, g_slc, g_
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .kernel_key import KernelKey
 from .spec import NSASpec
@@ -94,20 +94,18 @@ def lower_to_plan(spec: NSASpec, arch: str = "sm90", explicit_indices: bool = Fa
     branches = ".".join(o.split("_")[1] for _, o in combine)
     key = KernelKey.make(kind="gate_combine", **{**common, "head_dim": 0, "scale": None}, branches=branches)
     calls.append(KernelCall("gate_combine", key, tuple(x for pair in combine for x in (pair[1], pair[0])), ("o",)))
-    return KernelPlan(spec, arch, tuple(calls), tuple(combine), _lower_backward(calls, combine))
+    return KernelPlan(spec, arch, tuple(calls), tuple(combine), _lower_backward(calls))
 
 
-def _lower_backward(calls: list[KernelCall], combine: list[tuple[str, str]]) -> tuple[KernelCall, ...]:
+def _lower_backward(calls: list[KernelCall]) -> tuple[KernelCall, ...]:
     """Backward kernels for the forward `calls`: the gate backward first, then per attention branch a
     query-major dq kernel (which also writes Delta) and a key-major dk/dv kernel; selection's dk/dv
-    runs over a transposed block map and a deterministic reduction."""
+    runs over a transposed block map and a deterministic reduction. A backward kernel's key is its
+    forward's with another kind (the same problem parameters)."""
     out = []
     for c in calls:
-        p = c.key.param
-        k = c.key
-        def make(kind):
-            return KernelKey.make(kind=kind, arch=k.arch, dtype=k.dtype, head_dim=k.head_dim,
-                                  v_head_dim=k.v_head_dim, kv_heads=k.kv_heads, group=k.group, scale=k.scale, **p)
+        def make(kind, fwd=c.key):
+            return replace(fwd, kind=kind)
         if c.kind == "gate_combine":
             out.insert(0, KernelCall("gate_combine_bwd", make("gate_combine_bwd"),
                                      ("do",) + c.inputs, tuple(f"d{x}" for x in c.inputs)))
