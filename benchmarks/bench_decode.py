@@ -24,8 +24,9 @@ import traceback
 import torch
 
 from nsa_codegen import reference
-from nsa_codegen.kv_cache import (NSAKVCache, decode_configs, nsa_decode, nsa_decode_bytes,
-                                  precompile_decode)
+from nsa_codegen.cache import precompile
+from nsa_codegen.kv_cache import NSAKVCache, nsa_decode, nsa_decode_bytes
+from nsa_codegen.lowering import lower_decode
 from nsa_codegen.spec import NSASpec
 
 FAILS = []
@@ -290,15 +291,15 @@ def main():
     else:
         cases.append(("bf16 G=8 Dk=192 f=1 l'=32 w=128 sep-window q_len=2", ODD, 2, [3, 97, 1201], 9, True))
     t0 = time.time()
-    cfgs = []
+    keys = []
     for _, spec, ql, lens, steps, sep in cases:
-        cfgs += decode_configs(spec, ql, separate_window=sep, capacity=max(lens) + steps * ql + 3).values()
+        keys += [c.key for c in lower_decode(spec, "sm90", ql, sep, max(lens) + steps * ql + 3)]
     if not a.no_bench:
-        cfgs += decode_configs(PAPER, 1, capacity=128 * 1024).values()
-    for part, err, sec in precompile_decode(cfgs, jobs=a.jobs):
+        keys += [c.key for c in lower_decode(PAPER, "sm90", 1, False, 128 * 1024)]
+    for key, err, sec in precompile(keys, jobs=a.jobs):
         if err:
-            note(f"compile {part}", False, err)
-    print(f"compiled {len(set(cfgs))} kernels in {time.time() - t0:.0f} s", flush=True)
+            note(f"compile {key}", False, err)
+    print(f"compiled {len(set(keys))} kernels in {time.time() - t0:.0f} s", flush=True)
     os.environ["NSA_CODEGEN_POISON_OUTPUTS"] = "1"
     for tag, spec, ql, lens, steps, sep in cases:
         try:

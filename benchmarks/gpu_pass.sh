@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One GPU pass on the lent H100. Logs and results go to $OUT.
-#   bash benchmarks/gpu_pass.sh [tests|bench|first|all|bwdtests|bwdbench|train|decode] [pytest -k expr]
+#   bash benchmarks/gpu_pass.sh [tests|bench|first|all|bwdtests|bwdbench|train|decodetests|decodebench|tune]
 #   tests: forward GPU tests; bwdtests: backward GPU tests; bench / bwdbench: forward / forward+backward
-#   benchmarks; first: first-call latency; train: benchmarks/train_tiny.py; decode: decode tests + benchmark
+#   benchmarks; first: first-call latency; train: benchmarks/train_tiny.py; decodetests: the KV cache,
+#   decode and layer GPU tests; decodebench: benchmarks/bench_decode.py; tune: `nsa-codegen tune` of the
+#   default set for $2 minutes (records appended to $OUT/tuning_logs/sm90/, seeded from the repo's)
 set -uo pipefail
 what=${1:-all}
 mkdir -p /tmp/site
@@ -20,6 +22,21 @@ fi
 if [[ $what == bwdtests ]]; then
   python3 -m pytest -q tests/test_ops_backward.py ${2:+-k "$2"} 2>&1 | tee "$OUT/bwdtests.log" | tail -40
   rc=${PIPESTATUS[0]}
+fi
+if [[ $what == decodetests ]]; then
+  python3 -m pytest -q tests/test_kv_cache.py tests/test_layer.py -m gpu 2>&1 | tee "$OUT/decodetests.log" | tail -30
+  rc=${PIPESTATUS[0]}
+fi
+if [[ $what == decodebench ]]; then
+  python3 benchmarks/bench_decode.py ${2:+$2} 2>&1 | grep -v INFO | tee "$OUT/decodebench.log" | tail -40
+  rc=${PIPESTATUS[0]}
+fi
+if [[ $what == tune ]]; then
+  mkdir -p "$OUT/tuning_logs/sm90"
+  [ -f "$OUT/tuning_logs/sm90/NVIDIA_H100_80GB_HBM3.jsonl" ] || cp tuning_logs/sm90/*.jsonl "$OUT/tuning_logs/sm90/" 2>/dev/null
+  NSA_CODEGEN_TUNING_DIR="$OUT/tuning_logs" python3 -m nsa_codegen tune --arch sm90 --budget-minutes "${2:-8}" ${3:-} \
+    2>&1 | grep -v "INFO\|Warning\|hoisted\|Hoisting" | tee -a "$OUT/tune.log" | tail -25
+  NSA_CODEGEN_TUNING_DIR="$OUT/tuning_logs" python3 -m nsa_codegen tune --arch sm90 --report > "$OUT/tune_report.txt"
 fi
 if [[ $what == bwdbench ]]; then
   python3 benchmarks/bench_backward.py --out "$OUT" 2>&1 | tee "$OUT/bwdbench.log" | grep -v "^\s*$" | tail -60

@@ -67,17 +67,18 @@ class BuildResult:
     error: str | None = None
 
 
-def _plan_calls(spec: NSASpec, arch: str, backward: bool):
+def _plan_calls(spec: NSASpec, arch: str, backward: bool, decode: bool):
     plan = lower_to_plan(spec, arch)
-    return plan.all_calls if backward else plan.calls
+    return plan.calls + (plan.backward if backward else ()) + (plan.decode if decode else ())
 
 
-def plan_keys(specs: dict[str, NSASpec], arch: str, backward: bool = True) -> list[tuple[KernelKey, str]]:
-    """Every distinct kernel of the specs' plans (forward, and backward unless backward=False), with its
-    schedule resolved: (key, source)."""
+def plan_keys(specs: dict[str, NSASpec], arch: str, backward: bool = True,
+              decode: bool = True) -> list[tuple[KernelKey, str]]:
+    """Every distinct kernel of the specs' plans (forward; backward and one-token decode unless
+    turned off), with its schedule resolved: (key, source)."""
     problems = {}
     for spec in specs.values():
-        for call in _plan_calls(spec, arch, backward):
+        for call in _plan_calls(spec, arch, backward, decode):
             problems.setdefault(call.key, None)
     out = []
     for problem in problems:
@@ -157,17 +158,17 @@ def _progress(done: int, total: int, r: BuildResult, stream=None):
 
 
 def build(specs: dict[str, NSASpec], arch: str, out: Path | str, jobs: int | None = None,
-          force: bool = False, progress=_progress, backward: bool = True) -> list[BuildResult]:
-    """Compile every kernel of `specs` for `arch` (forward, and backward unless backward=False) into
-    out/<arch>/; returns one result per kernel."""
+          force: bool = False, progress=_progress, backward: bool = True, decode: bool = True) -> list[BuildResult]:
+    """Compile every kernel of `specs` for `arch` (forward; backward and one-token decode unless
+    turned off) into out/<arch>/; returns one result per kernel."""
     arch = normalize_arch(arch)
     if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
         raise RuntimeError("nvcc not found: building kernels needs the CUDA toolkit (set PATH or CUDA_HOME)")
     arch_dir = Path(out) / arch
-    keys = plan_keys(specs, arch, backward)
+    keys = plan_keys(specs, arch, backward, decode)
     users: dict[str, list[str]] = {}
     for name, spec in specs.items():
-        for call in _plan_calls(spec, arch, backward):
+        for call in _plan_calls(spec, arch, backward, decode):
             users.setdefault(call.key.problem_id, []).append(name)
     results: list[BuildResult] = []
     with _build_lock(arch_dir):

@@ -91,7 +91,8 @@ def _build(args) -> int:
         return 2
     print(f"building {len(specs)} spec(s) for {arch} into {os.path.join(args.out, arch)}")
     try:
-        results = build(specs, arch, args.out, jobs=args.jobs, force=args.force, backward=not args.forward_only)
+        results = build(specs, arch, args.out, jobs=args.jobs, force=args.force, backward=not args.forward_only,
+                        decode=not (args.forward_only or args.no_decode))
     except RuntimeError as e:
         print(f"nsa-codegen build: {e}", file=sys.stderr)
         return 2
@@ -151,6 +152,20 @@ def _cache_clear(args) -> int:
     return 0
 
 
+def _tune_report(arch: str) -> int:
+    from .tuning import speedups
+    rows = speedups(arch)
+    if not rows:
+        print(f"no tuning records for {arch} under tuning_logs/{arch}/")
+        return 0
+    print(f"{'default ms':>11} {'tuned ms':>10} {'speedup':>8} {'tried':>6}  problem")
+    for r in rows:
+        d = f"{r['default_ms']:.4f}" if r["default_ms"] is not None else "-"
+        sp = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
+        print(f"{d:>11} {r['best_ms']:>10.4f} {sp:>8} {r['candidates']:>6}  {r['problem']}")
+    return 0
+
+
 def _tune(args) -> int:
     from .build import default_build_set
     from .lowering import lower_to_plan, normalize_arch
@@ -160,6 +175,8 @@ def _tune(args) -> int:
     except (ValueError, OSError) as e:
         print(f"nsa-codegen tune: {e}", file=sys.stderr)
         return 2
+    if args.report:
+        return _tune_report(arch)
     try:
         import torch
         if not torch.cuda.is_available():
@@ -169,7 +186,10 @@ def _tune(args) -> int:
     except ImportError as e:
         print(f"nsa-codegen tune: {e}", file=sys.stderr)
         return 2
-    problems = list(dict.fromkeys(c.key for s in specs.values() for c in lower_to_plan(s, arch).calls))
+    plans = [lower_to_plan(s, arch) for s in specs.values()]
+    # Forward kernels first, then backward, then decode: an interrupted tune has covered the most used.
+    problems = list(dict.fromkeys(c.key for stage in ("calls", "backward", "decode") for p in plans
+                                  for c in getattr(p, stage)))
     if args.kernel:
         problems = [p for p in problems if p.problem_id == args.kernel.split("/s-")[0]]
     if args.kind:
@@ -177,7 +197,8 @@ def _tune(args) -> int:
     if not problems:
         print("nsa-codegen tune: no kernel of the given specs matches --kernel / --kind", file=sys.stderr)
         return 2
-    tune(problems, T=args.seq_len, budget_minutes=args.budget_minutes, jobs=args.jobs)
+    tune(problems, T=args.seq_len, budget_minutes=args.budget_minutes, jobs=args.jobs, exhaustive=args.exhaustive,
+         max_candidates=args.max_candidates)
     return 0
 
 
@@ -197,7 +218,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="generated", help="output folder (default: generated)")
     p.add_argument("-j", "--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
     p.add_argument("--force", action="store_true", help="rebuild kernels that are up to date")
-    p.add_argument("--forward-only", action="store_true", help="skip the backward (training) kernels")
+    p.add_argument("--forward-only", action="store_true",
+                   help="only the forward kernels (skip the backward / training and decode kernels)")
+    p.add_argument("--no-decode", action="store_true", help="skip the decode (KV cache) kernels")
     p.set_defaults(fn=_build)
     p = sub.add_parser("list", help="kernels built into generated/ and cached")
     p.set_defaults(fn=_list)
@@ -214,7 +237,12 @@ def main(argv=None) -> int:
     p.add_argument("--kernel", help="tune only this kernel key (problem id)")
     p.add_argument("--kind", nargs="+", help="tune only these kernel kinds (e.g. selection_fwd window_fwd)")
     p.add_argument("--budget-minutes", type=float, default=None)
-    p.add_argument("--seq-len", type=int, default=16384, help="T of the timed problem (default 16384)")
+    p.add_argument("--seq-len", type=int, default=16384,
+                   help="T of the timed problem (default 16384; decode kernels: 16 caches of 64k tokens)")
+    p.add_argument("--exhaustive", action="store_true",
+                   help="try the whole search space (default: greedy, one knob at a time, then the best of each)")
+    p.add_argument("--max-candidates", type=int, default=None, help="cap per kernel and search round")
+    p.add_argument("--report", action="store_true", help="print tuned-vs-default speedups from the logs and exit")
     p.add_argument("-j", "--jobs", type=int, default=None)
     p.set_defaults(fn=_tune)
     args = parser.parse_args(argv)

@@ -27,6 +27,10 @@ FAMILIES = {
     "window_bwd_dq": ("window_attention_bwd", "WindowAttentionBwdConfig"),
     "window_bwd_dkdv": ("window_attention_bwd", "WindowAttentionBwdConfig"),
     "gate_combine_bwd": ("gate_combine", "GateCombineConfig"),
+    "decode_cmp": ("decode_attention", "DecodeAttentionConfig"),
+    "decode_topn": ("decode_attention", "DecodeAttentionConfig"),
+    "decode_sparse": ("decode_attention", "DecodeAttentionConfig"),
+    "decode_combine": ("decode_attention", "DecodeAttentionConfig"),
 }
 
 # Kinds that share a template family select their kernel with the config's `part` field.
@@ -35,6 +39,7 @@ PARTS = {
     "selection_bwd_dq": "dq", "selection_bwd_dkdv": "dkdv", "selection_bwd_reduce": "reduce",
     "window_bwd_dq": "dq", "window_bwd_dkdv": "dkdv",
     "gate_combine": "fwd", "gate_combine_bwd": "bwd",
+    "decode_cmp": "cmp", "decode_topn": "topn", "decode_sparse": "sparse", "decode_combine": "combine",
 }
 
 TARGETS = {"sm90": {"kind": "cuda", "arch": "sm_90a"}, "sm80": {"kind": "cuda", "arch": "sm_80"}}

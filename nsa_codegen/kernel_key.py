@@ -16,7 +16,8 @@ from typing import Any, Mapping
 ARCHS = ("sm80", "sm90")
 KINDS = ("compression_fwd", "selection_topn", "selection_fwd", "window_fwd", "gate_combine",
          "compression_bwd_dq", "compression_bwd_dkdv", "selection_bwd_dq", "selection_bwd_dkdv",
-         "selection_bwd_reduce", "window_bwd_dq", "window_bwd_dkdv", "gate_combine_bwd")
+         "selection_bwd_reduce", "window_bwd_dq", "window_bwd_dkdv", "gate_combine_bwd",
+         "decode_cmp", "decode_topn", "decode_sparse", "decode_combine")
 DTYPE_TAGS = {"bfloat16": "bf16", "float16": "fp16"}
 
 # The problem parameters each kind depends on, in key order, with their short tags.
@@ -37,6 +38,12 @@ KIND_PARAMS.update({
     "window_bwd_dq": KIND_PARAMS["window_fwd"], "window_bwd_dkdv": KIND_PARAMS["window_fwd"],
     "gate_combine_bwd": KIND_PARAMS["gate_combine"],
 })
+# The four decode kernels (one step against a KV cache) share one problem: every branch's
+# parameters, the new queries per sequence, whether the window has its own K/V, and the bound on
+# the cache length they are built for (it sizes the top-n candidate merge).
+_DECODE = (KIND_PARAMS["selection_topn"] + (("window", "w"), ("q_len", "q"), ("separate_window", "sw"),
+                                            ("max_seqlen", "ms")))
+KIND_PARAMS.update({k: _DECODE for k in ("decode_cmp", "decode_topn", "decode_sparse", "decode_combine")})
 
 
 def schedule_hash(schedule: Mapping[str, Any]) -> str:

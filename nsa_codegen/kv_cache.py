@@ -23,8 +23,7 @@ to reference.nsa_reference on the whole sequence at those positions.
 """
 from __future__ import annotations
 
-import dataclasses
-import threading
+import functools
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -329,95 +328,36 @@ class NSAKVCache:
 # ------------------------------------------------------------------------------------------------
 # Decode
 # ------------------------------------------------------------------------------------------------
-_KERNELS: dict = {}
-_LOCK = threading.Lock()
+@functools.lru_cache(maxsize=None)
+def _arch_of(device: torch.device) -> str:
+    from .lowering import arch_of_capability
+    return arch_of_capability(*torch.cuda.get_device_capability(device))
 
 
-def _tmpl():
-    return template_module("decode_attention")
+def decode_kernels(spec: NSASpec, q_len: int, *, separate_window: bool = False, capacity: int = 1 << 16,
+                   arch: Optional[str] = None) -> dict:
+    """part ("cmp" | "topn" | "sparse" | "combine") -> CompiledKernel of one decode step, through the
+    same lowering, schedules (tuned, else default), prebuilt generated/ kernels and disk cache as the
+    forward. arch: the current GPU's unless given."""
+    from .lowering import decode_seqlen_bucket
+    return _decode_kernels(spec, int(q_len), bool(separate_window), decode_seqlen_bucket(capacity),
+                           arch or _arch_of(torch.device("cuda")))
 
 
-def _max_seqlen_bucket(capacity: int) -> int:
-    # one bucket for every cache up to 128k tokens (the sparse kernel sizes its merge by it)
-    return max(1 << 17, 1 << (max(1, capacity) - 1).bit_length())
+@functools.lru_cache(maxsize=None)  # a decode step looks its kernels up once per (spec, shape), not per call
+def _decode_kernels(spec, q_len, separate_window, max_seqlen, arch):
+    from .cache import get_kernel
+    from .lowering import lower_decode
+    calls = lower_decode(spec, arch, q_len, separate_window, max_seqlen)
+    return {c.kind[len("decode_"):]: get_kernel(c.key) for c in calls}
 
 
-def decode_configs(spec: NSASpec, q_len: int, *, separate_window: bool = False, capacity: int = 1 << 16,
-                   **schedule) -> dict:
-    """The four DecodeAttentionConfig (part -> config) nsa_decode launches for this problem."""
-    DecodeAttentionConfig = _tmpl().DecodeAttentionConfig
+def _splits(B, H, spec, q_len, max_len, sms, cmp_block_N, num_splits):
     c, s, w = spec.compression, spec.selection, spec.window
-    if c is None or s is None or w is None:
-        raise ValueError("nsa_decode needs all three branches (compression, selection, window) on")
-    base = DecodeAttentionConfig(
-        heads_q=spec.heads, heads_kv=spec.kv_heads, head_dim_qk=spec.head_dim, head_dim_v=spec.v_head_dim,
-        cmp_block=c.block, stride=c.stride, first_block=c.first_block, sel_block=s.block, top_n=s.top_n,
-        initial=s.initial, local=s.local, window=w.size, scale=float(spec.softmax_scale), dtype=spec.dtype,
-        q_len=int(q_len), separate_window=bool(separate_window), max_seqlen=_max_seqlen_bucket(capacity),
-        **schedule)
-    return {p: dataclasses.replace(base, part=p) for p in ("cmp", "topn", "sparse", "combine")}
-
-
-_CFG_MEMO: dict = {}
-
-
-def _decode_configs_memo(spec, q_len, separate_window, capacity, schedule):
-    key = (spec, q_len, separate_window, _max_seqlen_bucket(capacity), tuple(sorted((schedule or {}).items())))
-    cfgs = _CFG_MEMO.get(key)
-    if cfgs is None:
-        cfgs = _CFG_MEMO[key] = decode_configs(spec, q_len, separate_window=separate_window, capacity=capacity,
-                                               **(schedule or {}))
-    return cfgs
-
-
-def _compile_worker(fields: dict, target) -> tuple[str, Optional[str], float]:
-    import time
-    t0 = time.time()
-    cfg = _tmpl().DecodeAttentionConfig(**fields)
-    try:
-        get_decode_kernel(cfg, target)
-        return cfg.part, None, time.time() - t0
-    except Exception as e:  # reported by the caller
-        return cfg.part, f"{type(e).__name__}: {e}", time.time() - t0
-
-
-def precompile_decode(cfgs, jobs: Optional[int] = None, target=None) -> list:
-    """Compile decode configs in parallel worker processes (filling TileLang's disk cache), then load
-    them here.  Returns (part, error or None, seconds) per config."""
-    from .cache import run_in_workers
-
-    cfgs = list(dict.fromkeys(cfgs))
-    res = run_in_workers(_compile_worker, [(dataclasses.asdict(c), target) for c in cfgs], jobs)
-    for c, (_, err, _) in zip(cfgs, res):
-        if err is None:
-            get_decode_kernel(c, target)
-    return res
-
-
-def get_decode_kernel(cfg, target=None):
-    """Compile (memoized per config) one decode kernel."""
-    with _LOCK:
-        k = _KERNELS.get((cfg, str(target)))
-    if k is not None:
-        return k
-    import tilelang
-
-    tmpl = _tmpl()
-    tmpl.check_config(cfg)
-    try:
-        k = tilelang.compile(tmpl.build(cfg), target=target or "auto", pass_configs=tmpl.pass_configs(cfg))
-    except Exception as e:
-        raise RuntimeError(f"compiling decode kernel {cfg} failed: {type(e).__name__}: {e}") from e
-    with _LOCK:
-        return _KERNELS.setdefault((cfg, str(target)), k)
-
-
-def _splits(B, H, spec, q_len, max_len, sms, cfgs, num_splits):
-    c, s, w = spec.compression, spec.selection, spec.window
-    MAX_CMP_SPLITS = _tmpl().MAX_CMP_SPLITS
+    MAX_CMP_SPLITS = template_module("decode_attention").MAX_CMP_SPLITS
     BH = B * H
     n_cmp = _num_cmp_host(max_len, c)
-    tiles = -(-n_cmp // cfgs["cmp"].cmp_block_N)
+    tiles = -(-n_cmp // cmp_block_N)
     # ~2 programs per SM, at least 2 tiles each
     sc = max(1, min(MAX_CMP_SPLITS, -(-2 * sms // BH), max(1, -(-tiles // 2))))
     nw = -(-min(max_len, w.size + q_len - 1) // s.block) + 1
@@ -435,7 +375,7 @@ def _splits(B, H, spec, q_len, max_len, sms, cfgs, num_splits):
 
 def nsa_decode(q: torch.Tensor, cache: NSAKVCache, g_cmp: torch.Tensor, g_slc: torch.Tensor,
                g_win: torch.Tensor, spec: Optional[NSASpec] = None, *, return_indices: bool = False,
-               num_splits: Optional[tuple] = None, schedule: Optional[dict] = None):
+               num_splits: Optional[tuple] = None):
     """NSA attention of the last q_len cached tokens of every entry.
 
     q [B, ql, HQ, Dk] (ql in 1..8; query i of entry b sits at cache_seqlens[b] - ql + i), gates
@@ -465,17 +405,18 @@ def nsa_decode(q: torch.Tensor, cache: NSAKVCache, g_cmp: torch.Tensor, g_slc: t
     short = [b for b, L in enumerate(cache._lens) if L < ql]
     if short:
         raise ValueError(f"entry {short[0]} has {cache._lens[short[0]]} cached tokens < q_len {ql}: append first")
-    cfgs = _decode_configs_memo(spec, ql, cache.separate_window, cache.capacity, schedule)
-    kern = {p: get_decode_kernel(cfg) for p, cfg in cfgs.items()}
+    kern = decode_kernels(spec, ql, separate_window=cache.separate_window, capacity=cache.capacity,
+                          arch=_arch_of(q.device))
     dev = q.device
     H, Dv, n = spec.kv_heads, spec.v_head_dim, spec.selection.top_n
     G = HQ // H
     MR = G * ql
     max_len = max(cache._lens)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    sc, s_sel, sw = _splits(B, H, spec, ql, max_len, sms, cfgs, num_splits)
+    sc, s_sel, sw = _splits(B, H, spec, ql, max_len, sms, dict(kern["cmp"].key.schedule)["cmp_block_N"],
+                            num_splits)
     ss = ql * s_sel
-    CB = cfgs["topn"].topn_threads
+    CB = template_module("decode_attention").DecodeAttentionConfig.topn_threads
     nc = max(1, -(-(-(-max_len // spec.selection.block)) // CB))
     f32 = torch.float32
     scores = cache._scores.get(ql)

@@ -49,10 +49,13 @@ class KernelPlan:
     combine: tuple[tuple[str, str], ...]
     # The backward's kernels, in launch order (the top-n selection is not differentiated).
     backward: tuple[KernelCall, ...] = ()
+    # One decode step of one new token per sequence against a KV cache of up to 128k tokens
+    # (`lower_decode` gives other q_len / cache bounds); empty unless all three branches are on.
+    decode: tuple[KernelCall, ...] = ()
 
     @property
     def all_calls(self) -> tuple[KernelCall, ...]:
-        return self.calls + self.backward
+        return self.calls + self.backward + self.decode
 
     def describe(self, backward: bool = False) -> str:
         calls = self.all_calls if backward else self.calls
@@ -94,7 +97,48 @@ def lower_to_plan(spec: NSASpec, arch: str = "sm90", explicit_indices: bool = Fa
     branches = ".".join(o.split("_")[1] for _, o in combine)
     key = KernelKey.make(kind="gate_combine", **{**common, "head_dim": 0, "scale": None}, branches=branches)
     calls.append(KernelCall("gate_combine", key, tuple(x for pair in combine for x in (pair[1], pair[0])), ("o",)))
-    return KernelPlan(spec, arch, tuple(calls), tuple(combine), _lower_backward(calls))
+    decode = lower_decode(spec, arch) if c is not None and s is not None and spec.window is not None else ()
+    return KernelPlan(spec, arch, tuple(calls), tuple(combine), _lower_backward(calls), decode)
+
+
+DECODE_MIN_SEQLEN = 1 << 17
+
+
+def decode_seqlen_bucket(capacity: int) -> int:
+    """The max_seqlen a decode kernel is built for, given a cache capacity: one bucket for every cache
+    up to 128k tokens, then powers of two (it only sizes the top-n candidate merge)."""
+    return max(DECODE_MIN_SEQLEN, 1 << (max(1, int(capacity)) - 1).bit_length())
+
+
+def lower_decode(spec: NSASpec, arch: str = "sm90", q_len: int = 1, separate_window: bool = False,
+                 capacity: int = DECODE_MIN_SEQLEN) -> tuple[KernelCall, ...]:
+    """The kernels of one decode step (q_len new queries per sequence) against an `NSAKVCache` of up to
+    `capacity` tokens: split-KV compression attention (+ raw scores), chunked top-n, split-KV
+    selection + window, and the combine with the gates. Needs all three branches."""
+    arch = normalize_arch(arch)
+    c, s, w = spec.compression, spec.selection, spec.window
+    if c is None or s is None or w is None:
+        raise ValueError("decode needs all three branches (compression, selection, window) on")
+    if not 1 <= int(q_len) <= 8:
+        raise ValueError(f"q_len must be in 1..8, got {q_len}")
+    problem = KernelKey.make(
+        arch=arch, kind="decode_cmp", dtype=spec.dtype, head_dim=spec.head_dim, v_head_dim=spec.v_head_dim,
+        kv_heads=spec.kv_heads, group=spec.group, scale=spec.scale, cmp_block=c.block, stride=c.stride,
+        first_block=c.first_block, sel_block=s.block, top_n=s.top_n, initial=s.initial, local=s.local,
+        window=w.size, q_len=int(q_len), separate_window=int(bool(separate_window)),
+        max_seqlen=decode_seqlen_bucket(capacity))
+    kv = ("kv_k", "kv_v")
+    return (
+        KernelCall("decode_cmp", problem, ("q", "k_cmp", "v_cmp", "cache_seqlens"), ("scores", "o_cmp_part", "lse_cmp_part")),
+        KernelCall("decode_topn", replace(problem, kind="decode_topn"), ("scores", "lse_cmp_part", "cache_seqlens"),
+                   ("candidate_scores", "candidate_blocks")),
+        KernelCall("decode_sparse", replace(problem, kind="decode_sparse"),
+                   ("q",) + kv + ("cache_seqlens", "candidate_scores", "candidate_blocks"),
+                   ("block_indices", "o_slc_part", "lse_slc_part", "o_win_part", "lse_win_part")),
+        KernelCall("decode_combine", replace(problem, kind="decode_combine"),
+                   ("o_cmp_part", "lse_cmp_part", "o_slc_part", "lse_slc_part", "o_win_part", "lse_win_part",
+                    "g_cmp", "g_slc", "g_win"), ("o",)),
+    )
 
 
 def _lower_backward(calls: list[KernelCall]) -> tuple[KernelCall, ...]:

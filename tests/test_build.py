@@ -26,7 +26,12 @@ def test_default_build_set_covers_the_issue_configs():
     # The build covers the backward kernels unless told not to.
     kinds = {k.kind for k, _ in keys}
     assert {"selection_bwd_dkdv", "compression_bwd_dq", "window_bwd_dkdv", "gate_combine_bwd"} <= kinds
-    assert not any("_bwd" in k.kind for k, _ in plan_keys(specs, "sm90", backward=False))
+    assert not any("_bwd" in k.kind for k, _ in plan_keys(specs, "sm90", backward=False, decode=False))
+    # and the one-token decode kernels of every spec with all three branches
+    decode = [k for k, _ in plan_keys(specs, "sm90") if k.kind.startswith("decode_")]
+    assert len(decode) == 4 * sum(s.compression is not None and s.selection is not None and s.window is not None
+                                  for s in specs.values())
+    assert not any(k.kind.startswith("decode_") for k, _ in plan_keys(specs, "sm90", decode=False))
 
 
 @needs_nvcc
@@ -34,7 +39,7 @@ def test_default_build_set_covers_the_issue_configs():
 def test_build_is_idempotent_detects_corruption_and_loads_without_nvcc(tmp_path, capsys):
     out = tmp_path / "generated"
     # Forward kernels only, to keep this test short (the backward ones build the same way).
-    r1 = build({"win": WINDOW_ONLY}, "sm90", out, jobs=1, backward=False)
+    r1 = build({"win": WINDOW_ONLY}, "sm90", out, jobs=1, backward=False, decode=False)
     assert [r.status for r in r1] == ["built", "built"], r1  # the window kernel and the gated sum
     key = plan_keys({"win": WINDOW_ONLY}, "sm90")[0][0]
     kdir = out / "sm90" / key.dirname
@@ -46,12 +51,12 @@ def test_build_is_idempotent_detects_corruption_and_loads_without_nvcc(tmp_path,
     assert manifest["kernels"][key.problem_id]["key"] == str(key)
     assert "[" in capsys.readouterr().out  # the progress bar
 
-    assert [r.status for r in build({"win": WINDOW_ONLY}, "sm90", out, jobs=1, backward=False)] == ["up-to-date"] * 2
+    assert [r.status for r in build({"win": WINDOW_ONLY}, "sm90", out, jobs=1, backward=False, decode=False)] == ["up-to-date"] * 2
 
     lib = out / "sm90" / meta["artifact"]
     lib.write_bytes(lib.read_bytes()[: lib.stat().st_size // 2])  # a truncated artifact
     assert not artifact_ok(out / "sm90", key)
-    rebuilt = build({"win": WINDOW_ONLY}, "sm90", out, jobs=1, backward=False)
+    rebuilt = build({"win": WINDOW_ONLY}, "sm90", out, jobs=1, backward=False, decode=False)
     assert sorted(r.status for r in rebuilt) == ["built", "up-to-date"]  # only the corrupt one
     assert artifact_ok(out / "sm90", key)
 

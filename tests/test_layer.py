@@ -73,20 +73,26 @@ def test_layer_rejects_bad_input():
         NativeSparseAttention(32, {"heads": 4})
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("pool", ["mlp", "mean"])
-def test_prefill_then_decode_equals_the_full_forward(pool):
+def test_prefill_then_decode_equals_the_full_forward(pool, device):
     """Prefill a cache, then decode 1 and 2 tokens at a time: each step's output equals the full
-    forward's at those positions (CPU: the reference path; the kernels: benchmarks/bench_decode.py)."""
+    forward's at those positions (CPU: the reference path; CUDA: the forward and nsa_decode kernels)."""
     spec = NSASpec(heads=4, kv_heads=2, head_dim=64, v_head_dim=64, dtype="bfloat16",
                    compression=CompressionBranch(32, 16, pool), selection=SelectionBranch(32, 4, 1, 1),
                    window=WindowBranch(64))
+    if device == "cuda":  # the forward and the 1- and 2-token decode kernels, compiled in parallel
+        from nsa_codegen.cache import precompile
+        from nsa_codegen.lowering import lower_decode, lower_to_plan
+        keys = [c.key for c in lower_to_plan(spec).calls + lower_decode(spec, q_len=1) + lower_decode(spec, q_len=2)]
+        assert not [e for _, e, _ in precompile(keys) if e]
     torch.manual_seed(3)
-    layer = NativeSparseAttention(48, spec).bfloat16()
+    layer = NativeSparseAttention(48, spec).bfloat16().to(device)
     B, T0, T = 2, 150, 190
-    x = torch.randn(B, T, 48).bfloat16()
+    x = torch.randn(B, T, 48).bfloat16().to(device)
     with torch.no_grad():
         full = layer(x)
-    cache = layer.new_cache(B, 256, device="cpu")
+    cache = layer.new_cache(B, 256, device=device)
     y0 = layer.prefill(x[:, :T0], cache)
     torch.testing.assert_close(y0.float(), full[:, :T0].float(), rtol=2e-2, atol=2e-2)
     t = T0

@@ -53,7 +53,23 @@ def test_backward_plan_mirrors_the_forward():
         assert (c.key.params, c.key.head_dim, c.key.v_head_dim, c.key.group) == \
             (twin.params, twin.head_dim, twin.v_head_dim, twin.group)
     assert str(plan.backward[4].key) == "sm90/selection_bwd_dkdv/bf16/dk192_dv128/h4_g16/bs64_n16"
-    assert plan.all_calls == plan.calls + plan.backward
+    assert plan.all_calls == plan.calls + plan.backward + plan.decode
     no_window = lower_to_plan(NSASpec(window=None))
     assert not any(c.kind.startswith("window") for c in no_window.backward)
     assert no_window.backward[0].key.param["branches"] == "cmp.slc"
+
+
+def test_decode_plan_names_its_four_kernels():
+    from nsa_codegen.lowering import decode_seqlen_bucket, lower_decode
+    spec = NSASpec(head_dim=128, v_head_dim=128, dtype="float16")
+    calls = lower_decode(spec, "sm90", q_len=2, separate_window=True, capacity=200_000)
+    assert [c.kind for c in calls] == ["decode_cmp", "decode_topn", "decode_sparse", "decode_combine"]
+    assert str(calls[0].key) == "sm90/decode_cmp/fp16/dk128_dv128/h4_g16/l32_d16_f0_bs64_n16_i1_loc2_w512_q2_sw1_ms262144"
+    assert decode_seqlen_bucket(1) == decode_seqlen_bucket(131072) == 131072
+    # the forward plan carries the one-token decode step for 128k caches
+    assert lower_to_plan(spec).decode == lower_decode(spec)
+    with pytest.raises(ValueError, match="q_len"):
+        lower_decode(spec, q_len=9)
+    with pytest.raises(ValueError, match="all three branches"):
+        lower_decode(NSASpec(window=None))
+    assert lower_to_plan(NSASpec(window=None)).decode == ()

@@ -14,9 +14,11 @@ PLAN = lower_to_plan(NSASpec(), "sm90")
 @pytest.mark.parametrize("arch", ["sm80", "sm90"])
 def test_every_kind_has_a_default_and_a_space(arch):
     data = schedules.load_arch(arch)
+    fixed = {"decode_topn"}  # its one knob (the top-n chunk) also sizes decode_sparse's merge
     for kind in KINDS:
-        assert data["kernels"][kind]["default"]
-        assert data["kernels"][kind]["space"]
+        entry = data["kernels"][kind]
+        assert entry["default"] or kind in fixed
+        assert entry.get("space") or kind in fixed
 
 
 @pytest.mark.parametrize("call", PLAN.all_calls, ids=lambda c: c.kind)
