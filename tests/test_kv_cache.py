@@ -150,7 +150,9 @@ def test_decode_steps_equal_the_full_forward(name, spec, ql, lens0, steps, sep, 
         N = cache.num_cmp_host[b]
         for raw, cmp in ((k, cache.k_cmp), (v, cache.v_cmp)):
             want = ref.compress(raw[b:b + 1, :L].float(), c.block, c.stride, c.first_block)[0]
-            assert N == want.shape[0] and rel_err(cmp[b, :N], want) < 1e-3
+            # stored in the cache dtype: no worse than compress() rounded to it
+            own = rel_err(want.to(dt), want)
+            assert N == want.shape[0] and rel_err(cmp[b, :N], want) <= 2 * own + 1e-6
         P = torch.tensor([lens0[b] + s * ql + i for s in range(steps) for i in range(ql)], device="cuda")
         args = [x[b:b + 1, :L] for x in (q, k, v, gates[:, :, 0], gates[:, :, 1], gates[:, :, 2])]
         win = dict(k_win=kw[b:b + 1, :L], v_win=vw[b:b + 1, :L]) if sep else {}
