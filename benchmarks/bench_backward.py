@@ -176,7 +176,7 @@ def main():
                  f"B=1, HQ={HQ}, H={H}, D={D}, {args.dtype}; one forward + gradients of all inputs; median ms "
                  f"(triton do_bench); speedup vs dense cuDNN.", args.dtype, args.T, rows, breakdown,
                  f"Backward ops alone at T={T} (dq + dk/dv launches of each branch):", ("op", "ms"),
-                 what="forward + backward (autograd.grad of all inputs)")
+                 measured="forward + backward (autograd.grad of all inputs)")
 
 
 if __name__ == "__main__":

@@ -85,10 +85,20 @@ def check_schedule(key: KernelKey, schedule: dict[str, Any]) -> str | None:
     return None
 
 
+_TEMPLATE_HASHES: dict[tuple, str] = {}
+
+
 def template_source_hash(kind: str) -> str:
-    """Hash of the template file's text (read, not imported: checking a prebuilt kernel needs no TileLang)."""
+    """Hash of the template file's text (read, not imported: checking a prebuilt kernel needs no TileLang).
+    Remembered per file version (path, mtime, size): tuning logs ask once per record."""
     from .resources import templates_dir
-    return hashlib.sha256((templates_dir() / f"{FAMILIES[kind][0]}.py").read_bytes()).hexdigest()[:12]
+    path = templates_dir() / f"{FAMILIES[kind][0]}.py"
+    st = path.stat()
+    version = (str(path), st.st_mtime_ns, st.st_size)
+    h = _TEMPLATE_HASHES.get(version)
+    if h is None:
+        h = _TEMPLATE_HASHES[version] = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return h
 
 
 def build_prim_func(key: KernelKey):

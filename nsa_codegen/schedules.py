@@ -64,8 +64,16 @@ def tuning_dirs(arch: str) -> list[Path]:
     return [d for d in dict.fromkeys(p.resolve() for p in dirs) if d.is_dir()]
 
 
+def record_is_current(rec: dict[str, Any], kind: str) -> bool:
+    """A tuning record counts only for the template text it measured (its `template` hash): after a
+    template changes, its kernels fall back to the default until they are tuned again."""
+    from .codegen import template_source_hash
+    return rec.get("template") == template_source_hash(kind)
+
+
 def tuned_best(key: KernelKey) -> dict[str, Any] | None:
-    """The fastest correct record for key's problem in tuning_logs/<arch>/*.jsonl, if any."""
+    """The fastest correct record for key's problem and its current template in
+    tuning_logs/<arch>/*.jsonl, if any."""
     best = None
     pid = key.problem_id
     for path in sorted(p for d in tuning_dirs(key.arch) for p in d.glob("*.jsonl")):
@@ -74,7 +82,8 @@ def tuned_best(key: KernelKey) -> dict[str, Any] | None:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by an interrupted tune
-            if rec.get("problem") != pid or not rec.get("correct") or rec.get("median_ms") is None:
+            if rec.get("problem") != pid or not rec.get("correct") or rec.get("median_ms") is None \
+                    or not record_is_current(rec, key.kind):
                 continue
             if best is None or rec["median_ms"] < best["median_ms"]:
                 best = rec

@@ -35,9 +35,9 @@ import torch
 
 from . import reference as ref
 from .cache import CompiledKernel, _tilelang_cache_dir, versioned_dir
-from .codegen import check_schedule, compile_kernel
+from .codegen import check_schedule, compile_kernel, template_source_hash
 from .kernel_key import KernelKey, schedule_hash
-from .schedules import default_schedule, load_arch, search_space, tuning_dir
+from .schedules import default_schedule, load_arch, record_is_current, search_space, tuning_dir
 
 CHECK_T = 1000  # correctness check length (not a multiple of any block)
 TOL = 1e-2
@@ -62,14 +62,16 @@ def log_path(arch: str) -> Path:
 
 
 def _logged(path: Path) -> dict[tuple[str, str], dict]:
-    """(problem id, schedule hash) -> record, for every complete line of the log."""
+    """(problem id, schedule hash) -> record, for every complete line of the log that measured the
+    kernel's current template (records of an older template text are kept but no longer count)."""
     seen = {}
     if path.exists():
         for line in path.read_text().splitlines():
             try:
                 r = json.loads(line)
-                seen[(r["problem"], schedule_hash(r["schedule"]))] = r
-            except (json.JSONDecodeError, KeyError):
+                if record_is_current(r, r["problem"].split("/")[1]):
+                    seen[(r["problem"], schedule_hash(r["schedule"]))] = r
+            except (json.JSONDecodeError, KeyError, IndexError):
                 continue
     return seen
 
@@ -495,6 +497,7 @@ def tune(problems: list[KernelKey], T: int = 16384, budget_minutes: float | None
                     say("budget spent; rerun to resume")
                     return written
                 rec = dict(problem=key.problem_id, key=str(key), schedule=dict(key.schedule), T=T,
+                           template=template_source_hash(key.kind),
                            date=datetime.datetime.now().isoformat(timespec="seconds"), round=rnd, **fields)
                 if key.kind.startswith("decode_"):
                     rec.update(T=DECODE_TIMING_LEN, batch=DECODE_TIMING_BATCH)

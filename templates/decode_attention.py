@@ -27,7 +27,11 @@ Parts (all deterministic, no atomics):
   cmp     grid (SC, H, B): split-KV over the compressed rows visible to the last query,
           N(L) = max(L - l - f*d + d, 0) // d rows, in SC contiguous chunks of block_N-row tiles;
           the G*ql query rows are packed in M.  Writes the raw scaled scores for top-n and a
-          partial (o, lse) per split.  cp.async K/V pipeline, mma / wgmma.
+          partial (o, lse) per split.  mma / wgmma.  K/V tiles (cmp_load): "cp_async" =
+          cp.async, one tile of lookahead (cmp_stages 1); "tma" (sm90) = TMA bulk tensor copies
+          from a producer warpgroup the pipeline pass adds (NT + 128 threads), cmp_stages (1..3)
+          K and V buffers, mbarrier-synchronised.  Tail rows past the split are loaded (finite
+          cache rows; TMA zero-fills rows >= CAPC) and masked.
   topn    grid (NC, ql*H, B): lse per head from the SC partials; program c scores the
           `topn_threads` selection blocks [c*CB, (c+1)*CB) (one per thread): group-summed
           p_cmp mapped onto the blocks by stride-unit overlap, forced initial/local blocks
@@ -53,6 +57,7 @@ _LOG2E = 1.4426950408889634
 _SMEM_LIMIT = 227 * 1024
 _BIG = 1 << 30
 PARTS = ("cmp", "topn", "sparse", "combine")
+CMP_LOADS = ("cp_async", "tma")
 MAX_CMP_SPLITS = 64         # upper bound on SC (the combine / top-n kernels stage lse in smem)
 
 
@@ -79,11 +84,14 @@ class DecodeAttentionConfig:
     # schedule
     cmp_block_N: int = 64       # compressed rows per tile
     cmp_threads: int = 0        # 0 = auto (128 for MP <= 64, else 256)
-    cmp_stages: int = 1         # T.Pipelined stages (1 = one tile of cp.async lookahead; TileLang
-                                # 0.1.15 fails to generate code for more with a dynamic trip count)
+    cmp_load: str = "cp_async"  # K/V tile loads: "cp_async" | "tma" (sm90 only: TMA bulk tensor
+                                # copies from a producer warpgroup; sm80 schedules must not use it)
+    cmp_stages: int = 1         # T.Pipelined stages: K/V tiles in flight per operand.  cp_async: 1
+                                # (one tile of lookahead; TileLang 0.1.15 fails to generate code for
+                                # more with a dynamic trip count); tma: 1..3
     topn_threads: int = 128     # = selection blocks per top-n chunk (CB)
     sparse_threads: int = 128
-    sparse_stages: int = 1      # as cmp_stages
+    sparse_stages: int = 1      # must be 1, as cmp_stages with cp_async
     combine_threads: int = 128
     fast_math: bool = False
 
@@ -169,9 +177,13 @@ def check_config(cfg) -> None:
             raise ValueError("cmp_threads: must be 0 (auto), 64, 128 or 256")
         if bn // max(1, (nt // 32) // max(1, MP // 16)) < 8:
             raise ValueError("cmp_threads: too many warps for cmp_block_N")
-        if cfg.cmp_stages != 1:
-            raise ValueError("cmp_stages: must be 1 (multi-stage cp.async with a dynamic trip count fails "
-                             "in TileLang 0.1.15 codegen)")
+        if cfg.cmp_load not in CMP_LOADS:
+            raise ValueError(f"cmp_load: must be one of {CMP_LOADS}, got {cfg.cmp_load!r}")
+        if cfg.cmp_load == "cp_async" and cfg.cmp_stages != 1:
+            raise ValueError("cmp_stages: must be 1 with cmp_load='cp_async' (multi-stage cp.async with a "
+                             "dynamic trip count fails in TileLang 0.1.15 codegen)")
+        if not 1 <= cfg.cmp_stages <= 3:
+            raise ValueError("cmp_stages: must be 1, 2 or 3")
         if _regs(MP, bn, Dv, nt) > 192:
             raise ValueError("cmp_block_N: accumulators need too many registers; lower it or raise cmp_threads")
         if _smem_attn(MP, bn, Dk, Dv, cfg.cmp_stages, nt) > _SMEM_LIMIT:
@@ -231,6 +243,11 @@ def _build_cmp(cfg):
     sc2 = sc * _LOG2E
     ninf = -T.infinity(acc)
     p_regs = _p_in_regs(MP, NT)
+    # cp_async: predicated cp.async into one K and one V buffer, software-pipelined (the next
+    # tile's K / V load is issued after this tile's QK / PV gemm).  tma: TileLang warp-specializes
+    # the loop: a producer warpgroup (NT + 128 threads in all) issues bulk tensor copies into
+    # cmp_stages buffers with full / empty mbarrier pairs; rows >= CAPC are zero-filled.
+    load = {"disable_tma": True} if cfg.cmp_load == "cp_async" else {}
 
     B, CAPC, SC = T.dynamic("B, CAPC, SC")
 
@@ -281,7 +298,7 @@ def _build_cmp(cfg):
                 nv[r] = T.if_then_else(r < MR, T.min(_nvis(seq - ql + r // G, l, d, f, CAPC), c_end), 0)
 
             for kt in T.Pipelined(T.ceildiv(T.max(c_end - c_beg, 0), BN), num_stages=cfg.cmp_stages):
-                T.copy(K_cmp[b, c_beg + kt * BN:c_beg + (kt + 1) * BN, h, :], K_s, disable_tma=True)
+                T.copy(K_cmp[b, c_beg + kt * BN:c_beg + (kt + 1) * BN, h, :], K_s, **load)
                 T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
                 # raw scaled scores for the top-n stage (every row of this split, all queries)
                 for r, j in T.Parallel(MP, BN):
@@ -303,7 +320,7 @@ def _build_cmp(cfg):
                 T.copy(acc_s, acc_p)
                 for r, k in T.Parallel(MP, Dv):
                     acc_o[r, k] *= alpha[r]
-                T.copy(V_cmp[b, c_beg + kt * BN:c_beg + (kt + 1) * BN, h, :], V_s, disable_tma=True)
+                T.copy(V_cmp[b, c_beg + kt * BN:c_beg + (kt + 1) * BN, h, :], V_s, **load)
                 T.gemm(acc_p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 
             for r, k in T.Parallel(MP, Dv):
@@ -391,12 +408,12 @@ def _build_topn(cfg):
                         L_part[b, h, T.min((q * NT + tx) % MAX_CMP_SPLITS, SC - 1), qi * G + (q * NT + tx) // MAX_CMP_SPLITS],
                         ninf)
             T.sync_threads()
-            if tx < G:
+            if tx < G:  # loops over the SC real splits: at small batch this chain is the latency
                 mx = ninf
-                for s in T.unroll(MAX_CMP_SPLITS):
+                for s in T.serial(SC):
                     mx = T.max(mx, Lp_s[tx, s])
                 sm = 0
-                for s in T.unroll(MAX_CMP_SPLITS):
+                for s in T.serial(SC):
                     sm = sm + T.if_then_else(Lp_s[tx, s] == ninf, 0, T.exp2(Lp_s[tx, s] - mx))
                 lse_s[tx] = T.if_then_else(sm > 0, mx + T.log2(sm), ninf)
             T.sync_threads()
@@ -450,7 +467,6 @@ def _build_sparse(cfg):
     NT = cfg.sparse_threads
     NCAND = _n_cand_max(cfg)
     CQ = (NCAND + NT - 1) // NT
-    unroll_merge = NCAND <= 512
     dtype, acc = cfg.dtype, "float32"
     sc2 = float(cfg.scale) * _LOG2E
     ninf = -T.infinity(acc)
@@ -550,16 +566,11 @@ def _build_sparse(cfg):
                         idx = CI_s[q * NT + tx]
                         if idx >= 0:
                             rank = 0
-                            if unroll_merge:
-                                for e in T.unroll(NCAND):
-                                    ke = CS_s[e]
-                                    ie = CI_s[e]
-                                    rank = rank + T.if_then_else((ke > key) | ((ke == key) & (ie < idx) & (ie >= 0)), 1, 0)
-                            else:
-                                for e in T.serial(NC * n):
-                                    ke = CS_s[e]
-                                    ie = CI_s[e]
-                                    rank = rank + T.if_then_else((ke > key) | ((ke == key) & (ie < idx) & (ie >= 0)), 1, 0)
+                            # over the NC * n real candidates, not the NCAND the buffer is sized for
+                            for e in T.serial(NC * n):
+                                ke = CS_s[e]
+                                ie = CI_s[e]
+                                rank = rank + T.if_then_else((ke > key) | ((ke == key) & (ie < idx) & (ie >= 0)), 1, 0)
                             if rank < n_sel:
                                 Rk_s[rank] = idx
                 T.sync_threads()
@@ -673,6 +684,7 @@ def _build_combine(cfg):
             sm = T.alloc_var(acc)
             wt = T.alloc_var(acc)
             sz = T.alloc_var("int32")
+            nsp = T.alloc_var("int32")
 
             tx = T.get_thread_binding()
             qi = r // G
@@ -688,12 +700,13 @@ def _build_combine(cfg):
                     Ls[2, q * NT + tx] = T.if_then_else(
                         q * NT + tx < SW, L_win[b, h, T.min(q * NT + tx, SW - 1), r], ninf)
             T.sync_threads()
-            if tx < 3:
+            if tx < 3:  # thread x reduces branch x over its real splits only (SC / SS / SW, not MS)
+                nsp = T.if_then_else(tx == 0, SC, T.if_then_else(tx == 1, SS, SW))
                 mx = ninf
-                for s in T.unroll(MS):
+                for s in T.serial(nsp):
                     mx = T.max(mx, Ls[tx, s])
                 sm = 0
-                for s in T.unroll(MS):
+                for s in T.serial(nsp):
                     sm = sm + T.if_then_else(Ls[tx, s] == ninf, 0, T.exp2(Ls[tx, s] - mx))
                 tot[tx] = T.if_then_else(sm > 0, mx + T.log2(sm), ninf)
             T.sync_threads()

@@ -4,11 +4,13 @@ import pytest
 
 from nsa_codegen import NSASpec
 from nsa_codegen import schedules
-from nsa_codegen.codegen import check_schedule
+from nsa_codegen.codegen import check_schedule, template_source_hash
 from nsa_codegen.kernel_key import KINDS
 from nsa_codegen.lowering import lower_to_plan
 
 PLAN = lower_to_plan(NSASpec(), "sm90")
+# These tests are about schedules/<arch>.yaml and the record format, not the committed H100 records.
+pytestmark = pytest.mark.usefixtures("no_tuning_logs")
 
 
 @pytest.mark.parametrize("arch", ["sm80", "sm90"])
@@ -40,7 +42,13 @@ def test_tuned_record_wins_and_broken_lines_are_skipped(tmp_path, monkeypatch):
     d = tmp_path / "sm90"
     d.mkdir()
     good = {**schedules.default_schedule(key), "num_stages": 3}
-    lines = [json.dumps({"problem": key.problem_id, "schedule": good, "correct": True, "median_ms": 1.0}),
+    other = {**schedules.default_schedule(key), "num_stages": 2}
+    current = template_source_hash(key.kind)
+    lines = [json.dumps({"problem": key.problem_id, "schedule": good, "correct": True, "median_ms": 1.0,
+                         "template": current}),
+             # faster, but measured an older text of the template: no longer counts
+             json.dumps({"problem": key.problem_id, "schedule": other, "correct": True, "median_ms": 0.5,
+                         "template": "0123456789ab"}),
              json.dumps({"problem": key.problem_id, "schedule": {"threads": 64, "num_stages": 1},
                          "correct": False, "median_ms": 0.1}),
              json.dumps({"problem": "other", "schedule": {}, "correct": True, "median_ms": 0.01}),

@@ -6,6 +6,7 @@ from nsa_codegen.kernel_key import schedule_hash
 from nsa_codegen.lowering import lower_to_plan
 from nsa_codegen.schedules import default_schedule, load_arch
 from nsa_codegen import tuning
+from nsa_codegen.codegen import template_source_hash
 
 PLAN = lower_to_plan(NSASpec(), "sm90")
 KEY = PLAN.calls[0].key  # compression_fwd
@@ -46,9 +47,13 @@ def test_speedups_read_the_log(tmp_path):
     default = default_schedule(KEY)
     fast = {**default, "block_M": 64}
     path = tmp_path / "gpu.jsonl"
-    recs = [dict(problem=KEY.problem_id, schedule=default, correct=True, median_ms=2.0),
-            dict(problem=KEY.problem_id, schedule=fast, correct=True, median_ms=1.0),
-            dict(problem=KEY.problem_id, schedule={**default, "threads": 128}, correct=False, why="NaN")]
+    t = template_source_hash(KEY.kind)
+    recs = [dict(problem=KEY.problem_id, schedule=default, correct=True, median_ms=2.0, template=t),
+            dict(problem=KEY.problem_id, schedule=fast, correct=True, median_ms=1.0, template=t),
+            dict(problem=KEY.problem_id, schedule={**default, "threads": 128}, correct=False, why="NaN", template=t),
+            # an older template text's record is not counted
+            dict(problem=KEY.problem_id, schedule={**default, "threads": 384}, correct=True, median_ms=0.1,
+                 template="0123456789ab")]
     path.write_text("\n".join(json.dumps(r) for r in recs) + "\n{\"cut short")  # an interrupted write
     (row,) = tuning.speedups("sm90", path)
     assert row["speedup"] == 2.0 and row["best_schedule"] == fast and row["candidates"] == 3 and row["correct"] == 2
