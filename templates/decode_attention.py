@@ -408,13 +408,18 @@ def _build_topn(cfg):
                         L_part[b, h, T.min((q * NT + tx) % MAX_CMP_SPLITS, SC - 1), qi * G + (q * NT + tx) // MAX_CMP_SPLITS],
                         ninf)
             T.sync_threads()
-            if tx < G:  # loops over the SC real splits: at small batch this chain is the latency
+            if tx < G:
+                # over the SC real splits (entries up to MAX_CMP_SPLITS are -inf), 4 independent
+                # loads per step: neither the full static bound nor a 1-deep dependent chain
                 mx = ninf
-                for s in T.serial(SC):
-                    mx = T.max(mx, Lp_s[tx, s])
+                for s4 in T.serial(T.ceildiv(SC, 4)):
+                    for u in T.unroll(4):
+                        mx = T.max(mx, Lp_s[tx, s4 * 4 + u])
                 sm = 0
-                for s in T.serial(SC):
-                    sm = sm + T.if_then_else(Lp_s[tx, s] == ninf, 0, T.exp2(Lp_s[tx, s] - mx))
+                for s4 in T.serial(T.ceildiv(SC, 4)):
+                    for u in T.unroll(4):
+                        sm = sm + T.if_then_else(Lp_s[tx, s4 * 4 + u] == ninf, 0,
+                                                 T.exp2(Lp_s[tx, s4 * 4 + u] - mx))
                 lse_s[tx] = T.if_then_else(sm > 0, mx + T.log2(sm), ninf)
             T.sync_threads()
 
@@ -655,7 +660,7 @@ def _build_combine(cfg):
     VEC = 4
     DG = Dv // VEC                 # thread groups along Dv
     LN = NT // DG                  # split lanes
-    MS = _max_splits(cfg)
+    MS = (_max_splits(cfg) + 3) // 4 * 4   # the lse reduction reads whole groups of 4
     SQ = (MS + NT - 1) // NT
     dtype, acc = cfg.dtype, "float32"
     ninf = -T.infinity(acc)
@@ -700,14 +705,18 @@ def _build_combine(cfg):
                     Ls[2, q * NT + tx] = T.if_then_else(
                         q * NT + tx < SW, L_win[b, h, T.min(q * NT + tx, SW - 1), r], ninf)
             T.sync_threads()
-            if tx < 3:  # thread x reduces branch x over its real splits only (SC / SS / SW, not MS)
-                nsp = T.if_then_else(tx == 0, SC, T.if_then_else(tx == 1, SS, SW))
+            if tx < 3:
+                # thread x reduces branch x over its real splits (SC / SS / SW; the rest of the MS
+                # entries are -inf), 4 independent loads per step
+                nsp = T.ceildiv(T.if_then_else(tx == 0, SC, T.if_then_else(tx == 1, SS, SW)), 4)
                 mx = ninf
-                for s in T.serial(nsp):
-                    mx = T.max(mx, Ls[tx, s])
+                for s4 in T.serial(nsp):
+                    for u in T.unroll(4):
+                        mx = T.max(mx, Ls[tx, s4 * 4 + u])
                 sm = 0
-                for s in T.serial(nsp):
-                    sm = sm + T.if_then_else(Ls[tx, s] == ninf, 0, T.exp2(Ls[tx, s] - mx))
+                for s4 in T.serial(nsp):
+                    for u in T.unroll(4):
+                        sm = sm + T.if_then_else(Ls[tx, s4 * 4 + u] == ninf, 0, T.exp2(Ls[tx, s4 * 4 + u] - mx))
                 tot[tx] = T.if_then_else(sm > 0, mx + T.log2(sm), ninf)
             T.sync_threads()
             # gate * exp2(lse_split - lse_branch); 0 for empty splits / branches
