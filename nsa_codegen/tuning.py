@@ -369,10 +369,21 @@ def _op_check(key: KernelKey, kernel: CompiledKernel) -> str | None:
 # ------------------------------------------------------------------------------------------------
 # Timing
 # ------------------------------------------------------------------------------------------------
+WARMUP_S = 0.05  # launch for at least this long before timing (GPU clocks ramp up from idle)
+MIN_TIMED_S = 0.03  # and time at least this much GPU work (short kernels get more repeats)
+
+
 def _median_min(launch_sets: list[Callable[[], None]], repeats: int) -> tuple[float, float]:
-    for f in launch_sets[:2]:
-        f()
+    """(median, min) ms of single launches after a warm-up, alternating input sets."""
+    t0, n = time.perf_counter(), 0
+    while n < 2 or time.perf_counter() - t0 < WARMUP_S:
+        launch_sets[n % len(launch_sets)]()
+        n += 1
+        if n % 8 == 0:
+            torch.cuda.synchronize()
     torch.cuda.synchronize()
+    per_launch = (time.perf_counter() - t0) / n
+    repeats = max(repeats, min(1000, int(MIN_TIMED_S / max(per_launch, 1e-6))))
     times = []
     for i in range(repeats):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
