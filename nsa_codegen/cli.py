@@ -126,9 +126,12 @@ def _show(args) -> int:
     import json
     from .build import generated_dirs
     from .cache import versioned_dir
-    name = args.key.strip("/").replace("/", "__")
-    candidates = [root / args.key.split("/")[0] / name for root in generated_dirs()]
-    candidates.append(versioned_dir() / "kernels" / name)
+    key = args.key.strip("/")
+    name = key.replace("/", "__")
+    folders = [root / key.split("/")[0] for root in generated_dirs()] + [versioned_dir() / "kernels"]
+    candidates = [f / name for f in folders]
+    if "/s-" not in key:  # a problem id (no schedule segment): whichever schedule was built for it
+        candidates += [d for f in folders for d in sorted(f.glob(name + "__s-*"))]
     for d in candidates:
         if (d / "meta.json").exists():
             meta = json.loads((d / "meta.json").read_text())
@@ -225,7 +228,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("list", help="kernels built into generated/ and cached")
     p.set_defaults(fn=_list)
     p = sub.add_parser("show", help="spec, schedule and source path of one kernel key")
-    p.add_argument("key")
+    p.add_argument("key", help="kernel key, or its problem id (the key without /s-<schedule>)")
     p.set_defaults(fn=_show)
     p = sub.add_parser("cache", help="the compiled-kernel cache")
     cache_sub = p.add_subparsers(dest="cache_command", required=True)

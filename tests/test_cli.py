@@ -45,3 +45,17 @@ def test_tune_without_gpu_says_so(capsys):
         return
     assert main(["tune", "--arch", "sm90"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_show_takes_a_key_or_its_problem_id(tmp_path, monkeypatch, capsys):
+    import json
+    key = "sm90/window_fwd/fp16/dk64_dv64/h2_g4/w128/s-abc123"
+    d = tmp_path / "sm90" / key.replace("/", "__")
+    d.mkdir(parents=True)
+    (d / "meta.json").write_text(json.dumps({"key": key, "schedule": {"threads": 128}}))
+    monkeypatch.setenv("NSA_CODEGEN_GENERATED_DIR", str(tmp_path))
+    for name in (key, key.rsplit("/s-", 1)[0]):
+        assert main(["show", name]) == 0
+        assert key in capsys.readouterr().out
+    assert main(["show", "sm90/window_fwd/fp16/dk64_dv64/h2_g4/w256"]) == 1
+    assert "no built or cached kernel" in capsys.readouterr().err
