@@ -152,11 +152,12 @@ def clear_loaded() -> None:
         _LOADED.clear()
 
 
-def run_in_workers(fn, calls, jobs: int | None = None, on_result=None) -> list:
+def run_in_workers(fn, calls, jobs: int | None = None, on_result=None, deadline: float | None = None) -> list:
     """fn(*args) for each args tuple in calls, in spawned worker processes; results in call order.
 
     spawn, not fork: the parent may hold CUDA state. on_result(done, total, result) runs in the
-    parent as each call finishes (progress bars).
+    parent as each call finishes (progress bars). Once time.time() passes `deadline`, calls not yet
+    started are cancelled (their results stay None); running ones finish.
     """
     import concurrent.futures as cf
     import multiprocessing as mp
@@ -172,6 +173,10 @@ def run_in_workers(fn, calls, jobs: int | None = None, on_result=None) -> list:
             results[futures[fut]] = fut.result()
             if on_result:
                 on_result(done, len(calls), results[futures[fut]])
+            if deadline is not None and time.time() > deadline:
+                for f in futures:
+                    f.cancel()
+                break
     return results
 
 
@@ -203,6 +208,8 @@ def _compile_scheduled(key: KernelKey) -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
-def precompile_scheduled(keys, jobs: int | None = None) -> list[str | None]:
-    """Compile keys that already carry a schedule (tuning candidates) into the disk cache, in parallel."""
-    return run_in_workers(_compile_scheduled, [(k,) for k in keys], jobs)
+def precompile_scheduled(keys, jobs: int | None = None, progress=None,
+                         deadline: float | None = None) -> list[str | None]:
+    """Compile keys that already carry a schedule (tuning candidates) into the disk cache, in parallel.
+    Per key: None when compiled, the error text, or None as well when cancelled at the deadline."""
+    return run_in_workers(_compile_scheduled, [(k,) for k in keys], jobs, progress, deadline)

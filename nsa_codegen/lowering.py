@@ -63,6 +63,12 @@ class KernelPlan:
         return "\n".join(lines)
 
 
+def _key_fields(spec: NSASpec, arch: str) -> dict:
+    """The KernelKey fields every kernel of spec shares (kinds override what they do not read)."""
+    return dict(arch=arch, dtype=spec.dtype, head_dim=spec.head_dim, v_head_dim=spec.v_head_dim,
+                kv_heads=spec.kv_heads, group=spec.group, scale=spec.scale)
+
+
 def lower_to_plan(spec: NSASpec, arch: str = "sm90", explicit_indices: bool = False) -> KernelPlan:
     """The kernels that compute `spec`'s forward on `arch`, in order.
 
@@ -70,8 +76,7 @@ def lower_to_plan(spec: NSASpec, arch: str = "sm90", explicit_indices: bool = Fa
     """
     arch = normalize_arch(arch)
     c, s = spec.compression, spec.selection
-    common = dict(arch=arch, dtype=spec.dtype, head_dim=spec.head_dim, v_head_dim=spec.v_head_dim,
-                  kv_heads=spec.kv_heads, group=spec.group, scale=spec.scale)
+    common = _key_fields(spec, arch)
     calls, combine = [], []
     if s is not None and c is None and not explicit_indices:
         raise ValueError("the compression branch is off, so the selection branch needs explicit block_indices")
@@ -122,8 +127,7 @@ def lower_decode(spec: NSASpec, arch: str = "sm90", q_len: int = 1, separate_win
     if not 1 <= int(q_len) <= 8:
         raise ValueError(f"q_len must be in 1..8, got {q_len}")
     problem = KernelKey.make(
-        arch=arch, kind="decode_cmp", dtype=spec.dtype, head_dim=spec.head_dim, v_head_dim=spec.v_head_dim,
-        kv_heads=spec.kv_heads, group=spec.group, scale=spec.scale, cmp_block=c.block, stride=c.stride,
+        kind="decode_cmp", **_key_fields(spec, arch), cmp_block=c.block, stride=c.stride,
         first_block=c.first_block, sel_block=s.block, top_n=s.top_n, initial=s.initial, local=s.local,
         window=w.size, q_len=int(q_len), separate_window=int(bool(separate_window)),
         max_seqlen=decode_seqlen_bucket(capacity))

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 
 from . import reference as ref
-from .cache import CompiledKernel, _tilelang_cache_dir, versioned_dir
+from .cache import CompiledKernel, _tilelang_cache_dir, precompile_scheduled, versioned_dir
 from .codegen import check_schedule, compile_kernel, template_source_hash
 from .kernel_key import KernelKey, schedule_hash
 from .schedules import default_schedule, load_arch, record_is_current, search_space, tuning_dir
@@ -341,22 +341,23 @@ def _decode_workload(key: KernelKey, B: int, lengths: list[int], seed: int):
     return (lambda: nsa_decode(q, cache, *gates)), check
 
 
-def _op_workload(key: KernelKey, size: str, seed: int):
+DECODE_TIMING_BATCH, DECODE_TIMING_LEN = 16, 65536  # issue 6's headline point
+
+
+def _op_workload(key: KernelKey, T: int | None, seed: int):
+    """The (run, check) of key's op: T=None is the correctness check's size, else the timed size
+    (backward: T tokens; decode: DECODE_TIMING_BATCH caches of DECODE_TIMING_LEN tokens)."""
     if key.kind.startswith("decode_"):
-        if size == "check":
+        if T is None:
             rng = torch.Generator().manual_seed(seed)
             lens = [int(x) for x in torch.randint(key.param["q_len"], 3000, (3,), generator=rng)]
             return _decode_workload(key, 3, lens, seed)
         return _decode_workload(key, DECODE_TIMING_BATCH, [DECODE_TIMING_LEN] * DECODE_TIMING_BATCH, seed)
-    return _grad_workload(key, CHECK_T if size == "check" else _T[0], seed)
-
-
-DECODE_TIMING_BATCH, DECODE_TIMING_LEN = 16, 65536  # issue 6's headline point
-_T = [16384]  # timed T of the current tune() call
+    return _grad_workload(key, CHECK_T if T is None else T, seed)
 
 
 def _op_check(key: KernelKey, kernel: CompiledKernel) -> str | None:
-    run, check = _op_workload(key, "check", seed=int(time.time()) % 100000)
+    run, check = _op_workload(key, None, seed=int(time.time()) % 100000)
     cap = _Capture(kernel.kernel)
     with _use_kernel(key.problem, CompiledKernel(key, cap, "candidate", 0.0)):
         got = run()
@@ -412,9 +413,9 @@ def time_direct(key: KernelKey, kernel, T: int, repeats: int = 30) -> tuple[floa
 class _TimingSets:
     """Per problem, the captured launch arguments of its op at the timed size (built once)."""
 
-    def __init__(self, key: KernelKey):
+    def __init__(self, key: KernelKey, T: int):
         # Two input sets: each is far larger than L2 at the timed sizes (T = 16k tokens; 16 x 64k caches).
-        self.runs = [_op_workload(key, "time", seed)[0] for seed in range(2)]
+        self.runs = [_op_workload(key, T, seed)[0] for seed in range(2)]
 
     def time(self, key: KernelKey, kernel: CompiledKernel, repeats: int = 30) -> tuple[float, float]:
         cap = _Capture(kernel.kernel)
@@ -437,25 +438,16 @@ def _direct(kind: str) -> bool:
 
 def _compile_candidates(keys: list[KernelKey], jobs: int | None, deadline: float, say) -> None:
     """Compile into the disk cache in worker processes, all problems together; stops at the deadline."""
-    import concurrent.futures as cf
-    import multiprocessing as mp
-    from .cache import _compile_scheduled
-    if not keys:
-        return
-    jobs = max(1, min(jobs or os.cpu_count() or 1, len(keys)))
     t0, failed = time.time(), 0
-    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-        futs = [pool.submit(_compile_scheduled, k) for k in keys]
-        for i, fut in enumerate(cf.as_completed(futs), 1):
-            failed += fut.result() is not None
-            if i % max(1, len(keys) // 20) == 0 or i == len(keys):
-                bar = "#" * (24 * i // len(keys))
-                say(f"  compile [{bar:<24}] {i}/{len(keys)} ({failed} failed) {time.time() - t0:.0f} s")
-            if time.time() > deadline:
-                for f in futs:
-                    f.cancel()
-                say("  budget spent while compiling; rerun to resume (compiled candidates stay cached)")
-                break
+
+    def progress(i, total, err):
+        nonlocal failed
+        failed += err is not None
+        if i % max(1, total // 20) == 0 or i == total:
+            say(f"  compile [{'#' * (24 * i // total):<24}] {i}/{total} ({failed} failed) {time.time() - t0:.0f} s")
+    precompile_scheduled(keys, jobs, progress, None if math.isinf(deadline) else deadline)
+    if time.time() > deadline:
+        say("  budget spent while compiling; rerun to resume (compiled candidates stay cached)")
 
 
 def tune(problems: list[KernelKey], T: int = 16384, budget_minutes: float | None = None, jobs: int | None = None,
@@ -468,7 +460,6 @@ def tune(problems: list[KernelKey], T: int = 16384, budget_minutes: float | None
     deadline = time.time() + budget_minutes * 60 if budget_minutes else math.inf
     fields = gpu_record_fields()
     os.environ["NSA_CODEGEN_POISON_OUTPUTS"] = "1"  # op outputs NaN-filled before launch: unwritten fails
-    _T[0] = T
     written: list[dict] = []
     problems = [p.problem for p in dict.fromkeys(problems)]
     rounds = [lambda key, times: list(search_space(key))] if exhaustive else \
@@ -476,8 +467,11 @@ def tune(problems: list[KernelKey], T: int = 16384, budget_minutes: float | None
     for rnd, propose in enumerate(rounds, 1):
         todo: list[tuple[KernelKey, list[KernelKey]]] = []
         n_pruned = 0
+        logs: dict[str, dict] = {}  # arch -> its log, read once per round
         for problem in problems:
-            seen = _logged(log_path(problem.arch))
+            seen = logs.get(problem.arch)
+            if seen is None:
+                seen = logs[problem.arch] = _logged(log_path(problem.arch))
             times = {h: r["median_ms"] for (pid, h), r in seen.items()
                      if pid == problem.problem_id and r.get("median_ms") is not None}
             cands = []
@@ -525,7 +519,7 @@ def tune(problems: list[KernelKey], T: int = 16384, budget_minutes: float | None
                     elif _direct(key.kind):
                         rec["median_ms"], rec["min_ms"] = time_direct(key, jit, T)
                     else:
-                        timing = timing or _TimingSets(problem)
+                        timing = timing or _TimingSets(problem, T)
                         rec["median_ms"], rec["min_ms"] = timing.time(key, CompiledKernel(key, jit, "candidate", 0.0))
                 except Exception as e:
                     rec.update(correct=False, why=f"{type(e).__name__}: {str(e)[:300]}")
