@@ -1,6 +1,6 @@
 """GPU check of NSA decode (nsa_codegen.kv_cache + templates/decode_attention.py).
 
-    PYTHONPATH=<repo> python benchmarks/bench_decode.py [--quick] [--no-bench] [--jobs N]
+    PYTHONPATH=<repo> python benchmarks/bench_decode.py [--quick] [--no-bench] [--jobs N] [--sweep]
 
 1. Correctness: prefill a cache with random K/V (ragged lengths, none a multiple of any block),
    then decode steps (append q_len tokens, nsa_decode) with q_len 1 and 4 on the paper config
@@ -13,6 +13,9 @@
 2. Timing (paper config, fp16, q_len 1): one decode step at 8k/32k/64k/128k context, B = 1, 16,
    64, against torch SDPA (flash) dense decode over the same cache; CUDA-graph replay when
    capture works (eager otherwise).  GB/s counts the bytes NSA must read (nsa_decode_bytes).
+3. --sweep (instead of 1 and 2): at 64k context, B = 1, 16, 64, the step time over a grid of split
+   counts (num_splits), the kernels with programmatic dependent launch on and off, and the per-kernel
+   breakdown of the heuristic's choice and the best; what `kv_cache._splits` is fitted to.
 Prints one line per check; exits 1 on any failure.
 """
 import argparse
@@ -278,12 +281,83 @@ def run_timing(contexts, batches):
     torch.cuda.empty_cache()
 
 
+def _kernels_with(schedule_update):
+    """part -> CompiledKernel of the paper config's decode kernels with `schedule_update` applied."""
+    from nsa_codegen.cache import CompiledKernel, _tilelang_cache_dir, get_kernel, versioned_dir
+    from nsa_codegen.codegen import compile_kernel
+    out = {}
+    for c in lower_decode(PAPER, "sm90", 1, False, 128 * 1024):
+        base = get_kernel(c.key)
+        key = base.key.with_schedule({**dict(base.key.schedule), **schedule_update})
+        with _tilelang_cache_dir(versioned_dir() / "tilelang"):
+            out[c.kind[len("decode_"):]] = CompiledKernel(key, compile_kernel(key), "sweep", 0.0)
+    return out
+
+
+def run_sweep(L=65536, batches=(1, 16, 64)):
+    from nsa_codegen import kv_cache
+    spec, dt = PAPER, torch.float16
+    H, G, D = spec.kv_heads, spec.group, spec.head_dim
+    big = NSAKVCache(spec, max(batches), 128 * 1024, device="cuda", dtype=dt)
+    for t in (big.kv_k, big.kv_v, big.k_cmp, big.v_cmp):
+        for i in range(t.shape[0]):
+            t[i].normal_()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    no_pdl = _kernels_with({"pdl": False})
+    real = kv_cache._decode_kernels
+    print(f"sweep: paper config fp16, q_len 1, context {L}; {sms} SMs", flush=True)
+    for B in batches:
+        c = big.narrow_batch(B)
+        c.set_lengths([L] * B)
+        q = torch.randn(B, 1, spec.heads, D, device="cuda", dtype=dt)
+        gs = [torch.rand(B, 1, spec.heads, device="cuda", dtype=dt) for _ in range(3)]
+        kern = kv_cache.decode_kernels(spec, 1, capacity=c.capacity)
+        cmp_bn = dict(kern["cmp"].key.schedule)["cmp_block_N"]
+        heur = kv_cache._splits(B, H, spec, 1, L, sms, cmp_bn, None)
+        t_h, _ = _time(lambda: nsa_decode(q, c, *gs))
+        try:
+            kv_cache._decode_kernels = lambda *a, **k: no_pdl
+            t_np, _ = _time(lambda: nsa_decode(q, c, *gs))
+        finally:
+            kv_cache._decode_kernels = real
+        print(f"  B {B:>3}: heuristic splits {heur}: {t_h * 1e3:7.1f} us with PDL, {t_np * 1e3:7.1f} us without",
+              flush=True)
+        _breakdown(lambda: nsa_decode(q, c, *gs))
+        grid = {}
+        nw = -(-min(L, spec.window.size) // spec.selection.block) + 1
+        for sc in sorted({1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64} | {heur[0]}):
+            for ss, sw in sorted({(1, 1), (2, 1), (2, 2), (4, 2), (4, 3), (8, 3), (8, 5), (16, 5), (16, nw)}
+                                 | {heur[1:]}):
+                if sc * B * H > 64 * sms:
+                    continue
+                try:
+                    grid[(sc, ss, sw)] = _time(lambda: nsa_decode(q, c, *gs, num_splits=(sc, ss, sw)))[0]
+                except Exception as e:
+                    print(f"      {(sc, ss, sw)}: {type(e).__name__}: {e}", flush=True)
+        best = min(grid, key=grid.get)
+        by_sc = {sc: min(t for k, t in grid.items() if k[0] == sc) for sc in sorted({k[0] for k in grid})}
+        by_sel = {k[1:]: min(t for kk, t in grid.items() if kk[1:] == k[1:]) for k in grid}
+        print("      best per cmp splits: " + "  ".join(f"{k}: {v * 1e3:.1f}" for k, v in by_sc.items()), flush=True)
+        print("      best per (sel, win) splits: " + "  ".join(f"{k}: {v * 1e3:.1f}" for k, v in sorted(by_sel.items())),
+              flush=True)
+        print(f"      best {best}: {grid[best] * 1e3:.1f} us (heuristic {heur}: {grid.get(heur, t_h) * 1e3:.1f} us)",
+              flush=True)
+        _breakdown(lambda: nsa_decode(q, c, *gs, num_splits=best))
+    del big
+    torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="paper config only, q_len 1")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--jobs", type=int, default=None)
+    ap.add_argument("--sweep", action="store_true", help="split-count / PDL sweep at 64k instead of the checks")
     a = ap.parse_args()
+    if a.sweep:
+        precompile([c.key for c in lower_decode(PAPER, "sm90", 1, False, 128 * 1024)], jobs=a.jobs)
+        run_sweep()
+        return
     cases = [("paper fp16 q_len=1", PAPER, 1, [37, 700, 2000, 3001], 20, False),
              ("paper fp16 q_len=4", PAPER, 4, [7, 515, 1337, 2949], 6, False)]
     if a.quick:

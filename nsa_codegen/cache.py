@@ -122,12 +122,11 @@ def get_kernel(problem: KernelKey) -> CompiledKernel:
         t0 = time.perf_counter()
         # A prebuilt kernel of the tuned (else default) schedule was checked by its build: open it
         # without touching the template, which would import TileLang (seconds).
-        prebuilt = jit = None
-        for schedule, source in ((tuned_best(problem), "tuned"), (default_schedule(problem), "default")):
-            if schedule is not None:
-                key = problem.with_schedule(schedule)
-                prebuilt = find_prebuilt(key)
-                break
+        default, tuned = default_schedule(problem), tuned_best(problem)
+        schedule = default if tuned is None else tuned
+        source = "default" if schedule == default else "tuned"
+        key = problem.with_schedule(schedule)
+        prebuilt = find_prebuilt(key)
         if prebuilt is None:
             schedule, source = resolve_schedule(problem, lambda s: check_schedule(problem, s))
             key = problem.with_schedule(schedule)

@@ -37,7 +37,7 @@ from . import reference as ref
 from .cache import CompiledKernel, _tilelang_cache_dir, precompile_scheduled, versioned_dir
 from .codegen import check_schedule, compile_kernel, template_source_hash
 from .kernel_key import KernelKey, schedule_hash
-from .schedules import default_schedule, load_arch, record_is_current, search_space, tuning_dir
+from .schedules import default_schedule, load_arch, pick_best, record_is_current, search_space, tuning_dir
 
 CHECK_T = 1000  # correctness check length (not a multiple of any block)
 TOL = 1e-2
@@ -545,9 +545,9 @@ def speedups(arch: str, path: Path | None = None) -> list[dict]:
         if not ok:
             continue
         kind = pid.split("/")[1]
-        dflt_hash = schedule_hash(dict(load_arch(arch)["kernels"][kind]["default"]))
-        dflt = next((r for r in ok if schedule_hash(r["schedule"]) == dflt_hash), None)
-        best = min(ok, key=lambda r: r["median_ms"])
+        default = dict(load_arch(arch)["kernels"][kind]["default"])
+        dflt = pick_best([r for r in ok if dict(r["schedule"]) == default], default)
+        best = pick_best(ok, default)  # what the build uses (schedules.MIN_GAIN)
         out.append(dict(problem=pid, candidates=len(rs), correct=len(ok),
                         default_ms=dflt["median_ms"] if dflt else None, best_ms=best["median_ms"],
                         best_schedule=best["schedule"],

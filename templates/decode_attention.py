@@ -94,6 +94,9 @@ class DecodeAttentionConfig:
     sparse_stages: int = 1      # must be 1, as cmp_stages with cp_async
     combine_threads: int = 128
     fast_math: bool = False
+    pdl: bool = False           # programmatic dependent launch (sm90): topn / sparse / combine launch
+                                # while their predecessor drains and wait (griddepcontrol.wait) only
+                                # before reading its outputs; the window programs of sparse never wait
 
 
 def _rows(cfg):
@@ -323,6 +326,9 @@ def _build_cmp(cfg):
                 T.copy(V_cmp[b, c_beg + kt * BN:c_beg + (kt + 1) * BN, h, :], V_s, **load)
                 T.gemm(acc_p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 
+            if cfg.pdl:
+                # let top-n launch; it waits for this grid's completion before reading its outputs
+                T.pdl_trigger()
             for r, k in T.Parallel(MP, Dv):
                 if r < MR:
                     O_part[b, h, sid, r, k] = T.if_then_else(lsum[r] > 0, acc_o[r, k] / lsum[r], 0)
@@ -399,6 +405,9 @@ def _build_topn(cfg):
             jt = t // lp
             nv = _nvis(t, l, d, f, CAPC)
             j0 = cid * CB
+            if cfg.pdl:
+                T.pdl_trigger()   # sparse's window programs need nothing of ours: let them start
+                T.pdl_sync()      # cmp's Scores / L_part
 
             # 1. base-2 lse of each head of the group from the SC split partials
             for q in T.unroll(LQ):
@@ -470,7 +479,7 @@ def _build_sparse(cfg):
     lp, n, win = cfg.sel_block, cfg.top_n, cfg.window
     NB = 2 if cfg.separate_window else 1
     NT = cfg.sparse_threads
-    NCAND = _n_cand_max(cfg)
+    NCAND = (_n_cand_max(cfg) + 3) // 4 * 4     # the rank count reads whole groups of 4
     CQ = (NCAND + NT - 1) // NT
     dtype, acc = cfg.dtype, "float32"
     sc2 = float(cfg.scale) * _LOG2E
@@ -553,6 +562,8 @@ def _build_sparse(cfg):
 
             if sid < SS:
                 # ---- selection program: merge the chunk candidates of query qsel
+                if cfg.pdl:
+                    T.pdl_sync()  # top-n's candidates (window programs read only the cache)
                 qsel = sid // (SS // ql)
                 t_sel = seq - ql + qsel
                 n_sel = T.min(t_sel // lp + 1, n)
@@ -571,11 +582,13 @@ def _build_sparse(cfg):
                         idx = CI_s[q * NT + tx]
                         if idx >= 0:
                             rank = 0
-                            # over the NC * n real candidates, not the NCAND the buffer is sized for
-                            for e in T.serial(NC * n):
-                                ke = CS_s[e]
-                                ie = CI_s[e]
-                                rank = rank + T.if_then_else((ke > key) | ((ke == key) & (ie < idx) & (ie >= 0)), 1, 0)
+                            # over the NC * n real candidates (not the NCAND the buffer is sized for),
+                            # 4 independent shared loads per step; the -inf / -1 padding counts 0
+                            for e4 in T.serial(T.ceildiv(NC * n, 4)):
+                                for u in T.unroll(4):
+                                    ke = CS_s[e4 * 4 + u]
+                                    ie = CI_s[e4 * 4 + u]
+                                    rank = rank + T.if_then_else((ke > key) | ((ke == key) & (ie < idx) & (ie >= 0)), 1, 0)
                             if rank < n_sel:
                                 Rk_s[rank] = idx
                 T.sync_threads()
@@ -632,6 +645,8 @@ def _build_sparse(cfg):
                             slot(qsel), h, :], V_s, disable_tma=True)
                 T.gemm(acc_p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 
+            if cfg.pdl:
+                T.pdl_trigger()
             if sid < SS:
                 for r, k in T.Parallel(MP, Dv):
                     if r < MR:
@@ -696,6 +711,8 @@ def _build_combine(cfg):
             hq = h * G + r % G
             lane = tx // DG
             dg = tx % DG
+            if cfg.pdl:
+                T.pdl_sync()      # every partial (cmp's complete before top-n's, top-n's before sparse's)
             for q in T.unroll(SQ):
                 if q * NT + tx < MS:
                     Ls[0, q * NT + tx] = T.if_then_else(
@@ -734,22 +751,31 @@ def _build_combine(cfg):
             T.sync_threads()
             for v in T.unroll(VEC):
                 o[v] = 0
-            # split lanes: lane handles splits lane, lane + LN, ...; DG threads cover Dv
+            # split lanes: lane handles splits lane, lane + LN, ...; DG threads cover Dv.  4 splits per
+            # step: their loads are independent (a 1-deep loop waits one L2 round trip per split).
+            # Three written-out loops: a Python loop over the three buffers rebinds a parameter name,
+            # which breaks the kernel's argument checks.
             sz = T.ceildiv(T.max(SC - lane, 0), LN)
-            for s in T.serial(sz):
-                wt = Ls[0, lane + s * LN]
-                for v in T.unroll(VEC):
-                    o[v] = o[v] + wt * O_cmp[b, h, lane + s * LN, r, dg * VEC + v]
+            for s4 in T.serial(T.ceildiv(sz, 4)):
+                for u in T.unroll(4):
+                    if s4 * 4 + u < sz:
+                        wt = Ls[0, lane + (s4 * 4 + u) * LN]
+                        for v in T.unroll(VEC):
+                            o[v] = o[v] + wt * O_cmp[b, h, lane + (s4 * 4 + u) * LN, r, dg * VEC + v]
             sz = T.ceildiv(T.max(SS - lane, 0), LN)
-            for s in T.serial(sz):
-                wt = Ls[1, lane + s * LN]
-                for v in T.unroll(VEC):
-                    o[v] = o[v] + wt * O_slc[b, h, lane + s * LN, r, dg * VEC + v]
+            for s4 in T.serial(T.ceildiv(sz, 4)):
+                for u in T.unroll(4):
+                    if s4 * 4 + u < sz:
+                        wt = Ls[1, lane + (s4 * 4 + u) * LN]
+                        for v in T.unroll(VEC):
+                            o[v] = o[v] + wt * O_slc[b, h, lane + (s4 * 4 + u) * LN, r, dg * VEC + v]
             sz = T.ceildiv(T.max(SW - lane, 0), LN)
-            for s in T.serial(sz):
-                wt = Ls[2, lane + s * LN]
-                for v in T.unroll(VEC):
-                    o[v] = o[v] + wt * O_win[b, h, lane + s * LN, r, dg * VEC + v]
+            for s4 in T.serial(T.ceildiv(sz, 4)):
+                for u in T.unroll(4):
+                    if s4 * 4 + u < sz:
+                        wt = Ls[2, lane + (s4 * 4 + u) * LN]
+                        for v in T.unroll(VEC):
+                            o[v] = o[v] + wt * O_win[b, h, lane + (s4 * 4 + u) * LN, r, dg * VEC + v]
             for v in T.unroll(VEC):
                 A_s[lane, dg * VEC + v] = o[v]
             T.sync_threads()
