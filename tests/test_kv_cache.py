@@ -91,6 +91,9 @@ DECODE_CASES = [
                                            compression=CompressionBranch(32, 16, "mean", 1),
                                            selection=SelectionBranch(32, 8, 1, 2), window=WindowBranch(128)),
      2, [3, 97, 1201], 4, True),
+    # the default build set's G=4 bf16 problem (h4_g4), whose decode check failed while tuning
+    ("g4_d128_bf16_q1", NSASpec(heads=16, kv_heads=4, head_dim=128, v_head_dim=128, dtype="bfloat16"), 1,
+     [37, 700, 2000, 3001], 5, False),
     ("g1_d64_fp16_q8", NSASpec(heads=4, kv_heads=4, head_dim=64, v_head_dim=64, dtype="float16",
                                compression=CompressionBranch(16, 16, "mean"), selection=SelectionBranch(32, 8, 1, 2),
                                window=WindowBranch(64)), 8, [9, 333, 1000], 3, False),
