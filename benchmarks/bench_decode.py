@@ -65,45 +65,14 @@ def note(name, ok, msg=""):
 # ------------------------------------------------------------------------------------------------
 # correctness
 # ------------------------------------------------------------------------------------------------
-def _keys(spec, q, k, g_unused, L, positions, k_cmp, v_cmp):
-    """Reference top-n keys [P, H, NS] (forced = +inf, invisible = -inf) at the given positions."""
+def _keys(spec, q, k_cmp, v_cmp, L, positions):
+    """Reference ranking keys [P, H, NS] (forced = +inf, invisible = -inf) at the given positions."""
     c, s = spec.compression, spec.selection
     t0, t1 = positions[0], positions[-1] + 1
     _, _, p = reference.compression_attention(q[:, t0:t1], k_cmp, v_cmp, c.block, c.stride, c.first_block,
                                               spec.softmax_scale, t_offset=t0, return_probs=True)
-    sc = reference.selection_scores(p, spec.kv_heads, L, c.block, c.stride, s.block, c.first_block)[0]
-    NS = sc.shape[-1]
-    t = torch.arange(t0, t1, device=q.device)
-    j = torch.arange(NS, device=q.device)
-    jt = (t // s.block)[:, None]
-    vis = j[None] <= jt
-    forced = vis & ((j[None] < s.initial) | (j[None] > jt - s.local))
-    key = sc.double().masked_fill(~vis[:, None], float("-inf")).masked_fill(forced[:, None], float("inf"))
-    return key
-
-
-def _compare_indices(name, spec, kidx, ridx, keys):
-    """kidx/ridx [P, H, n] int; keys [P, H, NS]. Returns (ok, n_tie_diffs, message)."""
-    ties = 0
-    for p in range(kidx.shape[0]):
-        for h in range(kidx.shape[1]):
-            a, b = kidx[p, h].tolist(), ridx[p, h].tolist()
-            if a == b:
-                continue
-            va, vb = [x for x in a if x >= 0], [x for x in b if x >= 0]
-            if va != sorted(va) or len(va) != len(vb) or a[len(va):] != [-1] * (len(a) - len(va)) \
-                    or len(set(va)) != len(va):
-                return False, ties, f"pos {p} head {h}: kernel {a} vs reference {b} (malformed)"
-            only_k, only_r = set(va) - set(vb), set(vb) - set(va)
-            kk = keys[p, h]
-            fin = kk[torch.isfinite(kk)]
-            scale = fin.abs().max().item() if fin.numel() else 1.0
-            worst = max(abs(kk[x].item() - kk[y].item()) for x in only_k for y in only_r)
-            if not worst <= 1e-2 * max(scale, 1e-30):
-                return False, ties, (f"pos {p} head {h}: kernel {a} vs reference {b}: score gap "
-                                     f"{worst:.3e} (max score {scale:.3e})")
-            ties += 1
-    return True, ties, ""
+    sc = reference.selection_scores(p, spec.kv_heads, L, c.block, c.stride, s.block, c.first_block)
+    return reference.selection_keys(sc, s.block, s.initial, s.local, t_offset=t0)[0]
 
 
 def run_correctness(tag, spec, q_len, lens0, steps, separate_window, seed=0):
@@ -168,8 +137,8 @@ def run_correctness(tag, spec, q_len, lens0, steps, separate_window, seed=0):
         ridx = ref_idx[0, P]
         k_cmp_ref = reference.compress(k[b:b + 1, :L], c.block, c.stride, c.first_block)
         v_cmp_ref = reference.compress(v[b:b + 1, :L], c.block, c.stride, c.first_block)
-        keys = _keys(spec, q[b:b + 1, :L], k[b:b + 1, :L], None, L, positions, k_cmp_ref, v_cmp_ref)
-        ok, ties, msg = _compare_indices(tag, spec, kidx.cpu(), ridx.cpu(), keys.cpu())
+        keys = _keys(spec, q[b:b + 1, :L], k_cmp_ref, v_cmp_ref, L, positions)
+        ok, ties, msg = reference.compare_block_indices(kidx, ridx, keys)
         ties_total += ties
         if not ok:
             idx_ok = False

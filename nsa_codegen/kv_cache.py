@@ -440,15 +440,21 @@ def nsa_decode(q: torch.Tensor, cache: NSAKVCache, g_cmp: torch.Tensor, g_slc: t
 
 
 def nsa_decode_reference(q: torch.Tensor, cache: NSAKVCache, g_cmp: torch.Tensor, g_slc: torch.Tensor,
-                         g_win: torch.Tensor, spec: Optional[NSASpec] = None) -> torch.Tensor:
+                         g_win: torch.Tensor, spec: Optional[NSASpec] = None, *,
+                         block_indices: Optional[torch.Tensor] = None, return_selection: bool = False):
     """What `nsa_decode` computes, by the reference: reference.nsa_reference over each entry's cached
     sequence (cached compressed rows included), read at its last q_len positions. O(length) work per
-    step: the CPU path and the oracle, not a fast path. q [B, ql, HQ, Dk] -> o [B, ql, HQ, Dv]."""
+    step: the CPU path and the oracle, not a fast path. q [B, ql, HQ, Dk] -> o [B, ql, HQ, Dv].
+
+    block_indices [B, ql, H, n]: attend over these blocks (a kernel's choice) instead of the
+    reference's own top-n. return_selection: also return, per entry, the reference's own top-n
+    [ql, H, n] and the ranking keys [ql, H, NS] it sorted (for reference.compare_block_indices)."""
     spec = spec or cache.spec
     B, ql, HQ, Dk = q.shape
     if B != cache.batch_size:
         raise ValueError(f"q batch {B} != cache batch {cache.batch_size}")
-    outs = []
+    c, s = spec.compression, spec.selection
+    outs, sels = [], []
     for b, L in enumerate(cache.lengths):
         if L < ql:
             raise ValueError(f"entry {b} has {L} cached tokens < q_len {ql}: append first")
@@ -458,13 +464,23 @@ def nsa_decode_reference(q: torch.Tensor, cache: NSAKVCache, g_cmp: torch.Tensor
             out[:, L - ql:] = x[b:b + 1]
             return out
         n = cache.num_cmp_host[b]
-        o = reference.nsa_reference(
-            full(q), cache.k[b:b + 1, :L], cache.v[b:b + 1, :L], full(g_cmp), full(g_slc), full(g_win), spec,
-            k_cmp=cache.k_cmp[b:b + 1, :n] if cache.k_cmp is not None else None,
-            v_cmp=cache.v_cmp[b:b + 1, :n] if cache.v_cmp is not None else None,
-            k_win=cache.k_win[b:b + 1, :L], v_win=cache.v_win[b:b + 1, :L])
+        kc = cache.k_cmp[b:b + 1, :n] if cache.k_cmp is not None else None
+        vc = cache.v_cmp[b:b + 1, :n] if cache.v_cmp is not None else None
+        args = (full(q), cache.k[b:b + 1, :L], cache.v[b:b + 1, :L], full(g_cmp), full(g_slc), full(g_win), spec)
+        kw = dict(k_cmp=kc, v_cmp=vc, k_win=cache.k_win[b:b + 1, :L], v_win=cache.v_win[b:b + 1, :L])
+        o, idx = reference.nsa_reference(*args, return_indices=True, **kw)
+        if block_indices is not None:
+            sub = idx.clone()
+            sub[0, L - ql:] = block_indices[b].to(sub.dtype)
+            o = reference.nsa_reference(*args, block_indices=sub, **kw)
         outs.append(o[:, L - ql:])
-    return torch.cat(outs, 0)
+        if return_selection:
+            p = reference.compression_attention(q[b:b + 1], kc, vc, c.block, c.stride, c.first_block,
+                                                spec.softmax_scale, t_offset=L - ql, return_probs=True)[2]
+            sc = reference.selection_scores(p, spec.kv_heads, L, c.block, c.stride, s.block, c.first_block)
+            sels.append((idx[0, L - ql:], reference.selection_keys(sc, s.block, s.initial, s.local, L - ql)[0]))
+    o = torch.cat(outs, 0)
+    return (o, sels) if return_selection else o
 
 
 def nsa_decode_bytes(spec: NSASpec, length: int, elem_bytes: int = 2) -> int:

@@ -172,6 +172,45 @@ def select_top_n(scores: torch.Tensor, sel_block: int, top_n: int, initial: int 
     return idx.to(torch.int32)
 
 
+def selection_keys(scores: torch.Tensor, sel_block: int, initial: int = 1, local: int = 2,
+                   t_offset: int = 0) -> torch.Tensor:
+    """The ranking keys select_top_n sorts: scores [B, Tq, H, NS] with forced blocks +inf and blocks
+    past the query's -inf (float64)."""
+    Tq, NS = scores.shape[1], scores.shape[-1]
+    t = torch.arange(Tq, device=scores.device) + t_offset
+    j = torch.arange(NS, device=scores.device)
+    jt = (t // sel_block)[:, None]
+    visible = j[None, :] <= jt
+    forced = visible & ((j[None, :] < initial) | (j[None, :] > jt - local))
+    key = scores.double().masked_fill(~visible[None, :, None, :], float("-inf"))
+    return key.masked_fill(forced[None, :, None, :], float("inf"))
+
+
+def compare_block_indices(got: torch.Tensor, want: torch.Tensor, keys: torch.Tensor,
+                          rtol: float = 1e-2) -> tuple[bool, int, str]:
+    """Whether a kernel's top-n lists `got` equal the reference's `want` ([..., n] int, ascending, -1
+    padded) up to near ties: a list may differ only by blocks whose keys ([..., NS]) are within rtol
+    of the largest finite key of its row. Returns (ok, rows that differ by near ties, message)."""
+    got, want, keys = got.cpu(), want.cpu(), keys.cpu()
+    n = got.shape[-1]
+    g2, w2, k2 = got.reshape(-1, n), want.reshape(-1, n), keys.reshape(-1, keys.shape[-1])
+    ties = 0
+    for r in torch.nonzero((g2 != w2).any(-1)).flatten().tolist():
+        a, b = g2[r].tolist(), w2[r].tolist()
+        va, vb = [x for x in a if x >= 0], [x for x in b if x >= 0]
+        if va != sorted(va) or len(set(va)) != len(va) or len(va) != len(vb) \
+                or a[len(va):] != [-1] * (n - len(va)) or any(x >= k2.shape[-1] for x in va):
+            return False, ties, f"row {r}: kernel {a} vs reference {b} (malformed)"
+        kk = k2[r]
+        fin = kk[torch.isfinite(kk)]
+        scale = fin.abs().max().item() if fin.numel() else 1.0
+        worst = max(abs(kk[x].item() - kk[y].item()) for x in set(va) - set(vb) for y in set(vb) - set(va))
+        if not worst <= rtol * max(scale, 1e-30):
+            return False, ties, f"row {r}: kernel {a} vs reference {b}: score gap {worst:.3e} (max {scale:.3e})"
+        ties += 1
+    return True, ties, ""
+
+
 # ------------------------------------------------------------------------------------------------
 # Selection and window attention
 # ------------------------------------------------------------------------------------------------

@@ -705,12 +705,19 @@ def _build_combine(cfg):
             wt = T.alloc_var(acc)
             sz = T.alloc_var("int32")
             nsp = T.alloc_var("int32")
+            gc = T.alloc_var(acc)
+            gs = T.alloc_var(acc)
+            gw = T.alloc_var(acc)
 
             tx = T.get_thread_binding()
             qi = r // G
             hq = h * G + r % G
             lane = tx // DG
             dg = tx % DG
+            # the gates were written before the decode step's first kernel: read them before waiting
+            gc = T.cast(G_cmp[b, qi, hq], acc)
+            gs = T.cast(G_slc[b, qi, hq], acc)
+            gw = T.cast(G_win[b, qi, hq], acc)
             if cfg.pdl:
                 T.pdl_sync()      # every partial (cmp's complete before top-n's, top-n's before sparse's)
             for q in T.unroll(SQ):
@@ -741,41 +748,38 @@ def _build_combine(cfg):
                 if q * NT + tx < MS:
                     Ls[0, q * NT + tx] = T.if_then_else(
                         Ls[0, q * NT + tx] == ninf, 0,
-                        T.cast(G_cmp[b, qi, hq], acc) * T.exp2(Ls[0, q * NT + tx] - tot[0]))
+                        gc * T.exp2(Ls[0, q * NT + tx] - tot[0]))
                     Ls[1, q * NT + tx] = T.if_then_else(
                         Ls[1, q * NT + tx] == ninf, 0,
-                        T.cast(G_slc[b, qi, hq], acc) * T.exp2(Ls[1, q * NT + tx] - tot[1]))
+                        gs * T.exp2(Ls[1, q * NT + tx] - tot[1]))
                     Ls[2, q * NT + tx] = T.if_then_else(
                         Ls[2, q * NT + tx] == ninf, 0,
-                        T.cast(G_win[b, qi, hq], acc) * T.exp2(Ls[2, q * NT + tx] - tot[2]))
+                        gw * T.exp2(Ls[2, q * NT + tx] - tot[2]))
             T.sync_threads()
             for v in T.unroll(VEC):
                 o[v] = 0
             # split lanes: lane handles splits lane, lane + LN, ...; DG threads cover Dv.  4 splits per
-            # step: their loads are independent (a 1-deep loop waits one L2 round trip per split).
-            # Three written-out loops: a Python loop over the three buffers rebinds a parameter name,
-            # which breaks the kernel's argument checks.
+            # step with unconditional loads (index clamped to a written split, weight selected to 0),
+            # so the 4 are in flight together.  Three written-out loops: a Python loop over the three
+            # buffers rebinds a parameter name, which breaks the kernel's argument checks.
             sz = T.ceildiv(T.max(SC - lane, 0), LN)
             for s4 in T.serial(T.ceildiv(sz, 4)):
                 for u in T.unroll(4):
-                    if s4 * 4 + u < sz:
-                        wt = Ls[0, lane + (s4 * 4 + u) * LN]
-                        for v in T.unroll(VEC):
-                            o[v] = o[v] + wt * O_cmp[b, h, lane + (s4 * 4 + u) * LN, r, dg * VEC + v]
+                    wt = T.if_then_else(s4 * 4 + u < sz, Ls[0, T.min(lane + (s4 * 4 + u) * LN, MS - 1)], 0)
+                    for v in T.unroll(VEC):
+                        o[v] = o[v] + wt * O_cmp[b, h, T.min(lane + (s4 * 4 + u) * LN, SC - 1), r, dg * VEC + v]
             sz = T.ceildiv(T.max(SS - lane, 0), LN)
             for s4 in T.serial(T.ceildiv(sz, 4)):
                 for u in T.unroll(4):
-                    if s4 * 4 + u < sz:
-                        wt = Ls[1, lane + (s4 * 4 + u) * LN]
-                        for v in T.unroll(VEC):
-                            o[v] = o[v] + wt * O_slc[b, h, lane + (s4 * 4 + u) * LN, r, dg * VEC + v]
+                    wt = T.if_then_else(s4 * 4 + u < sz, Ls[1, T.min(lane + (s4 * 4 + u) * LN, MS - 1)], 0)
+                    for v in T.unroll(VEC):
+                        o[v] = o[v] + wt * O_slc[b, h, T.min(lane + (s4 * 4 + u) * LN, SS - 1), r, dg * VEC + v]
             sz = T.ceildiv(T.max(SW - lane, 0), LN)
             for s4 in T.serial(T.ceildiv(sz, 4)):
                 for u in T.unroll(4):
-                    if s4 * 4 + u < sz:
-                        wt = Ls[2, lane + (s4 * 4 + u) * LN]
-                        for v in T.unroll(VEC):
-                            o[v] = o[v] + wt * O_win[b, h, lane + (s4 * 4 + u) * LN, r, dg * VEC + v]
+                    wt = T.if_then_else(s4 * 4 + u < sz, Ls[2, T.min(lane + (s4 * 4 + u) * LN, MS - 1)], 0)
+                    for v in T.unroll(VEC):
+                        o[v] = o[v] + wt * O_win[b, h, T.min(lane + (s4 * 4 + u) * LN, SW - 1), r, dg * VEC + v]
             for v in T.unroll(VEC):
                 A_s[lane, dg * VEC + v] = o[v]
             T.sync_threads()

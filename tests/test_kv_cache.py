@@ -68,6 +68,27 @@ def test_mlp_phi_runs_on_new_blocks_only_and_matches_the_layer():
             torch.testing.assert_close(cache.v_cmp[b, :N], rv, rtol=2e-2, atol=2e-2)
 
 
+def test_decode_reference_on_given_blocks_and_its_selection():
+    from nsa_codegen.kv_cache import nsa_decode_reference
+    torch.manual_seed(3)
+    B, L, ql = 2, 300, 2
+    bf = torch.bfloat16
+    cache = NSAKVCache(SPEC, B, L + 4, device="cpu", dtype=bf)
+    H, Dk = SPEC.kv_heads, SPEC.head_dim
+    cache.prefill(torch.randn(B, L, H, Dk).to(bf), torch.randn(B, L, H, SPEC.v_head_dim).to(bf), seqlens=[L, L - 57])
+    q = torch.randn(B, ql, SPEC.heads, Dk).to(bf)
+    gates = [torch.rand(B, ql, SPEC.heads).to(bf) for _ in range(3)]
+    o, sels = nsa_decode_reference(q, cache, *gates, return_selection=True)
+    own = torch.stack([idx for idx, _ in sels])                     # [B, ql, H, n]
+    assert torch.equal(nsa_decode_reference(q, cache, *gates, block_indices=own), o)
+    for idx, keys in sels:  # the reference's own choice is the top-n of its keys
+        assert ref.compare_block_indices(idx, idx, keys)[0]
+        assert keys.shape[:2] == (ql, H)
+    other = own.clone()
+    other[0, 0, 0, -1] = -1   # drop one block: a different output
+    assert not torch.equal(nsa_decode_reference(q, cache, *gates, block_indices=other), o)
+
+
 def test_clear_errors():
     cache = NSAKVCache(SPEC, 2, 16, device="cpu")
     k = torch.randn(2, 10, 2, 64).bfloat16()

@@ -302,3 +302,29 @@ def test_paper_config_t8192_runs_on_cpu():
     out, idx = ref.nsa_reference(q, k, v, g, g, g, spec, return_indices=True)
     assert out.shape == (1, T, 64, 128) and torch.isfinite(out).all()
     assert idx.shape == (1, T, 4, 16) and (idx[:, -1] >= 0).all()
+
+
+def test_selection_keys_rank_like_select_top_n():
+    torch.manual_seed(0)
+    scores = torch.rand(1, 5, 2, 9, dtype=torch.float64)
+    keys = ref.selection_keys(scores, sel_block=16, initial=1, local=2, t_offset=60)
+    idx = ref.select_top_n(scores, 16, 4, 1, 2, t_offset=60)
+    # the top-n are the n largest keys; invisible blocks (past t // 16) are -inf, forced ones +inf
+    for t in range(5):
+        for h in range(2):
+            picked = set(idx[0, t, h].tolist()) - {-1}
+            want = set(torch.sort(keys[0, t, h], descending=True, stable=True).indices[:4].tolist())
+            assert picked == {j for j in want if keys[0, t, h, j] > float("-inf")}
+    assert keys[0, 0, 0, 0] == float("inf") and keys[0, 0, 0, 8] == float("-inf")
+
+
+def test_compare_block_indices_accepts_near_ties_only():
+    keys = torch.tensor([[float("inf"), 0.50, 0.30, 0.299, 0.10]], dtype=torch.float64)
+    want = torch.tensor([[0, 1, 2]])
+    assert ref.compare_block_indices(want, want, keys) == (True, 0, "")
+    ok, ties, _ = ref.compare_block_indices(torch.tensor([[0, 1, 3]]), want, keys)  # 0.30 vs 0.299: a tie
+    assert ok and ties == 1
+    ok, _, msg = ref.compare_block_indices(torch.tensor([[0, 1, 4]]), want, keys)   # 0.30 vs 0.10: wrong
+    assert not ok and "score gap" in msg
+    ok, _, msg = ref.compare_block_indices(torch.tensor([[0, 3, 1]]), want, keys)   # not ascending
+    assert not ok and "malformed" in msg
