@@ -758,28 +758,41 @@ def _build_combine(cfg):
             T.sync_threads()
             for v in T.unroll(VEC):
                 o[v] = 0
-            # split lanes: lane handles splits lane, lane + LN, ...; DG threads cover Dv.  4 splits per
-            # step with unconditional loads (index clamped to a written split, weight selected to 0),
-            # so the 4 are in flight together.  Three written-out loops: a Python loop over the three
-            # buffers rebinds a parameter name, which breaks the kernel's argument checks.
+            # split lanes: lane handles splits lane, lane + LN, ...; DG threads cover Dv.  Whole groups
+            # of 4 splits first (4 independent loads in flight: B = 1 has 32 cmp splits), then the rest
+            # one by one (no wasted loads: B >= 16 has 1-4 splits a branch).  Three written-out
+            # loops: a Python loop over the three buffers rebinds a parameter name, which breaks the
+            # kernel's argument checks.
             sz = T.ceildiv(T.max(SC - lane, 0), LN)
-            for s4 in T.serial(T.ceildiv(sz, 4)):
+            for s4 in T.serial(sz // 4):
                 for u in T.unroll(4):
-                    wt = T.if_then_else(s4 * 4 + u < sz, Ls[0, T.min(lane + (s4 * 4 + u) * LN, MS - 1)], 0)
+                    wt = Ls[0, lane + (s4 * 4 + u) * LN]
                     for v in T.unroll(VEC):
-                        o[v] = o[v] + wt * O_cmp[b, h, T.min(lane + (s4 * 4 + u) * LN, SC - 1), r, dg * VEC + v]
+                        o[v] = o[v] + wt * O_cmp[b, h, lane + (s4 * 4 + u) * LN, r, dg * VEC + v]
+            for s1 in T.serial(sz % 4):
+                wt = Ls[0, lane + (sz // 4 * 4 + s1) * LN]
+                for v in T.unroll(VEC):
+                    o[v] = o[v] + wt * O_cmp[b, h, lane + (sz // 4 * 4 + s1) * LN, r, dg * VEC + v]
             sz = T.ceildiv(T.max(SS - lane, 0), LN)
-            for s4 in T.serial(T.ceildiv(sz, 4)):
+            for s4 in T.serial(sz // 4):
                 for u in T.unroll(4):
-                    wt = T.if_then_else(s4 * 4 + u < sz, Ls[1, T.min(lane + (s4 * 4 + u) * LN, MS - 1)], 0)
+                    wt = Ls[1, lane + (s4 * 4 + u) * LN]
                     for v in T.unroll(VEC):
-                        o[v] = o[v] + wt * O_slc[b, h, T.min(lane + (s4 * 4 + u) * LN, SS - 1), r, dg * VEC + v]
+                        o[v] = o[v] + wt * O_slc[b, h, lane + (s4 * 4 + u) * LN, r, dg * VEC + v]
+            for s1 in T.serial(sz % 4):
+                wt = Ls[1, lane + (sz // 4 * 4 + s1) * LN]
+                for v in T.unroll(VEC):
+                    o[v] = o[v] + wt * O_slc[b, h, lane + (sz // 4 * 4 + s1) * LN, r, dg * VEC + v]
             sz = T.ceildiv(T.max(SW - lane, 0), LN)
-            for s4 in T.serial(T.ceildiv(sz, 4)):
+            for s4 in T.serial(sz // 4):
                 for u in T.unroll(4):
-                    wt = T.if_then_else(s4 * 4 + u < sz, Ls[2, T.min(lane + (s4 * 4 + u) * LN, MS - 1)], 0)
+                    wt = Ls[2, lane + (s4 * 4 + u) * LN]
                     for v in T.unroll(VEC):
-                        o[v] = o[v] + wt * O_win[b, h, T.min(lane + (s4 * 4 + u) * LN, SW - 1), r, dg * VEC + v]
+                        o[v] = o[v] + wt * O_win[b, h, lane + (s4 * 4 + u) * LN, r, dg * VEC + v]
+            for s1 in T.serial(sz % 4):
+                wt = Ls[2, lane + (sz // 4 * 4 + s1) * LN]
+                for v in T.unroll(VEC):
+                    o[v] = o[v] + wt * O_win[b, h, lane + (sz // 4 * 4 + s1) * LN, r, dg * VEC + v]
             for v in T.unroll(VEC):
                 A_s[lane, dg * VEC + v] = o[v]
             T.sync_threads()
