@@ -358,9 +358,9 @@ def _splits(B, H, spec, q_len, max_len, sms, cmp_block_N, num_splits):
     BH = B * H
     n_cmp = _num_cmp_host(max_len, c)
     tiles = -(-n_cmp // cmp_block_N)
-    # at most ~2 programs per SM, rounded down (an H100 at 64k context: B = 64 runs 2-4% faster with
-    # one cmp split than with two, B = 16 ~2% faster with 4 than with 5; bench_decode.py --sweep),
-    # at least 2 tiles each
+    # at most ~2 programs per SM, rounded down (an H100 at 64k context: B = 64 runs 7% faster with one
+    # cmp split than with two, B = 16 3% faster with 4 than with 5; bench_decode.py --sweep), at least
+    # 2 tiles each
     target = max(1, 2 * sms // BH)
     sc = max(1, min(MAX_CMP_SPLITS, target, max(1, -(-tiles // 2))))
     nw = -(-min(max_len, w.size + q_len - 1) // s.block) + 1
