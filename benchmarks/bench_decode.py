@@ -65,16 +65,6 @@ def note(name, ok, msg=""):
 # ------------------------------------------------------------------------------------------------
 # correctness
 # ------------------------------------------------------------------------------------------------
-def _keys(spec, q, k_cmp, v_cmp, L, positions):
-    """Reference ranking keys [P, H, NS] (forced = +inf, invisible = -inf) at the given positions."""
-    c, s = spec.compression, spec.selection
-    t0, t1 = positions[0], positions[-1] + 1
-    _, _, p = reference.compression_attention(q[:, t0:t1], k_cmp, v_cmp, c.block, c.stride, c.first_block,
-                                              spec.softmax_scale, t_offset=t0, return_probs=True)
-    sc = reference.selection_scores(p, spec.kv_heads, L, c.block, c.stride, s.block, c.first_block)
-    return reference.selection_keys(sc, s.block, s.initial, s.local, t_offset=t0)[0]
-
-
 def run_correctness(tag, spec, q_len, lens0, steps, separate_window, seed=0):
     dev = DEVICE
     torch.manual_seed(seed)
@@ -137,7 +127,8 @@ def run_correctness(tag, spec, q_len, lens0, steps, separate_window, seed=0):
         ridx = ref_idx[0, P]
         k_cmp_ref = reference.compress(k[b:b + 1, :L], c.block, c.stride, c.first_block)
         v_cmp_ref = reference.compress(v[b:b + 1, :L], c.block, c.stride, c.first_block)
-        keys = _keys(spec, q[b:b + 1, :L], k_cmp_ref, v_cmp_ref, L, positions)
+        keys = reference.block_keys(q[b:b + 1, positions[0]:positions[-1] + 1], k_cmp_ref, v_cmp_ref, spec, L,
+                                    positions[0])[0]
         ok, ties, msg = reference.compare_block_indices(kidx, ridx, keys)
         ties_total += ties
         if not ok:

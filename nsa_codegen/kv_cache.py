@@ -453,7 +453,6 @@ def nsa_decode_reference(q: torch.Tensor, cache: NSAKVCache, g_cmp: torch.Tensor
     B, ql, HQ, Dk = q.shape
     if B != cache.batch_size:
         raise ValueError(f"q batch {B} != cache batch {cache.batch_size}")
-    c, s = spec.compression, spec.selection
     outs, sels = [], []
     for b, L in enumerate(cache.lengths):
         if L < ql:
@@ -468,17 +467,17 @@ def nsa_decode_reference(q: torch.Tensor, cache: NSAKVCache, g_cmp: torch.Tensor
         vc = cache.v_cmp[b:b + 1, :n] if cache.v_cmp is not None else None
         args = (full(q), cache.k[b:b + 1, :L], cache.v[b:b + 1, :L], full(g_cmp), full(g_slc), full(g_win), spec)
         kw = dict(k_cmp=kc, v_cmp=vc, k_win=cache.k_win[b:b + 1, :L], v_win=cache.v_win[b:b + 1, :L])
-        o, idx = reference.nsa_reference(*args, return_indices=True, **kw)
+        if block_indices is None or return_selection:
+            o, idx = reference.nsa_reference(*args, return_indices=True, **kw)
         if block_indices is not None:
-            sub = idx.clone()
+            # the given blocks at the last ql positions; earlier positions' outputs are not read
+            sub = torch.full((1, L, spec.kv_heads, block_indices.shape[-1]), -1, dtype=torch.int32,
+                             device=q.device)
             sub[0, L - ql:] = block_indices[b].to(sub.dtype)
             o = reference.nsa_reference(*args, block_indices=sub, **kw)
         outs.append(o[:, L - ql:])
         if return_selection:
-            p = reference.compression_attention(q[b:b + 1], kc, vc, c.block, c.stride, c.first_block,
-                                                spec.softmax_scale, t_offset=L - ql, return_probs=True)[2]
-            sc = reference.selection_scores(p, spec.kv_heads, L, c.block, c.stride, s.block, c.first_block)
-            sels.append((idx[0, L - ql:], reference.selection_keys(sc, s.block, s.initial, s.local, L - ql)[0]))
+            sels.append((idx[0, L - ql:], reference.block_keys(q[b:b + 1], kc, vc, spec, L, L - ql)[0]))
     o = torch.cat(outs, 0)
     return (o, sels) if return_selection else o
 

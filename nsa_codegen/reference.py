@@ -155,13 +155,7 @@ def select_top_n(scores: torch.Tensor, sel_block: int, top_n: int, initial: int 
     taken lower index first (a stable descending sort keeps index order among ties).
     """
     B, Tq, H, NS = scores.shape
-    t = torch.arange(Tq, device=scores.device) + t_offset
-    j = torch.arange(NS, device=scores.device)
-    jt = (t // sel_block)[:, None]
-    visible = j[None, :] <= jt
-    forced = visible & ((j[None, :] < initial) | (j[None, :] > jt - local))
-    key = _acc(scores).masked_fill(~visible[None, :, None, :], float("-inf"))
-    key = key.masked_fill(forced[None, :, None, :], float("inf"))
+    key = selection_keys(scores, sel_block, initial, local, t_offset)
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :top_n]
     taken = torch.gather(key, -1, order) > float("-inf")
     idx = torch.where(taken, order, torch.full_like(order, NS))
@@ -310,6 +304,16 @@ def compression_and_selection(q, k_cmp, v_cmp, spec: NSASpec, T: int, need_indic
             sc = selection_scores(p, spec.kv_heads, T, c.block, c.stride, s.block, c.first_block)
             idxs.append(select_top_n(sc, s.block, s.top_n, s.initial, s.local, t_offset=t0))
     return torch.cat(outs, 1), torch.cat(lses, 1), (torch.cat(idxs, 1) if need_indices else None)
+
+
+def block_keys(q, k_cmp, v_cmp, spec: NSASpec, T: int, t_offset: int = 0) -> torch.Tensor:
+    """The ranking keys (selection_keys) of queries t_offset .. t_offset+Tq-1 of a T-token sequence:
+    q [B, Tq, HQ, Dk], k_cmp / v_cmp [B, N, H, D] -> [B, Tq, H, NS] float64."""
+    c, s = spec.compression, spec.selection
+    p = compression_attention(q, k_cmp, v_cmp, c.block, c.stride, c.first_block, spec.softmax_scale,
+                              t_offset=t_offset, return_probs=True)[2]
+    sc = selection_scores(p, spec.kv_heads, T, c.block, c.stride, s.block, c.first_block)
+    return selection_keys(sc, s.block, s.initial, s.local, t_offset)
 
 
 # ------------------------------------------------------------------------------------------------

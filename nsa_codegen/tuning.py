@@ -455,7 +455,7 @@ def _compile_candidates(keys: list[KernelKey], jobs: int | None, deadline: float
         failed += err is not None
         if i % max(1, total // 20) == 0 or i == total:
             say(f"  compile [{'#' * (24 * i // total):<24}] {i}/{total} ({failed} failed) {time.time() - t0:.0f} s")
-    precompile_scheduled(keys, jobs, progress, None if math.isinf(deadline) else deadline)
+    precompile_scheduled(keys, jobs, progress, deadline)
     if time.time() > deadline:
         say("  budget spent while compiling; rerun to resume (compiled candidates stay cached)")
 
