@@ -124,7 +124,7 @@ class NSAKVCache:
             self.k_cmp = self.v_cmp = None
         self.cache_seqlens = torch.zeros(B, dtype=torch.int32, device=self.device)
         self._lens = [0] * B          # host mirror of cache_seqlens
-        self._scores = {}             # decode workspace: q_len -> Scores [B, HQ, ql, cap_cmp_phys] f32
+        self._scores = {}             # decode workspace: q_len -> (Scores f16, ScoreMax f32), see decode_attention
 
     # ---- views --------------------------------------------------------------------------------
     @property
@@ -364,9 +364,10 @@ def _splits(B, H, spec, q_len, max_len, sms, cmp_block_N, num_splits):
     target = max(1, 2 * sms // BH)
     sc = max(1, min(MAX_CMP_SPLITS, target, max(1, -(-tiles // 2))))
     nw = -(-min(max_len, w.size + q_len - 1) // s.block) + 1
-    per = max(1, -(-(q_len * s.top_n + nw) // target))
-    s_sel = max(1, -(-s.top_n // per))
-    sw = max(1, -(-nw // per))
+    # selection splits per query: the programs-per-SM target, at least 2, and a window split per two
+    # of them (the best of the --sweep grid at B = 1 / 16 / 64: (16, 9~5) / (4, 2) / (2, 1))
+    s_sel = max(1, min(s.top_n, max(2, target) // q_len))
+    sw = max(1, min(nw, -(-s_sel // 2)))
     if num_splits is not None:
         sc, s_sel, sw = (int(x) for x in num_splits)
         if not (1 <= sc <= MAX_CMP_SPLITS and 1 <= s_sel <= s.top_n and 1 <= sw <= nw):
@@ -421,9 +422,11 @@ def nsa_decode(q: torch.Tensor, cache: NSAKVCache, g_cmp: torch.Tensor, g_slc: t
     CB = template_module("decode_attention").DecodeAttentionConfig.topn_threads
     nc = max(1, -(-(-(-max_len // spec.selection.block)) // CB))
     f32 = torch.float32
-    scores = cache._scores.get(ql)
-    if scores is None:
-        scores = cache._scores[ql] = _ws((B, HQ, ql, cache.cap_cmp_phys), f32, dev)
+    ws_scores = cache._scores.get(ql)
+    if ws_scores is None:
+        ws_scores = cache._scores[ql] = (_ws((B, ql, cache.cap_cmp_phys, HQ), torch.float16, dev),
+                                         _ws((B, ql, -(-cache.cap_cmp_phys // 16), HQ), f32, dev))
+    scores, score_max = ws_scores
     q = q.contiguous()
     o_cmp, l_cmp = _ws((B, H, sc, MR, Dv), f32, dev), _ws((B, H, sc, MR), f32, dev)
     cand_s, cand_i = _ws((B, ql, H, nc, n), f32, dev), _ws((B, ql, H, nc, n), torch.int32, dev)
@@ -432,8 +435,8 @@ def nsa_decode(q: torch.Tensor, cache: NSAKVCache, g_cmp: torch.Tensor, g_slc: t
     o_win, l_win = _ws((B, H, sw, MR, Dv), f32, dev), _ws((B, H, sw, MR), f32, dev)
     out = _ws((B, ql, HQ, Dv), q.dtype, dev)
     lens = cache.cache_seqlens
-    kern["cmp"](q, cache.k_cmp, cache.v_cmp, lens, scores, o_cmp, l_cmp)
-    kern["topn"](scores, l_cmp, lens, cand_s, cand_i)
+    kern["cmp"](q, cache.k_cmp, cache.v_cmp, lens, scores, score_max, o_cmp, l_cmp)
+    kern["topn"](scores, score_max, l_cmp, lens, cand_s, cand_i)
     kern["sparse"](q, cache.kv_k, cache.kv_v, lens, cand_s, cand_i, idx, o_slc, l_slc, o_win, l_win)
     kern["combine"](o_cmp, l_cmp, o_slc, l_slc, o_win, l_win, gates[0], gates[1], gates[2], out)
     return (out, idx) if return_indices else out

@@ -118,7 +118,7 @@ def decode_seqlen_bucket(capacity: int) -> int:
 def lower_decode(spec: NSASpec, arch: str = "sm90", q_len: int = 1, separate_window: bool = False,
                  capacity: int = DECODE_MIN_SEQLEN) -> tuple[KernelCall, ...]:
     """The kernels of one decode step (q_len new queries per sequence) against an `NSAKVCache` of up to
-    `capacity` tokens: split-KV compression attention (+ raw scores), chunked top-n, split-KV
+    `capacity` tokens: split-KV compression attention (+ scores for top-n), chunked top-n, split-KV
     selection + window, and the combine with the gates. Needs all three branches."""
     arch = normalize_arch(arch)
     c, s, w = spec.compression, spec.selection, spec.window
@@ -133,8 +133,10 @@ def lower_decode(spec: NSASpec, arch: str = "sm90", q_len: int = 1, separate_win
         max_seqlen=decode_seqlen_bucket(capacity))
     kv = ("kv_k", "kv_v")
     return (
-        KernelCall("decode_cmp", problem, ("q", "k_cmp", "v_cmp", "cache_seqlens"), ("scores", "o_cmp_part", "lse_cmp_part")),
-        KernelCall("decode_topn", replace(problem, kind="decode_topn"), ("scores", "lse_cmp_part", "cache_seqlens"),
+        KernelCall("decode_cmp", problem, ("q", "k_cmp", "v_cmp", "cache_seqlens"),
+                   ("scores", "score_max", "o_cmp_part", "lse_cmp_part")),
+        KernelCall("decode_topn", replace(problem, kind="decode_topn"),
+                   ("scores", "score_max", "lse_cmp_part", "cache_seqlens"),
                    ("candidate_scores", "candidate_blocks")),
         KernelCall("decode_sparse", replace(problem, kind="decode_sparse"),
                    ("q",) + kv + ("cache_seqlens", "candidate_scores", "candidate_blocks"),

@@ -94,8 +94,10 @@ def pick_best(records: list[dict[str, Any]], default: dict[str, Any]) -> dict[st
 
 def tuned_best(key: KernelKey) -> dict[str, Any] | None:
     """The schedule of `pick_best` over key's problem's correct records for its current template in
-    tuning_logs/<arch>/*.jsonl, if any."""
+    tuning_logs/<arch>/*.jsonl, if any. Records of schedules no longer in the kind's search space
+    (schedules/<arch>.yaml: the space was narrowed after they were measured) do not count."""
     pid = key.problem_id
+    space = list(search_space(key))
     recs = []
     for path in sorted(p for d in tuning_dirs(key.arch) for p in d.glob("*.jsonl")):
         for line in path.read_text().splitlines():
@@ -103,7 +105,8 @@ def tuned_best(key: KernelKey) -> dict[str, Any] | None:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by an interrupted tune
-            if rec.get("problem") == pid and record_is_current(rec, key.kind):
+            if (rec.get("problem") == pid and record_is_current(rec, key.kind)
+                    and dict(rec.get("schedule", {})) in space):
                 recs.append(rec)
     best = pick_best(recs, default_schedule(key))
     return dict(best["schedule"]) if best else None

@@ -10,7 +10,11 @@ row-major); B, the cache capacities CAP / CAPC and every split / chunk count are
     V_cmp      [B, CAPC, H, Dv]      dtype
     KV_K       [B, CAP, NB, H, Dk]   dtype    raw keys; NB = 2 when the window branch has its
     KV_V       [B, CAP, NB, H, Dv]   dtype    own K/V (slot 0 = selection, 1 = window), else 1
-    Scores     [B, HQ, ql, CAPC]     float32  scale * q.k_cmp (written for c < N(L_b) only)
+    Scores     [B, ql, CAPC, HQ]     float16  exp2(s - m): s = log2(e) * scale * q.k_cmp, m the cmp
+                                              program's running max at that row's tile (written
+                                              for the rows c < N(t_i) a query sees only); a
+                                              group's G heads are contiguous (one vector load)
+    ScoreMax   [B, ql, CT, HQ]       float32  that m for rows [16u, 16u + 16), CT = ceil(CAPC / 16)
     O_cmp      [B, H, SC, MR, Dv]    float32  per-split normalised partial outputs
     L_cmp      [B, H, SC, MR]        float32  per-split base-2 lse (-inf: split saw nothing)
     CandS/CandI[B, ql, H, NC, n]     f32/i32  per-chunk top-n candidates (key, block)
@@ -26,25 +30,32 @@ must be finite (the cache zero-fills them): masked probabilities are 0 and 0 * N
 Parts (all deterministic, no atomics):
   cmp     grid (SC, H, B): split-KV over the compressed rows visible to the last query,
           N(L) = max(L - l - f*d + d, 0) // d rows, in SC contiguous chunks of block_N-row tiles;
-          the G*ql query rows are packed in M.  Writes the raw scaled scores for top-n and a
-          partial (o, lse) per split.  mma / wgmma.  K/V tiles (cmp_load): "cp_async" =
+          the G*ql query rows are packed in M.  Writes the scores for top-n (Scores, ScoreMax:
+          2.25 bytes a row and query head instead of 4) and a partial (o, lse) per split.  mma / wgmma.  K/V tiles (cmp_load): "cp_async" =
           cp.async, one tile of lookahead (cmp_stages 1); "tma" (sm90) = TMA bulk tensor copies
           from a producer warpgroup the pipeline pass adds (NT + 128 threads), cmp_stages (1..3)
           K and V buffers, mbarrier-synchronised.  Tail rows past the split are loaded (finite
           cache rows; TMA zero-fills rows >= CAPC) and masked.
   topn    grid (NC, ql*H, B): lse per head from the SC partials; program c scores the
           `topn_threads` selection blocks [c*CB, (c+1)*CB) (one per thread): group-summed
-          p_cmp mapped onto the blocks by stride-unit overlap, forced initial/local blocks
+          p_cmp = Scores * exp2(ScoreMax - lse) mapped onto the blocks by stride-unit overlap, forced initial/local blocks
           +inf, invisible -inf; an exact rank count in shared memory gives the chunk's top-n
           under (score desc, index asc), written as candidates.
   sparse  grid (ql*S_sel + SW, H, B): programs < SS merge the NC*n candidates of their query
-          (rank count again, then sort ascending; split 0 writes BlockIdx) and attend over
+          (each one's rank by binary search in every chunk's sorted list, then sort ascending;
+          split 0 writes BlockIdx) and attend over
           their share of the selected blocks (keys <= t); the others attend over their share of
           the window span (L - ql - w, L) (keys in (t_i - w, t_i] per row).  One cp.async
           pipeline, tiles of sel_block keys, one (o, lse) partial per program.
-  combine grid (MR, H, B): merges the three partial sets in base 2, applies the gates, writes O.
+  combine grid (MR, H, B): merges the three partial sets in base 2 (online, rounds of 4 splits of
+          every branch: each split's lse and partial load together), applies the gates, writes O.
 The exact top-n of a query is the top-n of the union of its chunks' top-n lists, so the
-two-level selection equals reference.select_top_n (ties to the lower block index).
+two-level selection equals reference.select_top_n (ties to the lower block index) on the keys it
+ranks; those carry the fp16 rounding of Scores (relative 2^-11), so blocks whose keys tie to about
+that precision may swap (reference.compare_block_indices accepts such near ties).
+With pdl (sm90) each kernel lets its successor launch (griddepcontrol.launch_dependents) once
+its main loop is done (top-n: at its start), and the successor waits (griddepcontrol.wait: the
+predecessor complete, its writes visible) right before it reads the predecessor's outputs.
 """
 
 from dataclasses import dataclass
@@ -58,7 +69,7 @@ _SMEM_LIMIT = 227 * 1024
 _BIG = 1 << 30
 PARTS = ("cmp", "topn", "sparse", "combine")
 CMP_LOADS = ("cp_async", "tma")
-MAX_CMP_SPLITS = 64         # upper bound on SC (the combine / top-n kernels stage lse in smem)
+MAX_CMP_SPLITS = 64         # upper bound on SC (the top-n kernel stages the lse partials in smem)
 
 
 @dataclass(frozen=True)
@@ -121,12 +132,6 @@ def _p_in_regs(mp, threads):
 def _n_cand_max(cfg):
     nsb = (cfg.max_seqlen + cfg.sel_block - 1) // cfg.sel_block
     return (nsb + cfg.topn_threads - 1) // cfg.topn_threads * cfg.top_n
-
-
-def _max_splits(cfg):
-    """Static bound on SC, SS and SW (sizes the combine kernel's smem)."""
-    sw = (cfg.window + cfg.q_len - 1 + cfg.sel_block - 1) // cfg.sel_block + 1
-    return max(MAX_CMP_SPLITS, cfg.q_len * cfg.top_n, sw)
 
 
 def _regs(mp, bn, dv, threads):
@@ -252,7 +257,7 @@ def _build_cmp(cfg):
     # cmp_stages buffers with full / empty mbarrier pairs; rows >= CAPC are zero-filled.
     load = {"disable_tma": True} if cfg.cmp_load == "cp_async" else {}
 
-    B, CAPC, SC = T.dynamic("B, CAPC, SC")
+    B, CAPC, CT, SC = T.dynamic("B, CAPC, CT, SC")
 
     @T.prim_func
     def nsa_decode_cmp(
@@ -260,7 +265,8 @@ def _build_cmp(cfg):
         K_cmp: T.Tensor([B, CAPC, H, Dk], dtype),
         V_cmp: T.Tensor([B, CAPC, H, Dv], dtype),
         SeqLens: T.Tensor([B], "int32"),
-        Scores: T.Tensor([B, HQ, ql, CAPC], acc),
+        Scores: T.Tensor([B, ql, CAPC, HQ], "float16"),
+        ScoreMax: T.Tensor([B, ql, CT, HQ], acc),
         O_part: T.Tensor([B, H, SC, MR, Dv], acc),
         L_part: T.Tensor([B, H, SC, MR], acc),
     ):
@@ -303,10 +309,6 @@ def _build_cmp(cfg):
             for kt in T.Pipelined(T.ceildiv(T.max(c_end - c_beg, 0), BN), num_stages=cfg.cmp_stages):
                 T.copy(K_cmp[b, c_beg + kt * BN:c_beg + (kt + 1) * BN, h, :], K_s, **load)
                 T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
-                # raw scaled scores for the top-n stage (every row of this split, all queries)
-                for r, j in T.Parallel(MP, BN):
-                    if (r < MR) & (c_beg + kt * BN + j < c_end):
-                        Scores[b, h * G + r % G, r // G, c_beg + kt * BN + j] = acc_s[r, j] * sc
                 # select (not add): rows past the length may hold anything finite or not
                 for r, j in T.Parallel(MP, BN):
                     acc_s[r, j] = T.if_then_else(c_beg + kt * BN + j < nv[r], acc_s[r, j], ninf)
@@ -318,6 +320,14 @@ def _build_cmp(cfg):
                 for r, j in T.Parallel(MP, BN):
                     acc_s[r, j] = T.exp2(acc_s[r, j] * sc2 - m_use[r] * sc2)
                 T.reduce_sum(acc_s, rsum, dim=1)
+                # scores for the top-n stage: p relative to the running max, fp16 (in [0, 1]; half
+                # the bytes of fp32 logits, which both this kernel and top-n move), plus that max
+                # per 16 rows.  Rows past a query's visible range hold 0; top-n never reads them.
+                for r, j in T.Parallel(MP, BN):
+                    if (r < MR) & (c_beg + kt * BN + j < c_end):
+                        Scores[b, r // G, c_beg + kt * BN + j, h * G + r % G] = T.cast(acc_s[r, j], "float16")
+                        if j % 16 == 0:
+                            ScoreMax[b, r // G, (c_beg + kt * BN + j) // 16, h * G + r % G] = m_use[r] * sc2
                 for r in T.Parallel(MP):
                     lsum[r] = lsum[r] * alpha[r] + rsum[r]
                 T.copy(acc_s, acc_p)
@@ -328,6 +338,8 @@ def _build_cmp(cfg):
 
             if cfg.pdl:
                 # let top-n launch; it waits for this grid's completion before reading its outputs
+                # (triggering at the start instead, so that top-n and sparse wait in free slots
+                # the whole time, measured slower: B = 1 23 -> 30 us, B = 16 94 -> 98 us)
                 T.pdl_trigger()
             for r, k in T.Parallel(MP, Dv):
                 if r < MR:
@@ -357,11 +369,13 @@ def _build_topn(cfg):
     w = _overlap_weights(m_u, r_u)
     PW = CB * r_u + m_u - 1                 # p entries a chunk needs (its blocks + the halo)
     PQ = (PW + NT - 1) // NT
+    NTL = (PW - 1) // 16 + 2                # 16-row score tiles those rows can touch
+    FQ = (NTL * G + NT - 1) // NT
     LQ = (G * MAX_CMP_SPLITS + NT - 1) // NT
     acc = "float32"
     ninf, pinf = -T.infinity(acc), T.infinity(acc)
 
-    B, CAPC, SC, NC = T.dynamic("B, CAPC, SC, NC")
+    B, CAPC, CT, SC, NC = T.dynamic("B, CAPC, CT, SC, NC")
 
     def block_key(P_s, jj):
         # sum_u w[u] * P_s[jj*r + u]; the weights are compile-time constants
@@ -372,7 +386,8 @@ def _build_topn(cfg):
 
     @T.prim_func
     def nsa_decode_topn(
-        Scores: T.Tensor([B, HQ, ql, CAPC], acc),
+        Scores: T.Tensor([B, ql, CAPC, HQ], "float16"),
+        ScoreMax: T.Tensor([B, ql, CT, HQ], acc),
         L_part: T.Tensor([B, H, SC, MR], acc),
         SeqLens: T.Tensor([B], "int32"),
         CandS: T.Tensor([B, ql, H, NC, n], acc),
@@ -382,6 +397,9 @@ def _build_topn(cfg):
             Lp_s = T.alloc_shared([G, MAX_CMP_SPLITS], acc)
             lse_s = T.alloc_shared([G], acc)
             P_s = T.alloc_shared([PW], acc)
+            F_s = T.alloc_shared([NTL, G], acc)     # exp2(ScoreMax - lse): p_cmp = Scores * F_s
+            s_loc = T.alloc_local([PQ, G], "float16")
+            m_loc = T.alloc_local([FQ], acc)
             Key_s = T.alloc_shared([CB], acc)
             seq = T.alloc_var("int32")
             t = T.alloc_var("int32")
@@ -405,9 +423,20 @@ def _build_topn(cfg):
             jt = t // lp
             nv = _nvis(t, l, d, f, CAPC)
             j0 = cid * CB
+            c_lo = j0 * r_u - (m_u - 1) - f         # row of P_s[0] (may be < 0)
+            t_lo = T.max(c_lo, 0) // 16             # score tile of F_s[0]
             if cfg.pdl:
                 T.pdl_trigger()   # sparse's window programs need nothing of ours: let them start
-                T.pdl_sync()      # cmp's Scores / L_part
+                T.pdl_sync()      # cmp's Scores / ScoreMax / L_part
+
+            # 0. issue every global load first (one memory round trip, not three): this chunk's
+            #    scores (rows clamped into the cache: rows no query sees are loaded, never used)
+            #    and score-tile maxima, then the lse partials
+            for q in T.unroll(PQ):
+                for g in T.vectorized(G):       # the group's G heads are contiguous
+                    s_loc[q, g] = Scores[b, qi, T.min(T.max(c_lo + q * NT + tx, 0), CAPC - 1), h * G + g]
+            for q in T.unroll(FQ):
+                m_loc[q] = ScoreMax[b, qi, T.min(t_lo + (q * NT + tx) // G, CT - 1), h * G + (q * NT + tx) % G]
 
             # 1. base-2 lse of each head of the group from the SC split partials
             for q in T.unroll(LQ):
@@ -432,15 +461,21 @@ def _build_topn(cfg):
                 lse_s[tx] = T.if_then_else(sm > 0, mx + T.log2(sm), ninf)
             T.sync_threads()
 
-            # 2. group-summed compression probabilities of the rows this chunk's blocks overlap:
-            #    P_s[x] <-> compressed block i = j0*r - (m-1) + x, row c = i - f
+            # 2. per-tile factors (one exp2 per 16 rows and head, not per score), then the group-
+            #    summed compression probabilities of the rows this chunk's blocks overlap:
+            #    P_s[x] <-> compressed block i = j0*r - (m-1) + x, row c = c_lo + x.  Tiles the cmp
+            #    kernel did not write (past every visible row) give garbage factors, never read.
+            for q in T.unroll(FQ):
+                if q * NT + tx < NTL * G:
+                    F_s[(q * NT + tx) // G, (q * NT + tx) % G] = T.exp2(m_loc[q] - lse_s[(q * NT + tx) % G])
+            T.sync_threads()
             for q in T.unroll(PQ):
                 if q * NT + tx < PW:
-                    cc = j0 * r_u - (m_u - 1) - f + q * NT + tx
+                    cc = c_lo + q * NT + tx
                     pv = 0
                     if (cc >= 0) & (cc < nv):
                         for g in T.unroll(G):
-                            pv = pv + T.exp2(Scores[b, h * G + g, qi, cc] * _LOG2E - lse_s[g])
+                            pv = pv + T.cast(s_loc[q, g], acc) * F_s[cc // 16 - t_lo, g]
                     P_s[q * NT + tx] = pv
             T.sync_threads()
 
@@ -479,7 +514,9 @@ def _build_sparse(cfg):
     lp, n, win = cfg.sel_block, cfg.top_n, cfg.window
     NB = 2 if cfg.separate_window else 1
     NT = cfg.sparse_threads
-    NCAND = (_n_cand_max(cfg) + 3) // 4 * 4     # the rank count reads whole groups of 4
+    NCAND = _n_cand_max(cfg)
+    NCMAX = NCAND // n                          # static bound on the chunk count NC
+    bits = [1 << k for k in reversed(range(n.bit_length()))]   # binary-search steps over n entries
     CQ = (NCAND + NT - 1) // NT
     dtype, acc = cfg.dtype, "float32"
     sc2 = float(cfg.scale) * _LOG2E
@@ -532,6 +569,7 @@ def _build_sparse(cfg):
             Rk_s = T.alloc_shared([n], "int32")      # selected block of rank k
             Sel_s = T.alloc_shared([n], "int32")     # selected blocks ascending, -1 padded
             Sel_l = T.alloc_local([n], "int32")
+            pos_l = T.alloc_local([NCMAX], "int32")
             seq = T.alloc_var("int32")
             qsel = T.alloc_var("int32")              # query of a selection program, else -1
             t_sel = T.alloc_var("int32")
@@ -581,14 +619,21 @@ def _build_sparse(cfg):
                         key = CS_s[q * NT + tx]
                         idx = CI_s[q * NT + tx]
                         if idx >= 0:
+                            # rank = sum over the chunk lists of how many entries beat this one:
+                            # each list is sorted (key desc, index asc; padding (-inf, -1) last
+                            # and beats no real candidate), so a binary search per list.  The
+                            # lists are independent searches (ILP), each log2(n) steps deep.
+                            for c2 in T.unroll(NCMAX):
+                                pos_l[c2] = 0
+                                if c2 < NC:
+                                    for bit in bits:
+                                        ke = CS_s[T.min(c2 * n + pos_l[c2] + bit - 1, NCAND - 1)]
+                                        ie = CI_s[T.min(c2 * n + pos_l[c2] + bit - 1, NCAND - 1)]
+                                        pos_l[c2] = pos_l[c2] + T.if_then_else(
+                                            (pos_l[c2] + bit <= n) & ((ke > key) | ((ke == key) & (ie < idx))), bit, 0)
                             rank = 0
-                            # over the NC * n real candidates (not the NCAND the buffer is sized for),
-                            # 4 independent shared loads per step; the -inf / -1 padding counts 0
-                            for e4 in T.serial(T.ceildiv(NC * n, 4)):
-                                for u in T.unroll(4):
-                                    ke = CS_s[e4 * 4 + u]
-                                    ie = CI_s[e4 * 4 + u]
-                                    rank = rank + T.if_then_else((ke > key) | ((ke == key) & (ie < idx) & (ie >= 0)), 1, 0)
+                            for c2 in T.unroll(NCMAX):
+                                rank = rank + pos_l[c2]
                             if rank < n_sel:
                                 Rk_s[rank] = idx
                 T.sync_threads()
@@ -675,12 +720,50 @@ def _build_combine(cfg):
     VEC = 4
     DG = Dv // VEC                 # thread groups along Dv
     LN = NT // DG                  # split lanes
-    MS = (_max_splits(cfg) + 3) // 4 * 4   # the lse reduction reads whole groups of 4
-    SQ = (MS + NT - 1) // NT
     dtype, acc = cfg.dtype, "float32"
     ninf = -T.infinity(acc)
 
     B, SC, SS, SW = T.dynamic("B, SC, SS, SW")
+
+    def n_lane(S, lane):
+        return T.ceildiv(T.max(S - lane, 0), LN)   # splits of this lane
+
+    @T.macro
+    def load_splits(O_br, L_br, S, br, first, U, lw, ov, lane, b, h, r, dg):
+        # this lane's splits lane + (first + u)*LN, u < U, of one branch: lse and a VEC-wide slice
+        # of the partial (one vector load); splits past S load nothing and weigh 0
+        for u in T.unroll(U):
+            lw[br, u] = ninf
+            for v in T.unroll(VEC):
+                ov[br, u, v] = 0
+            if lane + (first + u) * LN < S:
+                lw[br, u] = L_br[b, h, lane + (first + u) * LN, r]
+                for v in T.vectorized(VEC):
+                    ov[br, u, v] = O_br[b, h, lane + (first + u) * LN, r, dg * VEC + v]
+
+    def max_of(m, lw, br, U):
+        e = m[br]
+        for u in range(U):
+            e = T.max(e, lw[br, u])
+        return e
+
+    @T.macro
+    def fold(br, U, m, l, o, lw, ov, st):
+        # fold U loaded splits into the branch's running (max m, weight sum l, o at that max);
+        # scratch in st (a macro's assignment to a scalar var would rebind the name)
+        st[0] = max_of(m, lw, br, U)
+        st[1] = T.if_then_else(st[0] == ninf, 0, st[0])         # all empty so far: weights 0
+        st[2] = T.exp2(m[br] - st[1])
+        for u in T.unroll(U):
+            lw[br, u] = T.exp2(lw[br, u] - st[1])
+        l[br] = l[br] * st[2]
+        for v in T.unroll(VEC):
+            o[br, v] = o[br, v] * st[2]
+        for u in T.unroll(U):
+            l[br] = l[br] + lw[br, u]
+            for v in T.unroll(VEC):
+                o[br, v] = o[br, v] + lw[br, u] * ov[br, u, v]
+        m[br] = st[0]
 
     @T.prim_func
     def nsa_decode_combine(
@@ -696,18 +779,20 @@ def _build_combine(cfg):
         O: T.Tensor([B, ql, HQ, Dv], dtype),
     ):
         with T.Kernel(MR, H, B, threads=NT) as (r, h, b):
-            Ls = T.alloc_shared([3, MS], acc)       # lse per split, then gate * weight
-            tot = T.alloc_shared([3], acc)
-            A_s = T.alloc_shared([LN, Dv], acc)
-            o = T.alloc_local([VEC], acc)
-            mx = T.alloc_var(acc)
-            sm = T.alloc_var(acc)
+            A_s = T.alloc_shared([3, LN, Dv], acc)  # per branch and lane: o at the lane's max
+            ML_s = T.alloc_shared([3, LN, 2], acc)  # per branch and lane: (max, weight sum)
+            o = T.alloc_local([3, VEC], acc)
+            m = T.alloc_local([3], acc)             # running max (base 2) per branch
+            l = T.alloc_local([3], acc)             # weight sum at that max
+            lw = T.alloc_local([3, 4], acc)
+            ov = T.alloc_local([3, 4, VEC], acc)
+            gate = T.alloc_local([3], acc)
+            st = T.alloc_local([3], acc)            # fold's scratch
+            mn = T.alloc_var(acc)
+            mu = T.alloc_var(acc)
+            sc = T.alloc_var(acc)
             wt = T.alloc_var(acc)
-            sz = T.alloc_var("int32")
-            nsp = T.alloc_var("int32")
-            gc = T.alloc_var(acc)
-            gs = T.alloc_var(acc)
-            gw = T.alloc_var(acc)
+            tot = T.alloc_var(acc)
 
             tx = T.get_thread_binding()
             qi = r // G
@@ -715,91 +800,55 @@ def _build_combine(cfg):
             lane = tx // DG
             dg = tx % DG
             # the gates were written before the decode step's first kernel: read them before waiting
-            gc = T.cast(G_cmp[b, qi, hq], acc)
-            gs = T.cast(G_slc[b, qi, hq], acc)
-            gw = T.cast(G_win[b, qi, hq], acc)
+            gate[0] = T.cast(G_cmp[b, qi, hq], acc)
+            gate[1] = T.cast(G_slc[b, qi, hq], acc)
+            gate[2] = T.cast(G_win[b, qi, hq], acc)
+            for br in T.unroll(3):
+                m[br] = ninf
+                l[br] = 0
+                for v in T.unroll(VEC):
+                    o[br, v] = 0
             if cfg.pdl:
                 T.pdl_sync()      # every partial (cmp's complete before top-n's, top-n's before sparse's)
-            for q in T.unroll(SQ):
-                if q * NT + tx < MS:
-                    Ls[0, q * NT + tx] = T.if_then_else(
-                        q * NT + tx < SC, L_cmp[b, h, T.min(q * NT + tx, SC - 1), r], ninf)
-                    Ls[1, q * NT + tx] = T.if_then_else(
-                        q * NT + tx < SS, L_slc[b, h, T.min(q * NT + tx, SS - 1), r], ninf)
-                    Ls[2, q * NT + tx] = T.if_then_else(
-                        q * NT + tx < SW, L_win[b, h, T.min(q * NT + tx, SW - 1), r], ninf)
-            T.sync_threads()
-            if tx < 3:
-                # thread x reduces branch x over its real splits (SC / SS / SW; the rest of the MS
-                # entries are -inf), 4 independent loads per step
-                nsp = T.ceildiv(T.if_then_else(tx == 0, SC, T.if_then_else(tx == 1, SS, SW)), 4)
-                mx = ninf
-                for s4 in T.serial(nsp):
-                    for u in T.unroll(4):
-                        mx = T.max(mx, Ls[tx, s4 * 4 + u])
-                sm = 0
-                for s4 in T.serial(nsp):
-                    for u in T.unroll(4):
-                        sm = sm + T.if_then_else(Ls[tx, s4 * 4 + u] == ninf, 0, T.exp2(Ls[tx, s4 * 4 + u] - mx))
-                tot[tx] = T.if_then_else(sm > 0, mx + T.log2(sm), ninf)
-            T.sync_threads()
-            # gate * exp2(lse_split - lse_branch); 0 for empty splits / branches
-            for q in T.unroll(SQ):
-                if q * NT + tx < MS:
-                    Ls[0, q * NT + tx] = T.if_then_else(
-                        Ls[0, q * NT + tx] == ninf, 0,
-                        gc * T.exp2(Ls[0, q * NT + tx] - tot[0]))
-                    Ls[1, q * NT + tx] = T.if_then_else(
-                        Ls[1, q * NT + tx] == ninf, 0,
-                        gs * T.exp2(Ls[1, q * NT + tx] - tot[1]))
-                    Ls[2, q * NT + tx] = T.if_then_else(
-                        Ls[2, q * NT + tx] == ninf, 0,
-                        gw * T.exp2(Ls[2, q * NT + tx] - tot[2]))
-            T.sync_threads()
-            for v in T.unroll(VEC):
-                o[v] = 0
-            # split lanes: lane handles splits lane, lane + LN, ...; DG threads cover Dv.  Whole groups
-            # of 4 splits first (4 independent loads in flight: B = 1 has 32 cmp splits), then the rest
-            # one by one (no wasted loads: B >= 16 has 1-4 splits a branch).  Three written-out
-            # loops: a Python loop over the three buffers rebinds a parameter name, which breaks the
-            # kernel's argument checks.
-            sz = T.ceildiv(T.max(SC - lane, 0), LN)
-            for s4 in T.serial(sz // 4):
-                for u in T.unroll(4):
-                    wt = Ls[0, lane + (s4 * 4 + u) * LN]
-                    for v in T.unroll(VEC):
-                        o[v] = o[v] + wt * O_cmp[b, h, lane + (s4 * 4 + u) * LN, r, dg * VEC + v]
-            for s1 in T.serial(sz % 4):
-                wt = Ls[0, lane + (sz // 4 * 4 + s1) * LN]
+            # Online merge, split lanes: lane takes splits lane, lane + LN, ... of every branch.  A
+            # round loads 4 splits of all three branches at once (a split's lse with its partial:
+            # one memory round trip a round, no lse pass first), then folds them into the running
+            # (max, weight sum, o) of their branch; the last nr % 4 splits go one a round (B >= 16
+            # has 1-4 splits a branch: 4-wide rounds would mostly fold empty splits).
+            nr = T.max(T.max(n_lane(SC, lane), n_lane(SS, lane)), n_lane(SW, lane))
+            for s4 in T.serial(nr // 4):
+                load_splits(O_cmp, L_cmp, SC, 0, s4 * 4, 4, lw, ov, lane, b, h, r, dg)
+                load_splits(O_slc, L_slc, SS, 1, s4 * 4, 4, lw, ov, lane, b, h, r, dg)
+                load_splits(O_win, L_win, SW, 2, s4 * 4, 4, lw, ov, lane, b, h, r, dg)
+                for br in T.unroll(3):
+                    fold(br, 4, m, l, o, lw, ov, st)
+            for s1 in T.serial(nr % 4):
+                load_splits(O_cmp, L_cmp, SC, 0, nr // 4 * 4 + s1, 1, lw, ov, lane, b, h, r, dg)
+                load_splits(O_slc, L_slc, SS, 1, nr // 4 * 4 + s1, 1, lw, ov, lane, b, h, r, dg)
+                load_splits(O_win, L_win, SW, 2, nr // 4 * 4 + s1, 1, lw, ov, lane, b, h, r, dg)
+                for br in T.unroll(3):
+                    fold(br, 1, m, l, o, lw, ov, st)
+            for br in T.unroll(3):
                 for v in T.unroll(VEC):
-                    o[v] = o[v] + wt * O_cmp[b, h, lane + (sz // 4 * 4 + s1) * LN, r, dg * VEC + v]
-            sz = T.ceildiv(T.max(SS - lane, 0), LN)
-            for s4 in T.serial(sz // 4):
-                for u in T.unroll(4):
-                    wt = Ls[1, lane + (s4 * 4 + u) * LN]
-                    for v in T.unroll(VEC):
-                        o[v] = o[v] + wt * O_slc[b, h, lane + (s4 * 4 + u) * LN, r, dg * VEC + v]
-            for s1 in T.serial(sz % 4):
-                wt = Ls[1, lane + (sz // 4 * 4 + s1) * LN]
-                for v in T.unroll(VEC):
-                    o[v] = o[v] + wt * O_slc[b, h, lane + (sz // 4 * 4 + s1) * LN, r, dg * VEC + v]
-            sz = T.ceildiv(T.max(SW - lane, 0), LN)
-            for s4 in T.serial(sz // 4):
-                for u in T.unroll(4):
-                    wt = Ls[2, lane + (s4 * 4 + u) * LN]
-                    for v in T.unroll(VEC):
-                        o[v] = o[v] + wt * O_win[b, h, lane + (s4 * 4 + u) * LN, r, dg * VEC + v]
-            for s1 in T.serial(sz % 4):
-                wt = Ls[2, lane + (sz // 4 * 4 + s1) * LN]
-                for v in T.unroll(VEC):
-                    o[v] = o[v] + wt * O_win[b, h, lane + (sz // 4 * 4 + s1) * LN, r, dg * VEC + v]
-            for v in T.unroll(VEC):
-                A_s[lane, dg * VEC + v] = o[v]
+                    A_s[br, lane, dg * VEC + v] = o[br, v]
+                if dg == 0:
+                    ML_s[br, lane, 0] = m[br]
+                    ML_s[br, lane, 1] = l[br]
             T.sync_threads()
+            # merge the lanes of each branch, normalise (an empty branch gives 0), gate, sum
             if tx < Dv:
-                wt = 0
-                for e in T.unroll(LN):
-                    wt = wt + A_s[e, tx]
-                O[b, qi, hq, tx] = T.cast(wt, dtype)
+                tot = 0
+                for br in T.unroll(3):
+                    mn = ninf
+                    for e in T.unroll(LN):
+                        mn = T.max(mn, ML_s[br, e, 0])
+                    mu = T.if_then_else(mn == ninf, 0, mn)
+                    sc = 0
+                    wt = 0
+                    for e in T.unroll(LN):
+                        sc = sc + ML_s[br, e, 1] * T.exp2(ML_s[br, e, 0] - mu)
+                        wt = wt + A_s[br, e, tx] * T.exp2(ML_s[br, e, 0] - mu)
+                    tot = tot + T.if_then_else(sc > 0, gate[br] * wt / sc, 0)
+                O[b, qi, hq, tx] = T.cast(tot, dtype)
 
     return nsa_decode_combine
