@@ -49,6 +49,15 @@ def search_space(key: KernelKey) -> Iterator[dict[str, Any]]:
             yield cand
 
 
+def in_search_space(key: KernelKey, schedule: dict[str, Any]) -> bool:
+    """Whether every knob of `schedule` takes the default's value or one its space lists (the
+    candidates the tuner generates: single-knob changes, greedy and exhaustive combinations)."""
+    entry = load_arch(key.arch)["kernels"][key.kind]
+    default, space = dict(entry["default"]), entry.get("space", {})
+    return set(schedule) == set(default) and all(
+        v == default[k] or v in space.get(k, ()) for k, v in schedule.items())
+
+
 def tuning_dir(arch: str) -> Path:
     """Where `tune` appends records: $NSA_CODEGEN_TUNING_DIR, else ./tuning_logs."""
     root = os.environ.get("NSA_CODEGEN_TUNING_DIR")
@@ -97,7 +106,6 @@ def tuned_best(key: KernelKey) -> dict[str, Any] | None:
     tuning_logs/<arch>/*.jsonl, if any. Records of schedules no longer in the kind's search space
     (schedules/<arch>.yaml: the space was narrowed after they were measured) do not count."""
     pid = key.problem_id
-    space = list(search_space(key))
     recs = []
     for path in sorted(p for d in tuning_dirs(key.arch) for p in d.glob("*.jsonl")):
         for line in path.read_text().splitlines():
@@ -106,7 +114,7 @@ def tuned_best(key: KernelKey) -> dict[str, Any] | None:
             except json.JSONDecodeError:
                 continue  # a line cut short by an interrupted tune
             if (rec.get("problem") == pid and record_is_current(rec, key.kind)
-                    and dict(rec.get("schedule", {})) in space):
+                    and in_search_space(key, dict(rec.get("schedule", {})))):
                 recs.append(rec)
     best = pick_best(recs, default_schedule(key))
     return dict(best["schedule"]) if best else None

@@ -239,7 +239,7 @@ def _nvis(t, l, d, f, cap):
 
 
 # ------------------------------------------------------------------------------------------------
-# cmp: split-KV compression attention + raw scores
+# cmp: split-KV compression attention + the scores for top-n
 # ------------------------------------------------------------------------------------------------
 def _build_cmp(cfg):
     HQ, H, Dk, Dv, ql = cfg.heads_q, cfg.heads_kv, cfg.head_dim_qk, cfg.head_dim_v, cfg.q_len

@@ -92,9 +92,26 @@ def test_records_outside_the_search_space_do_not_count(tmp_path, monkeypatch):
     monkeypatch.setenv("NSA_CODEGEN_TUNING_DIR", str(tmp_path))
     feasible = lambda s: check_schedule(key, s)  # noqa: E731
     assert schedules.resolve_schedule(key, feasible) == (other, "tuned")
-    # the space narrowed to the default after `other` was measured: its record no longer counts
-    monkeypatch.setattr(schedules, "search_space", lambda k: iter([dict(default)]))
+    # the space narrowed (num_stages no longer searched) after `other` was measured: its record
+    # no longer counts
+    data = schedules.load_arch(key.arch)
+    entry = data["kernels"][key.kind]
+    narrowed = {**data, "kernels": {**data["kernels"], key.kind: {
+        **entry, "space": {k: v for k, v in entry["space"].items() if k != "num_stages"}}}}
+    monkeypatch.setattr(schedules, "load_arch", lambda arch: narrowed)
+    assert not schedules.in_search_space(key, other) and schedules.in_search_space(key, default)
     assert schedules.resolve_schedule(key, feasible) == (default, "default")
+
+
+def test_single_knob_changes_of_the_default_are_in_the_space():
+    # the tuner's round 1 keeps the default's value of every other knob, even where that value
+    # (window_fwd's block_N 0 = auto) is not one the space lists
+    key = next(c.key for c in PLAN.calls if c.kind == "window_fwd")
+    default = schedules.default_schedule(key)
+    assert default["block_N"] == 0
+    assert schedules.in_search_space(key, {**default, "num_stages": 3})
+    assert not schedules.in_search_space(key, {**default, "num_stages": 5})
+    assert not schedules.in_search_space(key, {**default, "warp_size": 7})
 
 
 def test_infeasible_default_falls_back_with_reason():
