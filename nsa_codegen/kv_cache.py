@@ -365,7 +365,7 @@ def _splits(B, H, spec, q_len, max_len, sms, cmp_block_N, num_splits):
     sc = max(1, min(MAX_CMP_SPLITS, target, max(1, -(-tiles // 2))))
     nw = -(-min(max_len, w.size + q_len - 1) // s.block) + 1
     # selection splits per query: the programs-per-SM target, at least 2, and a window split per two
-    # of them (the best of the --sweep grid at B = 1 / 16 / 64: (16, 9~5) / (4, 2) / (2, 1))
+    # of them (the best of the --sweep grid at B = 1 / 16 / 64: (16, 5-9) / (4, 2) / (2, 1))
     s_sel = max(1, min(s.top_n, max(2, target) // q_len))
     sw = max(1, min(nw, -(-s_sel // 2)))
     if num_splits is not None:

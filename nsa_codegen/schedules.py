@@ -49,10 +49,10 @@ def search_space(key: KernelKey) -> Iterator[dict[str, Any]]:
             yield cand
 
 
-def in_search_space(key: KernelKey, schedule: dict[str, Any]) -> bool:
-    """Whether every knob of `schedule` takes the default's value or one its space lists (the
+def in_search_space(arch: str, kind: str, schedule: dict[str, Any]) -> bool:
+    """Whether every knob of `schedule` takes the kind's default value or one its space lists (the
     candidates the tuner generates: single-knob changes, greedy and exhaustive combinations)."""
-    entry = load_arch(key.arch)["kernels"][key.kind]
+    entry = load_arch(arch)["kernels"][kind]
     default, space = dict(entry["default"]), entry.get("space", {})
     return set(schedule) == set(default) and all(
         v == default[k] or v in space.get(k, ()) for k, v in schedule.items())
@@ -114,7 +114,7 @@ def tuned_best(key: KernelKey) -> dict[str, Any] | None:
             except json.JSONDecodeError:
                 continue  # a line cut short by an interrupted tune
             if (rec.get("problem") == pid and record_is_current(rec, key.kind)
-                    and in_search_space(key, dict(rec.get("schedule", {})))):
+                    and in_search_space(key.arch, key.kind, dict(rec.get("schedule", {})))):
                 recs.append(rec)
     best = pick_best(recs, default_schedule(key))
     return dict(best["schedule"]) if best else None

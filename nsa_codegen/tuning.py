@@ -37,7 +37,8 @@ from . import reference as ref
 from .cache import CompiledKernel, _tilelang_cache_dir, precompile_scheduled, versioned_dir
 from .codegen import check_schedule, compile_kernel, template_source_hash
 from .kernel_key import KernelKey, schedule_hash
-from .schedules import default_schedule, load_arch, pick_best, record_is_current, search_space, tuning_dir
+from .schedules import (default_schedule, in_search_space, load_arch, pick_best, record_is_current, search_space,
+                        tuning_dir)
 
 CHECK_T = 1000  # correctness check length (not a multiple of any block)
 TOL = 1e-2
@@ -551,10 +552,12 @@ def speedups(arch: str, path: Path | None = None) -> list[dict]:
     for (pid, _), r in recs.items():
         by_problem.setdefault(pid, []).append(r)
     for pid, rs in sorted(by_problem.items()):
-        ok = [r for r in rs if r.get("correct") and r.get("median_ms") is not None]
+        kind = pid.split("/")[1]
+        # the records the build may pick (schedules.tuned_best): correct, timed, still in the space
+        ok = [r for r in rs if r.get("correct") and r.get("median_ms") is not None
+              and in_search_space(arch, kind, dict(r["schedule"]))]
         if not ok:
             continue
-        kind = pid.split("/")[1]
         default = dict(load_arch(arch)["kernels"][kind]["default"])
         dflt = pick_best([r for r in ok if dict(r["schedule"]) == default], default)
         best = pick_best(ok, default)  # what the build uses (schedules.MIN_GAIN)

@@ -99,7 +99,8 @@ def test_records_outside_the_search_space_do_not_count(tmp_path, monkeypatch):
     narrowed = {**data, "kernels": {**data["kernels"], key.kind: {
         **entry, "space": {k: v for k, v in entry["space"].items() if k != "num_stages"}}}}
     monkeypatch.setattr(schedules, "load_arch", lambda arch: narrowed)
-    assert not schedules.in_search_space(key, other) and schedules.in_search_space(key, default)
+    assert not schedules.in_search_space(key.arch, key.kind, other)
+    assert schedules.in_search_space(key.arch, key.kind, default)
     assert schedules.resolve_schedule(key, feasible) == (default, "default")
 
 
@@ -109,9 +110,9 @@ def test_single_knob_changes_of_the_default_are_in_the_space():
     key = next(c.key for c in PLAN.calls if c.kind == "window_fwd")
     default = schedules.default_schedule(key)
     assert default["block_N"] == 0
-    assert schedules.in_search_space(key, {**default, "num_stages": 3})
-    assert not schedules.in_search_space(key, {**default, "num_stages": 5})
-    assert not schedules.in_search_space(key, {**default, "warp_size": 7})
+    assert schedules.in_search_space(key.arch, key.kind, {**default, "num_stages": 3})
+    assert not schedules.in_search_space(key.arch, key.kind, {**default, "num_stages": 5})
+    assert not schedules.in_search_space(key.arch, key.kind, {**default, "warp_size": 7})
 
 
 def test_infeasible_default_falls_back_with_reason():

@@ -53,7 +53,10 @@ def test_speedups_read_the_log(tmp_path):
             dict(problem=KEY.problem_id, schedule={**default, "threads": 128}, correct=False, why="NaN", template=t),
             # an older template text's record is not counted
             dict(problem=KEY.problem_id, schedule={**default, "threads": 384}, correct=True, median_ms=0.1,
-                 template="0123456789ab")]
+                 template="0123456789ab"),
+            # nor one of a schedule no longer in the search space (the build would not pick it)
+            dict(problem=KEY.problem_id, schedule={**default, "block_M": 48}, correct=True, median_ms=0.1,
+                 template=t)]
     path.write_text("\n".join(json.dumps(r) for r in recs) + "\n{\"cut short")  # an interrupted write
     (row,) = tuning.speedups("sm90", path)
-    assert row["speedup"] == 2.0 and row["best_schedule"] == fast and row["candidates"] == 3 and row["correct"] == 2
+    assert row["speedup"] == 2.0 and row["best_schedule"] == fast and row["candidates"] == 4 and row["correct"] == 2
