@@ -1,6 +1,6 @@
 """GPU check of NSA decode (nsa_codegen.kv_cache + templates/decode_attention.py).
 
-    PYTHONPATH=<repo> python benchmarks/bench_decode.py [--quick] [--no-bench] [--jobs N] [--sweep]
+    PYTHONPATH=<repo> python benchmarks/bench_decode.py [--quick] [--no-bench] [--jobs N] [--sweep | --variants JSON]
 
 1. Correctness: prefill a cache with random K/V (ragged lengths, none a multiple of any block),
    then decode steps (append q_len tokens, nsa_decode) with q_len 1 and 4 on the paper config
@@ -12,10 +12,14 @@
    reference.compress recomputed from scratch.  Outputs and workspaces are NaN-poisoned.
 2. Timing (paper config, fp16, q_len 1): one decode step at 8k/32k/64k/128k context, B = 1, 16,
    64, against torch SDPA (flash) dense decode over the same cache; CUDA-graph replay when
-   capture works (eager otherwise).  GB/s counts the bytes NSA must read (nsa_decode_bytes).
+   capture works (eager otherwise); NSA: the median of 3 means of 50 replays.  GB/s counts the
+   bytes NSA must read (nsa_decode_bytes).
 3. --sweep (instead of 1 and 2): at 64k context, B = 1, 16, 64, the step time over a grid of split
    counts (num_splits), the kernels with programmatic dependent launch on and off, and the per-kernel
    breakdown of the heuristic's choice and the best; what `kv_cache._splits` is fitted to.
+4. --variants JSON (instead of 1 and 2): at 64k context, B = 1, 16, 64, the step time of variants
+   ({name: {part: {knob: value}}, "num_splits": [cmp, sel, win]}, over the resolved schedules),
+   median of 5 interleaved rounds, each output compared with the resolved schedules' output.
 Prints one line per check; exits 1 on any failure.
 """
 import argparse
@@ -218,7 +222,10 @@ def run_timing(contexts, batches):
         for L in contexts:
             try:
                 c.set_lengths([L] * B)
-                t_nsa, mode = _time(lambda: nsa_decode(q, c, *gs))
+                # median of 3 runs of 50 replays: B = 1 steps are ~20 us, where a run's clock
+                # ramp alone moves the mean by a few percent
+                runs = sorted(_time(lambda: nsa_decode(q, c, *gs)) for _ in range(3))
+                t_nsa, mode = runs[1]
                 qd = q.view(B, H, G, D)
                 kd = c.k[:, :L].transpose(1, 2)
                 vd = c.v[:, :L].transpose(1, 2)
@@ -241,17 +248,84 @@ def run_timing(contexts, batches):
     torch.cuda.empty_cache()
 
 
-def _kernels_with(schedule_update):
-    """part -> CompiledKernel of the paper config's decode kernels with `schedule_update` applied."""
+def _variant_keys(updates):
+    """part -> KernelKey of the paper config's decode kernels (q_len 1) with updates[part] (a schedule
+    dict) applied over the resolved schedule; `updates` may also be one dict for every part."""
+    from nsa_codegen.cache import get_kernel
+    out = {}
+    for c in lower_decode(PAPER, "sm90", 1, False, 128 * 1024):
+        part = c.kind[len("decode_"):]
+        up = updates.get(part, {}) if all(k in ("cmp", "topn", "sparse", "combine") for k in updates) else updates
+        base = get_kernel(c.key).key
+        out[part] = base.with_schedule({**dict(base.schedule), **up}) if up else base
+    return out
+
+
+def _kernels_with(updates):
+    """part -> CompiledKernel for _variant_keys(updates) (compiled here unless in the disk cache)."""
     from nsa_codegen.cache import CompiledKernel, _tilelang_cache_dir, get_kernel, versioned_dir
     from nsa_codegen.codegen import compile_kernel
     out = {}
-    for c in lower_decode(PAPER, "sm90", 1, False, 128 * 1024):
-        base = get_kernel(c.key)
-        key = base.key.with_schedule({**dict(base.key.schedule), **schedule_update})
+    for part, key in _variant_keys(updates).items():
+        if key.schedule == get_kernel(key.problem).key.schedule:
+            out[part] = get_kernel(key.problem)
+            continue
         with _tilelang_cache_dir(versioned_dir() / "tilelang"):
-            out[c.kind[len("decode_"):]] = CompiledKernel(key, compile_kernel(key), "sweep", 0.0)
+            out[part] = CompiledKernel(key, compile_kernel(key), "variant", 0.0)
     return out
+
+
+def run_variants(variants, L=65536, batches=(1, 16, 64), rounds=5):
+    """Step time of schedule variants (name -> {part: schedule update}, and optionally "num_splits":
+    [cmp, sel, win]) against the resolved schedules, each variant's output compared with the
+    baseline's: reported as the same or not (split and thread counts change the summation order),
+    a failure past the relative tolerance."""
+    from nsa_codegen import kv_cache
+    from nsa_codegen.cache import precompile_scheduled
+    spec, dt = PAPER, torch.float16
+    D = spec.head_dim
+    splits = {name: v.pop("num_splits", None) for name, v in variants.items()}
+    keys = [k for v in variants.values() for k in _variant_keys(v).values()]
+    t0 = time.time()
+    errs = [e for e in precompile_scheduled(keys) if e]
+    print(f"variants: compiled {len(set(keys))} kernels in {time.time() - t0:.0f} s; errors: {errs}", flush=True)
+    kerns = {name: _kernels_with(v) for name, v in variants.items()}
+    big = NSAKVCache(spec, max(batches), 128 * 1024, device="cuda", dtype=dt)
+    for t in (big.kv_k, big.kv_v, big.k_cmp, big.v_cmp):
+        for i in range(t.shape[0]):
+            t[i].normal_()
+    real = kv_cache._decode_kernels
+    print(f"variants: paper config fp16, q_len 1, context {L}", flush=True)
+    try:
+        for B in batches:
+            c = big.narrow_batch(B)
+            c.set_lengths([L] * B)
+            q = torch.randn(B, 1, spec.heads, D, device="cuda", dtype=dt)
+            gs = [torch.rand(B, 1, spec.heads, device="cuda", dtype=dt) for _ in range(3)]
+            base = nsa_decode(q, c, *gs).clone()
+            times, same = {name: [] for name in kerns}, {}
+            for _ in range(rounds):     # interleaved rounds: a clock or thermal drift hits every variant
+                for name, ks in kerns.items():
+                    kv_cache._decode_kernels = lambda *a, **k: ks
+                    ns = splits[name]
+                    if name not in same:
+                        o = nsa_decode(q, c, *gs, num_splits=ns).float()
+                        same[name] = torch.equal(o, base.float())
+                        err = ((o - base.float()).norm() / base.float().norm()).item()
+                        if not err < TOL:   # NaN fails too
+                            note(f"variant {name} B {B} output", False, f"relative difference {err:.2e}")
+                    times[name].append(_time(lambda: nsa_decode(q, c, *gs, num_splits=ns))[0])
+                    kv_cache._decode_kernels = real
+            for name, ts in times.items():
+                ts = sorted(ts)
+                print(f"  B {B:>3} {name:<24} median {ts[len(ts) // 2] * 1e3:7.1f} us  min {ts[0] * 1e3:7.1f}  "
+                      f"({rounds} rounds of 50 graph replays)  "
+                      f"{'same output' if same[name] else 'output differs by rounding'}",
+                      flush=True)
+    finally:
+        kv_cache._decode_kernels = real
+    del big
+    torch.cuda.empty_cache()
 
 
 def run_sweep(L=65536, batches=(1, 16, 64)):
@@ -313,7 +387,14 @@ def main():
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--jobs", type=int, default=None)
     ap.add_argument("--sweep", action="store_true", help="split-count / PDL sweep at 64k instead of the checks")
+    ap.add_argument("--variants", default=None,
+                    help='JSON {name: {part: {knob: value}}}: time schedule variants at 64k instead of the checks')
     a = ap.parse_args()
+    if a.variants:
+        import json
+        run_variants({"resolved": {}, **json.loads(a.variants)})
+        print(f"{'FAILED: ' + ', '.join(FAILS) if FAILS else 'ALL PASSED'}", flush=True)
+        sys.exit(1 if FAILS else 0)
     if a.sweep:
         precompile([c.key for c in lower_decode(PAPER, "sm90", 1, False, 128 * 1024)], jobs=a.jobs)
         run_sweep()

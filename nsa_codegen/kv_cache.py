@@ -424,8 +424,12 @@ def nsa_decode(q: torch.Tensor, cache: NSAKVCache, g_cmp: torch.Tensor, g_slc: t
     f32 = torch.float32
     ws_scores = cache._scores.get(ql)
     if ws_scores is None:
-        ws_scores = cache._scores[ql] = (_ws((B, ql, cache.cap_cmp_phys, HQ), torch.float16, dev),
-                                         _ws((B, ql, -(-cache.cap_cmp_phys // 16), HQ), f32, dev))
+        c = spec.compression
+        sg, nbg, _ = template_module("decode_attention").score_groups(c.block, c.stride, c.first_block,
+                                                                      spec.selection.block)
+        cg = -(-cache.cap_cmp_phys // sg)
+        ws_scores = cache._scores[ql] = (_ws((B, ql, cg, nbg, HQ), torch.float16, dev),
+                                         _ws((B, ql, cg, HQ), f32, dev))
     scores, score_max = ws_scores
     q = q.contiguous()
     o_cmp, l_cmp = _ws((B, H, sc, MR, Dv), f32, dev), _ws((B, H, sc, MR), f32, dev)

@@ -10,11 +10,14 @@ row-major); B, the cache capacities CAP / CAPC and every split / chunk count are
     V_cmp      [B, CAPC, H, Dv]      dtype
     KV_K       [B, CAP, NB, H, Dk]   dtype    raw keys; NB = 2 when the window branch has its
     KV_V       [B, CAP, NB, H, Dv]   dtype    own K/V (slot 0 = selection, 1 = window), else 1
-    Scores     [B, ql, CAPC, HQ]     float16  exp2(s - m): s = log2(e) * scale * q.k_cmp, m the cmp
-                                              program's running max at that row's tile (written
-                                              for the rows c < N(t_i) a query sees only); a
-                                              group's G heads are contiguous (one vector load)
-    ScoreMax   [B, ql, CT, HQ]       float32  that m for rows [16u, 16u + 16), CT = ceil(CAPC / 16)
+    Scores     [B, ql, CG, NBG, HQ]  float16  per group g of SG compressed rows (score_groups) and
+                                              block k < NBG it overlaps: sum over its rows c of
+                                              w(c) * exp2(s - m), s = log2(e) * scale * q.k_cmp,
+                                              w the stride-unit overlap weight, m the cmp
+                                              program's running max at g's tile; groups at or
+                                              past N(t_last) are not written; a KV group's G
+                                              heads are contiguous (one vector load)
+    ScoreMax   [B, ql, CG, HQ]       float32  that m per group, CG = ceil(CAPC / SG)
     O_cmp      [B, H, SC, MR, Dv]    float32  per-split normalised partial outputs
     L_cmp      [B, H, SC, MR]        float32  per-split base-2 lse (-inf: split saw nothing)
     CandS/CandI[B, ql, H, NC, n]     f32/i32  per-chunk top-n candidates (key, block)
@@ -30,16 +33,19 @@ must be finite (the cache zero-fills them): masked probabilities are 0 and 0 * N
 Parts (all deterministic, no atomics):
   cmp     grid (SC, H, B): split-KV over the compressed rows visible to the last query,
           N(L) = max(L - l - f*d + d, 0) // d rows, in SC contiguous chunks of block_N-row tiles;
-          the G*ql query rows are packed in M.  Writes the scores for top-n (Scores, ScoreMax:
-          2.25 bytes a row and query head instead of 4) and a partial (o, lse) per split.  mma / wgmma.  K/V tiles (cmp_load): "cp_async" =
+          the G*ql query rows are packed in M.  Writes the block sums for top-n (Scores: one
+          more gemm a tile, P [MP, block_N] x a block-diagonal weight matrix; with ScoreMax 0.875
+          bytes a row and query head in the paper config, where per-row fp16 scores took 2.25)
+          and a partial (o, lse) per split.  mma / wgmma.  K/V tiles (cmp_load): "cp_async" =
           cp.async, one tile of lookahead (cmp_stages 1); "tma" (sm90) = TMA bulk tensor copies
           from a producer warpgroup the pipeline pass adds (NT + 128 threads), cmp_stages (1..3)
           K and V buffers, mbarrier-synchronised.  Tail rows past the split are loaded (finite
           cache rows; TMA zero-fills rows >= CAPC) and masked.
   topn    grid (NC, ql*H, B): lse per head from the SC partials; program c scores the
-          `topn_threads` selection blocks [c*CB, (c+1)*CB) (one per thread): group-summed
-          p_cmp = Scores * exp2(ScoreMax - lse) mapped onto the blocks by stride-unit overlap, forced initial/local blocks
-          +inf, invisible -inf; an exact rank count in shared memory gives the chunk's top-n
+          `topn_threads` selection blocks [c*CB, (c+1)*CB) (one per thread): a block's key is
+          the sum over the groups it overlaps (1-2) and the KV group's heads of Scores *
+          exp2(ScoreMax - lse); forced initial/local blocks +inf, invisible -inf; an exact rank
+          count in shared memory gives the chunk's top-n
           under (score desc, index asc), written as candidates.
   sparse  grid (ql*S_sel + SW, H, B): programs < SS merge the NC*n candidates of their query
           (each one's rank by binary search in every chunk's sorted list, then sort ascending;
@@ -51,8 +57,9 @@ Parts (all deterministic, no atomics):
           every branch: each split's lse and partial load together), applies the gates, writes O.
 The exact top-n of a query is the top-n of the union of its chunks' top-n lists, so the
 two-level selection equals reference.select_top_n (ties to the lower block index) on the keys it
-ranks; those carry the fp16 rounding of Scores (relative 2^-11), so blocks whose keys tie to about
-that precision may swap (reference.compare_block_indices accepts such near ties).
+ranks; those carry the fp16 rounding of p and of the block sums (relative 2^-11 each), so blocks
+whose keys tie to about that precision may swap (reference.compare_block_indices accepts such near
+ties; the output then differs from the reference's by that block's share).
 With pdl (sm90) each kernel lets its successor launch (griddepcontrol.launch_dependents) once
 its main loop is done (top-n: at its start), and the successor waits (griddepcontrol.wait: the
 predecessor complete, its writes visible) right before it reads the predecessor's outputs.
@@ -115,6 +122,22 @@ def _rows(cfg):
     MR = G * cfg.q_len
     MP = max(16, (MR + 15) // 16 * 16)
     return G, MR, MP
+
+
+def score_groups(cmp_block, stride, first_block, sel_block):
+    """(SG, NBG, JMIN): the cmp kernel sums its top-n scores per group of SG compressed rows into
+    the NBG selection blocks those rows overlap, blocks GB*g + JMIN + k (k < NBG) of group g, GB =
+    SG / (sel_block / stride), each with the overlap weights of its rows.  SG = max(16,
+    sel_block / stride), so every group starts at the same phase of the block grid and one weight
+    matrix serves all groups.  The weight of unit u (0 <= u <= r_u + m_u - 2, m_u = cmp_block /
+    stride) is min(u + 1, r_u) - max(u - m_u + 1, 0): the stride units compressed block
+    j*r_u - (m_u - 1) - first_block + u shares with selection block j."""
+    m_u, r_u = cmp_block // stride, sel_block // stride
+    SG = max(16, r_u)
+    o = m_u - 1 + first_block                   # row c is unit u = c + o - j*r_u of block j
+    jmin = -((r_u + m_u - 2 - o) // r_u)        # ceil((o - (r_u + m_u - 2)) / r_u)
+    jmax = (SG - 1 + o) // r_u
+    return SG, jmax - jmin + 1, jmin
 
 
 def _cmp_threads(cfg):
@@ -181,6 +204,10 @@ def check_config(cfg) -> None:
         bn, nt = cfg.cmp_block_N, _cmp_threads(cfg)
         if bn not in (16, 32, 64, 128):
             raise ValueError("cmp_block_N: must be 16, 32, 64 or 128")
+        SG = score_groups(cfg.cmp_block, cfg.stride, cfg.first_block, cfg.sel_block)[0]
+        if bn % SG:
+            raise ValueError(f"cmp_block_N: must be a multiple of {SG} (the top-n score group: "
+                             "max(16, sel_block / stride) compressed rows)")
         if nt not in (64, 128, 256):
             raise ValueError("cmp_threads: must be 0 (auto), 64, 128 or 256")
         if bn // max(1, (nt // 32) // max(1, MP // 16)) < 8:
@@ -194,7 +221,9 @@ def check_config(cfg) -> None:
             raise ValueError("cmp_stages: must be 1, 2 or 3")
         if _regs(MP, bn, Dv, nt) > 192:
             raise ValueError("cmp_block_N: accumulators need too many registers; lower it or raise cmp_threads")
-        if _smem_attn(MP, bn, Dk, Dv, cfg.cmp_stages, nt) > _SMEM_LIMIT:
+        NBG = score_groups(cfg.cmp_block, cfg.stride, cfg.first_block, cfg.sel_block)[1]
+        NE = (bn // SG) * (1 << (NBG - 1).bit_length())
+        if _smem_attn(MP, bn, Dk, Dv, cfg.cmp_stages, nt) + (NE + 32) * bn * 2 + MP * bn * 2 > _SMEM_LIMIT:
             raise ValueError("cmp_stages: shared memory exceeds 227 KiB")
     elif cfg.part == "topn":
         if cfg.topn_threads not in (64, 128, 256):
@@ -256,8 +285,20 @@ def _build_cmp(cfg):
     # the loop: a producer warpgroup (NT + 128 threads in all) issues bulk tensor copies into
     # cmp_stages buffers with full / empty mbarrier pairs; rows >= CAPC are zero-filled.
     load = {"disable_tma": True} if cfg.cmp_load == "cp_async" else {}
+    # top-n scores summed per group of SG rows into the NBG blocks the group overlaps (a [BN, NBP]
+    # block-diagonal weight matrix, one gemm a tile): 5 values a group of 16 rows and query head
+    # instead of 16 (paper config), written and read once each
+    m_u, r_u = l // d, cfg.sel_block // d
+    SG, NBG, JMIN = score_groups(l, d, f, cfg.sel_block)
+    o_u = m_u - 1 + f
+    NGT = BN // SG                              # groups a tile
+    NBGP = 1 << (NBG - 1).bit_length()          # a group's entries in W_s / acc_b (power of 2: shifts)
+    NE = NGT * NBGP
+    warps_n = (NT // 32) // max(1, min(NT // 32, MP // 16))
+    NBP = -(-NE // (8 * warps_n)) * 8 * warps_n
+    own_p16 = dtype != "float16" or p_regs      # else acc_p is already an fp16 shared tile
 
-    B, CAPC, CT, SC = T.dynamic("B, CAPC, CT, SC")
+    B, CAPC, CG, SC = T.dynamic("B, CAPC, CG, SC")
 
     @T.prim_func
     def nsa_decode_cmp(
@@ -265,12 +306,16 @@ def _build_cmp(cfg):
         K_cmp: T.Tensor([B, CAPC, H, Dk], dtype),
         V_cmp: T.Tensor([B, CAPC, H, Dv], dtype),
         SeqLens: T.Tensor([B], "int32"),
-        Scores: T.Tensor([B, ql, CAPC, HQ], "float16"),
-        ScoreMax: T.Tensor([B, ql, CT, HQ], acc),
+        Scores: T.Tensor([B, ql, CG, NBG, HQ], "float16"),
+        ScoreMax: T.Tensor([B, ql, CG, HQ], acc),
         O_part: T.Tensor([B, H, SC, MR, Dv], acc),
         L_part: T.Tensor([B, H, SC, MR], acc),
     ):
         with T.Kernel(SC, H, B, threads=NT) as (sid, h, b):
+            W_s = T.alloc_shared([NBP, BN], "float16")   # K-major, as K_s (wgmma takes it at any N)
+            acc_b = T.alloc_fragment([MP, NBP], acc)
+            if own_p16:
+                P16_s = T.alloc_shared([MP, BN], "float16")
             Q_s = T.alloc_shared([MP, Dk], dtype)
             K_s = T.alloc_shared([BN, Dk], dtype)
             V_s = T.alloc_shared([BN, Dv], dtype)
@@ -300,6 +345,15 @@ def _build_cmp(cfg):
 
             for r, k in T.Parallel(MP, Dk):
                 Q_s[r, k] = T.if_then_else(r < MR, Q[b, r // G, h * G + r % G, k], T.cast(0, dtype))
+            # W_s[gl*NBGP + k, c]: weight of the tile's row c in block k < NBG of its group gl = c // SG
+            # (unit u = c % SG + o - (JMIN + k) * r of that block; min(u+1, r) - max(u-m+1, 0))
+            for e, c in T.Parallel(NBP, BN):
+                W_s[e, c] = T.cast(T.if_then_else(
+                    (e < NE) & (e % NBGP < NBG) & (c // SG == e // NBGP)
+                    & (c % SG + o_u - (JMIN + e % NBGP) * r_u >= 0)
+                    & (c % SG + o_u - (JMIN + e % NBGP) * r_u <= r_u + m_u - 2),
+                    T.min(c % SG + o_u - (JMIN + e % NBGP) * r_u + 1, r_u)
+                    - T.max(c % SG + o_u - (JMIN + e % NBGP) * r_u - m_u + 1, 0), 0), "float16")
             T.fill(acc_o, 0)
             T.fill(lsum, 0)
             T.fill(m, ninf)
@@ -320,17 +374,25 @@ def _build_cmp(cfg):
                 for r, j in T.Parallel(MP, BN):
                     acc_s[r, j] = T.exp2(acc_s[r, j] * sc2 - m_use[r] * sc2)
                 T.reduce_sum(acc_s, rsum, dim=1)
-                # scores for the top-n stage: p relative to the running max, fp16 (in [0, 1]; half
-                # the bytes of fp32 logits, which both this kernel and top-n move), plus that max
-                # per 16 rows.  Rows past a query's visible range hold 0; top-n never reads them.
-                for r, j in T.Parallel(MP, BN):
-                    if (r < MR) & (c_beg + kt * BN + j < c_end):
-                        Scores[b, r // G, c_beg + kt * BN + j, h * G + r % G] = T.cast(acc_s[r, j], "float16")
-                        if j % 16 == 0:
-                            ScoreMax[b, r // G, (c_beg + kt * BN + j) // 16, h * G + r % G] = m_use[r] * sc2
                 for r in T.Parallel(MP):
                     lsum[r] = lsum[r] * alpha[r] + rsum[r]
                 T.copy(acc_s, acc_p)
+                # scores for the top-n stage: p relative to the running max (in [0, 1]; rows past a
+                # query's visible range are 0), summed with the overlap weights into the blocks of
+                # each group of SG rows (fp32 accumulation of fp16 p), written in fp16 with that
+                # max once a group.  Groups at or past c_end are not written; top-n never reads them.
+                if own_p16:
+                    T.copy(acc_s, P16_s)
+                    T.gemm(P16_s, W_s, acc_b, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                else:
+                    T.gemm(acc_p, W_s, acc_b, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                for r, e in T.Parallel(MP, NBP):
+                    if (r < MR) & (e < NE) & (e % NBGP < NBG) & (((c_beg + kt * BN) // SG + e // NBGP) * SG < c_end):
+                        Scores[b, r // G, (c_beg + kt * BN) // SG + e // NBGP, e % NBGP, h * G + r % G] = T.cast(
+                            acc_b[r, e], "float16")
+                for r, gl in T.Parallel(MP, NGT):
+                    if (r < MR) & (((c_beg + kt * BN) // SG + gl) * SG < c_end):
+                        ScoreMax[b, r // G, (c_beg + kt * BN) // SG + gl, h * G + r % G] = m_use[r] * sc2
                 for r, k in T.Parallel(MP, Dv):
                     acc_o[r, k] *= alpha[r]
                 T.copy(V_cmp[b, c_beg + kt * BN:c_beg + (kt + 1) * BN, h, :], V_s, **load)
@@ -354,40 +416,29 @@ def _build_cmp(cfg):
 # ------------------------------------------------------------------------------------------------
 # topn: per-chunk block scores and exact chunk top-n (candidates)
 # ------------------------------------------------------------------------------------------------
-def _overlap_weights(m, r):
-    """w[u]: stride units shared by compressed block i = j*r - (m-1) + u and selection block j."""
-    return [min(u + 1, r) - max(u - m + 1, 0) for u in range(r + m - 1)]
-
-
 def _build_topn(cfg):
     HQ, H, ql = cfg.heads_q, cfg.heads_kv, cfg.q_len
     G, MR, MP = _rows(cfg)
     l, d, f, lp = cfg.cmp_block, cfg.stride, cfg.first_block, cfg.sel_block
     n, n_init, n_local = cfg.top_n, cfg.initial, cfg.local
     NT = CB = cfg.topn_threads
-    m_u, r_u = l // d, lp // d
-    w = _overlap_weights(m_u, r_u)
-    PW = CB * r_u + m_u - 1                 # p entries a chunk needs (its blocks + the halo)
-    PQ = (PW + NT - 1) // NT
-    NTL = (PW - 1) // 16 + 2                # 16-row score tiles those rows can touch
-    FQ = (NTL * G + NT - 1) // NT
+    SG, NBG, JMIN = score_groups(l, d, f, lp)
+    GB = SG // (lp // d)                    # blocks a group (CB is a multiple: j0 starts a group)
+    GLO = -((JMIN + NBG - 1) // GB)         # first group touching block j0, relative to j0 / GB
+    NGC = (CB - 1 - JMIN) // GB - GLO + 1   # groups touching the chunk's blocks
+    NGB = -(-NBG // GB) + 1                 # bound on the groups touching one block
+    EQ = (NGC * NBG + NT - 1) // NT
+    FQ = (NGC * G + NT - 1) // NT
     LQ = (G * MAX_CMP_SPLITS + NT - 1) // NT
     acc = "float32"
     ninf, pinf = -T.infinity(acc), T.infinity(acc)
 
-    B, CAPC, CT, SC, NC = T.dynamic("B, CAPC, CT, SC, NC")
-
-    def block_key(P_s, jj):
-        # sum_u w[u] * P_s[jj*r + u]; the weights are compile-time constants
-        e = P_s[jj * r_u] * float(w[0])
-        for u in range(1, r_u + m_u - 1):
-            e = e + P_s[jj * r_u + u] * float(w[u])
-        return e
+    B, CG, SC, NC = T.dynamic("B, CG, SC, NC")
 
     @T.prim_func
     def nsa_decode_topn(
-        Scores: T.Tensor([B, ql, CAPC, HQ], "float16"),
-        ScoreMax: T.Tensor([B, ql, CT, HQ], acc),
+        Scores: T.Tensor([B, ql, CG, NBG, HQ], "float16"),
+        ScoreMax: T.Tensor([B, ql, CG, HQ], acc),
         L_part: T.Tensor([B, H, SC, MR], acc),
         SeqLens: T.Tensor([B], "int32"),
         CandS: T.Tensor([B, ql, H, NC, n], acc),
@@ -396,9 +447,9 @@ def _build_topn(cfg):
         with T.Kernel(NC, ql * H, B, threads=NT) as (cid, qh, b):
             Lp_s = T.alloc_shared([G, MAX_CMP_SPLITS], acc)
             lse_s = T.alloc_shared([G], acc)
-            P_s = T.alloc_shared([PW], acc)
-            F_s = T.alloc_shared([NTL, G], acc)     # exp2(ScoreMax - lse): p_cmp = Scores * F_s
-            s_loc = T.alloc_local([PQ, G], "float16")
+            P_s = T.alloc_shared([NGC * NBG], acc)
+            F_s = T.alloc_shared([NGC, G], acc)     # exp2(ScoreMax - lse): p_cmp = Scores * F_s
+            s_loc = T.alloc_local([EQ, G], "float16")
             m_loc = T.alloc_local([FQ], acc)
             Key_s = T.alloc_shared([CB], acc)
             seq = T.alloc_var("int32")
@@ -411,7 +462,7 @@ def _build_topn(cfg):
             key = T.alloc_var(acc)
             ke = T.alloc_var(acc)
             rank = T.alloc_var("int32")
-            cc = T.alloc_var("int32")
+            gg = T.alloc_var("int32")
             j = T.alloc_var("int32")
             nvalid = T.alloc_var("int32")
 
@@ -421,22 +472,23 @@ def _build_topn(cfg):
             seq = SeqLens[b]
             t = seq - ql + qi
             jt = t // lp
-            nv = _nvis(t, l, d, f, CAPC)
+            nv = _nvis(t, l, d, f, CG * SG)
             j0 = cid * CB
-            c_lo = j0 * r_u - (m_u - 1) - f         # row of P_s[0] (may be < 0)
-            t_lo = T.max(c_lo, 0) // 16             # score tile of F_s[0]
+            g0 = cid * (CB // GB) + GLO             # group of entry row 0 (may be < 0)
             if cfg.pdl:
                 T.pdl_trigger()   # sparse's window programs need nothing of ours: let them start
                 T.pdl_sync()      # cmp's Scores / ScoreMax / L_part
 
-            # 0. issue every global load first (one memory round trip, not three): this chunk's
-            #    scores (rows clamped into the cache: rows no query sees are loaded, never used)
-            #    and score-tile maxima, then the lse partials
-            for q in T.unroll(PQ):
+            # 0. issue every global load first (one memory round trip, not three): the block sums
+            #    of the groups this chunk's blocks overlap (groups clamped into the buffer: groups
+            #    no query sees are loaded, never used) and their maxima, then the lse partials
+            for q in T.unroll(EQ):
                 for g in T.vectorized(G):       # the group's G heads are contiguous
-                    s_loc[q, g] = Scores[b, qi, T.min(T.max(c_lo + q * NT + tx, 0), CAPC - 1), h * G + g]
+                    s_loc[q, g] = Scores[b, qi, T.min(T.max(g0 + (q * NT + tx) // NBG, 0), CG - 1),
+                                         (q * NT + tx) % NBG, h * G + g]
             for q in T.unroll(FQ):
-                m_loc[q] = ScoreMax[b, qi, T.min(t_lo + (q * NT + tx) // G, CT - 1), h * G + (q * NT + tx) % G]
+                m_loc[q] = ScoreMax[b, qi, T.min(T.max(g0 + (q * NT + tx) // G, 0), CG - 1),
+                                    h * G + (q * NT + tx) % G]
 
             # 1. base-2 lse of each head of the group from the SC split partials
             for q in T.unroll(LQ):
@@ -461,27 +513,33 @@ def _build_topn(cfg):
                 lse_s[tx] = T.if_then_else(sm > 0, mx + T.log2(sm), ninf)
             T.sync_threads()
 
-            # 2. per-tile factors (one exp2 per 16 rows and head, not per score), then the group-
-            #    summed compression probabilities of the rows this chunk's blocks overlap:
-            #    P_s[x] <-> compressed block i = j0*r - (m-1) + x, row c = c_lo + x.  Tiles the cmp
-            #    kernel did not write (past every visible row) give garbage factors, never read.
+            # 2. per-group factors (one exp2 per group and head, not per score), then the group-
+            #    summed compression probabilities of each (group, block) entry: P_s[gl*NBG + k] <->
+            #    block GB*(g0 + gl) + JMIN + k.  Groups before row 0 or at / past the query's
+            #    visible rows give 0 (their factors, from groups the cmp kernel did not write, are
+            #    garbage, never used).
             for q in T.unroll(FQ):
-                if q * NT + tx < NTL * G:
+                if q * NT + tx < NGC * G:
                     F_s[(q * NT + tx) // G, (q * NT + tx) % G] = T.exp2(m_loc[q] - lse_s[(q * NT + tx) % G])
             T.sync_threads()
-            for q in T.unroll(PQ):
-                if q * NT + tx < PW:
-                    cc = c_lo + q * NT + tx
+            for q in T.unroll(EQ):
+                if q * NT + tx < NGC * NBG:
+                    gg = g0 + (q * NT + tx) // NBG
                     pv = 0
-                    if (cc >= 0) & (cc < nv):
+                    if (gg >= 0) & (gg * SG < nv):
                         for g in T.unroll(G):
-                            pv = pv + T.cast(s_loc[q, g], acc) * F_s[cc // 16 - t_lo, g]
+                            pv = pv + T.cast(s_loc[q, g], acc) * F_s[(q * NT + tx) // NBG, g]
                     P_s[q * NT + tx] = pv
             T.sync_threads()
 
-            # 3. block key: overlap-weighted sum; forced +inf, invisible -inf
+            # 3. block key: the sum of the block's entries over the groups it overlaps (the last
+            #    such group is (tx - JMIN) // GB - GLO locally); forced +inf, invisible -inf
             j = j0 + tx
-            key = block_key(P_s, tx)
+            key = 0
+            for k in T.unroll(NGB):
+                if ((tx - JMIN) // GB - GLO - k >= 0) & ((tx - JMIN) // GB - GLO - k < NGC) & (
+                        tx - JMIN - GB * ((tx - JMIN) // GB - k) < NBG):
+                    key = key + P_s[((tx - JMIN) // GB - GLO - k) * NBG + tx - JMIN - GB * ((tx - JMIN) // GB - k)]
             if j > jt:
                 key = ninf
             elif (j < n_init) | (j > jt - n_local):

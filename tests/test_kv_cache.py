@@ -89,6 +89,23 @@ def test_decode_reference_on_given_blocks_and_its_selection():
     assert not torch.equal(nsa_decode_reference(q, cache, *gates, block_indices=other), o)
 
 
+@pytest.mark.parametrize("block,stride,first,sel", [(32, 16, 0, 64), (32, 16, 1, 32), (16, 16, 0, 32),
+                                                    (64, 16, 3, 32), (32, 8, 0, 128), (32, 4, 0, 128),
+                                                    (64, 1, 0, 128)])
+def test_decode_score_groups_cover_the_blocks_their_rows_overlap(block, stride, first, sel):
+    """The decode cmp kernel sums its top-n scores per group of SG compressed rows into NBG blocks
+    GB*g + JMIN + k: exactly the blocks those rows overlap, at the same offsets for every group."""
+    from nsa_codegen.resources import template_module
+    SG, NBG, JMIN = template_module("decode_attention").score_groups(block, stride, first, sel)
+    m_u, r_u = block // stride, sel // stride
+    assert SG % 16 == 0 and SG % r_u == 0
+    for g in range(5):
+        # row c is unit u = c + m_u - 1 + first - j * r_u (0 <= u <= r_u + m_u - 2) of block j
+        touched = {j for c in range(SG * g, SG * g + SG) for j in range(-4, 2000)
+                   if 0 <= c + m_u - 1 + first - j * r_u <= r_u + m_u - 2}
+        assert touched == set(range(SG // r_u * g + JMIN, SG // r_u * g + JMIN + NBG))
+
+
 def test_clear_errors():
     cache = NSAKVCache(SPEC, 2, 16, device="cpu")
     k = torch.randn(2, 10, 2, 64).bfloat16()

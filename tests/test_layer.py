@@ -73,11 +73,35 @@ def test_layer_rejects_bad_input():
         NativeSparseAttention(32, {"heads": 4})
 
 
+def _decode_on_own_selection(layer, x_new, cache):
+    """The layer's decode output for x_new (already appended to `cache`) recomputed by the reference
+    on the kernel's own top-n blocks, after checking that those differ from the reference's selection
+    only by near ties (reference.compare_block_indices); fails on any other difference.  Decode ranks
+    blocks from fp16 block sums, the forward from its own scores: where two blocks' scores tie to
+    rounding, each may pick another one, and the outputs then differ by a whole block's share."""
+    from nsa_codegen.kv_cache import nsa_decode, nsa_decode_reference
+    q, gates, _ = layer._project(x_new)
+    q, gates = q.to(cache.dtype), [g.to(cache.dtype) for g in gates]
+    _, idx = nsa_decode(q, cache, *gates, return_indices=True)
+    _, sels = nsa_decode_reference(q, cache, *gates, return_selection=True)
+    ties = 0
+    for b, (chosen, keys) in enumerate(sels):
+        ok, n_ties, msg = ref.compare_block_indices(idx[b], chosen, keys)
+        assert ok, f"entry {b}: {msg}"
+        ties += n_ties
+    assert ties, "outputs differ although the kernel's blocks equal the reference's"
+    o = nsa_decode_reference(q, cache, *gates, block_indices=idx)
+    B, s = x_new.shape[:2]
+    return layer.o_proj(o.to(x_new.dtype).reshape(B, s, -1))
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("pool", ["mlp", "mean"])
 def test_prefill_then_decode_equals_the_full_forward(pool, device):
     """Prefill a cache, then decode 1 and 2 tokens at a time: each step's output equals the full
-    forward's at those positions (CPU: the reference path; CUDA: the forward and nsa_decode kernels)."""
+    forward's at those positions (CPU: the reference path; CUDA: the forward and nsa_decode kernels;
+    where the kernels' top-n differ from the reference's by near ties only, the reference's output
+    on the decode kernel's own blocks)."""
     spec = NSASpec(heads=4, kv_heads=2, head_dim=64, v_head_dim=64, dtype="bfloat16",
                    compression=CompressionBranch(32, 16, pool), selection=SelectionBranch(32, 4, 1, 1),
                    window=WindowBranch(64))
@@ -99,6 +123,9 @@ def test_prefill_then_decode_equals_the_full_forward(pool, device):
     while t < T:
         s = 1 if t % 3 else 2
         y = layer.decode(x[:, t:t + s], cache)
-        torch.testing.assert_close(y.float(), full[:, t:t + s].float(), rtol=2e-2, atol=2e-2)
+        want = full[:, t:t + s].float()
+        if device == "cuda" and not torch.allclose(y.float(), want, rtol=2e-2, atol=2e-2):
+            want = _decode_on_own_selection(layer, x[:, t:t + s], cache).float()
+        torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2)
         t += s
     assert cache.lengths == [T, T]
