@@ -7,6 +7,7 @@ block_indices, block_counts, o_cmp, o_slc, o_win, and the gates g_cmp, g_slc, g_
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 from .kernel_key import KernelKey
@@ -24,12 +25,23 @@ def normalize_arch(arch: str) -> str:
 
 
 def arch_of_capability(major: int, minor: int) -> str:
-    """The arch whose kernels run on a device of this compute capability."""
+    """The arch whose kernels run on a device of this compute capability. The environment variable
+    NSA_CODEGEN_ARCH=sm80 picks the sm80 kernels on an sm90 device too (they carry sm_90 code):
+    how the sm80 kernels are tested on an H100."""
     if major == 9:
-        return "sm90"
-    if major >= 8:
-        return "sm80"
-    raise ValueError(f"compute capability {major}.{minor} is not supported; nsa-codegen needs sm80 or newer")
+        native = "sm90"
+    elif major >= 8:
+        native = "sm80"
+    else:
+        raise ValueError(f"compute capability {major}.{minor} is not supported; nsa-codegen needs sm80 or newer")
+    forced = os.environ.get("NSA_CODEGEN_ARCH")
+    if not forced:
+        return native
+    arch = normalize_arch(forced)
+    if arch == "sm90" and native != "sm90":
+        raise ValueError(f"NSA_CODEGEN_ARCH={forced}: sm90 kernels need compute capability 9.x, "
+                         f"this device is {major}.{minor}")
+    return arch
 
 
 @dataclass(frozen=True)

@@ -142,9 +142,10 @@ DECODE_CASES = [
 def decode_compiled():
     """Compile the cases' decode kernels in parallel, once (the test would compile them one by one)."""
     from nsa_codegen.cache import precompile
-    from nsa_codegen.lowering import lower_decode
+    from nsa_codegen.lowering import arch_of_capability, lower_decode
+    arch = arch_of_capability(*torch.cuda.get_device_capability())   # the arch nsa_decode will pick
     keys = [c.key for _, spec, ql, lens0, steps, sep in DECODE_CASES
-            for c in lower_decode(spec, "sm90", ql, sep, max(lens0) + steps * ql + 5)]
+            for c in lower_decode(spec, arch, ql, sep, max(lens0) + steps * ql + 5)]
     failed = [(k, e) for k, e, _ in precompile(keys) if e]
     assert not failed, failed
 

@@ -107,8 +107,10 @@ def test_prefill_then_decode_equals_the_full_forward(pool, device):
                    window=WindowBranch(64))
     if device == "cuda":  # the forward and the 1- and 2-token decode kernels, compiled in parallel
         from nsa_codegen.cache import precompile
-        from nsa_codegen.lowering import lower_decode, lower_to_plan
-        keys = [c.key for c in lower_to_plan(spec).calls + lower_decode(spec, q_len=1) + lower_decode(spec, q_len=2)]
+        from nsa_codegen.lowering import arch_of_capability, lower_decode, lower_to_plan
+        arch = arch_of_capability(*torch.cuda.get_device_capability())
+        keys = [c.key for c in lower_to_plan(spec, arch).calls + lower_decode(spec, arch, q_len=1)
+                + lower_decode(spec, arch, q_len=2)]
         assert not [e for _, e, _ in precompile(keys) if e]
     torch.manual_seed(3)
     layer = NativeSparseAttention(48, spec).bfloat16().to(device)

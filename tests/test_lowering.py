@@ -41,6 +41,18 @@ def test_arch_names():
         arch_of_capability(7, 5)
 
 
+def test_arch_override_picks_older_kernels_only(monkeypatch):
+    monkeypatch.setenv("NSA_CODEGEN_ARCH", "sm80")
+    assert arch_of_capability(9, 0) == "sm80" and arch_of_capability(8, 0) == "sm80"
+    monkeypatch.setenv("NSA_CODEGEN_ARCH", "sm90")
+    assert arch_of_capability(9, 0) == "sm90"
+    with pytest.raises(ValueError, match="need compute capability 9"):
+        arch_of_capability(8, 6)
+    monkeypatch.setenv("NSA_CODEGEN_ARCH", "sm75")
+    with pytest.raises(ValueError, match="supported: sm80, sm90"):
+        arch_of_capability(9, 0)
+
+
 def test_backward_plan_mirrors_the_forward():
     plan = lower_to_plan(NSASpec())
     assert [c.kind for c in plan.backward] == [
