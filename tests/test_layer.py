@@ -78,18 +78,16 @@ def _decode_on_own_selection(layer, x_new, cache):
     on the kernel's own top-n blocks, after checking that those differ from the reference's selection
     only by near ties (reference.compare_block_indices); fails on any other difference.  Decode ranks
     blocks from fp16 block sums, the forward from its own scores: where two blocks' scores tie to
-    rounding, each may pick another one, and the outputs then differ by a whole block's share."""
+    rounding, either may pick another one (decode or the forward), and the outputs then differ by a
+    whole block's share."""
     from nsa_codegen.kv_cache import nsa_decode, nsa_decode_reference
     q, gates, _ = layer._project(x_new)
     q, gates = q.to(cache.dtype), [g.to(cache.dtype) for g in gates]
     _, idx = nsa_decode(q, cache, *gates, return_indices=True)
     _, sels = nsa_decode_reference(q, cache, *gates, return_selection=True)
-    ties = 0
     for b, (chosen, keys) in enumerate(sels):
-        ok, n_ties, msg = ref.compare_block_indices(idx[b], chosen, keys)
+        ok, _, msg = ref.compare_block_indices(idx[b], chosen, keys)
         assert ok, f"entry {b}: {msg}"
-        ties += n_ties
-    assert ties, "outputs differ although the kernel's blocks equal the reference's"
     o = nsa_decode_reference(q, cache, *gates, block_indices=idx)
     B, s = x_new.shape[:2]
     return layer.o_proj(o.to(x_new.dtype).reshape(B, s, -1))
@@ -100,8 +98,8 @@ def _decode_on_own_selection(layer, x_new, cache):
 def test_prefill_then_decode_equals_the_full_forward(pool, device):
     """Prefill a cache, then decode 1 and 2 tokens at a time: each step's output equals the full
     forward's at those positions (CPU: the reference path; CUDA: the forward and nsa_decode kernels;
-    where the kernels' top-n differ from the reference's by near ties only, the reference's output
-    on the decode kernel's own blocks)."""
+    a step whose output differs from the forward's must equal the reference's on the decode
+    kernel's own blocks, which may differ from the reference's selection by near ties only)."""
     spec = NSASpec(heads=4, kv_heads=2, head_dim=64, v_head_dim=64, dtype="bfloat16",
                    compression=CompressionBranch(32, 16, pool), selection=SelectionBranch(32, 4, 1, 1),
                    window=WindowBranch(64))
