@@ -144,17 +144,19 @@ def _nvdisasm() -> str | None:
 
 
 def embedded_cubins(artifact: str) -> list[bytes]:
-    """The device ELF images (cubins) inside a compiled TileLang artifact (.so).
-
-    TVM stores each as an 8-byte little-endian length followed by the ELF image.
-    """
+    """The device ELF images (cubins) inside a compiled TileLang artifact (.so): one per SASS target
+    (sm80 kernels carry sm_80 and sm_90).  Each image's length comes from its own ELF64 header (the
+    end of its section / program header tables), whatever wraps it (a length prefix or a fatbin)."""
     import struct
     data = open(artifact, "rb").read()
     out, at = [], data.find(b"\x7fELF", 1)
-    while at > 8:
-        (size,) = struct.unpack_from("<Q", data, at - 8)
-        if 0 < size <= len(data) - at and data[at + 18] == 0xBE:  # e_machine EM_CUDA
-            out.append(data[at:at + size])
+    while at > 0:
+        if at + 64 <= len(data) and data[at + 4] == 2 and data[at + 18] == 0xBE:  # ELF64, EM_CUDA
+            phoff, shoff = struct.unpack_from("<QQ", data, at + 0x20)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, at + 0x36)
+            size = max(shoff + shentsize * shnum, phoff + phentsize * phnum)
+            if 64 <= size <= len(data) - at:
+                out.append(data[at:at + size])
         at = data.find(b"\x7fELF", at + 1)
     return out
 

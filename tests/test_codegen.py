@@ -1,4 +1,5 @@
 """CI compiles every template for sm_90a (and the paper config for sm_80) on the CPU (nvcc, no GPU)."""
+import re
 import shutil
 
 import pytest
@@ -48,6 +49,9 @@ def test_template_compiles(call, spec, tmp_path, monkeypatch):
             assert "HGMMA" in disassemble(kernel), f"{key}: no HGMMA in its SASS"
     if key.kind == "selection_fwd" and _nvdisasm():
         assert "HMMA" in disassemble(kernel), f"{key}: no tensor-core MMA in its SASS"
+    if key.arch == "sm80" and _nvdisasm():  # sm_80 and sm_90 machine code (it runs on an H100 too)
+        targets = re.findall(r"\.target\s+(sm_\d+)", disassemble(kernel))
+        assert sorted(targets) == ["sm_80", "sm_90"], f"{key}: SASS targets {targets}"
 
 
 def test_configs_carry_the_spec_and_schedule():
