@@ -153,6 +153,48 @@ def run_correctness(tag, spec, q_len, lens0, steps, separate_window, seed=0):
 # ------------------------------------------------------------------------------------------------
 # timing
 # ------------------------------------------------------------------------------------------------
+def random_paper_cache(B, capacity):
+    """NSAKVCache of the paper config (fp16) for B entries, every raw and compressed K/V row random
+    (lengths still 0: set_lengths picks the context)."""
+    cache = NSAKVCache(PAPER, B, capacity, device="cuda", dtype=torch.float16)
+    for t in (cache.kv_k, cache.kv_v, cache.k_cmp, cache.v_cmp):
+        for i in range(t.shape[0]):
+            t[i].normal_()
+    return cache
+
+
+def paper_step_inputs(B):
+    """q [B, 1, HQ, D] and the three gates [B, 1, HQ] of one paper-config decode step (fp16)."""
+    q = torch.randn(B, 1, PAPER.heads, PAPER.head_dim, device="cuda", dtype=torch.float16)
+    return q, [torch.rand(B, 1, PAPER.heads, device="cuda", dtype=torch.float16) for _ in range(3)]
+
+
+def capture_graph(fn):
+    """A CUDA graph of fn(), captured after a warm-up call on a side stream (raises if capture fails)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    gr = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(gr):
+        fn()
+    return gr
+
+
+def profile_calls(fn, iters):
+    """torch.profiler (CUDA activity) over `iters` calls of fn, after one call outside it."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    return prof
+
+
 def _time(fn, iters=50, graph=True):
     for _ in range(3):
         fn()
@@ -161,15 +203,7 @@ def _time(fn, iters=50, graph=True):
     run = fn
     if graph:
         try:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                fn()
-            torch.cuda.current_stream().wait_stream(s)
-            torch.cuda.synchronize()
-            gr = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(gr):
-                fn()
+            gr = capture_graph(fn)
             gr.replay()
             torch.cuda.synchronize()
             run, mode = gr.replay, "graph"
@@ -187,13 +221,7 @@ def _time(fn, iters=50, graph=True):
 
 def _breakdown(fn, iters=20):
     """Average device time per kernel of one call (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
+    prof = profile_calls(fn, iters)
     rows = []
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None)
@@ -207,18 +235,13 @@ def _breakdown(fn, iters=20):
 
 def run_timing(contexts, batches):
     spec = PAPER
-    dt = torch.float16
     Bm, cap = max(batches), max(contexts)
-    big = NSAKVCache(spec, Bm, cap, device="cuda", dtype=dt)
-    for t in (big.kv_k, big.kv_v, big.k_cmp, big.v_cmp):
-        for i in range(t.shape[0]):
-            t[i].normal_()
+    big = random_paper_cache(Bm, cap)
     H, G, D = spec.kv_heads, spec.group, spec.head_dim
     print(f"timing: paper config fp16, q_len 1; HBM peak taken as {HBM_TBPS} TB/s", flush=True)
     for B in batches:
         c = big.narrow_batch(B)
-        q = torch.randn(B, 1, spec.heads, D, device="cuda", dtype=dt)
-        gs = [torch.rand(B, 1, spec.heads, device="cuda", dtype=dt) for _ in range(3)]
+        q, gs = paper_step_inputs(B)
         for L in contexts:
             try:
                 c.set_lengths([L] * B)
@@ -267,8 +290,9 @@ def _kernels_with(updates):
     from nsa_codegen.codegen import compile_kernel
     out = {}
     for part, key in _variant_keys(updates).items():
-        if key.schedule == get_kernel(key.problem).key.schedule:
-            out[part] = get_kernel(key.problem)
+        resolved = get_kernel(key.problem)
+        if key.schedule == resolved.key.schedule:
+            out[part] = resolved
             continue
         with _tilelang_cache_dir(versioned_dir() / "tilelang"):
             out[part] = CompiledKernel(key, compile_kernel(key), "variant", 0.0)
@@ -282,27 +306,21 @@ def run_variants(variants, L=65536, batches=(1, 16, 64), rounds=5):
     a failure past the relative tolerance."""
     from nsa_codegen import kv_cache
     from nsa_codegen.cache import precompile_scheduled
-    spec, dt = PAPER, torch.float16
-    D = spec.head_dim
     splits = {name: v.pop("num_splits", None) for name, v in variants.items()}
     keys = [k for v in variants.values() for k in _variant_keys(v).values()]
     t0 = time.time()
     errs = [e for e in precompile_scheduled(keys) if e]
     print(f"variants: compiled {len(set(keys))} kernels in {time.time() - t0:.0f} s; errors: {errs}", flush=True)
     kerns = {name: _kernels_with(v) for name, v in variants.items()}
-    big = NSAKVCache(spec, max(batches), 128 * 1024, device="cuda", dtype=dt)
-    for t in (big.kv_k, big.kv_v, big.k_cmp, big.v_cmp):
-        for i in range(t.shape[0]):
-            t[i].normal_()
+    big = random_paper_cache(max(batches), 128 * 1024)
     real = kv_cache._decode_kernels
     print(f"variants: paper config fp16, q_len 1, context {L}", flush=True)
     try:
         for B in batches:
             c = big.narrow_batch(B)
             c.set_lengths([L] * B)
-            q = torch.randn(B, 1, spec.heads, D, device="cuda", dtype=dt)
-            gs = [torch.rand(B, 1, spec.heads, device="cuda", dtype=dt) for _ in range(3)]
-            base = nsa_decode(q, c, *gs).clone()
+            q, gs = paper_step_inputs(B)
+            base = nsa_decode(q, c, *gs).float()
             times, same = {name: [] for name in kerns}, {}
             for _ in range(rounds):     # interleaved rounds: a clock or thermal drift hits every variant
                 for name, ks in kerns.items():
@@ -310,8 +328,8 @@ def run_variants(variants, L=65536, batches=(1, 16, 64), rounds=5):
                     ns = splits[name]
                     if name not in same:
                         o = nsa_decode(q, c, *gs, num_splits=ns).float()
-                        same[name] = torch.equal(o, base.float())
-                        err = ((o - base.float()).norm() / base.float().norm()).item()
+                        same[name] = torch.equal(o, base)
+                        err = ((o - base).norm() / base.norm()).item()
                         if not err < TOL:   # NaN fails too
                             note(f"variant {name} B {B} output", False, f"relative difference {err:.2e}")
                     times[name].append(_time(lambda: nsa_decode(q, c, *gs, num_splits=ns))[0])
@@ -330,12 +348,8 @@ def run_variants(variants, L=65536, batches=(1, 16, 64), rounds=5):
 
 def run_sweep(L=65536, batches=(1, 16, 64)):
     from nsa_codegen import kv_cache
-    spec, dt = PAPER, torch.float16
-    H, G, D = spec.kv_heads, spec.group, spec.head_dim
-    big = NSAKVCache(spec, max(batches), 128 * 1024, device="cuda", dtype=dt)
-    for t in (big.kv_k, big.kv_v, big.k_cmp, big.v_cmp):
-        for i in range(t.shape[0]):
-            t[i].normal_()
+    spec, H = PAPER, PAPER.kv_heads
+    big = random_paper_cache(max(batches), 128 * 1024)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     no_pdl = _kernels_with({"pdl": False})
     real = kv_cache._decode_kernels
@@ -343,8 +357,7 @@ def run_sweep(L=65536, batches=(1, 16, 64)):
     for B in batches:
         c = big.narrow_batch(B)
         c.set_lengths([L] * B)
-        q = torch.randn(B, 1, spec.heads, D, device="cuda", dtype=dt)
-        gs = [torch.rand(B, 1, spec.heads, device="cuda", dtype=dt) for _ in range(3)]
+        q, gs = paper_step_inputs(B)
         kern = kv_cache.decode_kernels(spec, 1, capacity=c.capacity)
         cmp_bn = dict(kern["cmp"].key.schedule)["cmp_block_N"]
         heur = kv_cache._splits(B, H, spec, 1, L, sms, cmp_bn, None)

@@ -10,11 +10,11 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_decode import PAPER, _time  # noqa: E402
+from bench_decode import PAPER, _time, paper_step_inputs, random_paper_cache  # noqa: E402
 from nsa_codegen import kv_cache  # noqa: E402
 from nsa_codegen.cache import _tilelang_cache_dir, get_kernel, precompile, precompile_scheduled, versioned_dir  # noqa: E402,E501
 from nsa_codegen.codegen import compile_kernel  # noqa: E402
-from nsa_codegen.kv_cache import NSAKVCache, nsa_decode  # noqa: E402
+from nsa_codegen.kv_cache import nsa_decode  # noqa: E402
 from nsa_codegen.lowering import lower_decode  # noqa: E402
 
 VARIANTS = {  # part -> (schedule updates, split counts to time it at)
@@ -28,15 +28,12 @@ VARIANTS = {  # part -> (schedule updates, split counts to time it at)
 
 def main():
     B, L = int(sys.argv[1]), 65536
-    spec, dt = PAPER, torch.float16
+    spec = PAPER
     calls = {x.kind: x for x in lower_decode(spec, "sm90", 1, False, 128 * 1024)}
     precompile([x.key for x in calls.values()])
-    c = NSAKVCache(spec, B, L, device="cuda", dtype=dt)
-    for t in (c.kv_k, c.kv_v, c.k_cmp, c.v_cmp):
-        t.normal_()
+    c = random_paper_cache(B, L)
     c.set_lengths([L] * B)
-    q = torch.randn(B, 1, spec.heads, spec.head_dim, device="cuda", dtype=dt)
-    gs = [torch.rand(B, 1, spec.heads, device="cuda", dtype=dt) for _ in range(3)]
+    q, gs = paper_step_inputs(B)
     if "--variants" not in sys.argv:
         for _ in range(10):
             nsa_decode(q, c, *gs)

@@ -9,22 +9,14 @@ kernels and where the step waits.
 import statistics
 import sys
 
-import torch
-from torch.profiler import ProfilerActivity, profile
-
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_decode import PAPER  # noqa: E402
+from bench_decode import capture_graph, paper_step_inputs, profile_calls, random_paper_cache  # noqa: E402
 
-from nsa_codegen.kv_cache import NSAKVCache, nsa_decode  # noqa: E402
+from nsa_codegen.kv_cache import nsa_decode  # noqa: E402
 
 
 def timeline(run, steps=20):
-    run()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            run()
-        torch.cuda.synchronize()
+    prof = profile_calls(run, steps)
     ev = sorted((e for e in prof.events() if "nsa_decode" in e.name and e.device_type.name == "CUDA"),
                 key=lambda e: e.time_range.start)
     names = ["cmp", "topn", "sparse", "combine"]
@@ -49,26 +41,13 @@ def timeline(run, steps=20):
 def main():
     B = int(sys.argv[1]) if len(sys.argv) > 1 else 16
     L = int(sys.argv[2]) if len(sys.argv) > 2 else 65536
-    spec, dt = PAPER, torch.float16
-    c = NSAKVCache(spec, B, L, device="cuda", dtype=dt)
-    for t in (c.kv_k, c.kv_v, c.k_cmp, c.v_cmp):
-        for i in range(t.shape[0]):
-            t[i].normal_()
+    c = random_paper_cache(B, L)
     c.set_lengths([L] * B)
-    q = torch.randn(B, 1, spec.heads, spec.head_dim, device="cuda", dtype=dt)
-    gs = [torch.rand(B, 1, spec.heads, device="cuda", dtype=dt) for _ in range(3)]
+    q, gs = paper_step_inputs(B)
     fn = lambda: nsa_decode(q, c, *gs)  # noqa: E731
     print(f"B {B}, context {L}: eager", flush=True)
     timeline(fn)
-    fn()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    g = capture_graph(fn)
     print(f"B {B}, context {L}: CUDA graph", flush=True)
     timeline(g.replay)
 
