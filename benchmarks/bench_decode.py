@@ -1,6 +1,7 @@
 """GPU check of NSA decode (nsa_codegen.kv_cache + templates/decode_attention.py).
 
-    PYTHONPATH=<repo> python benchmarks/bench_decode.py [--quick] [--no-bench] [--jobs N] [--sweep | --variants JSON]
+    PYTHONPATH=<repo> python benchmarks/bench_decode.py [--quick] [--no-bench] [--jobs N] [--sweep |
+        --variants JSON [--context L] [--batches 1,16,64]]
 
 1. Correctness: prefill a cache with random K/V (ragged lengths, none a multiple of any block),
    then decode steps (append q_len tokens, nsa_decode) with q_len 1 and 4 on the paper config
@@ -17,9 +18,10 @@
 3. --sweep (instead of 1 and 2): at 64k context, B = 1, 16, 64, the step time over a grid of split
    counts (num_splits), the kernels with programmatic dependent launch on and off, and the per-kernel
    breakdown of the heuristic's choice and the best; what `kv_cache._splits` is fitted to.
-4. --variants JSON (instead of 1 and 2): at 64k context, B = 1, 16, 64, the step time of variants
-   ({name: {part: {knob: value}}, "num_splits": [cmp, sel, win]}, over the resolved schedules),
-   median of 5 interleaved rounds, each output compared with the resolved schedules' output.
+4. --variants JSON (instead of 1 and 2): at 64k context (--context), B = 1, 16, 64 (--batches), the
+   step time of variants ({name: {part: {knob: value}}, "num_splits": [cmp, sel, win], "num_parts":
+   n}, over the resolved schedules), median of 5 interleaved rounds, each output compared with the
+   resolved schedules' output.
 Prints one line per check; exits 1 on any failure.
 """
 import argparse
@@ -307,6 +309,8 @@ def run_variants(variants, L=65536, batches=(1, 16, 64), rounds=5):
     from nsa_codegen import kv_cache
     from nsa_codegen.cache import precompile_scheduled
     splits = {name: v.pop("num_splits", None) for name, v in variants.items()}
+    nparts = {name: v.pop("num_parts", None) for name, v in variants.items()}
+
     keys = [k for v in variants.values() for k in _variant_keys(v).values()]
     t0 = time.time()
     errs = [e for e in precompile_scheduled(keys) if e]
@@ -325,14 +329,14 @@ def run_variants(variants, L=65536, batches=(1, 16, 64), rounds=5):
             for _ in range(rounds):     # interleaved rounds: a clock or thermal drift hits every variant
                 for name, ks in kerns.items():
                     kv_cache._decode_kernels = lambda *a, **k: ks
-                    ns = splits[name]
+                    ns, npt = splits[name], nparts[name] and min(nparts[name], B)
                     if name not in same:
-                        o = nsa_decode(q, c, *gs, num_splits=ns).float()
+                        o = nsa_decode(q, c, *gs, num_splits=ns, num_parts=npt).float()
                         same[name] = torch.equal(o, base)
                         err = ((o - base).norm() / base.norm()).item()
                         if not err < TOL:   # NaN fails too
                             note(f"variant {name} B {B} output", False, f"relative difference {err:.2e}")
-                    times[name].append(_time(lambda: nsa_decode(q, c, *gs, num_splits=ns))[0])
+                    times[name].append(_time(lambda: nsa_decode(q, c, *gs, num_splits=ns, num_parts=npt))[0])
                     kv_cache._decode_kernels = real
             for name, ts in times.items():
                 ts = sorted(ts)
@@ -400,12 +404,15 @@ def main():
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--jobs", type=int, default=None)
     ap.add_argument("--sweep", action="store_true", help="split-count / PDL sweep at 64k instead of the checks")
+    ap.add_argument("--context", type=int, default=65536, help="--variants: the context length")
+    ap.add_argument("--batches", default="1,16,64", help="--variants: batch sizes, comma-separated")
     ap.add_argument("--variants", default=None,
                     help='JSON {name: {part: {knob: value}}}: time schedule variants at 64k instead of the checks')
     a = ap.parse_args()
     if a.variants:
         import json
-        run_variants({"resolved": {}, **json.loads(a.variants)})
+        run_variants({"resolved": {}, **json.loads(a.variants)}, L=a.context,
+                     batches=tuple(int(b) for b in a.batches.split(",")))
         print(f"{'FAILED: ' + ', '.join(FAILS) if FAILS else 'ALL PASSED'}", flush=True)
         sys.exit(1 if FAILS else 0)
     if a.sweep:

@@ -118,6 +118,20 @@ def test_clear_errors():
         NSAKVCache(SPEC, 0, 16, device="cpu")
 
 
+@pytest.mark.parametrize("B,n", [(1, 1), (5, 2), (5, 4), (16, 2), (7, 3), (64, 8)])
+def test_batch_parts_cover_the_batch_once(B, n):
+    from nsa_codegen.kv_cache import _batch_parts
+    parts = _batch_parts(B, 4, n)
+    assert len(parts) == n and parts[0][0] == 0 and parts[-1][1] == B
+    assert all(p[1] == q[0] for p, q in zip(parts, parts[1:]))
+    sizes = [b - a for a, b in parts]
+    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+    assert _batch_parts(1, 4, None) == [(0, 1)] and _batch_parts(8, 4, None) == [(0, 8)]
+    assert len(_batch_parts(16, 4, None)) == 4    # the heuristic: 4 parts once B * H >= 64
+    with pytest.raises(ValueError, match="num_parts"):
+        _batch_parts(B, 4, B + 1)
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU: nsa_decode against the full forward
 # ------------------------------------------------------------------------------------------------
@@ -214,3 +228,39 @@ def test_decode_steps_equal_the_full_forward(name, spec, ql, lens0, steps, sep, 
         assert err < 1e-2, f"entry {b}: relative error {err:.2e}"
         assert err <= 2 * err_lo + 1e-6, f"entry {b}: relative error {err:.2e} > 2x the reference's {err_lo:.2e}"
     assert same_rows >= 0.97 * total_rows, f"top-n equals the reference in only {same_rows}/{total_rows} rows"
+
+
+@pytest.mark.gpu
+def test_decode_batch_parts_and_graph_replay_equal_one_launch_chain(decode_compiled):
+    """The batch split into parts on their own streams (num_parts), eagerly and replayed from a
+    CUDA graph, gives bit-identical outputs and blocks to one chain with the same split counts."""
+    from nsa_codegen.kv_cache import nsa_decode
+    name, spec, ql, lens0, steps, sep = DECODE_CASES[0]
+    g = torch.Generator(device="cuda").manual_seed(11)
+    dt = getattr(torch, spec.dtype)
+    B, HQ, H, D = 5, spec.heads, spec.kv_heads, spec.head_dim
+    lens = [3001, 37, 700, 2000, 1531]
+    cache = NSAKVCache(spec, B, max(lens) + 5, device="cuda", dtype=dt)
+    k = torch.randn(B, max(lens), H, D, generator=g, device="cuda").to(dt)
+    v = torch.randn(B, max(lens), H, D, generator=g, device="cuda").to(dt)
+    cache.prefill(k, v, seqlens=lens)
+    q = torch.randn(B, ql, HQ, D, generator=g, device="cuda").to(dt)
+    gates = [torch.rand(B, ql, HQ, generator=g, device="cuda").to(dt) for _ in range(3)]
+    splits = (3, 2, 2)
+    want_o, want_i = nsa_decode(q, cache, *gates, return_indices=True, num_splits=splits, num_parts=1)
+    assert not torch.isnan(want_o).any()
+    for n in (2, 3, 5):
+        o, i = nsa_decode(q, cache, *gates, return_indices=True, num_splits=splits, num_parts=n)
+        assert torch.equal(o, want_o) and torch.equal(i, want_i), f"{n} parts"
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):   # warm-up off the capture
+        nsa_decode(q, cache, *gates, num_splits=splits, num_parts=2)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o_graph = nsa_decode(q, cache, *gates, num_splits=splits, num_parts=2)
+    o_graph.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(o_graph, want_o)
