@@ -303,14 +303,13 @@ def _kernels_with(updates):
 
 def run_variants(variants, L=65536, batches=(1, 16, 64), rounds=5):
     """Step time of schedule variants (name -> {part: schedule update}, and optionally "num_splits":
-    [cmp, sel, win]) against the resolved schedules, each variant's output compared with the
+    [cmp, sel, win] and "num_parts": n, capped at B) against the resolved schedules, each variant's output compared with the
     baseline's: reported as the same or not (split and thread counts change the summation order),
     a failure past the relative tolerance."""
     from nsa_codegen import kv_cache
     from nsa_codegen.cache import precompile_scheduled
     splits = {name: v.pop("num_splits", None) for name, v in variants.items()}
     nparts = {name: v.pop("num_parts", None) for name, v in variants.items()}
-
     keys = [k for v in variants.values() for k in _variant_keys(v).values()]
     t0 = time.time()
     errs = [e for e in precompile_scheduled(keys) if e]
@@ -407,7 +406,7 @@ def main():
     ap.add_argument("--context", type=int, default=65536, help="--variants: the context length")
     ap.add_argument("--batches", default="1,16,64", help="--variants: batch sizes, comma-separated")
     ap.add_argument("--variants", default=None,
-                    help='JSON {name: {part: {knob: value}}}: time schedule variants at 64k instead of the checks')
+                    help='JSON {name: {part: {knob: value}}, ...}: time step variants (at --context) instead of the checks')
     a = ap.parse_args()
     if a.variants:
         import json

@@ -2,6 +2,8 @@
 
     PYTHONPATH=<repo> python benchmarks/trace_decode.py [B] [context] [num_parts]
 
+num_parts defaults to what nsa_decode picks for B (kv_cache._batch_parts).
+
 Prints, per kernel of the step, its start and end relative to the step's first kernel (median over
 steps), in eager launches and CUDA-graph replays: where programmatic dependent launch overlaps
 kernels and where the step waits.
@@ -10,9 +12,9 @@ import statistics
 import sys
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_decode import capture_graph, paper_step_inputs, profile_calls, random_paper_cache  # noqa: E402
+from bench_decode import PAPER, capture_graph, paper_step_inputs, profile_calls, random_paper_cache  # noqa: E402,E501
 
-from nsa_codegen.kv_cache import nsa_decode  # noqa: E402
+from nsa_codegen.kv_cache import _batch_parts, nsa_decode  # noqa: E402
 
 
 def timeline(run, parts=1, steps=20):
@@ -48,7 +50,7 @@ def timeline(run, parts=1, steps=20):
 def main():
     B = int(sys.argv[1]) if len(sys.argv) > 1 else 16
     L = int(sys.argv[2]) if len(sys.argv) > 2 else 65536
-    parts = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+    parts = int(sys.argv[3]) if len(sys.argv) > 3 else len(_batch_parts(B, PAPER.kv_heads, None))
     c = random_paper_cache(B, L)
     c.set_lengths([L] * B)
     q, gs = paper_step_inputs(B)

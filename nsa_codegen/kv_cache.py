@@ -458,40 +458,36 @@ def nsa_decode(q: torch.Tensor, cache: NSAKVCache, g_cmp: torch.Tensor, g_slc: t
                                          _ws((B, ql, cg, HQ), f32, dev))
     scores, score_max = ws_scores
     q = q.contiguous()
-    out = _ws((B, ql, HQ, Dv), q.dtype, dev)
+    max_len = max(cache._lens)
+    sc, s_sel, sw = _splits(B, H, spec, ql, max_len, sms, cmp_bn, num_splits)
+    ss = ql * s_sel
+    nc = max(1, -(-(-(-max_len // spec.selection.block)) // CB))
+    o_cmp, l_cmp = _ws((B, H, sc, MR, Dv), f32, dev), _ws((B, H, sc, MR), f32, dev)
+    cand_s, cand_i = _ws((B, ql, H, nc, n), f32, dev), _ws((B, ql, H, nc, n), torch.int32, dev)
     idx = _ws((B, ql, H, n), torch.int32, dev)
+    o_slc, l_slc = _ws((B, H, ss, MR, Dv), f32, dev), _ws((B, H, ss, MR), f32, dev)
+    o_win, l_win = _ws((B, H, sw, MR, Dv), f32, dev), _ws((B, H, sw, MR), f32, dev)
+    out = _ws((B, ql, HQ, Dv), q.dtype, dev)
     lens = cache.cache_seqlens
+    # each batch part on its own stream, on its slice of every buffer.  The workspaces come from the
+    # current stream's pool and stay referenced until after the join below, so nothing reuses them
+    # while a part still runs
     parts = _batch_parts(B, H, num_parts)
     main = torch.cuda.current_stream(dev)
     streams = [main] + _side_streams(dev, len(parts) - 1)
     for s in streams[1:]:
         s.wait_stream(main)     # the appends / prefill before this step
-    held = []
-    max_len = max(cache._lens)
-    sc, s_sel, sw = _splits(B, H, spec, ql, max_len, sms, cmp_bn, num_splits)
-    ss = ql * s_sel
-    nc = max(1, -(-(-(-max_len // spec.selection.block)) // CB))
     for (b0, b1), stream in zip(parts, streams):
-        # each part on its own stream.  Workspaces come from (and go back to) the current stream's
-        # pool, which only orders reuse after the join below: all of them stay referenced (held)
-        # until then, or a later part would get an earlier part's buffers while it still runs
-        Bp = b1 - b0
-        o_cmp, l_cmp = _ws((Bp, H, sc, MR, Dv), f32, dev), _ws((Bp, H, sc, MR), f32, dev)
-        cand_s, cand_i = _ws((Bp, ql, H, nc, n), f32, dev), _ws((Bp, ql, H, nc, n), torch.int32, dev)
-        o_slc, l_slc = _ws((Bp, H, ss, MR, Dv), f32, dev), _ws((Bp, H, ss, MR), f32, dev)
-        o_win, l_win = _ws((Bp, H, sw, MR, Dv), f32, dev), _ws((Bp, H, sw, MR), f32, dev)
-        held.append((o_cmp, l_cmp, cand_s, cand_i, o_slc, l_slc, o_win, l_win))
         r = slice(b0, b1)
         with torch.cuda.stream(stream):
-            kern["cmp"](q[r], cache.k_cmp[r], cache.v_cmp[r], lens[r], scores[r], score_max[r], o_cmp, l_cmp)
-            kern["topn"](scores[r], score_max[r], l_cmp, lens[r], cand_s, cand_i)
-            kern["sparse"](q[r], cache.kv_k[r], cache.kv_v[r], lens[r], cand_s, cand_i, idx[r], o_slc, l_slc,
-                           o_win, l_win)
-            kern["combine"](o_cmp, l_cmp, o_slc, l_slc, o_win, l_win, gates[0][r], gates[1][r], gates[2][r],
-                            out[r])
+            kern["cmp"](q[r], cache.k_cmp[r], cache.v_cmp[r], lens[r], scores[r], score_max[r], o_cmp[r], l_cmp[r])
+            kern["topn"](scores[r], score_max[r], l_cmp[r], lens[r], cand_s[r], cand_i[r])
+            kern["sparse"](q[r], cache.kv_k[r], cache.kv_v[r], lens[r], cand_s[r], cand_i[r], idx[r], o_slc[r],
+                           l_slc[r], o_win[r], l_win[r])
+            kern["combine"](o_cmp[r], l_cmp[r], o_slc[r], l_slc[r], o_win[r], l_win[r], gates[0][r], gates[1][r],
+                            gates[2][r], out[r])
     for s in streams[1:]:
         main.wait_stream(s)
-    del held
     return (out, idx) if return_indices else out
 
 
