@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_forward import H, HQ, D, bench, bench_specs, load_fla, random_indices, save_results  # noqa: E402
+from bench_forward import H, HQ, D, bench, bench_specs, load_fla, save_results, selection_lists  # noqa: E402
 from nsa_codegen import nsa_attention  # noqa: E402
 from nsa_codegen import ops  # noqa: E402
 from nsa_codegen import reference as ref  # noqa: E402
@@ -99,7 +99,7 @@ def main():
             del qh, kx, vx, doh
             torch.cuda.empty_cache()
         n, bs = 16, 64
-        idx = random_indices(1, T, n, bs, dev)
+        idx = selection_lists(T, n, bs, seed=T)
         if has_fla:
             record("fla_full", T, fwd_bwd(lambda *a: parallel_nsa(*a, None, block_counts=n, block_size=bs),
                                           (q, k, v, g[0], g[1]), do))

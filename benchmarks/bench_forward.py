@@ -8,7 +8,8 @@ Cases (B=1, HQ=64, H=4, D=128 unless said):
   dense_cudnn / dense_flash   causal SDPA over all T keys (GQA expanded for the backends that need it)
   fla_full                    FLA parallel_nsa: compression + top-n + selection (l=d=l'=64, mean, n=16, w=0)
   ours_fla_cfg                nsa_attention with the same config (compression + top-n + selection + gates)
-  fla_selection / ours_selection   selection attention alone on the same random indices
+  fla_selection / ours_selection   selection attention alone on the same block lists (forced blocks
+                              + uniformly random visible ones; benchmarks/bench_selection.py adds locality)
   flex_window512 / ours_window512  sliding-window attention, w=512
   ours_paper                  paper config: Dk=192, Dv=128, l=32, d=16, l'=64, n=16, w=512, all branches
 """
@@ -42,21 +43,11 @@ def attn_flops(T, keys_per_query, dk, dv, heads=HQ):
     return 2.0 * T * heads * keys_per_query * (dk + dv)
 
 
-def random_indices(B, T, n, bs, device, causal_block=True):
-    """Random distinct visible blocks per (token, head), always including the block holding t."""
-    t = torch.arange(T, device=device)
-    nvis = (t // bs + 1)[:, None].float()
-    r = torch.rand(B, T, H, 64 * n // 16 + n, device=device)
-    cand = (r * nvis[None, :, None, :]).long()  # visible ids, duplicates possible
-    cand[..., 0] = (t // bs)[None, :, None]
-    idx = torch.full((B, T, H, n), -1, dtype=torch.int32, device=device)
-    # de-duplicate by sorting and masking repeats, keep the first n unique
-    s, _ = cand.sort(-1)
-    uniq = torch.ones_like(s, dtype=torch.bool)
-    uniq[..., 1:] = s[..., 1:] != s[..., :-1]
-    s = torch.where(uniq, s, torch.full_like(s, 1 << 30)).sort(-1).values[..., :n]
-    idx = torch.where(s < (1 << 30), s, torch.full_like(s, -1)).int()
-    return idx
+def selection_lists(T, n, bs, seed=0):
+    """[1, T, H, n] block lists as top-n gives them (forced first block and two latest blocks, the
+    rest random visible blocks; nsa_codegen.workloads "uniform": the least locality)."""
+    from nsa_codegen import workloads
+    return workloads.block_indices("uniform", 1, T, H, bs, n, initial=1, local=2, seed=seed)
 
 
 def load_fla():
@@ -136,7 +127,7 @@ def main():
         torch.cuda.empty_cache()
         n, bs = 16, 64
         sel_flops = attn_flops(T, n * bs, D, D)
-        idx = random_indices(1, T, n, bs, dev)
+        idx = selection_lists(T, n, bs, seed=T)
         if has_fla:
             record("fla_full", T, lambda: parallel_nsa(q, k, v, g[0], g[1], None, block_counts=n, block_size=bs),
                    sel_flops)

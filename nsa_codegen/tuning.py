@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 
 from . import reference as ref
+from . import workloads
 from .cache import CompiledKernel, _tilelang_cache_dir, precompile_scheduled, versioned_dir
 from .codegen import check_schedule, compile_kernel, template_source_hash
 from .kernel_key import KernelKey, schedule_hash
@@ -165,21 +166,18 @@ def _inputs(key: KernelKey, T: int, seed: int):
             torch.full((1, T, HQ), float("nan"), device="cuda")]
     if key.kind == "window_fwd":
         return [q, k, v], outs, lambda: ref.window_attention(q.float(), k.float(), v.float(), p["window"], sc)
-    idx = _random_block_indices(g, T, H, p["sel_block"], p["top_n"])
+    idx = _selection_lists(key, T, seed)
     return [q, k, v, idx], outs, lambda: ref.selection_attention(q.float(), k.float(), v.float(), idx,
                                                                  p["sel_block"], sc)
 
 
-def _random_block_indices(g, T, H, bs, n):
-    """[1, T, H, n] int32: each query's own block plus random earlier ones, ascending, -1 for repeats."""
-    t = torch.arange(T, device="cuda")
-    r = torch.rand(1, T, H, n, generator=g, device="cuda")
-    idx = (r * (t // bs + 1)[None, :, None, None]).long()
-    idx[..., 0] = (t // bs)[None, :, None]
-    s, _ = idx.sort(-1)
-    dup = torch.zeros_like(s, dtype=torch.bool)
-    dup[..., 1:] = s[..., 1:] == s[..., :-1]
-    return s.masked_fill(dup, -1).int()
+def _selection_lists(key: KernelKey, T: int, seed: int) -> torch.Tensor:
+    """[1, T, H, n] block lists to tune selection on: top-n lists of scores that drift along the
+    sequence (workloads "drift", coherence 16), so that kernels sharing blocks across neighbouring
+    tokens are timed on the locality real selections have, not on independent random picks."""
+    p = key.param
+    return workloads.block_indices("drift", 1, T, key.kv_heads, p["sel_block"], p["top_n"], p.get("initial", 1),
+                                   p.get("local", 2), coherence=16, seed=seed)
 
 
 def _rel(got, want) -> float:
@@ -284,7 +282,7 @@ def _grad_workload(key: KernelKey, T: int, seed: int):
             kern = lambda *xs: ops.compression_attention(*xs, l, d, f, sc_op)  # noqa: E731
             oracle = lambda *xs: ref.compression_attention(*xs, l, d, f, key.scale)  # noqa: E731
         elif family == "selection":
-            idx = _random_block_indices(g, T, H, p["sel_block"], p["top_n"])
+            idx = _selection_lists(key, T, seed)
             inputs = [q, rn(1, T, H, Dk), rn(1, T, H, Dv)]
             kern = lambda *xs: ops.selection_attention(*xs, idx, p["sel_block"], sc_op)  # noqa: E731
             oracle = lambda *xs: ref.selection_attention(*xs, idx, p["sel_block"], key.scale)  # noqa: E731

@@ -10,13 +10,27 @@ Layouts (contiguous, row-major), B and T dynamic:
 Block j covers keys [j*block, (j+1)*block); query t sees the keys s <= t of each
 selected block.  No visible key at all -> o = 0, lse = -inf.
 
-Schedule: one program per (token t, kv head h, batch b).  The G = HQ/H query
+Two schedules, picked by the `tile_tokens` knob:
+
+tile_tokens = 1 (per token): one program per (token t, kv head h, batch b).  The G = HQ/H query
 heads of the group form the M dimension of the GEMMs (padded to 16 rows, the
 mma.sync minimum; padded rows are zero queries and are never stored), so each
 selected K/V block is read once for the whole group.  The main loop walks the
 top_n slots with a static trip count as a `num_stages`-deep cp.async software
 pipeline (block i+1.. loads in flight while block i is computed); GEMMs are
-mma.sync (M = 16/32 rows is below WGMMA's 64).
+mma.sync (M = 16/32 rows is below WGMMA's 64).  Every token gathers its n blocks
+again: at G = 16, Dk = 192 that is 655 KB through L2 per token and KV head, and
+L2 bandwidth, not the tensor cores, bounds it.
+
+tile_tokens = BT > 1 (token tile): one program per (tile of BT consecutive
+tokens, kv head h, batch b); M = BT * G rows (row i = token i // G, head i % G),
+64 or 128, so the GEMMs run on WGMMA on sm90.  The program first forms the union
+of its BT tokens' block lists in shared memory (ascending, each block once) and
+then loads each union block once for all BT tokens; a row's logits get a bias of
+-inf for a block its token did not choose (log(count) for a block it lists more
+than once, so duplicates weigh as in the reference).  Bytes and FLOPs scale with
+the union size U: U = n when the tokens agree (a BT-fold cut of the L2 traffic),
+up to BT * n when they share nothing (BT-fold more MMA work than per token).
 """
 
 import dataclasses
@@ -42,10 +56,29 @@ class SelectionAttentionConfig:
     threads: int = 128         # 32..256; warps split the key/feature (N) dims
     num_stages: int = 2        # K/V block ring depth
     min_blocks_per_sm: int = 0 # __launch_bounds__ occupancy hint; 0 = as many as smem fits
+    tile_tokens: int = 0       # tokens per program: 1 = per token; > 1 = token tile over the union;
+                               # 0 = auto (64 // G tokens, 64 rows, when G >= 8; else per token)
+
+
+def _tile_tokens(cfg):
+    if cfg.tile_tokens:
+        return cfg.tile_tokens
+    # Auto: a 64-row tile where the group is large enough (G >= 8: 8 tokens at most) and the
+    # schedule can run it; per token otherwise.
+    G = cfg.heads_q // cfg.heads_kv
+    if G >= 8 and cfg.threads >= 128 and (64 // G) * cfg.top_n <= 4 * cfg.threads:
+        return 64 // G
+    return 1
 
 
 def _rows(cfg):
-    return max(16, cfg.heads_q // cfg.heads_kv)
+    G = cfg.heads_q // cfg.heads_kv
+    return max(16, G) if _tile_tokens(cfg) == 1 else _tile_tokens(cfg) * G
+
+
+def _entries(cfg):
+    # The tile's (token, slot) entries: the union has at most this many blocks.
+    return _tile_tokens(cfg) * cfg.top_n
 
 
 def _p_in_regs(cfg):
@@ -61,12 +94,17 @@ def _smem_bytes(cfg):
     qo = m * max(cfg.head_dim_qk, cfg.head_dim_v) * e  # O tile reuses Q's space
     p = 0 if _p_in_regs(cfg) else m * cfg.block * e
     kv = cfg.num_stages * cfg.block * (cfg.head_dim_qk + cfg.head_dim_v) * e
-    return qo + p + kv + 1024  # + cross-warp reduce scratch
+    union = 0 if _tile_tokens(cfg) == 1 else _entries(cfg) * (3 + _tile_tokens(cfg)) * 4 + 16
+    return qo + p + kv + union + 1024  # + cross-warp reduce scratch
 
 
 def _min_blocks(cfg):
     if cfg.min_blocks_per_sm:
         return cfg.min_blocks_per_sm
+    if _tile_tokens(cfg) > 1 and cfg.threads > 128:
+        # A 64-row WGMMA tile per warpgroup holds ~130 fp32 accumulators a thread: with the
+        # producer warpgroup, two programs of 384 threads would cap them at 80 registers.
+        return 1
     # Auto: as many programs per SM as shared memory allows (228 KiB per SM).
     return max(1, min(4, (228 * 1024) // _smem_bytes(cfg)))
 
@@ -80,8 +118,18 @@ def check_config(cfg) -> None:
         raise ValueError("top_n: must be in 1..256")
     if cfg.threads not in (32, 64, 128, 256):
         raise ValueError("threads: must be 32, 64, 128 or 256")
+    if cfg.tile_tokens not in (0, 1, 2, 4, 8, 16, 32, 64):
+        raise ValueError("tile_tokens: must be 0 (auto), 1, 2, 4, 8, 16, 32 or 64")
     warps = cfg.threads // 32
     m = _rows(cfg)
+    if _tile_tokens(cfg) > 1:
+        # WGMMA: every warpgroup owns 64 rows of the tile (sm80's mma.sync takes the same shapes).
+        if m not in (64, 128):
+            raise ValueError(f"tile_tokens: tile_tokens * group = {m} rows, must be 64 or 128")
+        if cfg.threads < 128 or m % (64 * (cfg.threads // 128)):
+            raise ValueError("threads: a token tile needs 128 threads per 64 rows")
+        if _entries(cfg) > 4 * cfg.threads:
+            raise ValueError("tile_tokens: tile_tokens * top_n must be at most 4 * threads")
     # FullRow policy: warps first split the M rows (16 each), then the N dim;
     # every warp needs >= 8 columns of both the S = QK^T tile and the O tile.
     n_split = max(1, warps // (m // 16))
@@ -98,6 +146,10 @@ def check_config(cfg) -> None:
 def build(cfg):
     """Return the (uncompiled) T.prim_func (Q, K, V, BlockIndices, O, LSE)."""
     check_config(cfg)
+    return _build_per_token(cfg) if _tile_tokens(cfg) == 1 else _build_token_tile(cfg)
+
+
+def _build_per_token(cfg):
     HQ, H = cfg.heads_q, cfg.heads_kv
     G = HQ // H
     M = _rows(cfg)
@@ -205,6 +257,162 @@ def build(cfg):
             for i in T.Parallel(M):
                 if i < G:
                     LSE[b, t, h * G + i] = T.if_then_else(
+                        l[i] > 0, m[i] * cfg.scale + T.log(l[i]), ninf)
+
+    return selection_attention_fwd
+
+
+def _build_token_tile(cfg):
+    HQ, H = cfg.heads_q, cfg.heads_kv
+    G = HQ // H
+    BT = _tile_tokens(cfg)
+    M = _rows(cfg)
+    E = _entries(cfg)
+    NT = cfg.threads
+    EQ = -(-E // NT)  # entries per thread
+    Dk, Dv = cfg.head_dim_qk, cfg.head_dim_v
+    BS, NSEL = cfg.block, cfg.top_n
+    dtype = cfg.dtype
+    acc = "float32"
+    sc = float(cfg.scale)
+    copy_ann = {}
+    min_blocks = _min_blocks(cfg)
+    ninf = -T.infinity(acc)
+
+    B, S = T.dynamic("B, T")
+
+    @T.prim_func
+    def selection_attention_fwd(
+        Q: T.Tensor([B, S, HQ, Dk], dtype),
+        K: T.Tensor([B, S, H, Dk], dtype),
+        V: T.Tensor([B, S, H, Dv], dtype),
+        BlockIndices: T.Tensor([B, S, H, NSEL], "int32"),
+        O: T.Tensor([B, S, HQ, Dv], dtype),
+        LSE: T.Tensor([B, S, HQ], acc),
+    ):
+        with T.Kernel(T.ceildiv(S, BT), H, B, threads=NT) as (tt, h, b):
+            Q_s = T.alloc_shared([M, Dk], dtype)
+            K_s = T.alloc_shared([BS, Dk], dtype)
+            V_s = T.alloc_shared([BS, Dv], dtype)
+            O_s = T.alloc_shared([M, Dv], dtype)
+            Ent_s = T.alloc_shared([E], "int32")      # entry (r, slot) -> its block, -1 if unusable for token r
+            First_s = T.alloc_shared([E], "int32")    # 1 where the entry is its block's first usable occurrence
+            Blk_s = T.alloc_shared([E], "int32")      # the union, ascending
+            Bias_s = T.alloc_shared([E, BT], acc)     # union slot, token -> logit bias (-inf: not chosen)
+            Num_s = T.alloc_shared([1], "int32")      # union size
+            acc_s = T.alloc_fragment([M, BS], acc)
+            p = T.alloc_fragment([M, BS], dtype)
+            acc_o = T.alloc_fragment([M, Dv], acc)
+            m = T.alloc_fragment([M], acc)
+            m_prev = T.alloc_fragment([M], acc)
+            alpha = T.alloc_fragment([M], acc)
+            ms = T.alloc_fragment([M], acc)
+            rsum = T.alloc_fragment([M], acc)
+            l = T.alloc_fragment([M], acc)
+            v = T.alloc_var("int32")
+            t = T.alloc_var("int32")
+            c = T.alloc_var("int32")
+            rank = T.alloc_var("int32")
+            nu = T.alloc_var("int32")
+            T.no_set_max_nreg()
+            if min_blocks > 1:
+                T.annotate_min_blocks_per_sm(min_blocks)
+
+            tx = T.get_thread_binding()
+            t0 = tt * BT
+            # Q rows first (a plain load, in flight while the union forms); rows past T are zero.
+            for i, d in T.Parallel(M, Dk):
+                Q_s[i, d] = T.if_then_else(t0 + i // G < S, Q[b, T.min(t0 + i // G, S - 1), h * G + i % G, d],
+                                           T.cast(0, dtype))
+
+            # 1. The tile's entries; one usable for its token only if it is a real block at or before it.
+            for q in T.unroll(EQ):
+                if q * NT + tx < E:
+                    t = t0 + (q * NT + tx) // NSEL
+                    v = BlockIndices[b, T.min(t, S - 1), h, (q * NT + tx) % NSEL]
+                    Ent_s[q * NT + tx] = T.if_then_else((t < S) & (v >= 0) & (v * BS <= t), v, -1)
+            T.sync_threads()
+            # 2. First occurrences: an entry whose block no earlier entry holds.
+            for q in T.unroll(EQ):
+                if q * NT + tx < E:
+                    v = Ent_s[q * NT + tx]
+                    c = 0
+                    for e in T.serial(E):
+                        c = c + T.if_then_else((Ent_s[e] == v) & (e < q * NT + tx), 1, 0)
+                    First_s[q * NT + tx] = T.if_then_else((v >= 0) & (c == 0), 1, 0)
+            T.sync_threads()
+            # 3. Each first occurrence takes its rank among the distinct blocks (so the union is
+            #    ascending, the same for any slot order) and its tokens' biases: log(count) / scale
+            #    (0 for the usual single pick), -inf where the token did not choose the block.
+            for q in T.unroll(EQ):
+                if q * NT + tx < E:
+                    if First_s[q * NT + tx] == 1:
+                        v = Ent_s[q * NT + tx]
+                        rank = 0
+                        for e in T.serial(E):
+                            rank = rank + T.if_then_else((First_s[e] == 1) & (Ent_s[e] < v), 1, 0)
+                        Blk_s[rank] = v
+                        for r in T.unroll(BT):
+                            c = 0
+                            for s in T.serial(NSEL):
+                                c = c + T.if_then_else(Ent_s[r * NSEL + s] == v, 1, 0)
+                            Bias_s[rank, r] = T.if_then_else(
+                                c == 0, ninf, T.if_then_else(c == 1, 0, T.log(T.cast(c, acc)) / sc))
+            if tx == 0:
+                c = 0
+                for e in T.serial(E):
+                    c = c + First_s[e]
+                Num_s[0] = c
+                if c == 0:
+                    # Nothing usable: one fully masked step over the tile's own block keeps the
+                    # pipelined loop non-empty; every row then ends with o = 0, lse = -inf.
+                    Blk_s[0] = T.min(t0, S - 1) // BS
+                    for r in T.unroll(BT):
+                        Bias_s[0, r] = ninf
+            T.sync_threads()
+            nu = T.max(Num_s[0], 1)
+
+            T.fill(acc_o, 0)
+            T.fill(l, 0)
+            T.fill(m, ninf)
+            for it in T.Pipelined(nu, num_stages=cfg.num_stages):
+                T.copy(K[b, Blk_s[it] * BS:(Blk_s[it] + 1) * BS, h, :], K_s, annotations=copy_ann)
+                T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                # The bias, and the causal mask that bites only in the block holding a token. Masked
+                # logits are replaced (not added to), so a NaN/Inf key in a block only the tile's other
+                # tokens chose, or after the token, never reaches its row.
+                for i, cc in T.Parallel(M, BS):
+                    acc_s[i, cc] = T.if_then_else(
+                        (Blk_s[it] * BS + cc <= t0 + i // G) & (Bias_s[it, i // G] > ninf),
+                        acc_s[i, cc] + Bias_s[it, i // G], ninf)
+
+                T.copy(m, m_prev)
+                T.reduce_max(acc_s, m, dim=1, clear=True)
+                for i in T.Parallel(M):
+                    m[i] = T.max(m[i], m_prev[i])
+                for i in T.Parallel(M):
+                    ms[i] = T.if_then_else(m[i] == ninf, 0, m[i] * sc)
+                    alpha[i] = T.__exp(m_prev[i] * sc - ms[i])
+                for i, cc in T.Parallel(M, BS):
+                    acc_s[i, cc] = T.__exp(acc_s[i, cc] * sc - ms[i])
+                T.reduce_sum(acc_s, rsum, dim=1)
+                for i in T.Parallel(M):
+                    l[i] = l[i] * alpha[i] + rsum[i]
+                T.copy(acc_s, p)
+                for i, d in T.Parallel(M, Dv):
+                    acc_o[i, d] *= alpha[i]
+                T.copy(V[b, Blk_s[it] * BS:(Blk_s[it] + 1) * BS, h, :], V_s, annotations=copy_ann)
+                T.gemm(p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
+
+            for i, d in T.Parallel(M, Dv):
+                acc_o[i, d] = T.if_then_else(l[i] > 0, acc_o[i, d] / l[i], 0)
+            T.copy(acc_o, O_s)
+            for i, d in T.Parallel(M, Dv):
+                if t0 + i // G < S:
+                    O[b, t0 + i // G, h * G + i % G, d] = O_s[i, d]
+            for i in T.Parallel(M):
+                if t0 + i // G < S:
+                    LSE[b, t0 + i // G, h * G + i % G] = T.if_then_else(
                         l[i] > 0, m[i] * cfg.scale + T.log(l[i]), ninf)
 
     return selection_attention_fwd

@@ -147,6 +147,87 @@ def test_selection_attention(name, spec, B, T):
     assert_lse_close(name, lse, lse_hi)
 
 
+def _hostile_indices(B, T, H, n, bs, seed):
+    """Block lists no top-n makes but the op accepts: repeats within a token's list (they weigh
+    twice, as in the reference), -1 pads anywhere, blocks after the token, any order."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    NS = -(-T // bs)
+    t = torch.arange(T, device="cuda")[None, :, None, None]
+    idx = (torch.rand(B, T, H, n, generator=g, device="cuda") * (t // bs + 2)).long().clamp_max(NS - 1)
+    idx = torch.where(torch.rand(idx.shape, generator=g, device="cuda") < 0.15, -1, idx)
+    idx[:, 5:9] = -1   # tokens with nothing usable: o = 0, lse = -inf
+    return idx.int()
+
+
+# Selection forward schedules: (tile_tokens, threads). 0 = auto (a token tile where G >= 8).
+SELECTION_SCHEDULES = [(1, 128), (0, 128)]
+SELECTION_SPECS = [m for m in MATRIX if m[0] in ("paper_bf16", "fla_cfg", "g8_d64", "g32", "tiny_T")]
+
+
+@pytest.mark.parametrize("tile_tokens,threads", SELECTION_SCHEDULES, ids=[f"tile{t}" for t, _ in SELECTION_SCHEDULES])
+@pytest.mark.parametrize("kind", ["uniform", "drift", "hostile"])
+@pytest.mark.parametrize("name,spec,B,T", SELECTION_SPECS, ids=[m[0] for m in SELECTION_SPECS])
+def test_selection_attention_schedules(name, spec, B, T, kind, tile_tokens, threads):
+    """Each selection forward schedule (per token, token tile) against the reference, on lists with
+    and without locality and on hostile ones, NaN-poisoned outputs, twice (bit-identical)."""
+    from nsa_codegen import ops, workloads
+    from nsa_codegen.cache import get_kernel
+    from nsa_codegen.codegen import compile_kernel
+    from nsa_codegen.schedules import default_schedule
+    s = spec.selection
+    q, k, v, _ = make_inputs(spec, B, T, seed=11)
+    if kind == "hostile":
+        idx = _hostile_indices(B, T, spec.kv_heads, s.top_n, s.block, seed=12)
+    else:
+        idx = workloads.block_indices(kind, B, T, spec.kv_heads, s.block, s.top_n, s.initial, s.local,
+                                      coherence=16, seed=12)
+        idx = torch.gather(idx, -1, torch.argsort(torch.rand(idx.shape, device="cuda"), -1))
+    problem = ops._key("selection_fwd", q, k, v.shape[3], -1.0, sel_block=s.block, top_n=s.top_n)
+    key = problem.with_schedule({**default_schedule(problem), "tile_tokens": tile_tokens, "threads": threads})
+    kernel = compile_kernel(key)
+    outs = []
+    for _ in range(2):
+        o = torch.full((B, T, spec.heads, spec.v_head_dim), float("nan"), device="cuda", dtype=q.dtype)
+        lse = torch.full((B, T, spec.heads), float("nan"), device="cuda")
+        kernel(q, k, v, idx, o, lse)
+        outs.append((o, lse))
+    o, lse = outs[0]
+    assert torch.equal(o, outs[1][0]) and torch.equal(lse, outs[1][1]), f"{key}: output changed between runs"
+    o_hi, lse_hi = ref.selection_attention(*f32(q, k, v), idx, s.block)
+    o_lo, _ = ref.selection_attention(q, k, v, idx, s.block)
+    assert_close_to_reference(str(key), o, o_hi, o_lo)
+    assert_lse_close(str(key), lse, lse_hi)
+
+
+def test_selection_token_tile_masks_what_a_token_did_not_choose():
+    """A NaN key in a block that only the tile's other tokens chose never reaches a token."""
+    from nsa_codegen import ops
+    from nsa_codegen.codegen import compile_kernel
+    from nsa_codegen.schedules import default_schedule
+    name, spec, B, T = MATRIX[0]
+    T = 1024
+    s = spec.selection
+    q, k, v, _ = make_inputs(spec, 1, T, seed=13)
+    idx = torch.full((1, T, spec.kv_heads, s.top_n), -1, dtype=torch.int32, device="cuda")
+    t = torch.arange(T, device="cuda")
+    idx[..., 0] = (t // s.block)[None, :, None]            # every token: its own block
+    idx[:, 1::2, :, 1] = 3                                  # odd tokens also block 3
+    poisoned = k.clone()
+    poisoned[:, 3 * s.block:4 * s.block] = float("nan")    # ... whose keys are NaN (a NaN value row
+    # would still reach them: P = 0 times NaN is NaN in the tensor cores, as for any masked-out V row)
+    problem = ops._key("selection_fwd", q, k, v.shape[3], -1.0, sel_block=s.block, top_n=s.top_n)
+    key = problem.with_schedule({**default_schedule(problem), "tile_tokens": 0})
+    o = torch.full((1, T, spec.heads, spec.v_head_dim), float("nan"), device="cuda", dtype=q.dtype)
+    lse = torch.full((1, T, spec.heads), float("nan"), device="cuda")
+    compile_kernel(key)(q, poisoned, v, idx, o, lse)
+    even = (t % 2 == 0) & ((t // s.block) != 3)
+    assert not torch.isnan(o[:, even]).any() and not torch.isnan(lse[:, even]).any(), \
+        f"{key}: a NaN in a block only the tile's other tokens chose reached a token"
+    o_hi, _ = ref.selection_attention(*f32(q, k, v), idx, s.block)
+    err = rel_err(o[:, even], o_hi[:, even])
+    assert err < 1e-2, f"{key}: relative error {err:.2e} on the tokens that did not choose the NaN block"
+
+
 @pytest.mark.parametrize("name,spec,B,T", [m for m in MATRIX if m[1].window], ids=[m[0] for m in MATRIX if m[1].window])
 def test_window_attention(name, spec, B, T):
     from nsa_codegen import ops
