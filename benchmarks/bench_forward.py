@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import subprocess
 import json
 import os
 import sys
@@ -196,6 +197,35 @@ def main():
                  ("kernel", "ms"), with_tflops=True)
 
 
+def run_info(schedules: dict | None = None) -> dict:
+    """Where the numbers come from: commit, dirty flag (NSA_GIT_SHA / NSA_GIT_DIRTY where the tree
+    has no .git, as on the lent GPU), GPU, library versions, and each kernel's schedule (default:
+    every kernel this process loaded, with its source: tuned, default or fallback)."""
+    import importlib.metadata as md
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        except Exception:
+            return None
+    sha = git("rev-parse", "HEAD") or os.environ.get("NSA_GIT_SHA", "unknown")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    dirty = bool(dirty) if dirty is not None else os.environ.get("NSA_GIT_DIRTY", "unknown")
+
+    def ver(p):
+        try:
+            return md.version(p)
+        except md.PackageNotFoundError:
+            return None
+    if schedules is None:
+        from nsa_codegen import cache
+        schedules = {str(k.key): k.schedule_source for k in cache._LOADED.values()}
+    return dict(date=datetime.date.today().isoformat(), git_sha=sha, git_dirty=dirty,
+                gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
+                versions={p: ver(p) for p in ("torch", "triton", "tilelang", "fla-core")}, schedules=schedules)
+
+
 def save_results(out, what, title, intro, dtype, Ts, rows, breakdown, breakdown_intro, breakdown_cols,
                  with_tflops=False, **meta):
     """Write <out>/<date>-<gpu>-<what>.json (meta, rows, breakdown) and .md (tables); print the md."""
@@ -203,11 +233,12 @@ def save_results(out, what, title, intro, dtype, Ts, rows, breakdown, breakdown_
     date = datetime.date.today().isoformat()
     stem = Path(out) / f"{date}-{gpu.replace(' ', '_')}-{what}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(date=date, gpu=gpu, torch=torch.__version__, dtype=dtype, B=1, HQ=HQ, H=H, D=D,
-                cuda=torch.version.cuda, **meta)
+    meta = dict(run_info(), dtype=dtype, B=1, HQ=HQ, H=H, D=D, **meta)
     stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows, breakdown=breakdown), indent=1))
     tf_head, tf_rule = (" TFLOP/s |", "---|") if with_tflops else ("", "")
-    lines = [f"# {title}, {date}", "", intro, "",
+    lines = [f"# {title}, {date}", "",
+             f"commit {meta['git_sha'][:12]} (dirty: {meta['git_dirty']}); versions {meta['versions']}.", "",
+             intro, "",
              f"| T | case | ms |{tf_head} vs dense cuDNN |", f"|---|---|---|{tf_rule}---|"]
     for T in Ts:
         base = next((r["ms"] for r in rows if r["T"] == T and r["case"] == "dense_cudnn" and r["ms"]), None)

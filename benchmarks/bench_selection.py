@@ -18,10 +18,8 @@ library versions and each kernel's schedule.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,36 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_forward import run_info  # noqa: E402
 from nsa_codegen import ops, workloads  # noqa: E402
 from nsa_codegen import reference as ref  # noqa: E402
 
 HQ, H, BS, N = 64, 4, 64, 16
 CONFIGS = {"paper": (192, 128), "fla": (128, 128)}
 LISTS = [("uniform", 1), ("drift", 16), ("drift", 256)]
-
-
-def run_info(schedules: dict) -> dict:
-    """Where the numbers come from: commit, dirty flag, GPU, versions, kernel schedules."""
-    import importlib.metadata as md
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        except Exception:
-            return None
-    sha = git("rev-parse", "HEAD") or os.environ.get("NSA_GIT_SHA", "unknown")
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    dirty = bool(dirty) if dirty is not None else os.environ.get("NSA_GIT_DIRTY", "unknown")
-
-    def ver(p):
-        try:
-            return md.version(p)
-        except md.PackageNotFoundError:
-            return None
-    return dict(date=datetime.date.today().isoformat(), git_sha=sha, git_dirty=dirty,
-                gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
-                versions={p: ver(p) for p in ("torch", "triton", "tilelang", "fla-core")}, schedules=schedules)
 
 
 def timed_rounds(cases: dict, rounds: int, iters: int) -> dict:

@@ -171,7 +171,6 @@ def test_selection_attention_schedules(name, spec, B, T, kind, tile_tokens, thre
     """Each selection forward schedule (per token, token tile) against the reference, on lists with
     and without locality and on hostile ones, NaN-poisoned outputs, twice (bit-identical)."""
     from nsa_codegen import ops, workloads
-    from nsa_codegen.cache import get_kernel
     from nsa_codegen.codegen import compile_kernel
     from nsa_codegen.schedules import default_schedule
     s = spec.selection
