@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -34,6 +35,14 @@ from nsa_codegen import reference as ref  # noqa: E402
 HQ, H, BS, N = 64, 4, 64, 16
 CONFIGS = {"paper": (192, 128), "fla": (128, 128)}
 LISTS = [("uniform", 1), ("drift", 16), ("drift", 256)]
+
+
+_T0 = time.time()
+
+
+def say(msg: str) -> None:
+    """Progress with the seconds since start (stderr, unbuffered): a lent GPU's minutes are few."""
+    print(f"[{time.time() - _T0:7.1f} s] {msg}", file=sys.stderr, flush=True)
 
 
 def timed_rounds(cases: dict, rounds: int, iters: int) -> dict:
@@ -64,8 +73,7 @@ def stats(ms: list[float]) -> dict:
 def our_kernels(q, k, v, variants=()):
     """{case: (callable(q, k, v, idx) -> o, schedule)} for our two selection schedules, and one
     case per variant (schedule knobs over the resolved schedule's) named ours_<knob><value>..."""
-    from nsa_codegen.cache import get_kernel
-    from nsa_codegen.codegen import compile_kernel
+    from nsa_codegen.cache import get_kernel, load_scheduled
     problem = ops._key("selection_fwd", q, k, v.shape[3], -1.0, sel_block=BS, top_n=N)
     resolved = get_kernel(problem)   # the schedule the op runs (tuned record or default)
     out = {}
@@ -73,7 +81,9 @@ def our_kernels(q, k, v, variants=()):
     cases += [("ours_" + "_".join(f"{kk}{vv}" for kk, vv in var.items()), var) for var in variants]
     for case, knobs in cases:
         sched = {**dict(resolved.key.schedule), **knobs}
-        kern = resolved.kernel if dict(resolved.key.schedule) == sched else compile_kernel(problem.with_schedule(sched))
+        say(f"loading {case}: {sched}")
+        kern = resolved if dict(resolved.key.schedule) == sched else load_scheduled(problem.with_schedule(sched))
+        say(f"  {kern.key} ({'prebuilt' if kern.prebuilt else 'compiled / disk cache'}, {kern.compile_seconds:.1f} s)")
 
         def call(q, k, v, idx, kern=kern):
             B, T = q.shape[:2]
@@ -145,6 +155,7 @@ def main():
         cases = {c: fn for c, (fn, _) in ours.items()}
         if fla is not None:
             cases["fla"] = fla
+        say(f"{cfg}: checking {list(cases)} against the reference")
         # Same function first: every case against the fp32 reference on each kind of list.
         for kind, coh in LISTS:
             idx = workloads.block_indices(kind, 1, 4096, H, BS, N, coherence=coh, seed=2)
@@ -163,6 +174,7 @@ def main():
         for T in args.T:
             q, k, v = inputs(T, dk, dv, dt, seed=T)
             for kind, coh in LISTS:
+                say(f"{cfg} T={T} {kind}{coh}: lists, then {args.rounds} rounds")
                 idx = workloads.block_indices(kind, 1, T, H, BS, N, coherence=coh, seed=T + 1)
                 u4, u64 = workloads.union_size(idx, 4), workloads.union_size(idx, 64)
                 work = loads_and_flops(idx, dk, dv)

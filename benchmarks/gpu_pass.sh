@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # One GPU pass on the lent H100. Logs and results go to $OUT.
-#   bash benchmarks/gpu_pass.sh [tests|bench|first|all|bwdtests|bwdbench|train|decodetests|decodebench|tune]
+#   bash benchmarks/gpu_pass.sh [tests|bench|first|all|bwdtests|bwdbench|train|decodetests|decodebench|tune|selection]
 #   tests: forward GPU tests; bwdtests: backward GPU tests; bench / bwdbench: forward / forward+backward
 #   benchmarks; first: first-call latency; train: benchmarks/train_tiny.py; decodetests: the KV cache,
 #   decode and layer GPU tests; decodebench: benchmarks/bench_decode.py; tune: `nsa-codegen tune` of the
-#   default set for $2 minutes (records appended to $OUT/tuning_logs/sm90/, seeded from the repo's)
+#   default set for $2 minutes (records appended to $OUT/tuning_logs/sm90/, seeded from the repo's);
+#   selection: the selection forward schedule tests, then benchmarks/bench_selection.py ($2: its args)
+# Kernels: carry .gen (python benchmarks/prebuild.py, here on the CPU) and they load prebuilt, with
+# no compile on the GPU's clock; anything not prebuilt compiles there, slowly.
 set -uo pipefail
 what=${1:-all}
 mkdir -p /tmp/site
@@ -12,6 +15,10 @@ mkdir -p /tmp/site
 ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
   --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NSA_CODEGEN_CACHE_DIR=/tmp/nsacache
+if [ -f .gen/generated.tar.xz ]; then
+  mkdir -p /tmp/gen/generated && tar -C /tmp/gen/generated -xJf .gen/generated.tar.xz
+  export NSA_CODEGEN_GENERATED_DIR=/tmp/gen/generated
+fi
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 rc=0
@@ -22,6 +29,14 @@ fi
 if [[ $what == bwdtests ]]; then
   python3 -m pytest -q tests/test_ops_backward.py ${2:+-k "$2"} 2>&1 | tee "$OUT/bwdtests.log" | tail -40
   rc=${PIPESTATUS[0]}
+fi
+if [[ $what == selection ]]; then
+  date
+  python3 -m pytest -q tests/test_ops.py -k "schedules or token_tile" 2>&1 | tee "$OUT/selection_tests.log" | tail -25
+  rc=${PIPESTATUS[0]}
+  date
+  python3 benchmarks/bench_selection.py --out "$OUT" ${2:-} 2>&1 | tee "$OUT/selection_bench.log" | grep -v "^|" | tail -60
+  date
 fi
 if [[ $what == decodetests ]]; then
   python3 -m pytest -q tests/test_kv_cache.py tests/test_layer.py -m gpu 2>&1 | tee "$OUT/decodetests.log" | tail -30

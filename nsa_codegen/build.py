@@ -5,7 +5,8 @@ Layout of generated/<arch>/:
                          source, params), written by atomic directory rename
   <key>/kernel.cu        the generated CUDA source of one kernel (key with '/' -> '__')
   <key>/meta.json        spec, schedule (and where it came from), versions, source hash, fingerprint
-  manifest.json          problem id -> key and fingerprint, for every kernel built here
+  manifest.json          problem id -> key and fingerprint, for every kernel built here (schedule
+                         variants of `build --variant` listed apart, by key)
 A kernel is up to date when its fingerprint (key with schedule, template source hash, nsa-codegen
 and TileLang versions, target) matches and its artifact is intact; `build` skips those.
 """
@@ -72,10 +73,13 @@ def _plan_calls(spec: NSASpec, arch: str, backward: bool, decode: bool):
     return plan.calls + (plan.backward if backward else ()) + (plan.decode if decode else ())
 
 
-def plan_keys(specs: dict[str, NSASpec], arch: str, backward: bool = True,
-              decode: bool = True) -> list[tuple[KernelKey, str]]:
+def plan_keys(specs: dict[str, NSASpec], arch: str, backward: bool = True, decode: bool = True,
+              variants: dict[str, list[dict]] | None = None) -> list[tuple[KernelKey, str]]:
     """Every distinct kernel of the specs' plans (forward; backward and one-token decode unless
-    turned off), with its schedule resolved: (key, source)."""
+    turned off), with its schedule resolved: (key, source). `variants` {kind: [knobs, ...]} adds,
+    for every problem of that kind, the resolved schedule with those knobs changed (source
+    'variant'; ones the template rejects raise ValueError naming them), for benchmarks and tests
+    that run schedules other than the resolved one on a machine without a compiler."""
     problems = {}
     for spec in specs.values():
         for call in _plan_calls(spec, arch, backward, decode):
@@ -84,7 +88,14 @@ def plan_keys(specs: dict[str, NSASpec], arch: str, backward: bool = True,
     for problem in problems:
         sched, source = resolve_schedule(problem, lambda s, p=problem: check_schedule(p, s))
         out.append((problem.with_schedule(sched), source))
-    return out
+        for knobs in (variants or {}).get(problem.kind, []):
+            var = {**sched, **knobs}
+            why = check_schedule(problem, var)
+            if why is not None:
+                raise ValueError(f"variant {knobs} of {problem.problem_id}: {why}")
+            if var != sched:
+                out.append((problem.with_schedule(var), "variant"))
+    return list(dict.fromkeys(out))
 
 
 def artifact_ok(arch_dir: Path, key: KernelKey) -> bool:
@@ -158,14 +169,15 @@ def _progress(done: int, total: int, r: BuildResult, stream=None):
 
 
 def build(specs: dict[str, NSASpec], arch: str, out: Path | str, jobs: int | None = None,
-          force: bool = False, progress=_progress, backward: bool = True, decode: bool = True) -> list[BuildResult]:
+          force: bool = False, progress=_progress, backward: bool = True, decode: bool = True,
+          variants: dict[str, list[dict]] | None = None) -> list[BuildResult]:
     """Compile every kernel of `specs` for `arch` (forward; backward and one-token decode unless
-    turned off) into out/<arch>/; returns one result per kernel."""
+    turned off; schedule `variants`, see plan_keys) into out/<arch>/; returns one result per kernel."""
     arch = normalize_arch(arch)
     if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
         raise RuntimeError("nvcc not found: building kernels needs the CUDA toolkit (set PATH or CUDA_HOME)")
     arch_dir = Path(out) / arch
-    keys = plan_keys(specs, arch, backward, decode)
+    keys = plan_keys(specs, arch, backward, decode, variants)
     users: dict[str, list[str]] = {}
     for name, spec in specs.items():
         for call in _plan_calls(spec, arch, backward, decode):
@@ -192,15 +204,19 @@ def build(specs: dict[str, NSASpec], arch: str, out: Path | str, jobs: int | Non
 
 
 def _write_manifest(arch_dir: Path):
-    entries = {}
+    entries, variants = {}, {}
     for meta_path in sorted(arch_dir.glob("*/meta.json")):
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        entries[meta["problem"]] = {k: meta[k] for k in ("key", "fingerprint", "schedule_source", "artifact")}
+        entry = {k: meta[k] for k in ("key", "fingerprint", "schedule_source", "artifact")}
+        if meta["schedule_source"] == "variant":   # extra schedules of a problem (build --variant)
+            variants[meta["key"]] = entry
+        else:
+            entries[meta["problem"]] = entry
     _write_json_atomic(arch_dir / "manifest.json", {"arch": arch_dir.name, "version": version_tag(),
-                                                    "kernels": entries})
+                                                    "kernels": entries, "variants": variants})
 
 
 def find_prebuilt(key: KernelKey) -> Path | None:

@@ -145,6 +145,23 @@ def get_kernel(problem: KernelKey) -> CompiledKernel:
         return ck
 
 
+def load_scheduled(key: KernelKey) -> CompiledKernel:
+    """The kernel of a key that carries its own schedule (a variant a benchmark or test runs, not
+    necessarily the one get_kernel resolves): prebuilt in generated/ if built there (`nsa-codegen
+    build --variant`), else compiled into the disk cache. Not remembered in the process."""
+    from .build import find_prebuilt
+    from .codegen import compile_kernel
+    if key.schedule is None:
+        raise ValueError(f"{key}: load_scheduled needs a key with a schedule (KernelKey.with_schedule)")
+    t0 = time.perf_counter()
+    prebuilt = find_prebuilt(key)
+    jit = _load_prebuilt(prebuilt, key) if prebuilt else None
+    if jit is None:
+        with _tilelang_cache_dir(prebuilt / "tilelang" if prebuilt else versioned_dir() / "tilelang"):
+            jit = compile_kernel(key)
+    return CompiledKernel(key, jit, "explicit", time.perf_counter() - t0, prebuilt)
+
+
 def clear_loaded() -> None:
     """Forget kernels loaded in this process (the disk cache stays)."""
     with _LOCK:

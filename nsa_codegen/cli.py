@@ -89,16 +89,40 @@ def _build(args) -> int:
     except (SpecError, OSError) as e:
         print(f"nsa-codegen build: {e}", file=sys.stderr)
         return 2
+    try:
+        variants = _parse_variants(args.variant or [])
+    except ValueError as e:
+        print(f"nsa-codegen build: {e}", file=sys.stderr)
+        return 2
     print(f"building {len(specs)} spec(s) for {arch} into {os.path.join(args.out, arch)}")
     try:
         results = build(specs, arch, args.out, jobs=args.jobs, force=args.force, backward=not args.forward_only,
-                        decode=not (args.forward_only or args.no_decode))
-    except RuntimeError as e:
+                        decode=not (args.forward_only or args.no_decode), variants=variants)
+    except (RuntimeError, ValueError) as e:
         print(f"nsa-codegen build: {e}", file=sys.stderr)
         return 2
     print()
     print(summary_table(results))
     return 1 if any(r.status == "failed" for r in results) else 0
+
+
+def _parse_variants(texts: list[str]) -> dict[str, list[dict]]:
+    """--variant 'KIND:{"knob": value, ...}' (repeatable) -> {kind: [knobs, ...]}."""
+    import json
+    from .kernel_key import KINDS
+    out: dict[str, list[dict]] = {}
+    for text in texts:
+        kind, sep, knobs = text.partition(":")
+        if not sep or kind not in KINDS:
+            raise ValueError(f"--variant {text!r}: expected KIND:JSON with KIND one of {', '.join(KINDS)}")
+        try:
+            value = json.loads(knobs)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--variant {text!r}: the knobs are not JSON ({e})") from None
+        if not isinstance(value, dict) or not value:
+            raise ValueError(f"--variant {text!r}: the knobs must be a non-empty JSON object")
+        out.setdefault(kind, []).append(value)
+    return out
 
 
 def _list(args) -> int:
@@ -224,6 +248,9 @@ def main(argv=None) -> int:
     p.add_argument("--forward-only", action="store_true",
                    help="only the forward kernels (skip the backward / training and decode kernels)")
     p.add_argument("--no-decode", action="store_true", help="skip the decode (KV cache) kernels")
+    p.add_argument("--variant", action="append", metavar="KIND:JSON",
+                   help='also build each KIND kernel with these schedule knobs changed, e.g. '
+                        '\'selection_fwd:{"tile_tokens": 1}\' (repeatable; for benchmarks of other schedules)')
     p.set_defaults(fn=_build)
     p = sub.add_parser("list", help="kernels built into generated/ and cached")
     p.set_defaults(fn=_list)

@@ -76,6 +76,38 @@ def test_build_is_idempotent_detects_corruption_and_loads_without_nvcc(tmp_path,
     assert r.stdout.split() == [str(out / "sm90"), str(out / "sm90"), "True", "Function", "False"], r.stdout
 
 
+def test_schedule_variants_add_keys_of_their_kind():
+    spec = {"paper": default_build_set()["paper_bf16"]}
+    base = plan_keys(spec, "sm90", backward=False, decode=False)
+    more = plan_keys(spec, "sm90", backward=False, decode=False,
+                     variants={"selection_fwd": [{"tile_tokens": 0}, {"tile_tokens": 1}]})
+    extra = [(k, src) for k, src in more if (k, src) not in base]
+    sel = next(k for k, _ in base if k.kind == "selection_fwd")
+    want = {0, 1} - {dict(sel.schedule)["tile_tokens"]}   # the resolved schedule is not built twice
+    assert sorted(dict(k.schedule)["tile_tokens"] for k, _ in extra) == sorted(want)
+    assert all(src == "variant" and k.problem_id == sel.problem_id for k, src in extra)
+    with pytest.raises(ValueError, match="tile_tokens"):
+        plan_keys(spec, "sm90", backward=False, decode=False, variants={"selection_fwd": [{"tile_tokens": 3}]})
+
+
+@needs_nvcc
+@pytest.mark.compile
+def test_variant_builds_and_loads_without_a_compiler(tmp_path, monkeypatch):
+    out = tmp_path / "generated"
+    r = build({"win": WINDOW_ONLY}, "sm90", out, jobs=1, backward=False, decode=False,
+              variants={"window_fwd": [{"num_stages": 3}]})
+    assert sorted(x.schedule_source for x in r if x.status == "built") == ["default", "default", "variant"], r
+    key = next(k for k, src in plan_keys({"win": WINDOW_ONLY}, "sm90", variants={"window_fwd": [{"num_stages": 3}]})
+               if src == "variant")
+    manifest = json.loads((out / "sm90" / "manifest.json").read_text())
+    assert str(key) in manifest["variants"] and manifest["kernels"][key.problem_id]["key"] != str(key)
+    monkeypatch.setenv("NSA_CODEGEN_GENERATED_DIR", str(out))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")   # no nvcc: it must come from generated/
+    from nsa_codegen.cache import load_scheduled
+    ck = load_scheduled(key)
+    assert ck.prebuilt == out / "sm90" and type(ck.kernel).__name__ == "Function"
+
+
 def test_build_cli_errors(tmp_path, capsys, monkeypatch):
     assert main(["build", "--arch", "sm75"]) == 2
     assert "supported: sm80, sm90" in capsys.readouterr().err
@@ -83,6 +115,10 @@ def test_build_cli_errors(tmp_path, capsys, monkeypatch):
     bad.write_text("heads: 64\nkv_heads: 3\n")
     assert main(["build", "--arch", "sm90", "--config", str(bad)]) == 2
     assert "kv_heads" in capsys.readouterr().err
+    for variant, why in (("selection:{}", "KIND:JSON"), ("selection_fwd:{tile", "not JSON"),
+                         ("selection_fwd:[1]", "JSON object")):
+        assert main(["build", "--arch", "sm90", "--variant", variant]) == 2
+        assert why in capsys.readouterr().err
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.delenv("CUDA_HOME", raising=False)
     good = tmp_path / "good.yaml"

@@ -171,7 +171,7 @@ def test_selection_attention_schedules(name, spec, B, T, kind, tile_tokens, thre
     """Each selection forward schedule (per token, token tile) against the reference, on lists with
     and without locality and on hostile ones, NaN-poisoned outputs, twice (bit-identical)."""
     from nsa_codegen import ops, workloads
-    from nsa_codegen.codegen import compile_kernel
+    from nsa_codegen.cache import load_scheduled
     from nsa_codegen.schedules import default_schedule
     s = spec.selection
     q, k, v, _ = make_inputs(spec, B, T, seed=11)
@@ -183,7 +183,7 @@ def test_selection_attention_schedules(name, spec, B, T, kind, tile_tokens, thre
         idx = torch.gather(idx, -1, torch.argsort(torch.rand(idx.shape, device="cuda"), -1))
     problem = ops._key("selection_fwd", q, k, v.shape[3], -1.0, sel_block=s.block, top_n=s.top_n)
     key = problem.with_schedule({**default_schedule(problem), "tile_tokens": tile_tokens, "threads": threads})
-    kernel = compile_kernel(key)
+    kernel = load_scheduled(key)   # prebuilt by `nsa-codegen build --variant` where present
     outs = []
     for _ in range(2):
         o = torch.full((B, T, spec.heads, spec.v_head_dim), float("nan"), device="cuda", dtype=q.dtype)
@@ -201,7 +201,7 @@ def test_selection_attention_schedules(name, spec, B, T, kind, tile_tokens, thre
 def test_selection_token_tile_masks_what_a_token_did_not_choose():
     """A NaN key in a block that only the tile's other tokens chose never reaches a token."""
     from nsa_codegen import ops
-    from nsa_codegen.codegen import compile_kernel
+    from nsa_codegen.cache import load_scheduled
     from nsa_codegen.schedules import default_schedule
     name, spec, B, T = MATRIX[0]
     T = 1024
@@ -218,7 +218,7 @@ def test_selection_token_tile_masks_what_a_token_did_not_choose():
     key = problem.with_schedule({**default_schedule(problem), "tile_tokens": 0})
     o = torch.full((1, T, spec.heads, spec.v_head_dim), float("nan"), device="cuda", dtype=q.dtype)
     lse = torch.full((1, T, spec.heads), float("nan"), device="cuda")
-    compile_kernel(key)(q, poisoned, v, idx, o, lse)
+    load_scheduled(key)(q, poisoned, v, idx, o, lse)
     even = (t % 2 == 0) & ((t // s.block) != 3)
     assert not torch.isnan(o[:, even]).any() and not torch.isnan(lse[:, even]).any(), \
         f"{key}: a NaN in a block only the tile's other tokens chose reached a token"

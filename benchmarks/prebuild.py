@@ -1,0 +1,79 @@
+"""Build, on this machine (nvcc, no GPU needed), the kernels a GPU pass will load, and pack them.
+
+    python benchmarks/prebuild.py [--out .gen] [--jobs N]
+
+A lent GPU's minutes are few and kernels compiled there cost them, and TileLang's own disk cache
+does not carry over (its key holds the parsed target, which differs on a machine with a GPU). So
+this builds with `nsa_codegen.build` (the artifacts `nsa-codegen build` writes, opened through
+TVM-FFI with no compiler) every forward kernel of the GPU test matrix (tests/test_ops.py) and of the
+benchmarks' configs, with the selection schedules the tests and bench_selection.py run as variants,
+into <out>/generated/, and packs it as <out>/generated.tar.xz. benchmarks/gpu_pass.sh unpacks it
+and points NSA_CODEGEN_GENERATED_DIR at it. Keep <out> out of git and carry it to the device.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+# Selection forward schedules the GPU tests and bench_selection.py run besides the resolved one.
+SELECTION_VARIANTS = [{"tile_tokens": 0}, {"tile_tokens": 1}, {"tile_tokens": 8, "threads": 256},
+                      {"min_blocks_per_sm": 1}, {"num_stages": 3}]
+
+
+def specs():
+    from bench_forward import bench_specs
+    from bench_selection import CONFIGS
+    from nsa_codegen import CompressionBranch, NSASpec
+    from tests.test_ops import MATRIX
+    out = {name: spec for name, spec, _, _ in MATRIX}
+    for dt in ("bfloat16", "float16"):
+        for name, (dk, dv) in CONFIGS.items():
+            out[f"sel_{name}_{dt}"] = NSASpec(head_dim=dk, v_head_dim=dv, dtype=dt,
+                                              compression=CompressionBranch(32, 16, "mean"))
+        for i, spec in enumerate(bench_specs(dt)):
+            out[f"bench{i}_{dt}"] = spec
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".gen")
+    ap.add_argument("--jobs", type=int, default=None)
+    args = ap.parse_args()
+    from nsa_codegen.build import build
+    out = Path(args.out)
+    all_specs = specs()
+    # Variants the template rejects for a problem (a token tile where G < 8 ...) are skipped per spec.
+    from nsa_codegen.build import plan_keys
+    ok = {}
+    for name, spec in all_specs.items():
+        good = []
+        for var in SELECTION_VARIANTS:
+            try:
+                plan_keys({name: spec}, "sm90", backward=False, decode=False, variants={"selection_fwd": [var]})
+                good.append(var)
+            except ValueError:
+                pass
+        ok[name] = good
+    results = []
+    for var in SELECTION_VARIANTS:   # one build per variant: each applies to the specs that accept it
+        names = {n: s for n, s in all_specs.items() if var in ok[n]}
+        results += build(names, "sm90", out / "generated", jobs=args.jobs, backward=False, decode=False,
+                         variants={"selection_fwd": [var]})
+    failed = [r for r in results if r.status == "failed"]
+    for r in failed:
+        print(f"FAILED {r.key}: {r.error[:300]}")
+    subprocess.run(["tar", "-C", str(out / "generated"), "-cJf", str(out / "generated.tar.xz"), "."], check=True)
+    print(f"{len(results)} kernel builds ({len(failed)} failed); packed {out / 'generated.tar.xz'} "
+          f"({(out / 'generated.tar.xz').stat().st_size / 1e6:.1f} MB)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
