@@ -189,7 +189,8 @@ def _tune_report(arch: str) -> int:
     for r in rows:
         d = f"{r['default_ms']:.4f}" if r["default_ms"] is not None else "-"
         sp = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
-        print(f"{d:>11} {r['best_ms']:>10.4f} {sp:>8} {r['candidates']:>6}  {r['problem']}")
+        b = f"{r['best_ms']:.4f}" if r["best_ms"] is not None else "-"
+        print(f"{d:>11} {b:>10} {sp:>8} {r['candidates']:>6}  {r['problem']}")
     return 0
 
 

@@ -87,10 +87,12 @@ MIN_GAIN = 0.03
 
 
 def pick_best(records: list[dict[str, Any]], default: dict[str, Any]) -> dict[str, Any] | None:
-    """Of one problem's correct timed records, the one to use: the fastest, unless the default's own
-    record is within MIN_GAIN of it (then the default's). None when there are none."""
+    """Of one problem's records, the one to use: the fastest correct timed one, unless the default's
+    own record is within MIN_GAIN of it (then the default's). None when there is none, and when the
+    default was never measured: a tuned schedule must be shown to beat the default, not assumed to
+    (a default that was measured and failed its check does not block the fastest correct one)."""
     ok = [r for r in records if r.get("correct") and r.get("median_ms") is not None]
-    if not ok:
+    if not ok or not any(dict(r.get("schedule", {})) == dict(default) for r in records):
         return None
     best = min(ok, key=lambda r: r["median_ms"])
     dflt = [r for r in ok if dict(r["schedule"]) == dict(default)]

@@ -558,9 +558,11 @@ def speedups(arch: str, path: Path | None = None) -> list[dict]:
             continue
         default = dict(load_arch(arch)["kernels"][kind]["default"])
         dflt = pick_best([r for r in ok if dict(r["schedule"]) == default], default)
-        best = pick_best(ok, default)  # what the build uses (schedules.MIN_GAIN)
+        # what the build uses (schedules.MIN_GAIN); with no default record, the default, unmeasured
+        best = pick_best([r for r in rs if in_search_space(arch, kind, dict(r["schedule"]))], default)
         out.append(dict(problem=pid, candidates=len(rs), correct=len(ok),
-                        default_ms=dflt["median_ms"] if dflt else None, best_ms=best["median_ms"],
-                        best_schedule=best["schedule"],
-                        speedup=(dflt["median_ms"] / best["median_ms"]) if dflt else None))
+                        default_ms=dflt["median_ms"] if dflt else None,
+                        best_ms=best["median_ms"] if best else None,
+                        best_schedule=best["schedule"] if best else default,
+                        speedup=(dflt["median_ms"] / best["median_ms"]) if dflt and best else None))
     return out

@@ -48,6 +48,8 @@ def test_tuned_record_wins_and_broken_lines_are_skipped(tmp_path, monkeypatch):
     current = template_source_hash(key.kind)
     lines = [json.dumps({"problem": key.problem_id, "schedule": good, "correct": True, "median_ms": 1.0,
                          "template": current}),
+             json.dumps({"problem": key.problem_id, "schedule": schedules.default_schedule(key), "correct": True,
+                         "median_ms": 2.0, "template": current}),
              # faster, but measured an older text of the template: no longer counts
              json.dumps({"problem": key.problem_id, "schedule": other, "correct": True, "median_ms": 0.5,
                          "template": "0123456789ab"}),
@@ -77,6 +79,26 @@ def test_tuned_schedule_must_beat_the_default_by_min_gain(tmp_path, monkeypatch,
     sched, source = schedules.resolve_schedule(key, lambda s: check_schedule(key, s))
     # 2% faster is within timing noise: the default stays; 4% faster replaces it
     assert (sched, source) == ((default, "default") if expect == "default" else (other, "tuned"))
+
+
+def test_no_tuned_schedule_without_a_measured_default(tmp_path, monkeypatch):
+    """A record faster than nothing measured proves nothing: with no record of the default's own
+    time the default stays; a default measured and found wrong does not block a correct record."""
+    key = PLAN.calls[2].key
+    d = tmp_path / "sm90"
+    d.mkdir()
+    default = schedules.default_schedule(key)
+    other = {**default, "num_stages": 3}
+    current = template_source_hash(key.kind)
+    rec = lambda sched, ms, ok=True: json.dumps({"problem": key.problem_id, "schedule": sched,  # noqa: E731
+                                                 "correct": ok, "median_ms": ms, "template": current})
+    log = d / "NVIDIA_H100.jsonl"
+    monkeypatch.setenv("NSA_CODEGEN_TUNING_DIR", str(tmp_path))
+    feasible = lambda s: check_schedule(key, s)  # noqa: E731
+    log.write_text(rec(other, 0.5))
+    assert schedules.resolve_schedule(key, feasible) == (default, "default")
+    log.write_text("\n".join([rec(other, 0.5), rec(default, None, ok=False)]))
+    assert schedules.resolve_schedule(key, feasible) == (other, "tuned")
 
 
 def test_records_outside_the_search_space_do_not_count(tmp_path, monkeypatch):
