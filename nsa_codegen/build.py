@@ -5,6 +5,7 @@ Layout of generated/<arch>/:
                          source, params), written by atomic directory rename
   <key>/kernel.cu        the generated CUDA source of one kernel (key with '/' -> '__')
   <key>/meta.json        spec, schedule (and where it came from), versions, source hash, fingerprint
+  build.log              TileLang's and nvcc's output of the builds (not `--verbose`)
   manifest.json          problem id -> key and fingerprint, for every kernel built here (schedule
                          variants of `build --variant` listed apart, by key)
 A kernel is up to date when its fingerprint (key with schedule, template source hash, nsa-codegen
@@ -111,11 +112,38 @@ def artifact_ok(arch_dir: Path, key: KernelKey) -> bool:
     return lib.is_file() and _file_hash(lib) == meta.get("artifact_sha256")
 
 
-def _build_one(arch_dir: str, key: KernelKey, source: str, spec_names: list[str]) -> BuildResult:
+@contextlib.contextmanager
+def _output_to(log: Path | None):
+    """Send this process's stdout and stderr, file descriptors included (TileLang's C++ passes and
+    nvcc write there directly), to the end of `log` for the duration; None: leave them alone."""
+    if log is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (fd, *saved):
+            os.close(f)
+
+
+def _build_one(arch_dir: str, key: KernelKey, source: str, spec_names: list[str],
+               verbose: bool = False) -> BuildResult:
     arch_dir = Path(arch_dir)
     t0 = time.perf_counter()
     try:
-        with _tilelang_cache_dir(arch_dir / "tilelang"):
+        # TileLang's logs and compiler warnings go to build.log, not between the progress lines.
+        with _output_to(None if verbose else arch_dir / "build.log"), _tilelang_cache_dir(arch_dir / "tilelang"):
+            print(f"--- {key}", flush=True)
             jit = compile_kernel(key)
         entry = Path(getattr(jit, "_tilelang_cache_path", "") or "")
         # The tvm_ffi backend writes executable.so; other TileLang backends kernel_lib.so.
@@ -170,9 +198,10 @@ def _progress(done: int, total: int, r: BuildResult, stream=None):
 
 def build(specs: dict[str, NSASpec], arch: str, out: Path | str, jobs: int | None = None,
           force: bool = False, progress=_progress, backward: bool = True, decode: bool = True,
-          variants: dict[str, list[dict]] | None = None) -> list[BuildResult]:
+          variants: dict[str, list[dict]] | None = None, verbose: bool = False) -> list[BuildResult]:
     """Compile every kernel of `specs` for `arch` (forward; backward and one-token decode unless
-    turned off; schedule `variants`, see plan_keys) into out/<arch>/; returns one result per kernel."""
+    turned off; schedule `variants`, see plan_keys) into out/<arch>/; returns one result per kernel.
+    TileLang's and the compiler's own output goes to out/<arch>/build.log unless `verbose`."""
     arch = normalize_arch(arch)
     if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
         raise RuntimeError("nvcc not found: building kernels needs the CUDA toolkit (set PATH or CUDA_HOME)")
@@ -197,8 +226,8 @@ def build(specs: dict[str, NSASpec], arch: str, out: Path | str, jobs: int | Non
         def report(done, _total, r):
             progress(done_before + done, len(keys), r)
 
-        results += run_in_workers(_build_one, [(str(arch_dir), k, s, users.get(k.problem_id, [])) for k, s in todo],
-                                  jobs, report)
+        results += run_in_workers(_build_one, [(str(arch_dir), k, s, users.get(k.problem_id, []), verbose)
+                                               for k, s in todo], jobs, report)
         _write_manifest(arch_dir)
     return results
 

@@ -97,12 +97,14 @@ def _build(args) -> int:
     print(f"building {len(specs)} spec(s) for {arch} into {os.path.join(args.out, arch)}")
     try:
         results = build(specs, arch, args.out, jobs=args.jobs, force=args.force, backward=not args.forward_only,
-                        decode=not (args.forward_only or args.no_decode), variants=variants)
+                        decode=not (args.forward_only or args.no_decode), variants=variants, verbose=args.verbose)
     except (RuntimeError, ValueError) as e:
         print(f"nsa-codegen build: {e}", file=sys.stderr)
         return 2
     print()
     print(summary_table(results))
+    if not args.verbose and any(r.status != "up-to-date" for r in results):
+        print(f"compiler output: {os.path.join(args.out, arch, 'build.log')}")
     return 1 if any(r.status == "failed" for r in results) else 0
 
 
@@ -249,6 +251,8 @@ def main(argv=None) -> int:
     p.add_argument("--forward-only", action="store_true",
                    help="only the forward kernels (skip the backward / training and decode kernels)")
     p.add_argument("--no-decode", action="store_true", help="skip the decode (KV cache) kernels")
+    p.add_argument("--verbose", action="store_true",
+                   help="show TileLang's and nvcc's output (default: into <out>/<arch>/build.log)")
     p.add_argument("--variant", action="append", metavar="KIND:JSON",
                    help='also build each KIND kernel with these schedule knobs changed, e.g. '
                         '\'selection_fwd:{"tile_tokens": 1}\' (repeatable; for benchmarks of other schedules)')

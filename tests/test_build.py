@@ -76,6 +76,24 @@ def test_build_is_idempotent_detects_corruption_and_loads_without_nvcc(tmp_path,
     assert r.stdout.split() == [str(out / "sm90"), str(out / "sm90"), "True", "Function", "False"], r.stdout
 
 
+@needs_nvcc
+@pytest.mark.compile
+def test_build_output_is_progress_only(tmp_path):
+    """TileLang's logs and compiler warnings go to build.log, not between the progress lines."""
+    cfg = tmp_path / "win.yaml"
+    cfg.write_text(WINDOW_ONLY.to_yaml())
+    r = subprocess.run([sys.executable, "-m", "nsa_codegen", "build", "--arch", "sm90", "--config", str(cfg),
+                        "--out", str(tmp_path / "gen"), "--forward-only", "-j", "1"],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stderr
+    noise = [line for line in (r.stdout + r.stderr).splitlines()
+             if "INFO" in line or "Warning" in line or "warning" in line]
+    assert not noise, noise
+    assert sum(line.startswith("[") for line in r.stdout.splitlines()) == 2   # one progress line a kernel
+    log = (tmp_path / "gen" / "sm90" / "build.log").read_text()
+    assert log.count("--- sm90/") == 2
+
+
 def test_schedule_variants_add_keys_of_their_kind():
     spec = {"paper": default_build_set()["paper_bf16"]}
     base = plan_keys(spec, "sm90", backward=False, decode=False)
