@@ -27,37 +27,18 @@ from typing import Iterable
 
 import yaml
 
-from .cache import _tilelang_cache_dir, _write_json_atomic, run_in_workers, version_tag
+from .cache import _tilelang_cache_dir, _write_json_atomic, run_in_workers
 from .codegen import TARGETS, check_schedule, compile_kernel, template_source_hash
 from .kernel_key import KernelKey
 from .lowering import lower_to_plan, normalize_arch
+from .prebuilt import artifact_ok, file_hash, fingerprint, version_tag
 from .resources import schedules_dir
 from .schedules import resolve_schedule
 from .spec import NSASpec
 
-_SOURCE_GENERATED = Path(__file__).resolve().parent.parent / "generated"
-
-
 def default_build_set() -> dict[str, NSASpec]:
     data = yaml.safe_load((schedules_dir() / "build_set.yaml").read_text())
     return {name: NSASpec.from_dict(d) for name, d in data.items()}
-
-
-def generated_dirs() -> list[Path]:
-    """Where prebuilt kernels are looked up: $NSA_CODEGEN_GENERATED_DIR (':'-separated), ./generated in
-    the working directory (where `nsa-codegen build` writes by default), and a source checkout's."""
-    env = os.environ.get("NSA_CODEGEN_GENERATED_DIR")
-    dirs = [Path(p) for p in env.split(os.pathsep) if p] if env else []
-    return list(dict.fromkeys(dirs + [Path.cwd() / "generated", _SOURCE_GENERATED]))
-
-
-def fingerprint(key: KernelKey) -> str:
-    text = json.dumps([str(key), template_source_hash(key.kind), version_tag(), TARGETS[key.arch]], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @dataclass
@@ -97,19 +78,6 @@ def plan_keys(specs: dict[str, NSASpec], arch: str, backward: bool = True, decod
             if var != sched:
                 out.append((problem.with_schedule(var), "variant"))
     return list(dict.fromkeys(out))
-
-
-def artifact_ok(arch_dir: Path, key: KernelKey) -> bool:
-    """meta.json matches the current fingerprint and the compiled artifact's bytes are intact."""
-    meta_path = arch_dir / key.dirname / "meta.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    if meta.get("fingerprint") != fingerprint(key):
-        return False
-    lib = arch_dir / meta.get("artifact", "")
-    return lib.is_file() and _file_hash(lib) == meta.get("artifact_sha256")
 
 
 @contextlib.contextmanager
@@ -164,7 +132,7 @@ def _build_one(arch_dir: str, key: KernelKey, source: str, spec_names: list[str]
                 "template_hash": template_source_hash(key.kind), "source_sha256": hashlib.sha256(src.encode()).hexdigest(),
                 "versions": {"nsa_codegen": version_tag(), "tilelang": tilelang.__version__},
                 "target": TARGETS[key.arch], "artifact": str(lib.relative_to(arch_dir)),
-                "artifact_sha256": _file_hash(lib), "fingerprint": fingerprint(key),
+                "artifact_sha256": file_hash(lib), "fingerprint": fingerprint(key),
                 "built": time.strftime("%Y-%m-%dT%H:%M:%S")}
         _write_json_atomic(kdir / "meta.json", meta)
         return BuildResult(str(key), "built", source, time.perf_counter() - t0)
@@ -246,15 +214,6 @@ def _write_manifest(arch_dir: Path):
             entries[meta["problem"]] = entry
     _write_json_atomic(arch_dir / "manifest.json", {"arch": arch_dir.name, "version": version_tag(),
                                                     "kernels": entries, "variants": variants})
-
-
-def find_prebuilt(key: KernelKey) -> Path | None:
-    """The generated/<arch> folder holding an up-to-date, intact build of `key` (with schedule), if any."""
-    for root in generated_dirs():
-        arch_dir = root / key.arch
-        if artifact_ok(arch_dir, key):
-            return arch_dir
-    return None
 
 
 def summary_table(results: Iterable[BuildResult]) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .kernel_key import KernelKey
+from .prebuilt import find_prebuilt, load as _load_prebuilt, version_tag
 
 _LOCK = threading.Lock()
 _LOADED: dict[KernelKey, "CompiledKernel"] = {}
@@ -32,16 +33,6 @@ def cache_root() -> Path:
         return Path(root)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "nsa_codegen"
-
-
-def version_tag() -> str:
-    from . import __version__
-    import importlib.metadata
-    try:  # the distribution's version: no import of TileLang itself (seconds) just to name the cache
-        tl = importlib.metadata.version("tilelang")
-    except importlib.metadata.PackageNotFoundError:
-        tl = "none"
-    return f"v{__version__}-tl{tl}"
 
 
 def versioned_dir() -> Path:
@@ -86,28 +77,6 @@ class CompiledKernel:
         return self.kernel.get_kernel_source()
 
 
-def _load_prebuilt(arch_dir: Path, key: KernelKey):
-    """Open a prebuilt kernel with TVM-FFI alone: no TileLang import, no prim_func, no compiler.
-
-    The artifact's host entry (its prim_func's name, recorded by the build) takes torch tensors as
-    they are. TileLang's runtime libraries provide the helpers it calls (TMA descriptors, ...).
-    Returns None when this fast path is unavailable; the caller then goes through TileLang.
-    """
-    import ctypes
-    import importlib.util
-    try:
-        meta = json.loads((arch_dir / key.dirname / "meta.json").read_text())
-        entry = meta["entry_function"]
-        spec = importlib.util.find_spec("tilelang")  # locates the package without importing it
-        libdir = Path(next(iter(spec.submodule_search_locations))) / "lib"
-        for lib in ("libtvm_runtime.so", "libtilelang.so"):
-            ctypes.CDLL(str(libdir / lib), mode=ctypes.RTLD_GLOBAL)
-        import tvm_ffi
-        return tvm_ffi.load_module(str(arch_dir / meta["artifact"]))[entry]
-    except Exception:
-        return None
-
-
 def get_kernel(problem: KernelKey) -> CompiledKernel:
     """The compiled kernel for a problem key (schedule resolved here), compiled at most once per process."""
     from .codegen import check_schedule, compile_kernel, template_source_hash
@@ -117,7 +86,6 @@ def get_kernel(problem: KernelKey) -> CompiledKernel:
         hit = _LOADED.get(problem.problem)
         if hit is not None:
             return hit
-        from .build import find_prebuilt
         from .schedules import default_schedule, tuned_best
         t0 = time.perf_counter()
         # A prebuilt kernel of the tuned (else default) schedule was checked by its build: open it
@@ -149,7 +117,6 @@ def load_scheduled(key: KernelKey) -> CompiledKernel:
     """The kernel of a key that carries its own schedule (a variant a benchmark or test runs, not
     necessarily the one get_kernel resolves): prebuilt in generated/ if built there (`nsa-codegen
     build --variant`), else compiled into the disk cache. Not remembered in the process."""
-    from .build import find_prebuilt
     from .codegen import compile_kernel
     if key.schedule is None:
         raise ValueError(f"{key}: load_scheduled needs a key with a schedule (KernelKey.with_schedule)")

@@ -129,7 +129,7 @@ def _parse_variants(texts: list[str]) -> dict[str, list[dict]]:
 
 def _list(args) -> int:
     import json
-    from .build import generated_dirs
+    from .prebuilt import generated_dirs
     from .cache import versioned_dir
     rows = []
     for root in generated_dirs():
@@ -150,7 +150,7 @@ def _list(args) -> int:
 
 def _show(args) -> int:
     import json
-    from .build import generated_dirs
+    from .prebuilt import generated_dirs
     from .cache import versioned_dir
     key = args.key.strip("/")
     name = key.replace("/", "__")

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from nsa_codegen import NSASpec
-from nsa_codegen.build import artifact_ok, build, default_build_set, plan_keys
+from nsa_codegen.build import build, default_build_set, plan_keys
+from nsa_codegen.prebuilt import artifact_ok
 from nsa_codegen.cli import main
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
@@ -65,7 +66,7 @@ def test_build_is_idempotent_detects_corruption_and_loads_without_nvcc(tmp_path,
     env.pop("CUDA_HOME", None)
     # get_kernel opens it through TVM-FFI: no compiler, and not even a TileLang import.
     code = ("import shutil, sys; assert shutil.which('nvcc') is None;"
-            "from nsa_codegen.build import find_prebuilt, plan_keys; from tests.test_build import WINDOW_ONLY;"
+            "from nsa_codegen.build import plan_keys; from nsa_codegen.prebuilt import find_prebuilt; from tests.test_build import WINDOW_ONLY;"
             "from nsa_codegen.cache import get_kernel; from nsa_codegen.lowering import lower_to_plan;"
             "ck = get_kernel(lower_to_plan(WINDOW_ONLY).calls[0].key); imported = 'tilelang' in sys.modules;"
             "k = plan_keys({'w': WINDOW_ONLY}, 'sm90')[0][0];"  # (checking templates imports TileLang)
