@@ -97,8 +97,11 @@ class NativeSparseAttention(nn.Module):
 
     def _project(self, x):
         """x [B, T, hidden] -> q [B, T, HQ, Dk], gates (g_cmp, g_slc, g_win) [B, T, HQ], {branch: (k, v)}."""
-        if x.dim() != 3:
-            raise ValueError(f"x must be [B, T, hidden], got shape {list(x.shape)}")
+        if x.dim() != 3 or x.shape[-1] != self.q_proj.in_features:
+            raise ValueError(f"x must be [B, T, hidden] with hidden = {self.q_proj.in_features}, "
+                             f"got shape {list(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
         spec = self.spec
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, spec.heads, spec.head_dim)

@@ -513,6 +513,8 @@ def nsa_attention(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
                                  cu_seqlens, return_indices, forward=nsa_attention)
     T = q.shape[1]
     c, s = spec.compression, spec.selection
+    if s is not None and block_indices is not None:
+        reference.check_block_indices(block_indices, q, spec)
     plan = lower_to_plan(spec, _arch(q), explicit_indices=block_indices is not None)
     scale = spec.scale if spec.scale is not None else -1.0
     env = {"q": q, "k": k, "v": v, "k_win": k if k_win is None else k_win, "v_win": v if v_win is None else v_win,

@@ -88,6 +88,18 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _weighted_values(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """p @ v (matmul broadcasting) where a value no row weighs stays out of every row: 0 * Inf is NaN,
+    so a non-finite value is zeroed first and only the rows that give it weight (p > 0) get NaN in
+    its feature. The mask is what keeps a future or unselected token's NaN/Inf out of an output."""
+    if bool(torch.isfinite(v).all()):
+        return p @ v
+    bad = ~torch.isfinite(v)
+    o = p @ v.masked_fill(bad, 0)
+    hit = ((p > 0).to(p.dtype) @ bad.to(p.dtype)) > 0
+    return o.masked_fill(hit, float("nan"))
+
+
 def _masked_softmax(s: torch.Tensor, mask: torch.Tensor):
     """s [..., K] (float32/64), mask broadcastable -> (p, lse); rows with no key give p = 0, lse = -inf."""
     s = s.masked_fill(~mask, float("-inf"))
@@ -112,7 +124,7 @@ def compression_attention(q, k_cmp, v_cmp, block: int, stride: int, first_block:
     mask = compressed_visible(t, N, block, stride, first_block)  # [Tq, N]
     s = _acc(torch.einsum("bthgd,bchd->bthgc", q.view(B, Tq, H, G, -1), k_cmp)) * sc
     p, lse = _masked_softmax(s, mask[None, :, None, None, :])
-    o = torch.einsum("bthgc,bchd->bthgd", p.to(v_cmp.dtype), v_cmp).reshape(B, Tq, HQ, Dv)
+    o = _weighted_values(p.to(v_cmp.dtype), v_cmp.permute(0, 2, 1, 3)[:, None]).reshape(B, Tq, HQ, Dv)
     lse = lse.reshape(B, Tq, HQ)
     if return_probs:
         return o, lse, p.reshape(B, Tq, HQ, N)
@@ -247,7 +259,7 @@ def selection_attention(q, k, v, block_indices, sel_block: int, scale: Optional[
         qc = q[:, t0:t1].view(B, Tc, H, G, Dk)
         s = _acc(qc @ ks.transpose(-1, -2)) * sc  # [B, Tc, H, G, n*l']
         p, lse = _masked_softmax(s, valid[:, :, :, None, :])
-        o = p.to(vs.dtype) @ vs  # [B, Tc, H, G, Dv]
+        o = _weighted_values(p.to(vs.dtype), vs)  # [B, Tc, H, G, Dv]
         out.append(o.reshape(B, Tc, HQ, Dv))
         lses.append(lse.reshape(B, Tc, HQ))
     return torch.cat(out, 1), torch.cat(lses, 1)
@@ -273,7 +285,7 @@ def window_attention(q, k, v, window: int, scale: Optional[float] = None):
         sp = torch.arange(s0, t1, device=q.device)[None, :]
         mask = (sp <= t) & (sp > t - window)
         p, lse = _masked_softmax(s, mask[None, None, :, None, :])
-        o = p.to(v.dtype).view(B, H, Tc * G, -1) @ v[:, s0:t1].permute(0, 2, 1, 3)  # [B, H, Tc*G, Dv]
+        o = _weighted_values(p.to(v.dtype).view(B, H, Tc * G, -1), v[:, s0:t1].permute(0, 2, 1, 3))  # [B, H, Tc*G, Dv]
         out.append(o.view(B, H, Tc, G, Dv).permute(0, 2, 1, 3, 4).reshape(B, Tc, HQ, Dv))
         lses.append(lse.permute(0, 2, 1, 3).reshape(B, Tc, HQ))
     return torch.cat(out, 1), torch.cat(lses, 1)
@@ -320,6 +332,13 @@ def block_keys(q, k_cmp, v_cmp, spec: NSASpec, T: int, t_offset: int = 0) -> tor
 # The whole layer
 # ------------------------------------------------------------------------------------------------
 def _check_inputs(q, k, v, spec: NSASpec):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if x.dtype != q.dtype or x.device != q.device:
+            raise ValueError(f"{name} is {x.dtype} on {x.device} but q is {q.dtype} on {q.device}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be 4-D: q [B, T, HQ, Dk], k [B, T, H, Dk], v [B, T, H, Dv]")
     B, T, HQ, Dk = q.shape
@@ -329,6 +348,38 @@ def _check_inputs(q, k, v, spec: NSASpec):
         raise ValueError(f"k must be [{B}, {T}, {spec.kv_heads}, {spec.head_dim}], got {list(k.shape)}")
     if tuple(v.shape) != (B, T, spec.kv_heads, spec.v_head_dim):
         raise ValueError(f"v must be [{B}, {T}, {spec.kv_heads}, {spec.v_head_dim}], got {list(v.shape)}")
+
+
+def _check_gates(q, spec: NSASpec, **gates):
+    """Each gate of a branch that is on must be a floating [B, T, HQ] tensor (off: ignored, may be None)."""
+    on = {"g_cmp": spec.compression, "g_slc": spec.selection, "g_win": spec.window}
+    for name, g in gates.items():
+        if on[name] is None:
+            continue
+        if not isinstance(g, torch.Tensor):
+            raise ValueError(f"{name} is required (its branch is on): a [B, T, HQ] tensor, got {type(g).__name__}")
+        if tuple(g.shape) != tuple(q.shape[:3]) or not g.is_floating_point():
+            raise ValueError(f"{name} must be a floating [B, T, HQ] = {list(q.shape[:3])} tensor, "
+                             f"got {g.dtype} {list(g.shape)}")
+
+
+def check_block_indices(block_indices, q, spec: NSASpec) -> None:
+    """block_indices must be an integer [B, T, H, top_n] tensor of block ids in [-1, ceil(T / block)):
+    -1 is a pad; a block that starts after its token is allowed and contributes nothing."""
+    s = spec.selection
+    B, T = q.shape[:2]
+    want = (B, T, spec.kv_heads, s.top_n)
+    if not isinstance(block_indices, torch.Tensor) or block_indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block_indices must be an int32 or int64 tensor {list(want)}, got "
+                         f"{getattr(block_indices, 'dtype', type(block_indices).__name__)}")
+    if tuple(block_indices.shape) != want:
+        raise ValueError(f"block_indices must be [B, T, H, top_n] = {list(want)}, got {list(block_indices.shape)}")
+    NS = num_selection_blocks(T, s.block)
+    if block_indices.numel():
+        lo, hi = int(block_indices.min()), int(block_indices.max())
+        if lo < -1 or hi >= NS:
+            raise ValueError(f"block_indices must lie in [-1, {NS}) (-1 = pad; {NS} blocks of {s.block} in "
+                             f"T = {T}), got values in [{lo}, {hi}]")
 
 
 def nsa_reference(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_cmp=None, k_win=None,
@@ -343,11 +394,18 @@ def nsa_reference(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
     Returns o [B, T, HQ, Dv], plus block indices [B, T, H, n] (-1 padded) with return_indices.
     """
     _check_inputs(q, k, v, spec)
+    _check_gates(q, spec, g_cmp=g_cmp, g_slc=g_slc, g_win=g_win)
     if cu_seqlens is not None:
         return _packed(q, k, v, g_cmp, g_slc, g_win, spec, k_cmp, v_cmp, k_win, v_win, block_indices,
                        cu_seqlens, return_indices)
     B, T = q.shape[:2]
     c, s = spec.compression, spec.selection
+    if s is not None and block_indices is not None:
+        check_block_indices(block_indices, q, spec)
+    if T == 0:  # defined: an empty output (and empty block lists)
+        out = q.new_zeros(B, 0, spec.heads, spec.v_head_dim)
+        idx = q.new_zeros(B, 0, spec.kv_heads, s.top_n, dtype=torch.int32) if s is not None else None
+        return (out, idx) if return_indices else out
     out = torch.zeros(B, T, spec.heads, spec.v_head_dim, dtype=_acc(q[:0]).dtype, device=q.device)
     indices = None
     if s is not None and block_indices is None and c is None:
@@ -384,6 +442,11 @@ def _packed(q, k, v, g_cmp, g_slc, g_win, spec, k_cmp, v_cmp, k_win, v_win, bloc
     forward = forward or nsa_reference
     if q.shape[0] != 1:
         raise ValueError(f"with cu_seqlens, q must be packed as [1, total, HQ, D], got batch {q.shape[0]}")
+    if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2
+            or cu_seqlens.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"cu_seqlens must be a 1-D int32 / int64 tensor [S + 1] (offsets of S sequences), got "
+                         f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)} "
+                         f"{list(getattr(cu_seqlens, 'shape', []))}")
     bounds = [int(x) for x in cu_seqlens.tolist()]
     if bounds[0] != 0 or bounds[-1] != q.shape[1] or any(a > b for a, b in zip(bounds, bounds[1:])):
         raise ValueError(f"cu_seqlens must rise from 0 to total tokens {q.shape[1]}, got {bounds}")

@@ -69,8 +69,14 @@ def test_layer_rejects_bad_input():
     layer = NativeSparseAttention(32, SPEC)
     with pytest.raises(ValueError, match=r"x must be \[B, T, hidden\]"):
         layer(torch.randn(10, 32))
+    with pytest.raises(ValueError, match=r"hidden = 32, got shape \[1, 10, 16\]"):
+        layer(torch.randn(1, 10, 16))
+    with pytest.raises(ValueError, match="floating-point"):
+        layer(torch.ones(1, 10, 32, dtype=torch.int64))
     with pytest.raises(TypeError, match="NSASpec"):
         NativeSparseAttention(32, {"heads": 4})
+    # T = 0 is defined: an empty output
+    assert layer(torch.randn(2, 0, 32)).shape == (2, 0, 32)
 
 
 def _decode_on_own_selection(layer, x_new, cache):

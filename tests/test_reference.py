@@ -281,6 +281,68 @@ def test_bad_shapes_name_the_tensor():
         ref.nsa_reference(q[..., :32], k, v, *gates, SMALL)
 
 
+def test_hostile_inputs_raise_errors_that_name_the_argument():
+    q, k, v, gates = _inputs(40)
+    n = SMALL.selection.top_n
+    idx = torch.zeros(1, 40, SMALL.kv_heads, n, dtype=torch.int64)
+    cases = [
+        (lambda: ref.nsa_reference(q.int(), k, v, *gates, SMALL), "^q must be a floating-point"),
+        (lambda: ref.nsa_reference(q, k.float(), v, *gates, SMALL), "^k is torch.float32"),
+        (lambda: ref.nsa_reference(q, k, v, gates[0][..., :1], *gates[1:], SMALL), "^g_cmp must be"),
+        (lambda: ref.nsa_reference(q, k, v, gates[0], None, gates[2], SMALL), "^g_slc is required"),
+        (lambda: ref.nsa_reference(q, k, v, *gates, SMALL, block_indices=idx.float()), "^block_indices must be an int"),
+        (lambda: ref.nsa_reference(q, k, v, *gates, SMALL, block_indices=idx[..., :1]), r"^block_indices must be \[B"),
+        (lambda: ref.nsa_reference(q, k, v, *gates, SMALL, block_indices=idx + 99), r"^block_indices must lie in \[-1"),
+        (lambda: ref.nsa_reference(q, k, v, *gates, SMALL, block_indices=idx - 2), r"^block_indices must lie in \[-1"),
+        (lambda: ref.nsa_reference(q, k, v, *gates, SMALL, cu_seqlens=torch.tensor([0.0, 40.0])), "^cu_seqlens must be"),
+        (lambda: ref.nsa_reference(q, k, v, *gates, SMALL, cu_seqlens=torch.tensor([[0, 40]])), "^cu_seqlens must be"),
+        (lambda: ref.nsa_reference(q, k, v, *gates, SMALL, cu_seqlens=torch.tensor([0, 50, 40])), "^cu_seqlens must rise"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_defined_results_for_edge_inputs():
+    q, k, v, gates = _inputs(40)
+    # T = 0: an empty output and empty block lists
+    o, idx = ref.nsa_reference(q[:, :0], k[:, :0], v[:, :0], *(g[:, :0] for g in gates), SMALL, return_indices=True)
+    assert o.shape == (1, 0, SMALL.heads, SMALL.v_head_dim) and idx.shape == (1, 0, SMALL.kv_heads, SMALL.selection.top_n)
+    # non-contiguous and stride-0 inputs compute the same function as their contiguous copies
+    want = ref.nsa_reference(q, k, v, *gates, SMALL)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    torch.testing.assert_close(ref.nsa_reference(qt, k, v, *gates, SMALL), want)
+    k0 = k[:, :1].expand_as(k)
+    torch.testing.assert_close(ref.nsa_reference(q, k0, v, *gates, SMALL),
+                               ref.nsa_reference(q, k0.contiguous(), v, *gates, SMALL))
+    # blocks after the token are allowed and contribute nothing
+    base = torch.full((1, 40, SMALL.kv_heads, SMALL.selection.top_n), -1, dtype=torch.int64)
+    base[..., 0] = 0
+    future = base.clone()
+    future[..., 1] = ref.num_selection_blocks(40, SMALL.selection.block) - 1
+    early = slice(0, SMALL.selection.block * (future[0, 0, 0, 1].item()))
+    torch.testing.assert_close(ref.nsa_reference(q, k, v, *gates, SMALL, block_indices=future)[:, early],
+                               ref.nsa_reference(q, k, v, *gates, SMALL, block_indices=base)[:, early])
+
+
+@pytest.mark.parametrize("what", ["q", "k", "v"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_token_reaches_only_the_outputs_that_see_it(what, value):
+    """Causally: a NaN/Inf at token s leaves every output t < s finite (all three branches), in the
+    reference and in each branch alone; and with cu_seqlens, other sequences' outputs too."""
+    T, s = 96, 61
+    q, k, v, gates = _inputs(T)
+    x = {"q": q, "k": k, "v": v}
+    x[what] = x[what].clone()
+    x[what][:, s] = value
+    o = ref.nsa_reference(x["q"], x["k"], x["v"], *gates, SMALL)
+    assert torch.isfinite(o[:, :s]).all(), f"a {value} {what} at token {s} reached an earlier output"
+    assert not torch.isfinite(o[:, s]).all(), "the token itself must see it"
+    cu = torch.tensor([0, s, T])      # s starts the second sequence: the first never sees it
+    o = ref.nsa_reference(x["q"], x["k"], x["v"], *gates, SMALL, cu_seqlens=cu)
+    assert torch.isfinite(o[:, :s]).all()
+
+
 def test_low_precision_reference_is_close_to_fp64():
     T = 257
     q, k, v, gates = _inputs(T, dtype=torch.float64)
