@@ -2,13 +2,13 @@
 
 Import costs nothing GPU-side: TileLang and the compiled kernels load on first use.
 """
-from .spec import (CompressionBranch, NSASpec, SelectionBranch, SpecError, WindowBranch)
+from .spec import (CompressionBranch, KernelSupportError, NSASpec, SelectionBranch, SpecError, WindowBranch)
 from .reference import nsa_reference
 from .layer import NativeSparseAttention
 
 __version__ = "0.1.0"
 
-__all__ = ["NSASpec", "CompressionBranch", "SelectionBranch", "WindowBranch", "SpecError",
+__all__ = ["NSASpec", "CompressionBranch", "SelectionBranch", "WindowBranch", "SpecError", "KernelSupportError",
            "nsa_reference", "NativeSparseAttention", "nsa_attention", "__version__"]
 
 

@@ -61,6 +61,17 @@ def _spec_validate(args) -> int:
             continue
         print(f"{path}: ok (HQ={spec.heads} H={spec.kv_heads} G={spec.group} Dk={spec.head_dim} "
               f"Dv={spec.v_head_dim} {spec.dtype})")
+        if args.arch:
+            from .lowering import normalize_arch
+            from .spec import kernel_support
+            problems = kernel_support(spec)
+            if not problems:
+                print(f"  {normalize_arch(args.arch)} kernels: cover it")
+            for name, why in problems:
+                print(f"  {normalize_arch(args.arch)} kernels: {name}: {why}")
+            if problems:
+                print("  (the reference, nsa_codegen.reference / backend='reference', runs it)")
+                status = 1
     return status
 
 
@@ -239,8 +250,9 @@ def main(argv=None) -> int:
     p.set_defaults(fn=_doctor)
     p = sub.add_parser("spec", help="work with spec files")
     spec_sub = p.add_subparsers(dest="spec_command", required=True)
-    pv = spec_sub.add_parser("validate", help="validate NSA spec YAML files")
+    pv = spec_sub.add_parser("validate", help="validate NSA spec YAML files (and, with --arch, kernel support)")
     pv.add_argument("files", nargs="+")
+    pv.add_argument("--arch", help="also say whether this arch's kernels cover each spec (exit 1 if not)")
     pv.set_defaults(fn=_spec_validate)
     p = sub.add_parser("build", help="ahead-of-time build of kernels into generated/<arch>/")
     p.add_argument("--arch", required=True, help="sm80 or sm90 (sm90 builds sm_90a kernels)")

@@ -9,11 +9,13 @@ Positional encoding (e.g. RoPE) is the caller's: apply it to x or to q/k before 
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from . import reference
-from .spec import NSASpec
+from .spec import NSASpec, check_kernel_support, kernel_support
 
 
 class MeanCompressor(nn.Module):
@@ -121,7 +123,7 @@ class NativeSparseAttention(nn.Module):
             k_cmp, v_cmp = self._compress(*kv["cmp"], cu_seqlens)
         if "win" in kv:
             k_win, v_win = kv["win"]
-        attn = _attention_fn(q, self.backend)
+        attn = _attention_fn(q, self.backend, spec)
         if self.deterministic and attn is reference.nsa_reference and q.is_cuda and torch.is_grad_enabled():
             raise RuntimeError("deterministic=True: the reference backend's backward on CUDA is not deterministic "
                                "(atomic scatter-add); use backend='kernels'")
@@ -168,7 +170,7 @@ class NativeSparseAttention(nn.Module):
         q, gates, kv = self._project(x_new)
         B, s = q.shape[:2]
         self._append(cache, kv)
-        use_kernels = self.backend != "reference" and q.is_cuda
+        use_kernels = _attention_fn(q, self.backend, spec) is not reference.nsa_reference
         fn = nsa_decode if use_kernels else nsa_decode_reference
         o = fn(q.to(cache.dtype), cache, *(g.to(cache.dtype) for g in gates), spec)
         return self.o_proj(o.to(x_new.dtype).reshape(B, s, spec.heads * spec.v_head_dim))
@@ -189,13 +191,28 @@ def _main_kv(kv: dict):
     return kv.get("slc") or kv.get("win") or kv["cmp"]
 
 
-def _attention_fn(q: torch.Tensor, backend: str = "auto"):
-    """The compiled-kernel op on CUDA (backend auto/kernels), the reference otherwise."""
+_WARNED: set = set()
+
+
+def _attention_fn(q: torch.Tensor, backend: str, spec: NSASpec):
+    """The compiled-kernel op on CUDA (backend auto/kernels), the reference otherwise. A spec the
+    kernels do not cover raises with backend='kernels'; with 'auto' on CUDA it runs the reference,
+    after one warning per spec that names why (it is far slower)."""
     if backend == "reference":
         return reference.nsa_reference
     if backend == "kernels" and not q.is_cuda:
         raise ValueError(f"backend='kernels' needs CUDA tensors, got device {q.device}")
-    if q.is_cuda:
-        from .ops import nsa_attention
-        return nsa_attention
-    return reference.nsa_reference
+    if not q.is_cuda:
+        return reference.nsa_reference
+    if backend == "kernels":
+        check_kernel_support(spec)
+    elif kernel_support(spec):
+        if spec not in _WARNED:
+            _WARNED.add(spec)
+            why = "; ".join(f"{n}: {w}" for n, w in kernel_support(spec))
+            warnings.warn(f"NativeSparseAttention: the kernels do not cover this spec ({why}); running the "
+                          f"PyTorch reference on CUDA instead (slow; backend='kernels' makes this an error)",
+                          stacklevel=3)
+        return reference.nsa_reference
+    from .ops import nsa_attention
+    return nsa_attention

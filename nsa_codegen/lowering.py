@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, replace
 
 from .kernel_key import KernelKey
-from .spec import NSASpec
+from .spec import NSASpec, check_kernel_support
 
 ARCH_ALIASES = {"sm90": "sm90", "sm_90": "sm90", "sm_90a": "sm90", "sm90a": "sm90", "hopper": "sm90",
                 "sm80": "sm80", "sm_80": "sm80", "ampere": "sm80"}
@@ -84,9 +84,11 @@ def _key_fields(spec: NSASpec, arch: str) -> dict:
 def lower_to_plan(spec: NSASpec, arch: str = "sm90", explicit_indices: bool = False) -> KernelPlan:
     """The kernels that compute `spec`'s forward on `arch`, in order.
 
-    explicit_indices: the caller passes block_indices, so no scoring / top-n kernel runs.
+    explicit_indices: the caller passes block_indices, so no scoring / top-n kernel runs. A valid spec
+    the kernels do not cover raises KernelSupportError naming the fields and the kernels concerned.
     """
     arch = normalize_arch(arch)
+    check_kernel_support(spec)
     c, s = spec.compression, spec.selection
     common = _key_fields(spec, arch)
     calls, combine = [], []
@@ -133,6 +135,7 @@ def lower_decode(spec: NSASpec, arch: str = "sm90", q_len: int = 1, separate_win
     `capacity` tokens: split-KV compression attention (+ scores for top-n), chunked top-n, split-KV
     selection + window, and the combine with the gates. Needs all three branches."""
     arch = normalize_arch(arch)
+    check_kernel_support(spec)
     c, s, w = spec.compression, spec.selection, spec.window
     if c is None or s is None or w is None:
         raise ValueError("decode needs all three branches (compression, selection, window) on")

@@ -2,8 +2,13 @@
 
 A spec says *what* attention to compute (heads, head dims, the three branches and their block
 sizes); it says nothing about how (that is the schedule's job). Every field has one meaning,
-documented in `nsa_codegen.reference`, and every value outside the supported matrix raises
-`SpecError` naming the field and what is supported.
+documented in `nsa_codegen.reference`. Two levels of checking:
+  validity   NSA's own rules (positive sizes, stride | block, top_n >= initial + local, ...): an
+             invalid spec raises `SpecError` naming the field; the reference and the layer run
+             every valid spec (on the CPU, or on CUDA through the reference);
+  kernels    what the compiled kernels cover (`kernel_support`, the SUPPORTED_* matrix below):
+             lowering raises `KernelSupportError` naming the field, the kernel kinds it concerns
+             and the supported values.
 """
 from __future__ import annotations
 
@@ -15,6 +20,9 @@ from typing import Any, Mapping
 
 import yaml
 
+DTYPES = ("bfloat16", "float16", "float32")  # valid specs (the reference computes in any of them)
+POOLS = ("mlp", "mean")
+# The compiled kernels' support matrix.
 SUPPORTED_DTYPES = ("bfloat16", "float16")
 SUPPORTED_HEAD_DIMS = (64, 128, 192, 256)
 SUPPORTED_V_HEAD_DIMS = (64, 128)
@@ -27,11 +35,15 @@ WINDOW_RANGE = (64, 1024)  # a window is 0 (off) or in this closed range
 
 
 class SpecError(ValueError):
-    """An NSA spec field holds a value that is invalid or outside the supported matrix."""
+    """An NSA spec field holds an invalid value."""
 
     def __init__(self, field_name: str, message: str):
         self.field = field_name
         super().__init__(f"{field_name}: {message}")
+
+
+class KernelSupportError(SpecError):
+    """A valid spec the compiled kernels do not cover (the reference still runs it)."""
 
 
 @dataclass(frozen=True)
@@ -82,8 +94,9 @@ class NSASpec:
                                  ("window", WindowBranch)):
             object.__setattr__(self, name, _branch_from(name, branch_cls, getattr(self, name)))
         if self.v_head_dim is None:
-            # Default: Dv = Dk, or 128 where Dk is wider than any supported Dv (the paper's 192/128).
-            dv = self.head_dim if self.head_dim in SUPPORTED_V_HEAD_DIMS else 128
+            # Default: Dv = Dk, or 128 where Dk is one of the kernels' head dims wider than any of
+            # their Dv (the paper's 192 / 128).
+            dv = 128 if self.head_dim in SUPPORTED_HEAD_DIMS and self.head_dim > 128 else self.head_dim
             object.__setattr__(self, "v_head_dim", dv)
         if isinstance(self.window, WindowBranch) and self.window.size == 0:
             object.__setattr__(self, "window", None)
@@ -166,17 +179,15 @@ def _one_of(name: str, value, supported) -> None:
 
 
 def validate(spec: NSASpec) -> None:
-    """Raise SpecError for the first field that is invalid or outside the support matrix."""
+    """Raise SpecError for the first field that breaks NSA's own rules (not the kernels' matrix:
+    see kernel_support)."""
     _int("heads", spec.heads)
     _int("kv_heads", spec.kv_heads)
     if spec.heads % spec.kv_heads:
         raise SpecError("kv_heads", f"heads ({spec.heads}) must be divisible by kv_heads ({spec.kv_heads})")
-    _one_of("group (heads / kv_heads)", spec.heads // spec.kv_heads, SUPPORTED_GROUPS)
     _int("head_dim", spec.head_dim)
-    _one_of("head_dim", spec.head_dim, SUPPORTED_HEAD_DIMS)
     _int("v_head_dim", spec.v_head_dim)
-    _one_of("v_head_dim", spec.v_head_dim, SUPPORTED_V_HEAD_DIMS)
-    _one_of("dtype", spec.dtype, SUPPORTED_DTYPES)
+    _one_of("dtype", spec.dtype, DTYPES)
     if spec.causal is not True:
         raise SpecError("causal", "only causal NSA is supported (causal: true)")
     if spec.scale is not None:
@@ -188,20 +199,16 @@ def validate(spec: NSASpec) -> None:
         if not isinstance(c, CompressionBranch):
             raise SpecError("compression", "must be a CompressionBranch or null")
         _int("compression.block", c.block)
-        _one_of("compression.block", c.block, SUPPORTED_CMP_BLOCKS)
         _int("compression.stride", c.stride)
         if c.block % c.stride:
             raise SpecError("compression.stride", f"stride ({c.stride}) must divide compression.block ({c.block})")
-        _one_of("compression.pool", c.pool, SUPPORTED_POOLS)
+        _one_of("compression.pool", c.pool, POOLS)
         _int("compression.first_block", c.first_block, minimum=0)
     if s is not None:
         if not isinstance(s, SelectionBranch):
             raise SpecError("selection", "must be a SelectionBranch or null")
         _int("selection.block", s.block)
-        _one_of("selection.block", s.block, SUPPORTED_SEL_BLOCKS)
         _int("selection.top_n", s.top_n)
-        if s.top_n > MAX_TOP_N:
-            raise SpecError("selection.top_n", f"at most {MAX_TOP_N} is supported, got {s.top_n}")
         _int("selection.initial", s.initial, minimum=0)
         _int("selection.local", s.local, minimum=0)
         if s.top_n < s.initial + s.local:
@@ -214,8 +221,50 @@ def validate(spec: NSASpec) -> None:
         if not isinstance(w, WindowBranch):
             raise SpecError("window", "must be a WindowBranch or null")
         _int("window.size", w.size, minimum=0)
-        lo, hi = WINDOW_RANGE
-        if not lo <= w.size <= hi:
-            raise SpecError("window.size", f"must be 0 (off) or in [{lo}, {hi}], got {w.size}")
     if c is None and s is None and w is None:
         raise SpecError("spec", "every branch is switched off; enable compression, selection or window")
+
+
+# Kernel kinds each spec field concerns (for kernel-support errors).
+_ALL = "every kernel"
+_FIELD_KINDS = {
+    "group (heads / kv_heads)": _ALL, "head_dim": _ALL, "v_head_dim": _ALL, "dtype": _ALL,
+    "compression.block": "compression_fwd, selection_topn, compression_bwd_*, decode_cmp / decode_topn",
+    "selection.block": "selection_topn, selection_fwd, selection_bwd_*, decode_topn / decode_sparse",
+    "selection.top_n": "selection_topn, selection_fwd, selection_bwd_*, decode_topn / decode_sparse",
+    "window.size": "window_fwd, window_bwd_*, decode_sparse",
+}
+
+
+def kernel_support(spec: NSASpec) -> list[tuple[str, str]]:
+    """(field, why) for every field of a valid spec outside the compiled kernels' support matrix;
+    empty when the kernels cover the spec."""
+    out = []
+
+    def need(name, value, ok, supported):
+        if not ok:
+            out.append((name, f"{value!r} is not supported by the kernels ({_FIELD_KINDS[name]}); "
+                              f"supported: {supported}"))
+    need("group (heads / kv_heads)", spec.group, spec.group in SUPPORTED_GROUPS, list(SUPPORTED_GROUPS))
+    need("head_dim", spec.head_dim, spec.head_dim in SUPPORTED_HEAD_DIMS, list(SUPPORTED_HEAD_DIMS))
+    need("v_head_dim", spec.v_head_dim, spec.v_head_dim in SUPPORTED_V_HEAD_DIMS, list(SUPPORTED_V_HEAD_DIMS))
+    need("dtype", spec.dtype, spec.dtype in SUPPORTED_DTYPES, list(SUPPORTED_DTYPES))
+    c, s, w = spec.compression, spec.selection, spec.window
+    if c is not None:
+        need("compression.block", c.block, c.block in SUPPORTED_CMP_BLOCKS, list(SUPPORTED_CMP_BLOCKS))
+    if s is not None:
+        need("selection.block", s.block, s.block in SUPPORTED_SEL_BLOCKS, list(SUPPORTED_SEL_BLOCKS))
+        need("selection.top_n", s.top_n, s.top_n <= MAX_TOP_N, f"1..{MAX_TOP_N}")
+    if w is not None:
+        lo, hi = WINDOW_RANGE
+        need("window.size", w.size, lo <= w.size <= hi, f"{lo}..{hi} (or 0: off)")
+    return out
+
+
+def check_kernel_support(spec: NSASpec) -> None:
+    """Raise KernelSupportError naming every field of `spec` the kernels do not cover."""
+    problems = kernel_support(spec)
+    if problems:
+        raise KernelSupportError(problems[0][0], "; ".join(f"{n}: {why}" if i else why
+                                                           for i, (n, why) in enumerate(problems))
+                                 + " -- the reference (nsa_codegen.reference, backend='reference') runs this spec")

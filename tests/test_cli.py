@@ -25,13 +25,22 @@ def test_spec_validate(tmp_path, capsys):
     good = tmp_path / "good.yaml"
     good.write_text("heads: 64\nkv_heads: 4\nhead_dim: 128\n")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("heads: 64\nkv_heads: 4\nhead_dim: 100\n")
+    bad.write_text("heads: 64\nkv_heads: 4\nhead_dim: 0\n")
+    beyond = tmp_path / "beyond.yaml"   # valid NSA (head dim 100) the kernels do not cover
+    beyond.write_text("heads: 64\nkv_heads: 4\nhead_dim: 100\n")
     assert main(["spec", "validate", str(good)]) == 0
     assert "ok" in capsys.readouterr().out
     assert main(["spec", "validate", str(good), str(bad)]) == 1
     err = capsys.readouterr().err
-    assert "head_dim" in err and "supported" in err
+    assert "head_dim" in err and ">= 1" in err
     assert main(["spec", "validate", str(tmp_path / "missing.yaml")]) == 1
+    capsys.readouterr()
+    assert main(["spec", "validate", str(beyond)]) == 0            # valid
+    assert main(["spec", "validate", "--arch", "sm90", str(good)]) == 0
+    assert "sm90 kernels: cover it" in capsys.readouterr().out
+    assert main(["spec", "validate", "--arch", "sm90", str(beyond)]) == 1
+    out = capsys.readouterr().out
+    assert "sm90 kernels: head_dim: 100 is not supported" in out and "reference" in out
 
 
 def test_console_entry_point_runs_as_module():

@@ -135,3 +135,25 @@ def test_prefill_then_decode_equals_the_full_forward(pool, device):
         torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2)
         t += s
     assert cache.lengths == [T, T]
+
+
+@pytest.mark.gpu
+def test_layer_beyond_the_kernels_on_cuda_warns_once_or_raises():
+    """backend='auto' on CUDA runs a spec the kernels do not cover through the reference, after one
+    warning naming why; backend='kernels' refuses it."""
+    import warnings
+    from nsa_codegen import KernelSupportError
+    spec = NSASpec(heads=4, kv_heads=2, head_dim=96, dtype="float16",
+                   compression=dict(block=16, stride=16, pool="mean"), selection=dict(block=32, top_n=4),
+                   window=dict(size=64))
+    layer = NativeSparseAttention(32, spec).cuda()
+    x = torch.randn(1, 100, 32, device="cuda")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        y1, y2 = layer(x), layer(x)
+    msgs = [str(w.message) for w in seen if "do not cover" in str(w.message)]
+    assert len(msgs) == 1 and "head_dim: 96" in msgs[0]
+    torch.testing.assert_close(y1, y2)
+    strict = NativeSparseAttention(32, spec, backend="kernels").cuda()
+    with pytest.raises(KernelSupportError, match="head_dim"):
+        strict(x)

@@ -1,8 +1,11 @@
 import dataclasses
+import re
 
 import pytest
 
-from nsa_codegen import CompressionBranch, NSASpec, SelectionBranch, SpecError, WindowBranch
+from nsa_codegen import CompressionBranch, KernelSupportError, NSASpec, SelectionBranch, SpecError, WindowBranch
+from nsa_codegen.lowering import lower_to_plan
+from nsa_codegen.spec import kernel_support
 
 PAPER_YAML = """
 heads: 64            # query heads HQ
@@ -46,54 +49,93 @@ def test_branches_switch_off():
     assert s.v_head_dim == 64
 
 
-# (field named in the error, overrides)
+# (field named in the error, overrides): invalid NSA, whatever the kernels cover
 BAD = [
     ("kv_heads", dict(heads=64, kv_heads=5)),
-    ("group", dict(heads=64, kv_heads=1)),
     ("heads", dict(heads=0)),
-    ("head_dim", dict(head_dim=96)),
-    ("v_head_dim", dict(v_head_dim=256)),
-    ("dtype", dict(dtype="float32")),
+    ("head_dim", dict(head_dim=0)),
+    ("v_head_dim", dict(v_head_dim=-1)),
+    ("dtype", dict(dtype="int8")),
     ("causal", dict(causal=False)),
     ("scale", dict(scale=-1.0)),
-    ("compression.block", dict(compression=dict(block=48, stride=16))),
     ("compression.stride", dict(compression=dict(block=32, stride=12))),
     ("compression.stride", dict(compression=dict(block=32, stride=0))),
     ("compression.pool", dict(compression=dict(pool="max"))),
     ("compression.first_block", dict(compression=dict(first_block=-1))),
-    ("selection.block", dict(selection=dict(block=48))),
     ("selection.block", dict(compression=dict(block=64, stride=64), selection=dict(block=32))),
     ("selection.top_n", dict(selection=dict(top_n=2, initial=1, local=2))),
-    ("selection.top_n", dict(selection=dict(top_n=33))),
     ("selection.top_n", dict(selection=dict(top_n=0))),
     ("selection.initial", dict(selection=dict(initial=-1))),
     ("selection.local", dict(selection=dict(local=-2))),
-    ("window.size", dict(window=dict(size=32))),
-    ("window.size", dict(window=dict(size=2048))),
     ("window.size", dict(window=dict(size=-5))),
     ("spec", dict(compression=None, selection=None, window=None)),
     ("unknown_field", dict(unknown_field=1)),
     ("selection.topn", dict(selection=dict(topn=3))),
 ]
 
+# (field named in the kernel-support error, overrides): valid NSA the kernels do not cover
+BEYOND_KERNELS = [
+    ("group", dict(heads=64, kv_heads=1)),
+    ("head_dim", dict(head_dim=96)),
+    ("v_head_dim", dict(v_head_dim=256)),
+    ("dtype", dict(dtype="float32")),
+    ("compression.block", dict(compression=dict(block=48, stride=16))),
+    ("selection.block", dict(selection=dict(block=48))),
+    ("selection.top_n", dict(selection=dict(top_n=33))),
+    ("window.size", dict(window=dict(size=32))),
+    ("window.size", dict(window=dict(size=2048))),
+]
 
-@pytest.mark.parametrize("field,overrides", BAD, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD)])
-def test_validation_errors_name_the_field(field, overrides):
+
+def _spec_dict(overrides):
     base = NSASpec().to_dict()
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
             base[key] = {**base[key], **value}
         else:
             base[key] = value
+    return base
+
+
+@pytest.mark.parametrize("field,overrides", BAD, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD)])
+def test_validation_errors_name_the_field(field, overrides):
     with pytest.raises(SpecError) as e:
-        NSASpec.from_dict(base)
+        NSASpec.from_dict(_spec_dict(overrides))
     assert str(e.value).startswith(field), str(e.value)
     assert e.value.field == field or e.value.field.startswith(field)
 
 
+@pytest.mark.parametrize("field,overrides", BEYOND_KERNELS, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BEYOND_KERNELS)])
+def test_kernel_support_is_lowering_s_question_not_validity(field, overrides):
+    """A valid spec outside the kernels' matrix constructs, the reference runs it, and lowering
+    (hence nsa_attention and the layer's kernel path) raises naming the field and what is supported."""
+    spec = NSASpec.from_dict(_spec_dict(overrides))
+    (name, why), *_ = kernel_support(spec)
+    assert name.startswith(field) and "supported:" in why
+    with pytest.raises(KernelSupportError, match=f"^{re.escape(name)}: .*supported: .*reference"):
+        lower_to_plan(spec, "sm90")
+
+
 def test_error_says_what_is_supported():
-    with pytest.raises(SpecError, match=r"supported: \[64, 128, 192, 256\]"):
-        NSASpec(head_dim=100)
+    with pytest.raises(KernelSupportError, match=r"supported: \[64, 128, 192, 256\]"):
+        lower_to_plan(NSASpec(head_dim=100), "sm90")
+
+
+@pytest.mark.parametrize("spec", [
+    # the seed article's long-context compression (l = 256, d = 128; stride / block 0.5), an odd group
+    NSASpec(heads=48, kv_heads=8, head_dim=96, compression=dict(block=256, stride=128, pool="mean"),
+            selection=dict(block=256, top_n=3, initial=1, local=1), window=dict(size=32), dtype="float32"),
+    NSASpec(heads=6, kv_heads=2, head_dim=80, v_head_dim=48, compression=dict(block=16, stride=8, pool="mlp"),
+            selection=dict(block=24, top_n=40, initial=2, local=2), window=dict(size=5)),
+], ids=["seed_l256_g6_f32", "d80_dv48_n40"])
+def test_reference_and_layer_run_specs_beyond_the_kernels(spec):
+    import torch
+    from nsa_codegen import NativeSparseAttention
+    layer = NativeSparseAttention(32, spec)
+    y = layer(torch.randn(1, 300, 32))
+    assert y.shape == (1, 300, 32) and torch.isfinite(y).all()
+    y.square().mean().backward()
+    assert layer.q_proj.weight.grad is not None
 
 
 def test_bad_yaml_and_non_mapping():
