@@ -143,6 +143,34 @@ def check_config(cfg) -> None:
         raise ValueError("num_stages: shared memory for block/head dims/num_stages exceeds 227 KiB")
 
 
+def _online_softmax(M, N, Dv, sc):
+    """The online-softmax step both schedules run per K/V block: fold the block's logits acc_s
+    [M, N] (already masked with -inf) into the running max m, sum l and output acc_o [M, Dv], and
+    leave the block's probabilities in p for the P @ V product."""
+    ninf = -T.infinity("float32")
+
+    @T.macro
+    def step(acc_s, m, m_prev, alpha, ms, rsum, l, p, acc_o):
+        T.copy(m, m_prev)
+        T.reduce_max(acc_s, m, dim=1, clear=True)
+        for i in T.Parallel(M):
+            m[i] = T.max(m[i], m_prev[i])
+        # Rows stay at m = -inf until their first usable block; exponentiate against 0 then so no
+        # (-inf) - (-inf) = NaN appears. T.__exp is __expf (ex2.approx), fast even without fast-math.
+        for i in T.Parallel(M):
+            ms[i] = T.if_then_else(m[i] == ninf, 0, m[i] * sc)
+            alpha[i] = T.__exp(m_prev[i] * sc - ms[i])
+        for i, c in T.Parallel(M, N):
+            acc_s[i, c] = T.__exp(acc_s[i, c] * sc - ms[i])
+        T.reduce_sum(acc_s, rsum, dim=1)
+        for i in T.Parallel(M):
+            l[i] = l[i] * alpha[i] + rsum[i]
+        T.copy(acc_s, p)
+        for i, d in T.Parallel(M, Dv):
+            acc_o[i, d] *= alpha[i]
+    return step
+
+
 def build(cfg):
     """Return the (uncompiled) T.prim_func (Q, K, V, BlockIndices, O, LSE)."""
     check_config(cfg)
@@ -167,6 +195,7 @@ def _build_per_token(cfg):
     copy_ann = {"disable_tma": True}
     min_blocks = _min_blocks(cfg)
     ninf = -T.infinity(acc)
+    online_softmax = _online_softmax(M, BS, Dv, sc)
 
     B, S = T.dynamic("B, T")
 
@@ -228,24 +257,7 @@ def _build_per_token(cfg):
                     acc_s[i, c] = T.if_then_else(ok and (jl * BS + c <= t), 0, ninf)
                 T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
 
-                T.copy(m, m_prev)
-                T.reduce_max(acc_s, m, dim=1, clear=True)
-                for i in T.Parallel(M):
-                    m[i] = T.max(m[i], m_prev[i])
-                # Rows stay at m = -inf until the first usable slot; exponentiate
-                # against 0 then so no (-inf) - (-inf) = NaN appears.
-                # T.__exp is __expf (ex2.approx), fast even without fast-math.
-                for i in T.Parallel(M):
-                    ms[i] = T.if_then_else(m[i] == ninf, 0, m[i] * sc)
-                    alpha[i] = T.__exp(m_prev[i] * sc - ms[i])
-                for i, c in T.Parallel(M, BS):
-                    acc_s[i, c] = T.__exp(acc_s[i, c] * sc - ms[i])
-                T.reduce_sum(acc_s, rsum, dim=1)
-                for i in T.Parallel(M):
-                    l[i] = l[i] * alpha[i] + rsum[i]
-                T.copy(acc_s, p)
-                for i, d in T.Parallel(M, Dv):
-                    acc_o[i, d] *= alpha[i]
+                online_softmax(acc_s, m, m_prev, alpha, ms, rsum, l, p, acc_o)
                 T.copy(V[b, jl * BS:(jl + 1) * BS, h, :], V_s, annotations=copy_ann)
                 T.gemm(p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 
@@ -278,6 +290,7 @@ def _build_token_tile(cfg):
     copy_ann = {}
     min_blocks = _min_blocks(cfg)
     ninf = -T.infinity(acc)
+    online_softmax = _online_softmax(M, BS, Dv, sc)
 
     B, S = T.dynamic("B, T")
 
@@ -386,21 +399,7 @@ def _build_token_tile(cfg):
                         (Blk_s[it] * BS + cc <= t0 + i // G) & (Bias_s[it, i // G] > ninf),
                         acc_s[i, cc] + Bias_s[it, i // G], ninf)
 
-                T.copy(m, m_prev)
-                T.reduce_max(acc_s, m, dim=1, clear=True)
-                for i in T.Parallel(M):
-                    m[i] = T.max(m[i], m_prev[i])
-                for i in T.Parallel(M):
-                    ms[i] = T.if_then_else(m[i] == ninf, 0, m[i] * sc)
-                    alpha[i] = T.__exp(m_prev[i] * sc - ms[i])
-                for i, cc in T.Parallel(M, BS):
-                    acc_s[i, cc] = T.__exp(acc_s[i, cc] * sc - ms[i])
-                T.reduce_sum(acc_s, rsum, dim=1)
-                for i in T.Parallel(M):
-                    l[i] = l[i] * alpha[i] + rsum[i]
-                T.copy(acc_s, p)
-                for i, d in T.Parallel(M, Dv):
-                    acc_o[i, d] *= alpha[i]
+                online_softmax(acc_s, m, m_prev, alpha, ms, rsum, l, p, acc_o)
                 T.copy(V[b, Blk_s[it] * BS:(Blk_s[it] + 1) * BS, h, :], V_s, annotations=copy_ann)
                 T.gemm(p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 

@@ -63,19 +63,29 @@ def test_tuned_record_wins_and_broken_lines_are_skipped(tmp_path, monkeypatch):
     assert (sched, source) == (good, "tuned")
 
 
+def _tuning_log(tmp_path, monkeypatch, key):
+    """(write(records), default, other): a tune folder the schedules read for key's problem, where
+    write takes (schedule, median_ms[, correct]) records of the current template; other is the
+    default with num_stages 3."""
+    d = tmp_path / "sm90"
+    d.mkdir()
+    monkeypatch.setenv("NSA_CODEGEN_TUNING_DIR", str(tmp_path))
+    current = template_source_hash(key.kind)
+
+    def write(*records):
+        (d / "NVIDIA_H100.jsonl").write_text("\n".join(
+            json.dumps({"problem": key.problem_id, "schedule": r[0], "correct": r[2] if len(r) > 2 else True,
+                        "median_ms": r[1], "template": current}) for r in records))
+    default = schedules.default_schedule(key)
+    return write, default, {**default, "num_stages": 3}
+
+
 @pytest.mark.parametrize("tuned_ms,expect", [(0.98, "default"), (0.96, "tuned")])
 def test_tuned_schedule_must_beat_the_default_by_min_gain(tmp_path, monkeypatch, tuned_ms, expect):
     key = PLAN.calls[2].key
-    d = tmp_path / "sm90"
-    d.mkdir()
-    default = schedules.default_schedule(key)
-    other = {**default, "num_stages": 3}
+    write, default, other = _tuning_log(tmp_path, monkeypatch, key)
     assert other != default and schedules.MIN_GAIN == 0.03
-    current = template_source_hash(key.kind)
-    rec = lambda sched, ms: json.dumps({"problem": key.problem_id, "schedule": sched, "correct": True,  # noqa: E731
-                                        "median_ms": ms, "template": current})
-    (d / "NVIDIA_H100.jsonl").write_text("\n".join([rec(default, 1.0), rec(other, tuned_ms)]))
-    monkeypatch.setenv("NSA_CODEGEN_TUNING_DIR", str(tmp_path))
+    write((default, 1.0), (other, tuned_ms))
     sched, source = schedules.resolve_schedule(key, lambda s: check_schedule(key, s))
     # 2% faster is within timing noise: the default stays; 4% faster replaces it
     assert (sched, source) == ((default, "default") if expect == "default" else (other, "tuned"))
@@ -85,33 +95,18 @@ def test_no_tuned_schedule_without_a_measured_default(tmp_path, monkeypatch):
     """A record faster than nothing measured proves nothing: with no record of the default's own
     time the default stays; a default measured and found wrong does not block a correct record."""
     key = PLAN.calls[2].key
-    d = tmp_path / "sm90"
-    d.mkdir()
-    default = schedules.default_schedule(key)
-    other = {**default, "num_stages": 3}
-    current = template_source_hash(key.kind)
-    rec = lambda sched, ms, ok=True: json.dumps({"problem": key.problem_id, "schedule": sched,  # noqa: E731
-                                                 "correct": ok, "median_ms": ms, "template": current})
-    log = d / "NVIDIA_H100.jsonl"
-    monkeypatch.setenv("NSA_CODEGEN_TUNING_DIR", str(tmp_path))
+    write, default, other = _tuning_log(tmp_path, monkeypatch, key)
     feasible = lambda s: check_schedule(key, s)  # noqa: E731
-    log.write_text(rec(other, 0.5))
+    write((other, 0.5))
     assert schedules.resolve_schedule(key, feasible) == (default, "default")
-    log.write_text("\n".join([rec(other, 0.5), rec(default, None, ok=False)]))
+    write((other, 0.5), (default, None, False))
     assert schedules.resolve_schedule(key, feasible) == (other, "tuned")
 
 
 def test_records_outside_the_search_space_do_not_count(tmp_path, monkeypatch):
     key = PLAN.calls[2].key
-    d = tmp_path / "sm90"
-    d.mkdir()
-    default = schedules.default_schedule(key)
-    other = {**default, "num_stages": 3}
-    current = template_source_hash(key.kind)
-    rec = lambda sched, ms: json.dumps({"problem": key.problem_id, "schedule": sched, "correct": True,  # noqa: E731
-                                        "median_ms": ms, "template": current})
-    (d / "NVIDIA_H100.jsonl").write_text("\n".join([rec(default, 1.0), rec(other, 0.5)]))
-    monkeypatch.setenv("NSA_CODEGEN_TUNING_DIR", str(tmp_path))
+    write, default, other = _tuning_log(tmp_path, monkeypatch, key)
+    write((default, 1.0), (other, 0.5))
     feasible = lambda s: check_schedule(key, s)  # noqa: E731
     assert schedules.resolve_schedule(key, feasible) == (other, "tuned")
     # the space narrowed (num_stages no longer searched) after `other` was measured: its record
