@@ -127,6 +127,50 @@ def test_variant_builds_and_loads_without_a_compiler(tmp_path, monkeypatch):
     assert ck.prebuilt == out / "sm90" and type(ck.kernel).__name__ == "Function"
 
 
+@needs_nvcc
+@pytest.mark.compile
+def test_interrupted_concurrent_and_corrupt_builds_are_detected(tmp_path):
+    """A kernel whose meta.json is cut short or missing (a build killed mid-way) is not loaded and is
+    rebuilt; two builds into one folder at once both finish, one waiting for the other; a truncated
+    artifact in the disk cache is recompiled, never loaded."""
+    cfg = tmp_path / "win.yaml"
+    cfg.write_text(WINDOW_ONLY.to_yaml())
+    out = tmp_path / "gen"
+    cmd = [sys.executable, "-m", "nsa_codegen", "build", "--arch", "sm90", "--config", str(cfg), "--out", str(out),
+           "--forward-only", "-j", "1"]
+    root = Path(__file__).resolve().parent.parent
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root)
+             for _ in range(2)]
+    outs = [p.communicate() for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
+    summary = " ".join(o[0] for o in outs)
+    assert "2 built, 0 up-to-date" in summary and "0 built, 2 up-to-date" in summary, summary
+    keys = [k for k, _ in plan_keys({"win": WINDOW_ONLY}, "sm90", backward=False, decode=False)]
+    assert all(artifact_ok(out / "sm90", k) for k in keys)
+
+    meta = out / "sm90" / keys[0].dirname / "meta.json"
+    meta.write_text(meta.read_text()[:40])            # cut short
+    (out / "sm90" / keys[1].dirname / "meta.json").unlink()   # killed before writing it
+    assert not any(artifact_ok(out / "sm90", k) for k in keys)
+    r = build({"win": WINDOW_ONLY}, "sm90", out, jobs=1, backward=False, decode=False)
+    assert [x.status for x in r] == ["built", "built"] and all(artifact_ok(out / "sm90", k) for k in keys)
+
+    # the disk cache (no generated/): compile once, truncate the artifact, load again in a fresh process
+    env = dict(os.environ, NSA_CODEGEN_CACHE_DIR=str(tmp_path / "cache"), NSA_CODEGEN_GENERATED_DIR=str(tmp_path / "none"))
+    code = ("from nsa_codegen.cache import get_kernel; from nsa_codegen.lowering import lower_to_plan;"
+            "from tests.test_build import WINDOW_ONLY; import glob, os;"
+            "ck = get_kernel(lower_to_plan(WINDOW_ONLY).calls[0].key);"
+            "print(ck.prebuilt, '__global__' in ck.source())")
+    for _ in range(2):
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=root)
+        assert r.returncode == 0, r.stderr[-1000:]
+        assert r.stdout.split()[-2:] == ["None", "True"], r.stdout
+        libs = [p for p in (tmp_path / "cache").rglob("*.so")]
+        assert libs
+        for lib in libs:
+            lib.write_bytes(lib.read_bytes()[:100])
+
+
 def test_build_cli_errors(tmp_path, capsys, monkeypatch):
     assert main(["build", "--arch", "sm75"]) == 2
     assert "supported: sm80, sm90" in capsys.readouterr().err
