@@ -84,13 +84,16 @@ class NSAKVCache:
                  phi_k: Optional[Callable] = None, phi_v: Optional[Callable] = None):
         if not isinstance(spec, NSASpec):
             raise TypeError(f"spec must be an NSASpec, got {type(spec).__name__}")
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if int(capacity) < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        for name, value in (("batch_size", batch_size), ("capacity", capacity)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         dtype = dtype or getattr(torch, spec.dtype)
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be float16 or bfloat16, got {dtype}")
+        if dtype not in _DTYPES and dtype != torch.float32:
+            raise ValueError(f"dtype must be float16 or bfloat16 (float32: nsa_decode_reference only), got {dtype}")
+        if device is None and not torch.cuda.is_available():
+            device = "cpu"   # the reference decode runs there
         if separate_window and spec.window is None:
             raise ValueError("separate_window=True but the spec's window branch is off")
         if separate_cmp and spec.compression is None:
@@ -404,6 +407,34 @@ def _side_streams(dev: torch.device, n: int) -> list:
     return got[:n]
 
 
+def _check_step(q, cache: NSAKVCache, spec: Optional[NSASpec], gates, max_q_len: Optional[int] = None):
+    """Validate one decode step's q [B, ql, HQ, Dk] and gates [B, ql, HQ] against the cache (every
+    entry holding >= ql tokens); returns (spec, gates in q's dtype)."""
+    spec = spec or cache.spec
+    if spec != cache.spec:
+        raise ValueError("spec differs from the cache's spec")
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError("q must be a 4-D tensor [B, q_len, HQ, Dk]")
+    B, ql, HQ, Dk = q.shape
+    if B != cache.batch_size:
+        raise ValueError(f"q batch {B} != cache batch {cache.batch_size}")
+    if ql < 1 or (max_q_len is not None and ql > max_q_len):
+        raise ValueError(f"q_len must be in 1..{max_q_len or 'cached length'}, got {ql}")
+    if HQ != spec.heads or Dk != spec.head_dim:
+        raise ValueError(f"q must be [B, ql, {spec.heads}, {spec.head_dim}], got {list(q.shape)}")
+    if q.dtype != cache.dtype or q.device != cache.kv_k.device:
+        raise ValueError(f"q must be {cache.dtype} on {cache.kv_k.device}, got {q.dtype} on {q.device}")
+    out = []
+    for name, g in zip(("g_cmp", "g_slc", "g_win"), gates):
+        if not isinstance(g, torch.Tensor) or tuple(g.shape) != (B, ql, HQ) or not g.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor of shape [{B}, {ql}, {HQ}]")
+        out.append(g.to(q.dtype))
+    short = [b for b, L in enumerate(cache._lens) if L < ql]
+    if short:
+        raise ValueError(f"entry {short[0]} has {cache._lens[short[0]]} cached tokens < q_len {ql}: append first")
+    return spec, out
+
+
 def nsa_decode(q: torch.Tensor, cache: NSAKVCache, g_cmp: torch.Tensor, g_slc: torch.Tensor,
                g_win: torch.Tensor, spec: Optional[NSASpec] = None, *, return_indices: bool = False,
                num_splits: Optional[tuple] = None, num_parts: Optional[int] = None):
@@ -416,28 +447,12 @@ def nsa_decode(q: torch.Tensor, cache: NSAKVCache, g_cmp: torch.Tensor, g_slc: t
     number of batch parts run as concurrent kernel chains (_batch_parts).  No host sync; safe
     to capture in a CUDA graph (the parts fork from and join the current stream).
     """
-    spec = spec or cache.spec
-    if spec != cache.spec:
-        raise ValueError("spec differs from the cache's spec")
-    if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        raise ValueError("q must be a 4-D tensor [B, q_len, HQ, Dk]")
+    spec, gates = _check_step(q, cache, spec, (g_cmp, g_slc, g_win), max_q_len=8)
+    if cache.dtype not in _DTYPES:
+        raise ValueError(f"nsa_decode runs the kernels, which need a float16 / bfloat16 cache, got {cache.dtype} "
+                         f"(nsa_decode_reference runs any)")
     B, ql, HQ, Dk = q.shape
-    if B != cache.batch_size:
-        raise ValueError(f"q batch {B} != cache batch {cache.batch_size}")
-    if not 1 <= ql <= 8:
-        raise ValueError(f"q_len must be in 1..8, got {ql}")
-    if HQ != spec.heads or Dk != spec.head_dim:
-        raise ValueError(f"q must be [B, ql, {spec.heads}, {spec.head_dim}], got {list(q.shape)}")
-    if q.dtype != cache.dtype or q.device != cache.kv_k.device:
-        raise ValueError(f"q must be {cache.dtype} on {cache.kv_k.device}, got {q.dtype} on {q.device}")
-    gates = []
-    for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_win", g_win)):
-        if not isinstance(g, torch.Tensor) or tuple(g.shape) != (B, ql, HQ):
-            raise ValueError(f"{name} must have shape [{B}, {ql}, {HQ}]")
-        gates.append(g.to(q.dtype).contiguous())
-    short = [b for b, L in enumerate(cache._lens) if L < ql]
-    if short:
-        raise ValueError(f"entry {short[0]} has {cache._lens[short[0]]} cached tokens < q_len {ql}: append first")
+    gates = [g.contiguous() for g in gates]
     kern = decode_kernels(spec, ql, separate_window=cache.separate_window, capacity=cache.capacity,
                           arch=_arch_of(q.device))
     dev = q.device
@@ -501,14 +516,10 @@ def nsa_decode_reference(q: torch.Tensor, cache: NSAKVCache, g_cmp: torch.Tensor
     block_indices [B, ql, H, n]: attend over these blocks (a kernel's choice) instead of the
     reference's own top-n. return_selection: also return, per entry, the reference's own top-n
     [ql, H, n] and the ranking keys [ql, H, NS] it sorted (for reference.compare_block_indices)."""
-    spec = spec or cache.spec
+    spec, (g_cmp, g_slc, g_win) = _check_step(q, cache, spec, (g_cmp, g_slc, g_win))
     B, ql, HQ, Dk = q.shape
-    if B != cache.batch_size:
-        raise ValueError(f"q batch {B} != cache batch {cache.batch_size}")
     outs, sels = [], []
     for b, L in enumerate(cache.lengths):
-        if L < ql:
-            raise ValueError(f"entry {b} has {L} cached tokens < q_len {ql}: append first")
 
         def full(x):  # earlier positions' queries / gates do not affect the last ql outputs
             out = x.new_zeros(1, L, *x.shape[2:])

@@ -116,6 +116,24 @@ def test_clear_errors():
         cache.append(k[:, :, :1], k)
     with pytest.raises(ValueError, match="batch_size"):
         NSAKVCache(SPEC, 0, 16, device="cpu")
+    with pytest.raises(TypeError, match="capacity must be an int"):
+        NSAKVCache(SPEC, 2, 16.5, device="cpu")
+    from nsa_codegen.kv_cache import nsa_decode, nsa_decode_reference
+    q = torch.randn(2, 1, SPEC.heads, SPEC.head_dim).bfloat16()
+    g = torch.rand(2, 1, SPEC.heads).bfloat16()
+    with pytest.raises(ValueError, match=rf"q must be \[B, ql, {SPEC.heads}, {SPEC.head_dim}\], got \[2, 1, 1,"):
+        nsa_decode_reference(q[:, :, :1], cache, g, g, g)
+    with pytest.raises(ValueError, match="g_slc must be a floating tensor of shape"):
+        nsa_decode_reference(q, cache, g, g.int(), g)
+    with pytest.raises(ValueError, match="q must be torch.bfloat16"):
+        nsa_decode_reference(q.float(), cache, g, g, g)
+    with pytest.raises(ValueError, match="q_len must be in 1..8"):
+        nsa_decode(torch.randn(2, 9, SPEC.heads, SPEC.head_dim).bfloat16(), cache, *[torch.rand(2, 9, SPEC.heads)] * 3)
+    f32 = NSAKVCache(SPEC, 2, 16, device="cpu", dtype=torch.float32)   # the reference decode's
+    f32.prefill(k.float(), k.float())
+    assert nsa_decode_reference(q.float(), f32, g.float(), g.float(), g.float()).shape == (2, 1, SPEC.heads, SPEC.v_head_dim)
+    with pytest.raises(ValueError, match="float16 / bfloat16 cache"):
+        nsa_decode(q.float(), f32, g.float(), g.float(), g.float())
 
 
 @pytest.mark.parametrize("B,n", [(1, 1), (5, 2), (5, 4), (16, 2), (7, 3), (64, 8)])

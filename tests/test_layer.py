@@ -137,6 +137,24 @@ def test_prefill_then_decode_equals_the_full_forward(pool, device):
     assert cache.lengths == [T, T]
 
 
+def test_prefill_and_decode_of_a_spec_beyond_the_kernels_on_cpu():
+    """The reference decode runs a valid spec the kernels do not cover (fp32, G = 3, head dim 80,
+    compression block 24 / stride 8): prefill plus decode steps equal the full forward."""
+    spec = NSASpec(heads=6, kv_heads=2, head_dim=80, v_head_dim=48, dtype="float32",
+                   compression=CompressionBranch(24, 8, "mlp"), selection=SelectionBranch(40, 5, 1, 1),
+                   window=WindowBranch(20))
+    torch.manual_seed(4)
+    layer = NativeSparseAttention(32, spec)
+    x = torch.randn(2, 130, 32)
+    with torch.no_grad():
+        full = layer(x)
+    cache = layer.new_cache(2, 160)
+    assert cache.dtype == torch.float32 and cache.k.device.type == "cpu"
+    torch.testing.assert_close(layer.prefill(x[:, :120], cache), full[:, :120], rtol=1e-4, atol=1e-4)
+    for t in range(120, 130, 2):
+        torch.testing.assert_close(layer.decode(x[:, t:t + 2], cache), full[:, t:t + 2], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.gpu
 def test_layer_beyond_the_kernels_on_cuda_warns_once_or_raises():
     """backend='auto' on CUDA runs a spec the kernels do not cover through the reference, after one
