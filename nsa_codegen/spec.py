@@ -131,6 +131,8 @@ class NSASpec:
     def from_yaml(cls, text_or_path: str | os.PathLike) -> "NSASpec":
         """Parse YAML text, or read it from a path."""
         text = str(text_or_path)
+        if "\n" not in text and text.endswith((".yaml", ".yml")) and not os.path.exists(text):
+            raise SpecError("spec", f"no such file: {text}")
         if isinstance(text_or_path, os.PathLike) or ("\n" not in text and os.path.exists(text)):
             with open(text_or_path, encoding="utf-8") as f:
                 text = f.read()

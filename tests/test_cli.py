@@ -43,6 +43,19 @@ def test_spec_validate(tmp_path, capsys):
     assert "sm90 kernels: head_dim: 100 is not supported" in out and "reference" in out
 
 
+def test_cli_names_what_is_wrong(tmp_path, capsys):
+    """Hostile command lines: a missing spec file, an unsafe YAML tag, an unknown kernel key."""
+    assert main(["build", "--arch", "sm90", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert f"no such file: {tmp_path / 'missing.yaml'}" in capsys.readouterr().err
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("heads: !!python/object/apply:os.system ['echo pwned']\n")
+    assert main(["spec", "validate", str(evil)]) == 1
+    err = capsys.readouterr().err
+    assert "not valid YAML" in err and "pwned" not in capsys.readouterr().out
+    assert main(["show", "sm90/nonsense"]) == 1
+    assert "no built or cached kernel with key sm90/nonsense" in capsys.readouterr().err
+
+
 def test_console_entry_point_runs_as_module():
     r = subprocess.run([sys.executable, "-m", "nsa_codegen", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "nsa-codegen" in r.stdout
