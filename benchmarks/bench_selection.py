@@ -82,7 +82,8 @@ def our_kernels(q, k, v, variants=()):
     for case, knobs in cases:
         sched = {**dict(resolved.key.schedule), **knobs}
         say(f"loading {case}: {sched}")
-        kern = resolved if dict(resolved.key.schedule) == sched else load_scheduled(problem.with_schedule(sched))
+        same = dict(resolved.key.schedule) == sched
+        kern = resolved if same else load_scheduled(problem.with_schedule(sched))
         say(f"  {kern.key} ({'prebuilt' if kern.prebuilt else 'compiled / disk cache'}, {kern.compile_seconds:.1f} s)")
 
         def call(q, k, v, idx, kern=kern):
@@ -91,7 +92,7 @@ def our_kernels(q, k, v, variants=()):
             lse = torch.empty(B, T, HQ, device=q.device)
             kern(q, k, v, idx, o, lse)
             return o
-        source = resolved.schedule_source if dict(resolved.key.schedule) == sched else "forced from " + resolved.schedule_source
+        source = resolved.schedule_source if same else "forced from " + resolved.schedule_source
         out[case] = (call, dict(schedule=sched, source=source))
     return out
 

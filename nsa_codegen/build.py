@@ -36,6 +36,7 @@ from .resources import schedules_dir
 from .schedules import resolve_schedule
 from .spec import NSASpec
 
+
 def default_build_set() -> dict[str, NSASpec]:
     data = yaml.safe_load((schedules_dir() / "build_set.yaml").read_text())
     return {name: NSASpec.from_dict(d) for name, d in data.items()}

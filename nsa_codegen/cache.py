@@ -79,7 +79,7 @@ class CompiledKernel:
 
 def get_kernel(problem: KernelKey) -> CompiledKernel:
     """The compiled kernel for a problem key (schedule resolved here), compiled at most once per process."""
-    from .codegen import check_schedule, compile_kernel, template_source_hash
+    from .codegen import check_schedule, template_source_hash
     from .schedules import resolve_schedule
 
     with _LOCK:
@@ -98,12 +98,7 @@ def get_kernel(problem: KernelKey) -> CompiledKernel:
         if prebuilt is None:
             schedule, source = resolve_schedule(problem, lambda s: check_schedule(problem, s))
             key = problem.with_schedule(schedule)
-        jit = _load_prebuilt(prebuilt, key) if prebuilt else None
-        if jit is None:
-            # A prebuilt artifact the fast path can't open still loads from its TileLang cache (no compile).
-            with _tilelang_cache_dir(prebuilt / "tilelang" if prebuilt else versioned_dir() / "tilelang"):
-                jit = compile_kernel(key)
-        ck = CompiledKernel(key, jit, source, time.perf_counter() - t0, prebuilt)
+        ck = CompiledKernel(key, _open(key, prebuilt), source, time.perf_counter() - t0, prebuilt)
         meta = versioned_dir() / "kernels" / key.dirname / "meta.json"
         if prebuilt is None and not meta.exists():
             _write_json_atomic(meta, {"key": str(key), "problem": key.problem_id, "schedule": schedule,
@@ -117,16 +112,22 @@ def load_scheduled(key: KernelKey) -> CompiledKernel:
     """The kernel of a key that carries its own schedule (a variant a benchmark or test runs, not
     necessarily the one get_kernel resolves): prebuilt in generated/ if built there (`nsa-codegen
     build --variant`), else compiled into the disk cache. Not remembered in the process."""
-    from .codegen import compile_kernel
     if key.schedule is None:
         raise ValueError(f"{key}: load_scheduled needs a key with a schedule (KernelKey.with_schedule)")
     t0 = time.perf_counter()
     prebuilt = find_prebuilt(key)
+    return CompiledKernel(key, _open(key, prebuilt), "explicit", time.perf_counter() - t0, prebuilt)
+
+
+def _open(key: KernelKey, prebuilt: Path | None):
+    """key's kernel: its prebuilt artifact through TVM-FFI (no compiler), else through TileLang from
+    the prebuilt folder's TileLang cache (no compile either) or compiled into the disk cache."""
+    from .codegen import compile_kernel
     jit = _load_prebuilt(prebuilt, key) if prebuilt else None
     if jit is None:
         with _tilelang_cache_dir(prebuilt / "tilelang" if prebuilt else versioned_dir() / "tilelang"):
             jit = compile_kernel(key)
-    return CompiledKernel(key, jit, "explicit", time.perf_counter() - t0, prebuilt)
+    return jit
 
 
 def clear_loaded() -> None:

@@ -206,10 +206,10 @@ def _attention_fn(q: torch.Tensor, backend: str, spec: NSASpec):
         return reference.nsa_reference
     if backend == "kernels":
         check_kernel_support(spec)
-    elif kernel_support(spec):
+    elif problems := kernel_support(spec):
         if spec not in _WARNED:
             _WARNED.add(spec)
-            why = "; ".join(f"{n}: {w}" for n, w in kernel_support(spec))
+            why = "; ".join(f"{n}: {w}" for n, w in problems)
             warnings.warn(f"NativeSparseAttention: the kernels do not cover this spec ({why}); running the "
                           f"PyTorch reference on CUDA instead (slow; backend='kernels' makes this an error)",
                           stacklevel=3)

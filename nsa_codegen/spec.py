@@ -29,7 +29,6 @@ SUPPORTED_V_HEAD_DIMS = (64, 128)
 SUPPORTED_GROUPS = (1, 2, 4, 8, 16, 32)
 SUPPORTED_CMP_BLOCKS = (16, 32, 64)
 SUPPORTED_SEL_BLOCKS = (32, 64, 128)
-SUPPORTED_POOLS = ("mlp", "mean")
 MAX_TOP_N = 32
 WINDOW_RANGE = (64, 1024)  # a window is 0 (off) or in this closed range
 
