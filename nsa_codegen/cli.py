@@ -122,7 +122,7 @@ def _build(args) -> int:
 def _parse_variants(texts: list[str]) -> dict[str, list[dict]]:
     """--variant 'KIND:{"knob": value, ...}' (repeatable) -> {kind: [knobs, ...]}."""
     import json
-    from .kernel_key import KINDS
+    from .kinds import KINDS
     out: dict[str, list[dict]] = {}
     for text in texts:
         kind, sep, knobs = text.partition(":")

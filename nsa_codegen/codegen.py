@@ -1,7 +1,7 @@
 """Codegen: a `KernelKey` with its schedule -> TileLang prim_func -> compiled kernel for a target.
 
-Each kernel kind has one template family in templates/; its config dataclass is filled from the
-key's problem parameters (under the names the template uses) and the schedule's knobs.
+Each kernel kind (`nsa_codegen.kinds`) has one template family in templates/; its config dataclass
+is filled from the key's problem parameters (under the names the template uses) and the schedule's knobs.
 """
 from __future__ import annotations
 
@@ -10,37 +10,8 @@ import hashlib
 from typing import Any
 
 from .kernel_key import KernelKey
+from .kinds import KINDS
 from .resources import template_module
-
-# kind -> (template module, config class)
-FAMILIES = {
-    "compression_fwd": ("compression_attention", "CompressionAttentionConfig"),
-    "selection_topn": ("selection_topn", "SelectionTopNConfig"),
-    "selection_fwd": ("selection_attention", "SelectionAttentionConfig"),
-    "window_fwd": ("window_attention", "WindowAttentionConfig"),
-    "gate_combine": ("gate_combine", "GateCombineConfig"),
-    "compression_bwd_dq": ("compression_attention_bwd", "CompressionAttentionBwdConfig"),
-    "compression_bwd_dkdv": ("compression_attention_bwd", "CompressionAttentionBwdConfig"),
-    "selection_bwd_dq": ("selection_attention_bwd", "SelectionAttentionBwdConfig"),
-    "selection_bwd_dkdv": ("selection_attention_bwd", "SelectionAttentionBwdConfig"),
-    "selection_bwd_reduce": ("selection_attention_bwd", "SelectionAttentionBwdConfig"),
-    "window_bwd_dq": ("window_attention_bwd", "WindowAttentionBwdConfig"),
-    "window_bwd_dkdv": ("window_attention_bwd", "WindowAttentionBwdConfig"),
-    "gate_combine_bwd": ("gate_combine", "GateCombineConfig"),
-    "decode_cmp": ("decode_attention", "DecodeAttentionConfig"),
-    "decode_topn": ("decode_attention", "DecodeAttentionConfig"),
-    "decode_sparse": ("decode_attention", "DecodeAttentionConfig"),
-    "decode_combine": ("decode_attention", "DecodeAttentionConfig"),
-}
-
-# Kinds that share a template family select their kernel with the config's `part` field.
-PARTS = {
-    "compression_bwd_dq": "dq", "compression_bwd_dkdv": "dkdv",
-    "selection_bwd_dq": "dq", "selection_bwd_dkdv": "dkdv", "selection_bwd_reduce": "reduce",
-    "window_bwd_dq": "dq", "window_bwd_dkdv": "dkdv",
-    "gate_combine": "fwd", "gate_combine_bwd": "bwd",
-    "decode_cmp": "cmp", "decode_topn": "topn", "decode_sparse": "sparse", "decode_combine": "combine",
-}
 
 # sm80 kernels carry sm_90 code as well (the same sm_80 PTX, assembled for both): they then run on an
 # H100 too, where NSA_CODEGEN_ARCH=sm80 (lowering.arch_of_capability) tests them
@@ -56,14 +27,15 @@ def _problem_fields(key: KernelKey) -> dict[str, Any]:
                   dim_k=key.head_dim, dim_v=key.v_head_dim, scale=float(scale), dtype=key.dtype, **p)
     if "sel_block" in p:
         fields["block"] = p["sel_block"]
-    if key.kind in PARTS:
-        fields["part"] = PARTS[key.kind]
+    part = KINDS[key.kind].part
+    if part is not None:  # kinds that share a template family select their kernel with `part`
+        fields["part"] = part
     return fields
 
 
 def template_config(key: KernelKey, schedule: dict[str, Any] | None = None):
     """The template's config object for key (schedule: key.schedule unless given)."""
-    module_name, cls_name = FAMILIES[key.kind]
+    module_name, cls_name = KINDS[key.kind].template, KINDS[key.kind].config
     mod = template_module(module_name)
     cls = getattr(mod, cls_name)
     sched = dict(key.schedule or ()) if schedule is None else dict(schedule)
@@ -79,7 +51,7 @@ def template_config(key: KernelKey, schedule: dict[str, Any] | None = None):
 
 def check_schedule(key: KernelKey, schedule: dict[str, Any]) -> str | None:
     """None when the template accepts schedule for key's problem, else the reason it does not."""
-    mod = template_module(FAMILIES[key.kind][0])
+    mod = template_module(KINDS[key.kind].template)
     try:
         cfg = template_config(key, schedule)
         mod.check_config(cfg)
@@ -95,7 +67,7 @@ def template_source_hash(kind: str) -> str:
     """Hash of the template file's text (read, not imported: checking a prebuilt kernel needs no TileLang).
     Remembered per file version (path, mtime, size): tuning logs ask once per record."""
     from .resources import templates_dir
-    path = templates_dir() / f"{FAMILIES[kind][0]}.py"
+    path = templates_dir() / f"{KINDS[kind].template}.py"
     st = path.stat()
     version = (str(path), st.st_mtime_ns, st.st_size)
     h = _TEMPLATE_HASHES.get(version)
@@ -107,7 +79,7 @@ def template_source_hash(kind: str) -> str:
 def build_prim_func(key: KernelKey):
     if key.schedule is None:
         raise ValueError(f"{key}: choose a schedule before building (KernelKey.with_schedule)")
-    mod = template_module(FAMILIES[key.kind][0])
+    mod = template_module(KINDS[key.kind].template)
     cfg = template_config(key)
     mod.check_config(cfg)
     pass_configs = mod.pass_configs(cfg) if hasattr(mod, "pass_configs") else None

@@ -4,7 +4,7 @@
 
 arch / kind / dtype / head dims / KV heads and group / the kind's own problem parameters /
 schedule hash. The cache, `generated/`, the tuning logs, the CLI and error messages all use it.
-Imports nothing of ours.
+Its parameters per kind come from the registry (`nsa_codegen.kinds`), nothing else of ours.
 """
 from __future__ import annotations
 
@@ -13,37 +13,10 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
-ARCHS = ("sm80", "sm90")
-KINDS = ("compression_fwd", "selection_topn", "selection_fwd", "window_fwd", "gate_combine",
-         "compression_bwd_dq", "compression_bwd_dkdv", "selection_bwd_dq", "selection_bwd_dkdv",
-         "selection_bwd_reduce", "window_bwd_dq", "window_bwd_dkdv", "gate_combine_bwd",
-         "decode_cmp", "decode_topn", "decode_sparse", "decode_combine")
-DTYPE_TAGS = {"bfloat16": "bf16", "float16": "fp16"}
+from .kinds import KINDS, kind as _kind_entry
 
-# The problem parameters each kind depends on, in key order, with their short tags.
-KIND_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
-    "compression_fwd": (("cmp_block", "l"), ("stride", "d"), ("first_block", "f")),
-    "selection_topn": (("cmp_block", "l"), ("stride", "d"), ("first_block", "f"), ("sel_block", "bs"),
-                       ("top_n", "n"), ("initial", "i"), ("local", "loc")),
-    "selection_fwd": (("sel_block", "bs"), ("top_n", "n")),
-    "window_fwd": (("window", "w"),),
-    "gate_combine": (("branches", "b-"),),
-}
-# A backward kernel depends on the same problem parameters as its forward.
-_CMP = KIND_PARAMS["compression_fwd"]
-KIND_PARAMS.update({
-    "compression_bwd_dq": _CMP, "compression_bwd_dkdv": _CMP,
-    "selection_bwd_dq": KIND_PARAMS["selection_fwd"], "selection_bwd_dkdv": KIND_PARAMS["selection_fwd"],
-    "selection_bwd_reduce": KIND_PARAMS["selection_fwd"],
-    "window_bwd_dq": KIND_PARAMS["window_fwd"], "window_bwd_dkdv": KIND_PARAMS["window_fwd"],
-    "gate_combine_bwd": KIND_PARAMS["gate_combine"],
-})
-# The four decode kernels (one step against a KV cache) share one problem: every branch's
-# parameters, the new queries per sequence, whether the window has its own K/V, and the bound on
-# the cache length they are built for (it sizes the top-n candidate merge).
-_DECODE = (KIND_PARAMS["selection_topn"] + (("window", "w"), ("q_len", "q"), ("separate_window", "sw"),
-                                            ("max_seqlen", "ms")))
-KIND_PARAMS.update({k: _DECODE for k in ("decode_cmp", "decode_topn", "decode_sparse", "decode_combine")})
+ARCHS = ("sm80", "sm90")
+DTYPE_TAGS = {"bfloat16": "bf16", "float16": "fp16"}
 
 
 def schedule_hash(schedule: Mapping[str, Any]) -> str:
@@ -63,27 +36,32 @@ class KernelKey:
     v_head_dim: int  # 0 for kinds that never read V (selection_topn)
     kv_heads: int
     group: int
-    params: tuple[tuple[str, Any], ...]  # the kind's problem parameters, in KIND_PARAMS order
+    params: tuple[tuple[str, Any], ...]  # the kind's problem parameters, in registry order
     scale: float | None = None  # None: 1/sqrt(head_dim)
     schedule: tuple[tuple[str, Any], ...] | None = field(default=None, compare=True)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; supported: {list(ARCHS)}")
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown kernel kind {self.kind!r}; known: {list(KINDS)}")
+        entry = _kind_entry(self.kind)
         if self.dtype not in DTYPE_TAGS:
             raise ValueError(f"unsupported dtype {self.dtype!r}; supported: {list(DTYPE_TAGS)}")
-        names = [n for n, _ in KIND_PARAMS[self.kind]]
+        names = list(entry.param_names)
         if [n for n, _ in self.params] != names:
             raise ValueError(f"{self.kind} needs parameters {names}, got {[n for n, _ in self.params]}")
 
     @classmethod
     def make(cls, arch, kind, dtype, head_dim, v_head_dim, kv_heads, group, scale=None, schedule=None,
              **params) -> "KernelKey":
-        if kind not in KIND_PARAMS:
-            raise ValueError(f"unknown kernel kind {kind!r}; known: {list(KINDS)}")
-        names = [n for n, _ in KIND_PARAMS[kind]]
+        """The key of `kind`'s problem. Dims a kind never reads are zeroed here, from the registry
+        (head_dim and scale where it reads no Q/K, v_head_dim where it reads no V), so every caller
+        (lowering, the ops, tuning) derives the same key from the same sizes."""
+        entry = _kind_entry(kind)
+        names = list(entry.param_names)
+        if not entry.reads_qk:
+            head_dim, scale = 0, None
+        if not entry.reads_v:
+            v_head_dim = 0
         missing = [n for n in names if n not in params]
         extra = sorted(set(params) - set(names))
         if missing or extra:
@@ -109,7 +87,7 @@ class KernelKey:
         return replace(self, schedule=None)
 
     def _segments(self) -> list[str]:
-        tags = dict(KIND_PARAMS[self.kind])
+        tags = dict(KINDS[self.kind].params)
         p = "_".join(f"{tags[n]}{v}" for n, v in self.params)
         if self.scale is not None:
             p += f"_sc{self.scale:.6g}"

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, replace
 
 from .kernel_key import KernelKey
+from .kinds import KINDS
 from .spec import NSASpec, check_kernel_support
 
 ARCH_ALIASES = {"sm90": "sm90", "sm_90": "sm90", "sm_90a": "sm90", "sm90a": "sm90", "hopper": "sm90",
@@ -163,34 +164,16 @@ def lower_decode(spec: NSASpec, arch: str = "sm90", q_len: int = 1, separate_win
 
 
 def _lower_backward(calls: list[KernelCall]) -> tuple[KernelCall, ...]:
-    """Backward kernels for the forward `calls`: the gate backward first, then per attention branch a
-    query-major dq kernel (which also writes Delta) and a key-major dk/dv kernel; selection's dk/dv
-    runs over a transposed block map and a deterministic reduction. A backward kernel's key is its
-    forward's with another kind (the same problem parameters)."""
-    out = []
+    """Backward kernels for the forward `calls`, as the registry lists them per forward kind: the gate
+    backward first, then per attention branch a query-major dq kernel (which also writes Delta) and a
+    key-major dk/dv kernel; selection's dk/dv runs over a transposed block map and a deterministic
+    reduction. A backward kernel's key is its forward's with another kind (the same problem parameters)."""
+    first, rest = [], []
     for c in calls:
-        def make(kind, fwd=c.key):
-            return replace(fwd, kind=kind)
-        if c.kind == "gate_combine":
-            out.insert(0, KernelCall("gate_combine_bwd", make("gate_combine_bwd"),
-                                     ("do",) + c.inputs, tuple(f"d{x}" for x in c.inputs)))
-        elif c.kind == "compression_fwd":
-            out += [KernelCall("compression_bwd_dq", make("compression_bwd_dq"),
-                               ("q", "k_cmp", "v_cmp", "o_cmp", "do_cmp", "lse_cmp", "dlse_cmp"), ("dq", "delta_cmp")),
-                    KernelCall("compression_bwd_dkdv", make("compression_bwd_dkdv"),
-                               ("q", "k_cmp", "v_cmp", "do_cmp", "lse_cmp", "delta_cmp"), ("dk_cmp", "dv_cmp"))]
-        elif c.kind == "selection_fwd":
-            out += [KernelCall("selection_bwd_dq", make("selection_bwd_dq"),
-                               ("q", "k", "v", "o_slc", "do_slc", "lse_slc", "dlse_slc", "block_indices"),
-                               ("dq", "delta_slc")),
-                    KernelCall("selection_bwd_dkdv", make("selection_bwd_dkdv"),
-                               ("q", "k", "v", "do_slc", "lse_slc", "delta_slc", "block_units"),
-                               ("dk_partial", "dv_partial")),
-                    KernelCall("selection_bwd_reduce", make("selection_bwd_reduce"),
-                               ("dk_partial", "dv_partial", "block_units"), ("dk", "dv"))]
-        elif c.kind == "window_fwd":
-            out += [KernelCall("window_bwd_dq", make("window_bwd_dq"),
-                               ("q", "k_win", "v_win", "o_win", "do_win", "lse_win", "dlse_win"), ("dq", "delta_win")),
-                    KernelCall("window_bwd_dkdv", make("window_bwd_dkdv"),
-                               ("q", "k_win", "v_win", "do_win", "lse_win", "delta_win"), ("dk_win", "dv_win"))]
-    return tuple(out)
+        entry = KINDS[c.kind]
+        for b in entry.backward:
+            inputs = b.inputs if b.inputs is not None else ("do",) + c.inputs
+            outputs = b.outputs if b.outputs is not None else tuple(f"d{x}" for x in c.inputs)
+            (first if entry.backward_first else rest).append(
+                KernelCall(b.kind, replace(c.key, kind=b.kind), inputs, outputs))
+    return tuple(first + rest)

@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-from .kernel_key import KINDS, KernelKey
+from .kernel_key import KernelKey
+from .kinds import KINDS
 from .resources import schedules_dir, tuning_logs_dir
 
 

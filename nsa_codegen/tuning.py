@@ -38,6 +38,7 @@ from . import workloads
 from .cache import CompiledKernel, _tilelang_cache_dir, precompile_scheduled, versioned_dir
 from .codegen import check_schedule, compile_kernel, template_source_hash
 from .kernel_key import KernelKey, schedule_hash
+from .kinds import KINDS
 from .schedules import (default_schedule, in_search_space, load_arch, pick_best, record_is_current, search_space,
                         tuning_dir)
 
@@ -442,7 +443,7 @@ class _TimingSets:
 # Driver
 # ------------------------------------------------------------------------------------------------
 def _direct(kind: str) -> bool:
-    return kind in ("compression_fwd", "selection_topn", "selection_fwd", "window_fwd", "gate_combine")
+    return KINDS[kind].tuned_by == "direct"
 
 
 def _compile_candidates(keys: list[KernelKey], jobs: int | None, deadline: float, say) -> None:

@@ -5,7 +5,7 @@ import pytest
 from nsa_codegen import NSASpec
 from nsa_codegen import schedules
 from nsa_codegen.codegen import check_schedule, template_source_hash
-from nsa_codegen.kernel_key import KINDS
+from nsa_codegen.kinds import KINDS
 from nsa_codegen.lowering import lower_to_plan
 
 PLAN = lower_to_plan(NSASpec(), "sm90")
