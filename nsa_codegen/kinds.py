@@ -31,12 +31,19 @@ class KernelKind:
     template: str  # module in templates/
     config: str  # its config dataclass
     part: Optional[str]  # the config's `part` where one template family builds several kinds
-    args: tuple[str, ...]  # one launch's tensors, in order: inputs then outputs (formal names)
+    # One launch's tensors (formal names), in argument order: the inputs, then the outputs the caller
+    # allocates.
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
     reads_qk: bool = True  # False: the key's head_dim is 0 (and scale None)
     reads_v: bool = True  # False: the key's v_head_dim is 0
     tuned_by: str = "direct"  # "direct": tuning launches the kernel alone; "op": through its op
     backward: tuple[BackwardCall, ...] = ()  # forward kinds: their backward kernels, in launch order
     backward_first: bool = False  # its backward runs before the other branches' (the gate's does)
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        return self.inputs + self.outputs
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -60,7 +67,7 @@ _DKDV = ("q", "k", "v", "do", "lse", "delta")
 _ALL = (
     # ---- forward ----
     KernelKind("compression_fwd", _CMP, "compression_attention", "CompressionAttentionConfig", None,
-               ("q", "k_cmp", "v_cmp", "o", "lse"),
+               ("q", "k_cmp", "v_cmp"), ("o", "lse"),
                backward=(BackwardCall("compression_bwd_dq",
                                       ("q", "k_cmp", "v_cmp", "o_cmp", "do_cmp", "lse_cmp", "dlse_cmp"),
                                       ("dq", "delta_cmp")),
@@ -68,9 +75,9 @@ _ALL = (
                                       ("q", "k_cmp", "v_cmp", "do_cmp", "lse_cmp", "delta_cmp"),
                                       ("dk_cmp", "dv_cmp")))),
     KernelKind("selection_topn", _TOPN, "selection_topn", "SelectionTopNConfig", None,
-               ("q", "k_cmp", "lse_cmp", "block_indices", "block_counts"), reads_v=False),
+               ("q", "k_cmp", "lse_cmp"), ("block_indices", "block_counts"), reads_v=False),
     KernelKind("selection_fwd", _SEL, "selection_attention", "SelectionAttentionConfig", None,
-               ("q", "k", "v", "block_indices", "o", "lse"),
+               ("q", "k", "v", "block_indices"), ("o", "lse"),
                backward=(BackwardCall("selection_bwd_dq",
                                       ("q", "k", "v", "o_slc", "do_slc", "lse_slc", "dlse_slc", "block_indices"),
                                       ("dq", "delta_slc")),
@@ -80,48 +87,48 @@ _ALL = (
                          BackwardCall("selection_bwd_reduce", ("dk_partial", "dv_partial", "block_units"),
                                       ("dk", "dv")))),
     KernelKind("window_fwd", _WIN, "window_attention", "WindowAttentionConfig", None,
-               ("q", "k", "v", "o", "lse"),
+               ("q", "k", "v"), ("o", "lse"),
                backward=(BackwardCall("window_bwd_dq",
                                       ("q", "k_win", "v_win", "o_win", "do_win", "lse_win", "dlse_win"),
                                       ("dq", "delta_win")),
                          BackwardCall("window_bwd_dkdv", ("q", "k_win", "v_win", "do_win", "lse_win", "delta_win"),
                                       ("dk_win", "dv_win")))),
     # Every gate slot is an argument: a branch that is off gets another branch's tensors, never read.
-    KernelKind("gate_combine", _GATE, "gate_combine", "GateCombineConfig", "fwd", _GATE_SLOTS + ("o",),
+    KernelKind("gate_combine", _GATE, "gate_combine", "GateCombineConfig", "fwd", _GATE_SLOTS, ("o",),
                reads_qk=False, backward=(BackwardCall("gate_combine_bwd"),), backward_first=True),
     # ---- backward (a backward kind has its forward's problem parameters) ----
     KernelKind("compression_bwd_dq", _CMP, "compression_attention_bwd", "CompressionAttentionBwdConfig", "dq",
-               _DQ + ("dq", "delta"), tuned_by="op"),
+               _DQ, ("dq", "delta"), tuned_by="op"),
     # dk/dv partials [S, B, N, H, D] fp32 over S token splits, summed by the op in a fixed order.
     KernelKind("compression_bwd_dkdv", _CMP, "compression_attention_bwd", "CompressionAttentionBwdConfig", "dkdv",
-               _DKDV + ("dk_partial", "dv_partial"), tuned_by="op"),
+               _DKDV, ("dk_partial", "dv_partial"), tuned_by="op"),
     KernelKind("selection_bwd_dq", _SEL, "selection_attention_bwd", "SelectionAttentionBwdConfig", "dq",
-               _DQ + ("block_indices", "dq", "delta"), tuned_by="op"),
+               _DQ + ("block_indices",), ("dq", "delta"), tuned_by="op"),
     # Over the transposed block map (ops.selection_block_units), one program per unit of tokens.
     KernelKind("selection_bwd_dkdv", _SEL, "selection_attention_bwd", "SelectionAttentionBwdConfig", "dkdv",
-               _DKDV + ("tok_idx", "unit_block", "unit_start", "unit_end", "dk_partial", "dv_partial"),
+               _DKDV + ("tok_idx", "unit_block", "unit_start", "unit_end"), ("dk_partial", "dv_partial"),
                tuned_by="op"),
     KernelKind("selection_bwd_reduce", _SEL, "selection_attention_bwd", "SelectionAttentionBwdConfig", "reduce",
-               ("dk_partial", "dv_partial", "block_unit_start", "dk", "dv"), tuned_by="op"),
+               ("dk_partial", "dv_partial", "block_unit_start"), ("dk", "dv"), tuned_by="op"),
     KernelKind("window_bwd_dq", _WIN, "window_attention_bwd", "WindowAttentionBwdConfig", "dq",
-               _DQ + ("dq", "delta"), tuned_by="op"),
+               _DQ, ("dq", "delta"), tuned_by="op"),
     KernelKind("window_bwd_dkdv", _WIN, "window_attention_bwd", "WindowAttentionBwdConfig", "dkdv",
-               _DKDV + ("dk", "dv"), tuned_by="op"),
+               _DKDV, ("dk", "dv"), tuned_by="op"),
     KernelKind("gate_combine_bwd", _GATE, "gate_combine", "GateCombineConfig", "bwd",
-               ("do",) + _GATE_SLOTS + tuple(f"d{x}" for x in _GATE_SLOTS), reads_qk=False, tuned_by="op"),
+               ("do",) + _GATE_SLOTS, tuple(f"d{x}" for x in _GATE_SLOTS), reads_qk=False, tuned_by="op"),
     # ---- decode: one step against an NSAKVCache (kv_cache.nsa_decode launches them) ----
     KernelKind("decode_cmp", _DECODE, "decode_attention", "DecodeAttentionConfig", "cmp",
-               ("q", "k_cmp", "v_cmp", "cache_seqlens", "scores", "score_max", "o_cmp_part", "lse_cmp_part"),
+               ("q", "k_cmp", "v_cmp", "cache_seqlens"), ("scores", "score_max", "o_cmp_part", "lse_cmp_part"),
                tuned_by="op"),
     KernelKind("decode_topn", _DECODE, "decode_attention", "DecodeAttentionConfig", "topn",
-               ("scores", "score_max", "lse_cmp_part", "cache_seqlens", "candidate_scores", "candidate_blocks"),
+               ("scores", "score_max", "lse_cmp_part", "cache_seqlens"), ("candidate_scores", "candidate_blocks"),
                tuned_by="op"),
     KernelKind("decode_sparse", _DECODE, "decode_attention", "DecodeAttentionConfig", "sparse",
-               ("q", "kv_k", "kv_v", "cache_seqlens", "candidate_scores", "candidate_blocks", "block_indices",
-                "o_slc_part", "lse_slc_part", "o_win_part", "lse_win_part"), tuned_by="op"),
+               ("q", "kv_k", "kv_v", "cache_seqlens", "candidate_scores", "candidate_blocks"),
+               ("block_indices", "o_slc_part", "lse_slc_part", "o_win_part", "lse_win_part"), tuned_by="op"),
     KernelKind("decode_combine", _DECODE, "decode_attention", "DecodeAttentionConfig", "combine",
                ("o_cmp_part", "lse_cmp_part", "o_slc_part", "lse_slc_part", "o_win_part", "lse_win_part",
-                "g_cmp", "g_slc", "g_win", "o"), tuned_by="op"),
+                "g_cmp", "g_slc", "g_win"), ("o",), tuned_by="op"),
 )
 
 KINDS: dict[str, KernelKind] = {k.name: k for k in _ALL}

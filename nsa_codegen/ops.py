@@ -42,12 +42,16 @@ def _empty(shape, dtype, device):
     return torch.full(shape, -7, dtype=dtype, device=device)
 
 
+def _is_gpu(t: torch.Tensor) -> bool:
+    return t.is_cuda
+
+
 def _check_tensor(name: str, t: torch.Tensor, ndim: int, like: Optional[torch.Tensor] = None, dtype=None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dims, got shape {list(t.shape)}")
-    if not t.is_cuda:
+    if not _is_gpu(t):
         raise ValueError(f"{name} must be a CUDA tensor (the kernels run on the GPU), got device {t.device}; "
                          f"use nsa_codegen.reference on the CPU")
     want = dtype if dtype is not None else (like.dtype if like is not None else None)
@@ -526,27 +530,48 @@ def nsa_attention(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
         if env["k_cmp"].shape[1] != N or env["v_cmp"].shape[1] != N:
             raise ValueError(f"k_cmp / v_cmp must have N = {N} compressed rows for T = {T}, "
                              f"got {env['k_cmp'].shape[1]} / {env['v_cmp'].shape[1]}")
+    for gate, _ in plan.combine:
+        env[gate] = _gate(gate, {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}[gate], q)
     for call in plan.calls:
-        if call.kind == "compression_fwd":
-            env["o_cmp"], env["lse_cmp"] = compression_attention(q, env["k_cmp"], env["v_cmp"], c.block, c.stride,
-                                                                 c.first_block, scale)
-        elif call.kind == "selection_topn":
-            # Top-n is not differentiated (as in the paper): its inputs are detached.
-            env["block_indices"], env["block_counts"] = selection_topn(
-                q.detach(), env["k_cmp"].detach(), env["lse_cmp"].detach(), c.block, c.stride, c.first_block, s.block, s.top_n, s.initial,
-                s.local, scale)
-        elif call.kind == "selection_fwd":
-            env["o_slc"], _ = selection_attention(q, k, v, env["block_indices"], s.block, scale)
-        elif call.kind == "window_fwd":
-            env["o_win"], _ = window_attention(q, env["k_win"], env["v_win"], spec.window.size, scale)
-        elif call.kind == "gate_combine":
-            gates = {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}
-            on = {branch: (env[branch], _gate(gate, gates[gate], q)) for gate, branch in plan.combine}
-            none = (None, None)
-            env["o"] = gate_combine(*on.get("o_cmp", none), *on.get("o_slc", none), *on.get("o_win", none),
-                                    spec.kv_heads)
+        try:
+            run = _FORWARD_RUNNERS[call.kind]
+        except KeyError:
+            raise NotImplementedError(f"{call.key}: no op runs kernel kind {call.kind!r}") from None
+        outs = run(spec, scale, **{name: env[name] for name in call.inputs})
+        env.update(zip(call.outputs, outs))
     out = env["o"]
     return (out, env["block_indices"]) if return_indices else out
+
+
+# The plan's interpreter: per forward kind, the op that runs a call, given the spec, the scale (< 0:
+# 1/sqrt(Dk)) and the call's input tensors by their plan names; it returns the call's outputs in order.
+def _run_compression_fwd(spec, scale, q, k_cmp, v_cmp):
+    c = spec.compression
+    return compression_attention(q, k_cmp, v_cmp, c.block, c.stride, c.first_block, scale)
+
+
+def _run_selection_topn(spec, scale, q, k_cmp, lse_cmp):
+    c, s = spec.compression, spec.selection
+    # Top-n is not differentiated (as in the paper): its inputs are detached.
+    return selection_topn(q.detach(), k_cmp.detach(), lse_cmp.detach(), c.block, c.stride, c.first_block,
+                          s.block, s.top_n, s.initial, s.local, scale)
+
+
+def _run_selection_fwd(spec, scale, q, k, v, block_indices):
+    return selection_attention(q, k, v, block_indices, spec.selection.block, scale)
+
+
+def _run_window_fwd(spec, scale, q, k_win, v_win):
+    return window_attention(q, k_win, v_win, spec.window.size, scale)
+
+
+def _run_gate_combine(spec, scale, o_cmp=None, g_cmp=None, o_slc=None, g_slc=None, o_win=None, g_win=None):
+    return (gate_combine(o_cmp, g_cmp, o_slc, g_slc, o_win, g_win, spec.kv_heads),)
+
+
+_FORWARD_RUNNERS = {"compression_fwd": _run_compression_fwd, "selection_topn": _run_selection_topn,
+                    "selection_fwd": _run_selection_fwd, "window_fwd": _run_window_fwd,
+                    "gate_combine": _run_gate_combine}
 
 
 def _gate(name: str, g, q):

@@ -1,0 +1,60 @@
+"""CPU: the ops launch exactly the kernels lowering plans, under the plan's keys, with the registry's
+launch signature: nsa_attention (forward and autograd backward) runs on CPU tensors with every kernel
+replaced by a recorder, for each spec of the default build set."""
+import pytest
+import torch
+
+from nsa_codegen import NSASpec, ops
+from nsa_codegen.build import default_build_set
+from nsa_codegen.kinds import KINDS
+from nsa_codegen.lowering import lower_to_plan
+
+
+class _Recorder:
+    """Stands in for a compiled kernel: records the launch, checks its arity against the registry and
+    writes plausible outputs (floats 0.5, int32 0: block 0, which every query may select)."""
+
+    def __init__(self, key, launched):
+        self.key, self.launched = key.with_schedule({}), launched
+
+    def __call__(self, *tensors):
+        entry = KINDS[self.key.kind]
+        assert len(tensors) == len(entry.args), (self.key, len(tensors), entry.args)
+        assert all(isinstance(t, torch.Tensor) for t in tensors), self.key
+        for t in tensors[len(entry.inputs):]:
+            t.fill_(0.5 if t.dtype.is_floating_point else 0)
+        self.launched.append(self.key.problem)
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    out = []
+    monkeypatch.setattr(ops, "_is_gpu", lambda t: True)
+    monkeypatch.setattr(ops, "_arch", lambda t: "sm90")
+    monkeypatch.setattr(ops, "get_kernel", lambda key: _Recorder(key, out))
+    return out
+
+
+SPECS = {**default_build_set(),
+         "scaled_first_block": NSASpec(heads=8, kv_heads=2, head_dim=64, v_head_dim=64, scale=0.1,
+                                       compression=dict(block=32, stride=16, pool="mean", first_block=1),
+                                       selection=dict(block=32, top_n=8, initial=1, local=2), window=dict(size=64)),
+         "no_window": NSASpec(window=None)}
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_ops_launch_the_planned_keys(name, launched):
+    spec = SPECS[name]
+    torch.manual_seed(0)
+    B, T, dt = 1, 300, getattr(torch, spec.dtype)
+    q = torch.randn(B, T, spec.heads, spec.head_dim, dtype=dt, requires_grad=True)
+    k = torch.randn(B, T, spec.kv_heads, spec.head_dim, dtype=dt, requires_grad=True)
+    v = torch.randn(B, T, spec.kv_heads, spec.v_head_dim, dtype=dt, requires_grad=True)
+    gates = [torch.rand(B, T, spec.heads, dtype=dt, requires_grad=True) for _ in range(3)]
+    o = ops.nsa_attention(q, k, v, *gates, spec)
+    forward = list(launched)
+    o.float().sum().backward()
+    plan = lower_to_plan(spec, "sm90")
+    assert forward == [c.key for c in plan.calls]
+    assert sorted(map(str, launched[len(forward):])) == sorted(str(c.key) for c in plan.backward)
+    assert q.grad is not None and k.grad is not None and v.grad is not None
