@@ -6,6 +6,7 @@
 #   decode and layer GPU tests; decodebench: benchmarks/bench_decode.py; tune: `nsa-codegen tune` of the
 #   default set for $2 minutes (records appended to $OUT/tuning_logs/sm90/, seeded from the repo's);
 #   selection: the selection forward schedule tests, then benchmarks/bench_selection.py ($2: its args)
+#   paper: benchmarks/bench_paper.py ($2: its args), the paper config end to end against dense
 # Kernels: carry .gen (python benchmarks/prebuild.py, here on the CPU) and they load prebuilt, with
 # no compile on the GPU's clock; anything not prebuilt compiles there, slowly.
 set -uo pipefail
@@ -37,6 +38,10 @@ if [[ $what == selection ]]; then
   date
   python3 benchmarks/bench_selection.py --out "$OUT" ${2:-} 2>&1 | tee "$OUT/selection_bench.log" | grep -v "^|" | tail -60
   date
+fi
+if [[ $what == paper ]]; then
+  python3 benchmarks/bench_paper.py --out "$OUT" ${2:-} 2>&1 | tee "$OUT/paper_bench.log" | grep -v "^|" | tail -60
+  rc=${PIPESTATUS[0]}
 fi
 if [[ $what == decodetests ]]; then
   python3 -m pytest -q tests/test_kv_cache.py tests/test_layer.py -m gpu 2>&1 | tee "$OUT/decodetests.log" | tail -30

@@ -130,6 +130,24 @@ def _open(key: KernelKey, prebuilt: Path | None):
     return jit
 
 
+@contextlib.contextmanager
+def use_kernel(problem: KernelKey, kernel: CompiledKernel):
+    """Inside this block, get_kernel(problem) (every op launching that problem) returns `kernel`:
+    how tuning checks a candidate and benchmarks time a schedule other than the resolved one."""
+    problem = problem.problem
+    with _LOCK:
+        old = _LOADED.get(problem)
+        _LOADED[problem] = kernel
+    try:
+        yield kernel
+    finally:
+        with _LOCK:
+            if old is None:
+                _LOADED.pop(problem, None)
+            else:
+                _LOADED[problem] = old
+
+
 def clear_loaded() -> None:
     """Forget kernels loaded in this process (the disk cache stays)."""
     with _LOCK:

@@ -35,7 +35,7 @@ import torch
 
 from . import reference as ref
 from . import workloads
-from .cache import CompiledKernel, _tilelang_cache_dir, precompile_scheduled, versioned_dir
+from .cache import CompiledKernel, _tilelang_cache_dir, precompile_scheduled, use_kernel, versioned_dir
 from .codegen import check_schedule, compile_kernel, template_source_hash
 from .kernel_key import KernelKey, schedule_hash
 from .kinds import KINDS
@@ -205,20 +205,13 @@ def _direct_check(key: KernelKey, kernel) -> str | None:
 # ------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _use_kernel(problem: KernelKey, kernel: CompiledKernel):
-    """Ops that ask for `problem` get `kernel` inside this block."""
-    from . import cache, kv_cache
-    with cache._LOCK:
-        old = cache._LOADED.get(problem)
-        cache._LOADED[problem] = kernel
+    """Ops that ask for `problem` get `kernel` inside this block (decode's kernel table is rebuilt)."""
+    from . import kv_cache
     kv_cache._decode_kernels.cache_clear()
     try:
-        yield
+        with use_kernel(problem, kernel):
+            yield
     finally:
-        with cache._LOCK:
-            if old is None:
-                cache._LOADED.pop(problem, None)
-            else:
-                cache._LOADED[problem] = old
         kv_cache._decode_kernels.cache_clear()
 
 
