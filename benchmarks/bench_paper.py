@@ -10,16 +10,20 @@ interquartile range over all launches):
   dense_cudnn_d128    causal SDPA, cuDNN backend, Dk=Dv=128, 64 heads (the issue's dense baseline)
   dense_cudnn_paper   the same with Dk=192, Dv=128 (the paper's shapes), where cuDNN takes them
   ours                nsa_attention with the resolved schedules (tuned record or default)
-  ours_sel_tile / ours_sel_token   the same with the selection forward forced to the token tile /
-                      the per-token kernel (the case equal to the resolved one is not repeated)
-  k:<kind>[...]       each kernel of the plan alone, on the inputs the forward gave it
-With --backward, fwd+bwd cases: dense_cudnn_d128_fb, ours_fb (o.backward(do), all inputs require grad).
-Before timing, at T=4096, ours and its selection variants are checked against nsa_codegen.reference
-(fp32, on the block lists the kernels chose). Writes <out>/<date>-<gpu>-paper.{json,md}.
+  ours[tile] / ours[token]   the same with the selection kernels (forward, and dq in the backward)
+                      forced to the token tile / the per-token schedule; a configuration equal to
+                      the resolved one is not repeated
+  k:<kernel>[...]     each kernel of the plan alone, on the inputs the forward gave it
+With --backward, fwd+bwd cases (o.backward(do), all inputs require grad): dense_cudnn_d128_fb,
+ours_fb[...], and k:selection_bwd[...], k:compression_bwd, k:window_bwd.
+Before timing, every configuration is checked against nsa_codegen.reference: the forward at T=4096
+and (--backward) the selection branch's dq, dk, dv at T=2048, fp32, on the block lists the kernels
+chose. Writes <out>/<date>-<gpu>-paper.{json,md}.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -38,7 +42,9 @@ from nsa_codegen.cache import get_kernel, load_scheduled, use_kernel  # noqa: E4
 from nsa_codegen.lowering import arch_of_capability, lower_to_plan  # noqa: E402
 
 HQ, H, DK, DV = 64, 4, 192, 128
-SELECTION = {"tile": {"tile_tokens": 0}, "token": {"tile_tokens": 1}}
+# Schedule configurations beside the resolved one: knobs per kernel kind.
+CONFIGS = {"tile": {"selection_fwd": {"tile_tokens": 0}, "selection_bwd_dq": {"tile_tokens": 0}},
+           "token": {"selection_fwd": {"tile_tokens": 1}, "selection_bwd_dq": {"tile_tokens": 1}}}
 
 
 def paper_spec(dtype: str) -> NSASpec:
@@ -57,42 +63,91 @@ def inputs(T, dt, seed, grad=False):
     return rn(1, T, HQ, DK), rn(1, T, H, DK), rn(1, T, H, DV), gates
 
 
-def selection_variants(spec, q):
-    """{name: CompiledKernel} for the selection forward: the resolved one first ('resolved'), then
-    each schedule of SELECTION that differs from it."""
+class Config:
+    """One schedule configuration: per kind, the kernel ops get (the resolved one where not forced)."""
+
+    def __init__(self, name, kernels):
+        self.name, self.kernels = name, kernels  # {problem: CompiledKernel}
+
+    @contextlib.contextmanager
+    def use(self, backward=True):
+        with contextlib.ExitStack() as stack:
+            for problem, kern in self.kernels.items():
+                if backward or problem.kind == "selection_fwd":
+                    stack.enter_context(use_kernel(problem, kern))
+            yield
+
+    def schedules(self):
+        return {p.kind: str(k.key) for p, k in self.kernels.items()}
+
+
+def configurations(spec, backward):
+    """[Config]: the resolved schedules first, then each of CONFIGS that differs from them."""
     plan = lower_to_plan(spec, arch_of_capability(*torch.cuda.get_device_capability()))
-    problem = next(c.key for c in plan.calls if c.kind == "selection_fwd")
-    resolved = get_kernel(problem)
-    out = {"resolved": resolved}
-    for name, knobs in SELECTION.items():
-        sched = {**dict(resolved.key.schedule), **knobs}
-        if sched != dict(resolved.key.schedule):
+    calls = plan.calls + (plan.backward if backward else ())
+    problems = {c.kind: c.key for c in calls if c.kind in ("selection_fwd", "selection_bwd_dq")}
+    resolved = {p: get_kernel(p) for p in problems.values()}
+    out = [Config("resolved", resolved)]
+    for name, per_kind in CONFIGS.items():
+        kernels = {}
+        for p, k in resolved.items():
+            sched = {**dict(k.key.schedule), **per_kind.get(p.kind, {})}
             try:
-                out[name] = load_scheduled(problem.with_schedule(sched))
+                kernels[p] = k if sched == dict(k.key.schedule) else load_scheduled(p.with_schedule(sched))
             except Exception as e:  # a schedule the template rejects here
-                say(f"selection {name}: {type(e).__name__}: {str(e)[:200]}")
-    for name, k in out.items():
-        say(f"selection {name}: {k.key} ({'prebuilt' if k.prebuilt else 'compiled / disk cache'})")
-    return problem, out
+                say(f"{name}: {p.kind}: {type(e).__name__}: {str(e)[:200]}")
+                kernels = None
+                break
+        if kernels and any(kernels[p] is not resolved[p] for p in resolved):
+            out.append(Config(name, kernels))
+    for c in out:
+        say(f"config {c.name}: {c.schedules()}")
+    return out
 
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def check(spec, dt, problem, variants):
-    """Each selection variant's forward at T=4096 against the fp32 reference on the lists it chose."""
+def check(spec, dt, configs, backward):
+    """Each configuration's forward at T=4096 against the fp32 reference on the lists it chose and,
+    with backward, the selection branch's gradients at T=2048."""
     q, k, v, g = inputs(4096, dt, seed=7)
     out = {}
-    for name, kern in variants.items():
-        with use_kernel(problem, kern):
+    for cfg in configs:
+        with cfg.use(backward=False):
             o, idx = nsa_attention(q, k, v, *g, spec, return_indices=True)
-        want = ref.nsa_reference(q.float(), k.float(), v.float(), *(x.float() for x in g),
-                                 _fp32(spec), block_indices=idx)
+        want = ref.nsa_reference(q.float(), k.float(), v.float(), *(x.float() for x in g), _fp32(spec),
+                                 block_indices=idx)
         low = ref.nsa_reference(q, k, v, *g, spec, block_indices=idx)
-        out[name] = dict(rel_err=rel(o, want), ref_own_err=rel(low, want), nan=bool(torch.isnan(o).any()))
-        say(f"check {name}: {out[name]}")
+        res = dict(rel_err=rel(o, want), ref_own_err=rel(low, want), nan=bool(torch.isnan(o).any()))
+        if backward:
+            res.update(_check_selection_grads(spec, dt, cfg))
+        out[cfg.name] = res
+        say(f"check {cfg.name}: {res}")
     return out
+
+
+def _check_selection_grads(spec, dt, cfg):
+    s = spec.selection
+    q, k, v, g = inputs(2048, dt, seed=8)
+    with cfg.use(backward=False):
+        _, idx = nsa_attention(q, k, v, *g, spec, return_indices=True)
+    do = torch.randn(1, 2048, HQ, DV, device="cuda").to(dt)
+
+    def grads(fn, xs):
+        leaves = [x.detach().requires_grad_() for x in xs]
+        o, _ = fn(*leaves)
+        return torch.autograd.grad((o.float() * do.float()).sum(), leaves)
+    with cfg.use():
+        got = grads(lambda *x: ops.selection_attention(*x, idx, s.block, -1.0), (q, k, v))
+    hi = grads(lambda *x: ref.selection_attention(*x, idx, s.block), [x.float() for x in (q, k, v)])
+    lo = grads(lambda *x: ref.selection_attention(*x, idx, s.block), (q, k, v))
+    res = {}
+    for name, a, h, l in zip(("dq", "dk", "dv"), got, hi, lo):
+        res[f"{name}_rel_err"], res[f"{name}_ref_own_err"] = rel(a, h), rel(l, h)
+        res["nan"] = res.get("nan", False) or bool(torch.isnan(a).any())
+    return res
 
 
 def _fp32(spec):
@@ -114,15 +169,32 @@ def dense(q, k, v, dk):
     return run
 
 
-def kernel_cases(spec, q, k, v, g, problem, variants):
-    """One case per kernel of the forward plan, each on the tensors the forward gave it."""
+def dense_fb(q, k, v, do, dk):
+    """Dense causal forward + backward, the GQA heads expanded once outside the timing (as leaves: the
+    sum of their gradients back onto the KV heads is left out, in the dense case's favour)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    G = HQ // H
+    qh = q[..., :dk].transpose(1, 2).detach().requires_grad_()
+    kh = k[..., :dk].transpose(1, 2).repeat_interleave(G, 1).detach().requires_grad_()
+    vh = v.transpose(1, 2).repeat_interleave(G, 1).detach().requires_grad_()
+    doh = do.transpose(1, 2)
+
+    def run():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True).backward(doh)
+    return run
+
+
+def kernel_cases(spec, q, k, v, g, configs, backward):
+    """One case per kernel of the plan (the selection ones per configuration), each on the tensors
+    the forward gave it; with backward, per branch its backward op on random cotangents."""
     c, s, w = spec.compression, spec.selection, spec.window
     kc, vc = ref.compress(k, c.block, c.stride, c.first_block), ref.compress(v, c.block, c.stride, c.first_block)
     o_c, lse_c = ops.compression_attention(q, kc, vc, c.block, c.stride, c.first_block, -1.0)
     idx, _ = ops.selection_topn(q, kc, lse_c, c.block, c.stride, c.first_block, s.block, s.top_n, s.initial,
                                 s.local, -1.0)
-    o_s, _ = ops.selection_attention(q, k, v, idx, s.block, -1.0)
-    o_w, _ = ops.window_attention(q, k, v, w.size, -1.0)
+    o_s, lse_s = ops.selection_attention(q, k, v, idx, s.block, -1.0)
+    o_w, lse_w = ops.window_attention(q, k, v, w.size, -1.0)
     cases = {
         "k:compression_fwd": lambda: ops.compression_attention(q, kc, vc, c.block, c.stride, c.first_block, -1.0),
         "k:selection_topn": lambda: ops.selection_topn(q, kc, lse_c, c.block, c.stride, c.first_block, s.block,
@@ -130,11 +202,22 @@ def kernel_cases(spec, q, k, v, g, problem, variants):
         "k:window_fwd": lambda: ops.window_attention(q, k, v, w.size, -1.0),
         "k:gate_combine": lambda: ops.gate_combine(o_c, g[0], o_s, g[1], o_w, g[2], H),
     }
-    for name, kern in variants.items():
-        def run(kern=kern):
-            with use_kernel(problem, kern):
+    for cfg in configs:
+        def run(cfg=cfg):
+            with cfg.use(backward=False):
                 return ops.selection_attention(q, k, v, idx, s.block, -1.0)
-        cases[f"k:selection_fwd[{name}]"] = run
+        cases[f"k:selection_fwd[{cfg.name}]"] = run
+    if backward:
+        do = torch.randn_like(o_s)
+        dlse = torch.randn_like(lse_s)
+        cases["k:compression_bwd"] = lambda: ops.compression_attention_bwd(
+            do, dlse, q, kc, vc, o_c, lse_c, c.block, c.stride, c.first_block, -1.0)
+        cases["k:window_bwd"] = lambda: ops.window_attention_bwd(do, dlse, q, k, v, o_w, lse_w, w.size, -1.0)
+        for cfg in configs:
+            def run_bwd(cfg=cfg):
+                with cfg.use():
+                    return ops.selection_attention_bwd(do, dlse, q, k, v, o_s, lse_s, idx, s.block, -1.0)
+            cases[f"k:selection_bwd[{cfg.name}]"] = run_bwd
     return cases, idx
 
 
@@ -150,26 +233,27 @@ def main():
     args = ap.parse_args()
     dt = getattr(torch, args.dtype)
     spec = paper_spec(args.dtype)
-    q, k, v, _ = inputs(64, dt, seed=0)
-    problem, variants = selection_variants(spec, q)
-    checks = check(spec, dt, problem, variants)
-    bad = [n for n, c in checks.items() if c["nan"] or not c["rel_err"] < 1e-2]
-    for n in bad:  # a variant that computes something else is not timed
-        say(f"not timed: selection {n} fails its check {checks[n]}")
-        variants.pop(n)
+    configs = configurations(spec, args.backward)
+    checks = check(spec, dt, configs, args.backward)
+
+    def fails(c):
+        errs = [v for kk, v in c.items() if kk.endswith("rel_err")]
+        return c["nan"] or not all(e < 1e-2 for e in errs)
+    for cfg in list(configs):  # a configuration that computes something else is not timed
+        if fails(checks[cfg.name]):
+            say(f"not timed: {cfg.name} fails its check {checks[cfg.name]}")
+            configs.remove(cfg)
     rows = []
     for T in args.T:
         q, k, v, g = inputs(T, dt, seed=T)
         cases = {"dense_cudnn_d128": dense(q, k, v, 128), "dense_cudnn_paper": dense(q, k, v, DK)}
-        for name, kern in variants.items():
-            label = "ours" if name == "resolved" else f"ours_sel_{name}"
-
-            def run(kern=kern):
-                with use_kernel(problem, kern):
+        for cfg in configs:
+            def run(cfg=cfg):
+                with cfg.use(backward=False):
                     return nsa_attention(q, k, v, *g, spec)
-            cases[label] = run
+            cases["ours" if cfg.name == "resolved" else f"ours[{cfg.name}]"] = run
         if not args.no_kernels:
-            kc, idx = kernel_cases(spec, q, k, v, g, problem, variants)
+            kc, idx = kernel_cases(spec, q, k, v, g, configs, args.backward)
             cases.update(kc)
             u4, u64 = (float(x) for x in (ref_union(idx, 4), ref_union(idx, 64)))
         else:
@@ -185,9 +269,12 @@ def main():
             qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
             gg = [x.detach().requires_grad_() for x in g]
             do = torch.randn(1, T, HQ, DV, device="cuda", dtype=dt)
-            cases["ours_fb"] = lambda: nsa_attention(qg, kg, vg, *gg, spec).backward(do)
-            dfwd = dense(qg, kg, vg, 128)
-            cases["dense_cudnn_d128_fb"] = lambda: dfwd().backward(do.transpose(1, 2))
+            for cfg in configs:
+                def run_fb(cfg=cfg):
+                    with cfg.use():
+                        nsa_attention(qg, kg, vg, *gg, spec).backward(do)
+                cases["ours_fb" if cfg.name == "resolved" else f"ours_fb[{cfg.name}]"] = run_fb
+            cases["dense_cudnn_d128_fb"] = dense_fb(q, k, v, do, 128)
         say(f"T={T}: {len(cases)} cases, {args.rounds} rounds x {args.iters}")
         times = timed_rounds(cases, args.rounds, args.iters)
         for c, ms in times.items():
@@ -198,7 +285,7 @@ def main():
         torch.cuda.empty_cache()
     from nsa_codegen import cache
     schedules = {str(x.key): x.schedule_source for x in cache._LOADED.values()}
-    schedules.update({f"selection {n}": str(x.key) for n, x in variants.items()})
+    schedules.update({f"config {c.name}": c.schedules() for c in configs})
     save(args, rows, checks, run_info(schedules))
 
 
@@ -222,13 +309,19 @@ def save(args, rows, checks, info):
              "| T | case | ms | q1-q3 | vs dense (d128) | U4 | U64 |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         base = {x["case"]: x["median_ms"] for x in rows if x["T"] == r["T"]}
-        d = base.get("dense_cudnn_d128_fb" if r["case"].endswith("_fb") else "dense_cudnn_d128")
+        fb = "_fb" in r["case"] or r["case"].startswith("k:") and "_bwd" in r["case"]
+        d = base.get("dense_cudnn_d128_fb" if fb else "dense_cudnn_d128")
         vs = f"{d / r['median_ms']:.2f}x" if d else ""
         u = (f"{r['union4']:.1f} | {r['union64']:.1f}" if r["union4"] is not None else " | ")
         lines.append(f"| {r['T']} | {r['case']} | {r['median_ms']:.3f} | {r['q1_ms']:.3f}-{r['q3_ms']:.3f} | {vs} | {u} |")
-    lines += ["", "Checks at T=4096 against the fp32 reference on the kernels' own block lists:", "",
-              "| selection schedule | rel err | reference's own rel err in the dtype |", "|---|---|---|"]
-    lines += [f"| {n} | {c['rel_err']:.2e} | {c['ref_own_err']:.2e} |" for n, c in checks.items()]
+    lines += ["", "Checks against the fp32 reference on the kernels' own block lists (forward at T=4096; "
+              "selection gradients at T=2048 with --backward): relative error, and in parentheses the "
+              "reference's own in the dtype:", "",
+              "| configuration | checks |", "|---|---|"]
+    for n, c in checks.items():
+        errs = ", ".join(f"{kk[:-8] or 'o'} {c[kk]:.2e} ({c[kk[:-7] + 'ref_own_err']:.2e})"
+                         for kk in c if kk.endswith("rel_err"))
+        lines.append(f"| {n} | {errs}{' NaN' if c['nan'] else ''} |")
     lines += ["", f"Schedules: `{json.dumps(info['schedules'])}`"]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,12 +1,13 @@
 """Build, on this machine (nvcc, no GPU needed), the kernels a GPU pass will load, and pack them.
 
-    python benchmarks/prebuild.py [--out .gen] [--jobs N]
+    python benchmarks/prebuild.py [--out .gen] [--jobs N] [--forward-only]
 
 A lent GPU's minutes are few and kernels compiled there cost them, and TileLang's own disk cache
 does not carry over (its key holds the parsed target, which differs on a machine with a GPU). So
 this builds with `nsa_codegen.build` (the artifacts `nsa-codegen build` writes, opened through
 TVM-FFI with no compiler) every forward kernel of the GPU test matrix (tests/test_ops.py) and of the
 benchmarks' configs, with the selection schedules the tests and bench_selection.py run as variants,
+and the backward kernels of the selection dq tests and of bench_paper.py (both dq schedules),
 into <out>/generated/, and packs it as <out>/generated.tar.xz. benchmarks/gpu_pass.sh unpacks it
 and points NSA_CODEGEN_GENERATED_DIR at it. Keep <out> out of git and carry it to the device.
 """
@@ -20,10 +21,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))  # test modules import each other by name, as under pytest
 
 # Selection forward schedules the GPU tests and bench_selection.py run besides the resolved one.
 SELECTION_VARIANTS = [{"tile_tokens": 0}, {"tile_tokens": 1}, {"tile_tokens": 8, "threads": 256},
                       {"min_blocks_per_sm": 1}, {"num_stages": 3}]
+# Selection dq schedules the backward GPU tests and bench_paper.py --backward run.
+DQ_VARIANTS = [{"tile_tokens": 0}, {"tile_tokens": 1}]
+
+
+def backward_specs():
+    """Specs whose backward kernels a GPU pass runs: the selection dq tests' (tests/test_ops_backward.py
+    DQ_SPECS) and the paper config of bench_paper.py, in both dtypes."""
+    from bench_paper import paper_spec
+    from tests.test_ops_backward import DQ_SPECS
+    out = {f"bwd_{name}": spec for name, spec, _, _ in DQ_SPECS}
+    out.update({f"paper_{dt}": paper_spec(dt) for dt in ("bfloat16", "float16")})
+    return out
 
 
 def specs():
@@ -45,6 +59,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".gen")
     ap.add_argument("--jobs", type=int, default=None)
+    ap.add_argument("--forward-only", action="store_true", help="skip the backward kernels")
     args = ap.parse_args()
     from nsa_codegen.build import build
     out = Path(args.out)
@@ -66,6 +81,10 @@ def main():
         names = {n: s for n, s in all_specs.items() if var in ok[n]}
         results += build(names, "sm90", out / "generated", jobs=args.jobs, backward=False, decode=False,
                          variants={"selection_fwd": [var]})
+    if not args.forward_only:
+        for var in DQ_VARIANTS:
+            results += build(backward_specs(), "sm90", out / "generated", jobs=args.jobs, backward=True,
+                             decode=False, variants={"selection_bwd_dq": [var]})
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         print(f"FAILED {r.key}: {r.error[:300]}")

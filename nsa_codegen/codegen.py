@@ -61,18 +61,32 @@ def check_schedule(key: KernelKey, schedule: dict[str, Any]) -> str | None:
 
 
 _TEMPLATE_HASHES: dict[tuple, str] = {}
+# Shared template modules that only validate (they shape no generated code): left out of hashes.
+_VALIDATION_ONLY = {"_problem"}
+
+
+def _shared_modules(text: str) -> list[str]:
+    """The shared template modules (templates/_name.py) a template's text imports (`from ._name import`)."""
+    import re
+    return sorted(set(re.findall(r"^from \.(_\w+) import", text, re.M)) - _VALIDATION_ONLY)
 
 
 def template_source_hash(kind: str) -> str:
-    """Hash of the template file's text (read, not imported: checking a prebuilt kernel needs no TileLang).
-    Remembered per file version (path, mtime, size): tuning logs ask once per record."""
+    """Hash of the template file's text, with the text of the shared modules it imports that shape
+    its code (templates/_token_tile.py ...). Read, not imported: checking a prebuilt kernel needs no
+    TileLang. Remembered per file version (path, mtime, size): tuning logs ask once per record."""
     from .resources import templates_dir
-    path = templates_dir() / f"{KINDS[kind].template}.py"
-    st = path.stat()
-    version = (str(path), st.st_mtime_ns, st.st_size)
+    root = templates_dir()
+    path = root / f"{KINDS[kind].template}.py"
+    text = path.read_bytes()
+    files = [path] + [root / f"{m}.py" for m in _shared_modules(text.decode())]
+    version = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
     h = _TEMPLATE_HASHES.get(version)
     if h is None:
-        h = _TEMPLATE_HASHES[version] = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        digest = hashlib.sha256(text)
+        for f in files[1:]:  # a template without shared modules keeps the hash of its own text
+            digest.update(f.name.encode() + b"\0" + f.read_bytes())
+        h = _TEMPLATE_HASHES[version] = digest.hexdigest()[:12]
     return h
 
 

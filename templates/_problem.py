@@ -1,6 +1,7 @@
 """The checks every template's check_config shares: the problem fields (the spec's support matrix).
 
-Validation only: it shapes no generated code (so build fingerprints hash the template files alone).
+Validation only: it shapes no generated code, so codegen leaves it out of build fingerprints
+(nsa_codegen.codegen._VALIDATION_ONLY); shared modules that shape code are hashed with their templates.
 """
 import math
 

@@ -38,6 +38,7 @@ import dataclasses
 import tilelang.language as T
 
 from ._problem import check_problem
+from ._token_tile import union_builder
 
 _SMEM_LIMIT = 227 * 1024
 
@@ -281,7 +282,6 @@ def _build_token_tile(cfg):
     M = _rows(cfg)
     E = _entries(cfg)
     NT = cfg.threads
-    EQ = -(-E // NT)  # entries per thread
     Dk, Dv = cfg.head_dim_qk, cfg.head_dim_v
     BS, NSEL = cfg.block, cfg.top_n
     dtype = cfg.dtype
@@ -295,6 +295,8 @@ def _build_token_tile(cfg):
     min_blocks = _min_blocks(cfg)
     ninf = -T.infinity(acc)
     online_softmax = _online_softmax(M, BS, Dv, sc)
+    build_union = union_builder(BT, NSEL, BS, NT, sc)
+    build_union = union_builder(BT, NSEL, BS, NT, sc)
 
     B, S = T.dynamic("B, T")
 
@@ -312,11 +314,12 @@ def _build_token_tile(cfg):
             K_s = T.alloc_shared([BS, Dk], dtype)
             V_s = T.alloc_shared([BS, Dv], dtype)
             O_s = T.alloc_shared([M, Dv], dtype)
-            Ent_s = T.alloc_shared([E], "int32")      # entry (r, slot) -> its block, -1 if unusable for token r
-            First_s = T.alloc_shared([E], "int32")    # 1 where the entry is its block's first usable occurrence
-            Blk_s = T.alloc_shared([E], "int32")      # the union, ascending
-            Bias_s = T.alloc_shared([E, BT], acc)     # union slot, token -> logit bias (-inf: not chosen)
-            Num_s = T.alloc_shared([1], "int32")      # union size
+            # The union of the tile's block lists (templates/_token_tile.py says what each holds).
+            Ent_s = T.alloc_shared([E], "int32")
+            First_s = T.alloc_shared([E], "int32")
+            Blk_s = T.alloc_shared([E], "int32")
+            Bias_s = T.alloc_shared([E, BT], acc)
+            Num_s = T.alloc_shared([1], "int32")
             acc_s = T.alloc_fragment([M, BS], acc)
             p = T.alloc_fragment([M, BS], dtype)
             acc_o = T.alloc_fragment([M, Dv], acc)
@@ -326,10 +329,6 @@ def _build_token_tile(cfg):
             ms = T.alloc_fragment([M], acc)
             rsum = T.alloc_fragment([M], acc)
             l = T.alloc_fragment([M], acc)
-            v = T.alloc_var("int32")
-            t = T.alloc_var("int32")
-            c = T.alloc_var("int32")
-            rank = T.alloc_var("int32")
             nu = T.alloc_var("int32")
             T.no_set_max_nreg()
             if min_blocks > 1:
@@ -342,51 +341,7 @@ def _build_token_tile(cfg):
                 Q_s[i, d] = T.if_then_else(t0 + i // G < S, Q[b, T.min(t0 + i // G, S - 1), h * G + i % G, d],
                                            T.cast(0, dtype))
 
-            # 1. The tile's entries; one usable for its token only if it is a real block at or before it.
-            for q in T.unroll(EQ):
-                if q * NT + tx < E:
-                    t = t0 + (q * NT + tx) // NSEL
-                    v = BlockIndices[b, T.min(t, S - 1), h, (q * NT + tx) % NSEL]
-                    Ent_s[q * NT + tx] = T.if_then_else((t < S) & (v >= 0) & (v * BS <= t), v, -1)
-            T.sync_threads()
-            # 2. First occurrences: an entry whose block no earlier entry holds.
-            for q in T.unroll(EQ):
-                if q * NT + tx < E:
-                    v = Ent_s[q * NT + tx]
-                    c = 0
-                    for e in T.serial(E):
-                        c = c + T.if_then_else((Ent_s[e] == v) & (e < q * NT + tx), 1, 0)
-                    First_s[q * NT + tx] = T.if_then_else((v >= 0) & (c == 0), 1, 0)
-            T.sync_threads()
-            # 3. Each first occurrence takes its rank among the distinct blocks (so the union is
-            #    ascending, the same for any slot order) and its tokens' biases: log(count) / scale
-            #    (0 for the usual single pick), -inf where the token did not choose the block.
-            for q in T.unroll(EQ):
-                if q * NT + tx < E:
-                    if First_s[q * NT + tx] == 1:
-                        v = Ent_s[q * NT + tx]
-                        rank = 0
-                        for e in T.serial(E):
-                            rank = rank + T.if_then_else((First_s[e] == 1) & (Ent_s[e] < v), 1, 0)
-                        Blk_s[rank] = v
-                        for r in T.unroll(BT):
-                            c = 0
-                            for s in T.serial(NSEL):
-                                c = c + T.if_then_else(Ent_s[r * NSEL + s] == v, 1, 0)
-                            Bias_s[rank, r] = T.if_then_else(
-                                c == 0, ninf, T.if_then_else(c == 1, 0, T.log(T.cast(c, acc)) / sc))
-            if tx == 0:
-                c = 0
-                for e in T.serial(E):
-                    c = c + First_s[e]
-                Num_s[0] = c
-                if c == 0:
-                    # Nothing usable: one fully masked step over the tile's own block keeps the
-                    # pipelined loop non-empty; every row then ends with o = 0, lse = -inf.
-                    Blk_s[0] = T.min(t0, S - 1) // BS
-                    for r in T.unroll(BT):
-                        Bias_s[0, r] = ninf
-            T.sync_threads()
+            build_union(BlockIndices, b, h, t0, S, tx, Ent_s, First_s, Blk_s, Bias_s, Num_s)
             nu = T.max(Num_s[0], 1)
 
             T.fill(acc_o, 0)

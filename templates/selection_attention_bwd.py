@@ -16,6 +16,12 @@ Layouts (contiguous, row-major); B, T (and P, U, NBU below) dynamic, NB = ceil(T
       dtype O and dO) and written out; then a num_stages-deep cp.async pipeline walks the
       top_n slots: S = Q K^T, dP = dO V^T, dS = P (dP - Delta) (masked), dQ += dS K (fp32
       registers), dQ written once.  Unusable slots load the block holding t, fully masked.
+      tile_tokens = BT > 1 (token tile, as the forward's): one program per (BT consecutive
+      tokens, kv head h, batch b), M = BT * G rows (64 or 128: WGMMA on sm90); the union of
+      the tile's block lists forms in shared memory (templates/_token_tile.py) and each union
+      block is loaded once (TMA) for all BT tokens; rows whose token did not choose a block get
+      dS = 0 there (the logit is replaced, so a NaN key only other tokens chose never enters
+      it), a block listed c > 1 times weighs c-fold as in the reference.
   part "dkdv"   (Q, K, V, dO, LSE, Delta, TokIdx [P] int32, UnitBlock [U] int32,
                  UnitStart [U] int32, UnitEnd [U] int32,
                  PartK [U, block, Dk] f32 (out), PartV [U, block, Dv] f32 (out))
@@ -44,6 +50,8 @@ Schedule fields (defaults):
                          32 where 64 would not let two programs share an SM.
   chunk_group = 4        dkdv with num_stages > 1 only.
   min_blocks_per_sm = 0  auto from smem and registers (dq 2; dkdv 2 when single-stage).
+  tile_tokens = 1        dq only: 1 = per token; > 1 = token tile of that many tokens; 0 = auto
+                         (64 // G tokens where G >= 8, else per token).
 In dkdv, P^T / dS^T stay in registers as the A operand of the dV / dK GEMMs when all warps
 split the block rows (block >= 16 * warps), else they go through one smem tile.
 """
@@ -53,6 +61,7 @@ import dataclasses
 import tilelang.language as T
 
 from ._problem import check_problem
+from ._token_tile import union_builder
 
 _SMEM_LIMIT = 227 * 1024
 _PARTS = ("dq", "dkdv", "reduce")
@@ -78,6 +87,8 @@ class SelectionAttentionBwdConfig:
                                # when two programs per SM would not fit 64 in smem)
     chunk_group: int = 4       # dkdv with num_stages > 1: chunks per static pipelined group
     min_blocks_per_sm: int = 0  # dq/dkdv __launch_bounds__ hint; 0 = auto
+    tile_tokens: int = 1       # dq: tokens per program (1 = per token, > 1 = token tile over the
+                               # union of their block lists, 0 = auto: 64 // G where G >= 8)
 
 
 def _stages(cfg):
@@ -99,8 +110,20 @@ def _threads(cfg):
 
 
 # ---------------------------------------------------------------- dq
+def _dq_tile_tokens(cfg):
+    if cfg.part != "dq":
+        return 1
+    if cfg.tile_tokens:
+        return cfg.tile_tokens
+    G = _group(cfg)
+    if G >= 8 and _threads(cfg) >= 128 and (64 // G) * cfg.top_n <= 4 * _threads(cfg):
+        return 64 // G
+    return 1
+
+
 def _dq_rows(cfg):
-    return max(16, _group(cfg))
+    bt = _dq_tile_tokens(cfg)
+    return max(16, _group(cfg)) if bt == 1 else bt * _group(cfg)
 
 
 def _dq_ds_in_regs(cfg):
@@ -112,11 +135,14 @@ def _dq_ds_in_regs(cfg):
 def _dq_smem(cfg):
     e = 2
     m = _dq_rows(cfg)
-    q = m * cfg.head_dim_qk * e * 2          # Q tile + dQ staging
+    bt = _dq_tile_tokens(cfg)
+    # Q tile + dQ staging (the token tile stores dQ from registers, and keeps the union instead)
+    q = m * cfg.head_dim_qk * e * (2 if bt == 1 else 1)
+    union = 0 if bt == 1 else bt * cfg.top_n * (3 + bt) * 4 + 16
     do = m * cfg.head_dim_v * e
     ds = 0 if _dq_ds_in_regs(cfg) else m * cfg.block * e
     kv = _stages(cfg) * cfg.block * (cfg.head_dim_qk + cfg.head_dim_v) * e
-    return q + do + ds + kv + 8 * m + 1024
+    return q + do + ds + kv + union + 8 * m + 1024
 
 
 # ---------------------------------------------------------------- dkdv
@@ -176,6 +202,13 @@ def _min_blocks(cfg):
         if _stages(cfg) > 1:
             by_regs = 1
         return max(1, min(4, by_smem, by_regs))
+    if cfg.part == "dq" and _dq_tile_tokens(cfg) > 1:
+        # The token tile's fp32 dQ, S and dP accumulators (+ 16-bit dS) per consumer thread, beside
+        # the 128-thread TMA producer warpgroup: capping registers below that fails to allocate.
+        m, th = _dq_rows(cfg), _threads(cfg)
+        regs = (m * cfg.head_dim_qk + 2.5 * m * cfg.block) / th + 40
+        by_regs = int(65536 // ((th + 128) * regs))
+        return max(1, min(4, by_smem, by_regs))
     return max(1, min(4, by_smem))
 
 
@@ -198,8 +231,17 @@ def check_config(cfg) -> None:
         raise ValueError("min_blocks_per_sm: must be in 0..8")
     warps = _threads(cfg) // 32
     G = _group(cfg)
+    if cfg.tile_tokens not in (0, 1, 2, 4, 8, 16, 32, 64):
+        raise ValueError("tile_tokens: must be 0 (auto), 1, 2, 4, 8, 16, 32 or 64")
     if cfg.part == "dq":
         m = _dq_rows(cfg)
+        if _dq_tile_tokens(cfg) > 1:
+            if m not in (64, 128):
+                raise ValueError(f"tile_tokens: tile_tokens * group = {m} rows, must be 64 or 128")
+            if _threads(cfg) < 128 or m % (64 * (_threads(cfg) // 128)):
+                raise ValueError("threads: a token tile needs 128 threads per 64 rows")
+            if _dq_tile_tokens(cfg) * cfg.top_n > 4 * _threads(cfg):
+                raise ValueError("tile_tokens: tile_tokens * top_n must be at most 4 * threads")
         n_split = max(1, warps // (m // 16))
         if cfg.block // n_split < 8 or cfg.head_dim_qk // n_split < 8:
             raise ValueError("threads: too many warps for this block / head_dim_qk")
@@ -228,7 +270,7 @@ def build(cfg):
     """Return the (uncompiled) T.prim_func of cfg.part (see the module docstring)."""
     check_config(cfg)
     if cfg.part == "dq":
-        return _build_dq(cfg)
+        return _build_dq(cfg) if _dq_tile_tokens(cfg) == 1 else _build_dq_tile(cfg)
     if cfg.part == "dkdv":
         return _build_dkdv(cfg)
     return _build_reduce(cfg)
@@ -327,6 +369,116 @@ def _build_dq(cfg):
             for i, d in T.Parallel(M, Dk):
                 dQ_s[i, d] = acc_dq[i, d] * sc
             T.copy(dQ_s[0:G, :], dQ[b, t, h * G:(h + 1) * G, :])
+
+    return selection_attention_bwd_dq
+
+
+def _build_dq_tile(cfg):
+    HQ, H = cfg.heads_q, cfg.heads_kv
+    G = HQ // H
+    BT = _dq_tile_tokens(cfg)
+    M = _dq_rows(cfg)
+    E = BT * cfg.top_n
+    NT = _threads(cfg)
+    Dk, Dv = cfg.head_dim_qk, cfg.head_dim_v
+    BS, NSEL = cfg.block, cfg.top_n
+    dtype = cfg.dtype
+    acc = "float32"
+    sc = float(cfg.scale)
+    # K/V loads are TMA in TileLang's warp-specialized pipeline, as in the forward's token tile:
+    # the union's size is known only at run time (no cp.async epilogue for that in TileLang 0.1.15).
+    min_blocks = _min_blocks(cfg)
+    ninf = -T.infinity(acc)
+    pinf = T.infinity(acc)
+    build_union = union_builder(BT, NSEL, BS, NT, sc)
+
+    B, S = T.dynamic("B, T")
+
+    @T.prim_func
+    def selection_attention_bwd_dq(
+        Q: T.Tensor([B, S, HQ, Dk], dtype),
+        K: T.Tensor([B, S, H, Dk], dtype),
+        V: T.Tensor([B, S, H, Dv], dtype),
+        O: T.Tensor([B, S, HQ, Dv], dtype),
+        dO: T.Tensor([B, S, HQ, Dv], dtype),
+        LSE: T.Tensor([B, S, HQ], acc),
+        DLSE: T.Tensor([B, S, HQ], acc),
+        BlockIndices: T.Tensor([B, S, H, NSEL], "int32"),
+        dQ: T.Tensor([B, S, HQ, Dk], dtype),
+        Delta: T.Tensor([B, S, HQ], acc),
+    ):
+        with T.Kernel(T.ceildiv(S, BT), H, B, threads=NT) as (tt, h, b):
+            Q_s = T.alloc_shared([M, Dk], dtype)
+            dO_s = T.alloc_shared([M, Dv], dtype)
+            K_s = T.alloc_shared([BS, Dk], dtype)
+            V_s = T.alloc_shared([BS, Dv], dtype)
+            lse_s = T.alloc_shared([M], acc)
+            delta_s = T.alloc_shared([M], acc)
+            Ent_s = T.alloc_shared([E], "int32")
+            First_s = T.alloc_shared([E], "int32")
+            Blk_s = T.alloc_shared([E], "int32")
+            Bias_s = T.alloc_shared([E, BT], acc)
+            Num_s = T.alloc_shared([1], "int32")
+            od = T.alloc_fragment([M, Dv], acc)
+            delta_f = T.alloc_fragment([M], acc)
+            acc_s = T.alloc_fragment([M, BS], acc)
+            acc_dp = T.alloc_fragment([M, BS], acc)
+            ds = T.alloc_fragment([M, BS], dtype)
+            acc_dq = T.alloc_fragment([M, Dk], acc)
+            nu = T.alloc_var("int32")
+            T.no_set_max_nreg()
+            if min_blocks > 1:
+                T.annotate_min_blocks_per_sm(min_blocks)
+
+            tx = T.get_thread_binding()
+            t0 = tt * BT
+            # Row i = token t0 + i // G, head h * G + i % G; rows past T are zero and never stored.
+            for i, d in T.Parallel(M, Dk):
+                Q_s[i, d] = T.if_then_else(t0 + i // G < S, Q[b, T.min(t0 + i // G, S - 1), h * G + i % G, d],
+                                           T.cast(0, dtype))
+            for i, d in T.Parallel(M, Dv):
+                dO_s[i, d] = T.if_then_else(t0 + i // G < S, dO[b, T.min(t0 + i // G, S - 1), h * G + i % G, d],
+                                            T.cast(0, dtype))
+            # Delta = rowsum(dO * O) - DLSE, fp32 from the dtype values.
+            for i, d in T.Parallel(M, Dv):
+                od[i, d] = T.if_then_else(
+                    t0 + i // G < S,
+                    T.cast(dO[b, T.min(t0 + i // G, S - 1), h * G + i % G, d], acc)
+                    * T.cast(O[b, T.min(t0 + i // G, S - 1), h * G + i % G, d], acc), 0)
+            T.reduce_sum(od, delta_f, dim=1, clear=True)
+            for i in T.Parallel(M):
+                delta_s[i] = T.if_then_else(t0 + i // G < S,
+                                            delta_f[i] - DLSE[b, T.min(t0 + i // G, S - 1), h * G + i % G], 0)
+                # lse = -inf (no visible key) or a row past T -> +inf so P = exp(-inf) = 0.
+                lse_s[i] = T.if_then_else(
+                    (t0 + i // G < S) and LSE[b, T.min(t0 + i // G, S - 1), h * G + i % G] != ninf,
+                    LSE[b, T.min(t0 + i // G, S - 1), h * G + i % G], pinf)
+
+            build_union(BlockIndices, b, h, t0, S, tx, Ent_s, First_s, Blk_s, Bias_s, Num_s)
+            nu = T.max(Num_s[0], 1)
+            for i in T.Parallel(M):
+                if t0 + i // G < S:
+                    Delta[b, t0 + i // G, h * G + i % G] = delta_s[i]
+            T.fill(acc_dq, 0)
+
+            for it in T.Pipelined(nu, num_stages=_stages(cfg)):
+                T.copy(K[b, Blk_s[it] * BS:(Blk_s[it] + 1) * BS, h, :], K_s)
+                T.copy(V[b, Blk_s[it] * BS:(Blk_s[it] + 1) * BS, h, :], V_s)
+                T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                T.gemm(dO_s, V_s, acc_dp, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                # dS = P (dP - Delta) where the row's token chose the block and sees the key, else
+                # exactly 0 (replaced, so a NaN key or value there never enters the row); the bias
+                # weighs a block listed c times c-fold.
+                for i, cc in T.Parallel(M, BS):
+                    ds[i, cc] = T.if_then_else(
+                        (Blk_s[it] * BS + cc <= t0 + i // G) & (Bias_s[it, i // G] > ninf),
+                        T.__exp((acc_s[i, cc] + Bias_s[it, i // G]) * sc - lse_s[i]) * (acc_dp[i, cc] - delta_s[i]),
+                        0)
+                T.gemm(ds, K_s, acc_dq, policy=T.GemmWarpPolicy.FullRow)
+
+            for i, d in T.Parallel(M, Dk):
+                if t0 + i // G < S:
+                    dQ[b, t0 + i // G, h * G + i % G, d] = T.cast(acc_dq[i, d] * sc, dtype)
 
     return selection_attention_bwd_dq
 

@@ -69,6 +69,19 @@ def test_selection_schedules_compile(tile_tokens, mma, tmp_path, monkeypatch):
         assert mma in disassemble(kernel), f"{key}: no {mma} in its SASS"
 
 
+@needs_nvcc
+@pytest.mark.compile
+@pytest.mark.parametrize("tile_tokens,mma", [(1, "HMMA"), (0, "HGMMA")])
+def test_selection_dq_schedules_compile(tile_tokens, mma, tmp_path, monkeypatch):
+    """Both selection dq schedules compile for sm_90a: per token on mma.sync, the token tile on WGMMA."""
+    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
+    call = next(c for c in lower_to_plan(PAPER).backward if c.kind == "selection_bwd_dq")
+    key = call.key.with_schedule({**dict(_scheduled(call).schedule), "tile_tokens": tile_tokens})
+    kernel = compile_kernel(key)
+    if _nvdisasm():
+        assert mma in disassemble(kernel), f"{key}: no {mma} in its SASS"
+
+
 def test_configs_carry_the_spec_and_schedule():
     for call in lower_to_plan(PAPER_FP16_D128).calls:
         key = _scheduled(call)

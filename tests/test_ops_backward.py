@@ -197,6 +197,85 @@ def test_cu_seqlens_gradients_equal_separate_sequences(precompiled):
             torch.testing.assert_close(p[:, a:b], o, rtol=0, atol=0)
 
 
+# Selection dq schedules: 1 = per token, 0 = auto (a token tile where G >= 8).
+DQ_SPECS = [m for m in BWD_MATRIX if m[0] in ("paper_bf16_T2000", "fla_cfg", "g8_d64", "g32", "tiny_T")]
+
+
+def _selection_dq_kernel(q, k, v, s, tile_tokens):
+    """(dq problem key, the dq kernel of that schedule)."""
+    from nsa_codegen import ops
+    from nsa_codegen.cache import load_scheduled
+    from nsa_codegen.schedules import default_schedule
+    problem = ops._key("selection_bwd_dq", q, k, v.shape[3], -1.0, sel_block=s.block, top_n=s.top_n)
+    key = problem.with_schedule({**default_schedule(problem), "tile_tokens": tile_tokens})
+    return problem, load_scheduled(key)
+
+
+@gpu
+@pytest.mark.parametrize("tile_tokens", [1, 0], ids=["token", "tile"])
+@pytest.mark.parametrize("kind", ["uniform", "drift", "hostile"])
+@pytest.mark.parametrize("name,spec,B,T", DQ_SPECS, ids=[m[0] for m in DQ_SPECS])
+def test_selection_dq_schedules(name, spec, B, T, kind, tile_tokens):
+    """Each selection dq schedule, through the op's backward, against the reference's autograd on
+    lists with and without locality and on hostile ones (repeats, pads, future blocks, tokens with
+    nothing usable); NaN-poisoned gradients; twice, bit-identical."""
+    from nsa_codegen import ops, workloads
+    from nsa_codegen.cache import use_kernel
+    from test_ops import _hostile_indices
+    s = spec.selection
+    q, k, v, _ = make_inputs(spec, B, T, seed=31)
+    if kind == "hostile":
+        idx = _hostile_indices(B, T, spec.kv_heads, s.top_n, s.block, seed=32)
+    else:
+        idx = workloads.block_indices(kind, B, T, spec.kv_heads, s.block, s.top_n, s.initial, s.local,
+                                      coherence=16, seed=32)
+        idx = torch.gather(idx, -1, torch.argsort(torch.rand(idx.shape, device="cuda"), -1))
+    g = torch.Generator(device="cuda").manual_seed(33)
+    do = torch.randn(B, T, spec.heads, spec.v_head_dim, generator=g, device="cuda").to(q.dtype)
+    dlse = torch.randn(B, T, spec.heads, generator=g, device="cuda")
+    problem, kernel = _selection_dq_kernel(q, k, v, s, tile_tokens)
+    kern = lambda q_, k_, v_: ops.selection_attention(q_, k_, v_, idx, s.block, -1.0)  # noqa: E731
+    with use_kernel(problem, kernel):
+        got = _grads(kern, (q, k, v), do, dlse)
+        again = _grads(kern, (q, k, v), do, dlse)
+    assert all(torch.equal(a, b) for a, b in zip(got, again)), f"{kernel.key}: gradients changed between runs"
+    oracle = lambda q_, k_, v_: ref.selection_attention(q_, k_, v_, idx, s.block, spec.softmax_scale)  # noqa: E731
+    hi = _grads(oracle, f32(q, k, v), do.float(), dlse)
+    lo = _grads(oracle, (q, k, v), do, dlse)
+    for what, a, h, l in zip(("dq", "dk", "dv"), got, hi, lo):
+        assert_grad_close(f"{kernel.key}/{kind}/{what}", a, h, l)
+
+
+@gpu
+def test_selection_dq_token_tile_masks_what_a_token_did_not_choose():
+    """dq: a NaN key in a block only the tile's other tokens chose never reaches a token's dq."""
+    from nsa_codegen import ops
+    from nsa_codegen.cache import use_kernel
+    name, spec, B, T = BWD_MATRIX[-2]   # the paper config
+    T = 1024
+    s = spec.selection
+    q, k, v, _ = make_inputs(spec, 1, T, seed=34)
+    idx = torch.full((1, T, spec.kv_heads, s.top_n), -1, dtype=torch.int32, device="cuda")
+    t = torch.arange(T, device="cuda")
+    idx[..., 0] = (t // s.block)[None, :, None]            # every token: its own block
+    idx[:, 1::2, :, 1] = 3                                  # odd tokens also block 3
+    poisoned = k.clone()
+    poisoned[:, 3 * s.block:4 * s.block] = float("nan")    # ... whose keys are NaN
+    problem, kernel = _selection_dq_kernel(q, k, v, s, 0)
+    do = torch.randn(1, T, spec.heads, spec.v_head_dim, device="cuda").to(q.dtype)
+    leaf = q.detach().requires_grad_()
+    with use_kernel(problem, kernel):
+        o, _ = ops.selection_attention(leaf, poisoned, v, idx, s.block, -1.0)
+        (dq,) = torch.autograd.grad((o.float() * do.float()).sum(), leaf)
+    even = (t % 2 == 0) & ((t // s.block) != 3)
+    assert not torch.isnan(dq[:, even]).any(), f"{kernel.key}: a NaN only other tokens chose reached dq"
+    leaf_hi = q.detach().float().requires_grad_()
+    o_hi, _ = ref.selection_attention(leaf_hi, k.float(), v.float(), idx, s.block, spec.softmax_scale)
+    (dq_hi,) = torch.autograd.grad((o_hi * do.float()).sum(), leaf_hi)
+    err = rel_err(dq[:, even], dq_hi[:, even])
+    assert err < 1e-2, f"{kernel.key}: dq relative error {err:.2e} on tokens that did not choose the NaN block"
+
+
 @gpu
 def test_gradients_are_bit_identical_run_to_run(precompiled):
     from nsa_codegen import NativeSparseAttention
