@@ -288,7 +288,7 @@ def _variant_keys(updates):
 
 def _kernels_with(updates):
     """part -> CompiledKernel for _variant_keys(updates) (compiled here unless in the disk cache)."""
-    from nsa_codegen.cache import CompiledKernel, _tilelang_cache_dir, get_kernel, versioned_dir
+    from nsa_codegen.cache import CompiledKernel, tilelang_cache_dir, get_kernel, versioned_dir
     from nsa_codegen.codegen import compile_kernel
     out = {}
     for part, key in _variant_keys(updates).items():
@@ -296,7 +296,7 @@ def _kernels_with(updates):
         if key.schedule == resolved.key.schedule:
             out[part] = resolved
             continue
-        with _tilelang_cache_dir(versioned_dir() / "tilelang"):
+        with tilelang_cache_dir(versioned_dir() / "tilelang"):
             out[part] = CompiledKernel(key, compile_kernel(key), "variant", 0.0)
     return out
 

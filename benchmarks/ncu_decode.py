@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_decode import PAPER, _time, paper_step_inputs, random_paper_cache  # noqa: E402
 from nsa_codegen import kv_cache  # noqa: E402
-from nsa_codegen.cache import _tilelang_cache_dir, get_kernel, precompile, precompile_scheduled, versioned_dir  # noqa: E402,E501
+from nsa_codegen.cache import tilelang_cache_dir, get_kernel, precompile, precompile_scheduled, versioned_dir  # noqa: E402,E501
 from nsa_codegen.codegen import compile_kernel  # noqa: E402
 from nsa_codegen.kv_cache import nsa_decode  # noqa: E402
 from nsa_codegen.lowering import lower_decode  # noqa: E402
@@ -46,7 +46,7 @@ def main():
     precompile_scheduled([k for _, _, k in todo])
     for part, upd, key in todo:
         try:
-            with _tilelang_cache_dir(versioned_dir() / "tilelang"):
+            with tilelang_cache_dir(versioned_dir() / "tilelang"):
                 jit = compile_kernel(key)
         except Exception as e:
             print(f"{part} {upd}: compile failed: {type(e).__name__}: {str(e)[:300]}", flush=True)

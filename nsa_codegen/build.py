@@ -27,7 +27,7 @@ from typing import Iterable
 
 import yaml
 
-from .cache import _tilelang_cache_dir, _write_json_atomic, run_in_workers
+from .cache import tilelang_cache_dir, write_json_atomic, run_in_workers
 from .codegen import TARGETS, check_schedule, compile_kernel, template_source_hash
 from .kernel_key import KernelKey
 from .lowering import lower_to_plan, normalize_arch
@@ -111,7 +111,7 @@ def _build_one(arch_dir: str, key: KernelKey, source: str, spec_names: list[str]
     t0 = time.perf_counter()
     try:
         # TileLang's logs and compiler warnings go to build.log, not between the progress lines.
-        with _output_to(None if verbose else arch_dir / "build.log"), _tilelang_cache_dir(arch_dir / "tilelang"):
+        with _output_to(None if verbose else arch_dir / "build.log"), tilelang_cache_dir(arch_dir / "tilelang"):
             print(f"--- {key}", flush=True)
             jit = compile_kernel(key)
         entry = Path(getattr(jit, "_tilelang_cache_path", "") or "")
@@ -135,7 +135,7 @@ def _build_one(arch_dir: str, key: KernelKey, source: str, spec_names: list[str]
                 "target": TARGETS[key.arch], "artifact": str(lib.relative_to(arch_dir)),
                 "artifact_sha256": file_hash(lib), "fingerprint": fingerprint(key),
                 "built": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        _write_json_atomic(kdir / "meta.json", meta)
+        write_json_atomic(kdir / "meta.json", meta)
         return BuildResult(str(key), "built", source, time.perf_counter() - t0)
     except Exception as e:
         return BuildResult(str(key), "failed", source, time.perf_counter() - t0, f"{type(e).__name__}: {e}")
@@ -213,7 +213,7 @@ def _write_manifest(arch_dir: Path):
             variants[meta["key"]] = entry
         else:
             entries[meta["problem"]] = entry
-    _write_json_atomic(arch_dir / "manifest.json", {"arch": arch_dir.name, "version": version_tag(),
+    write_json_atomic(arch_dir / "manifest.json", {"arch": arch_dir.name, "version": version_tag(),
                                                     "kernels": entries, "variants": variants})
 
 

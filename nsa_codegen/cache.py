@@ -40,7 +40,7 @@ def versioned_dir() -> Path:
 
 
 @contextlib.contextmanager
-def _tilelang_cache_dir(path: Path):
+def tilelang_cache_dir(path: Path):
     """Point TileLang's kernel cache at ours for the duration of a compile."""
     from tilelang.env import env
     path.mkdir(parents=True, exist_ok=True)
@@ -52,7 +52,7 @@ def _tilelang_cache_dir(path: Path):
         env.TILELANG_CACHE_DIR = old
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".meta-", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
@@ -101,7 +101,7 @@ def get_kernel(problem: KernelKey) -> CompiledKernel:
         ck = CompiledKernel(key, _open(key, prebuilt), source, time.perf_counter() - t0, prebuilt)
         meta = versioned_dir() / "kernels" / key.dirname / "meta.json"
         if prebuilt is None and not meta.exists():
-            _write_json_atomic(meta, {"key": str(key), "problem": key.problem_id, "schedule": schedule,
+            write_json_atomic(meta, {"key": str(key), "problem": key.problem_id, "schedule": schedule,
                                       "schedule_source": source, "template_hash": template_source_hash(key.kind),
                                       "version_tag": version_tag()})
         _LOADED[problem.problem] = ck
@@ -125,7 +125,7 @@ def _open(key: KernelKey, prebuilt: Path | None):
     from .codegen import compile_kernel
     jit = _load_prebuilt(prebuilt, key) if prebuilt else None
     if jit is None:
-        with _tilelang_cache_dir(prebuilt / "tilelang" if prebuilt else versioned_dir() / "tilelang"):
+        with tilelang_cache_dir(prebuilt / "tilelang" if prebuilt else versioned_dir() / "tilelang"):
             jit = compile_kernel(key)
     return jit
 
@@ -203,7 +203,7 @@ def precompile(problems, jobs: int | None = None, progress=None) -> list[tuple[s
 def _compile_scheduled(key: KernelKey) -> str | None:
     from .codegen import compile_kernel
     try:
-        with _tilelang_cache_dir(versioned_dir() / "tilelang"):
+        with tilelang_cache_dir(versioned_dir() / "tilelang"):
             compile_kernel(key)
         return None
     except Exception as e:

@@ -29,8 +29,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import reference
-from .ops import _DTYPES
-from .ops import _empty as _ws  # NaN / -7 poisoned under NSA_CODEGEN_POISON_OUTPUTS=1 (tests)
+from .buffers import KERNEL_DTYPES as _DTYPES
+from .buffers import empty as _ws  # NaN / -7 poisoned under NSA_CODEGEN_POISON_OUTPUTS=1 (tests)
 from .resources import template_module
 from .spec import NSASpec
 
@@ -353,6 +353,12 @@ def _decode_kernels(spec, q_len, separate_window, max_seqlen, arch):
     from .lowering import lower_decode
     calls = lower_decode(spec, arch, q_len, separate_window, max_seqlen)
     return {c.kind[len("decode_"):]: get_kernel(c.key) for c in calls}
+
+
+def clear_decode_kernels() -> None:
+    """Forget the decode kernels looked up so far (tuning swaps a candidate in; the next step
+    looks its kernels up again)."""
+    _decode_kernels.cache_clear()
 
 
 def _splits(B, H, spec, q_len, max_len, sms, cmp_block_N, num_splits):

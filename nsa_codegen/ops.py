@@ -15,31 +15,18 @@ lse [B, T, HQ] float32 (natural log), block_indices [B, T, H, n]. Scale < 0 mean
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
 from . import reference
+from .buffers import KERNEL_DTYPES as _DTYPES
+from .buffers import empty as _empty
 from .cache import get_kernel
 from .kernel_key import KernelKey
 from .lowering import arch_of_capability, lower_to_plan
 from .spec import SUPPORTED_GROUPS, SUPPORTED_HEAD_DIMS, SUPPORTED_V_HEAD_DIMS, NSASpec
 
-_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def _poison() -> bool:
-    # Tests set this so that every element a kernel fails to write shows up as NaN / garbage.
-    return os.environ.get("NSA_CODEGEN_POISON_OUTPUTS") == "1"
-
-
-def _empty(shape, dtype, device):
-    if not _poison():
-        return torch.empty(shape, dtype=dtype, device=device)
-    if dtype.is_floating_point:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.full(shape, -7, dtype=dtype, device=device)
 
 
 def _is_gpu(t: torch.Tensor) -> bool:
@@ -496,7 +483,7 @@ def _check_against_spec(q, k, v, spec: NSASpec):
     _check_tensor("q", q, 4)
     if _DTYPES[q.dtype] != spec.dtype:
         raise ValueError(f"q is {q.dtype} but the spec's dtype is {spec.dtype}")
-    reference._check_inputs(q, k, v, spec)
+    reference.check_inputs(q, k, v, spec)
     _check_tensor("k", k, 4, like=q)
     _check_tensor("v", v, 4, like=q)
 
@@ -513,7 +500,7 @@ def nsa_attention(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
         raise TypeError(f"spec must be an NSASpec, got {type(spec).__name__}")
     _check_against_spec(q, k, v, spec)
     if cu_seqlens is not None:
-        return reference._packed(q, k, v, g_cmp, g_slc, g_win, spec, k_cmp, v_cmp, k_win, v_win, block_indices,
+        return reference.run_packed(q, k, v, g_cmp, g_slc, g_win, spec, k_cmp, v_cmp, k_win, v_win, block_indices,
                                  cu_seqlens, return_indices, forward=nsa_attention)
     T = q.shape[1]
     c, s = spec.compression, spec.selection

@@ -331,7 +331,9 @@ def block_keys(q, k_cmp, v_cmp, spec: NSASpec, T: int, t_offset: int = 0) -> tor
 # ------------------------------------------------------------------------------------------------
 # The whole layer
 # ------------------------------------------------------------------------------------------------
-def _check_inputs(q, k, v, spec: NSASpec):
+def check_inputs(q, k, v, spec: NSASpec):
+    """Raise naming the argument unless q [B, T, HQ, Dk], k [B, T, H, Dk], v [B, T, H, Dv] are
+    floating tensors whose shapes match the spec and each other (the ops check the same first)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -393,10 +395,10 @@ def nsa_reference(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
     then k_cmp / v_cmp, if given, pack each sequence's compressed rows in the same order.
     Returns o [B, T, HQ, Dv], plus block indices [B, T, H, n] (-1 padded) with return_indices.
     """
-    _check_inputs(q, k, v, spec)
+    check_inputs(q, k, v, spec)
     _check_gates(q, spec, g_cmp=g_cmp, g_slc=g_slc, g_win=g_win)
     if cu_seqlens is not None:
-        return _packed(q, k, v, g_cmp, g_slc, g_win, spec, k_cmp, v_cmp, k_win, v_win, block_indices,
+        return run_packed(q, k, v, g_cmp, g_slc, g_win, spec, k_cmp, v_cmp, k_win, v_win, block_indices,
                        cu_seqlens, return_indices)
     B, T = q.shape[:2]
     c, s = spec.compression, spec.selection
@@ -436,8 +438,8 @@ def nsa_reference(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
     return (out, indices) if return_indices else out
 
 
-def _packed(q, k, v, g_cmp, g_slc, g_win, spec, k_cmp, v_cmp, k_win, v_win, block_indices, cu_seqlens,
-            return_indices, forward=None):
+def run_packed(q, k, v, g_cmp, g_slc, g_win, spec, k_cmp, v_cmp, k_win, v_win, block_indices, cu_seqlens,
+               return_indices, forward=None):
     """Run `forward` (default nsa_reference) on each sequence of a cu_seqlens-packed batch."""
     forward = forward or nsa_reference
     if q.shape[0] != 1:

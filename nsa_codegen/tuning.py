@@ -35,7 +35,7 @@ import torch
 
 from . import reference as ref
 from . import workloads
-from .cache import CompiledKernel, _tilelang_cache_dir, precompile_scheduled, use_kernel, versioned_dir
+from .cache import CompiledKernel, tilelang_cache_dir, precompile_scheduled, use_kernel, versioned_dir
 from .codegen import check_schedule, compile_kernel, template_source_hash
 from .kernel_key import KernelKey, schedule_hash
 from .kinds import KINDS
@@ -207,12 +207,12 @@ def _direct_check(key: KernelKey, kernel) -> str | None:
 def _use_kernel(problem: KernelKey, kernel: CompiledKernel):
     """Ops that ask for `problem` get `kernel` inside this block (decode's kernel table is rebuilt)."""
     from . import kv_cache
-    kv_cache._decode_kernels.cache_clear()
+    kv_cache.clear_decode_kernels()
     try:
         with use_kernel(problem, kernel):
             yield
     finally:
-        kv_cache._decode_kernels.cache_clear()
+        kv_cache.clear_decode_kernels()
 
 
 class _Capture:
@@ -510,7 +510,7 @@ def tune(problems: list[KernelKey], T: int = 16384, budget_minutes: float | None
                 if key.kind.startswith("decode_"):
                     rec.update(T=DECODE_TIMING_LEN, batch=DECODE_TIMING_BATCH)
                 try:
-                    with _tilelang_cache_dir(versioned_dir() / "tilelang"):
+                    with tilelang_cache_dir(versioned_dir() / "tilelang"):
                         jit = compile_kernel(key)
                     if _direct(key.kind):
                         why = _direct_check(key, jit)

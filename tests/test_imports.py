@@ -46,3 +46,28 @@ def test_module_imports_alone(module):
     r = subprocess.run([sys.executable, "-c", f"import nsa_codegen.{module}"], capture_output=True, text=True,
                        cwd=PKG.parent)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def _private_uses(module: str) -> list[str]:
+    """Private names (a leading underscore) of other nsa_codegen modules that `module` imports or
+    reads as module attributes (`reference._x`)."""
+    tree = ast.parse((PKG / f"{module}.py").read_text())
+    mods = {}  # local name -> nsa_codegen module it is bound to
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            for a in node.names:
+                if node.module is None and a.name in MODULES:  # from . import reference
+                    mods[a.asname or a.name] = a.name
+                elif node.module and node.module.split(".")[0] in MODULES and a.name.startswith("_"):
+                    out.append(f"from .{node.module} import {a.name}")
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in mods
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            out.append(f"{node.value.id}.{node.attr}")
+    return out
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_no_module_uses_another_modules_private_names(module):
+    assert _private_uses(module) == []
