@@ -4,8 +4,8 @@ installed), FlexAttention (window) and nsa-codegen, on the same inputs, in one p
     python benchmarks/bench_backward.py [--T 8192 65536] [--out benchmarks/results]
 
 Each case times one forward plus `torch.autograd.grad` of every differentiable input (q, k, v and
-the gates where there are some) with a fixed random output gradient; medians of
-triton.testing.do_bench after warm-up. Same shapes as bench_forward.py (B=1, HQ=64, H=4, D=128):
+the gates where there are some) with a fixed random output gradient; the cases of one T timed
+interleaved (benchmarks/timing.py: --rounds x --iters launches, CUDA events, median and [q1, q3]). Same shapes as bench_forward.py (B=1, HQ=64, H=4, D=128):
   dense_cudnn / dense_flash        causal SDPA over all T keys
   fla_full / ours_fla_cfg          compression + top-n + selection + gates (l=d=l'=64, mean, n=16, w=0)
   fla_selection / ours_selection   selection attention alone on the same random indices
@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_forward import H, HQ, D, bench, bench_specs, load_fla, save_results, selection_lists  # noqa: E402
+from bench_forward import H, HQ, D, bench_specs, load_fla, save_results, selection_lists  # noqa: E402
+from timing import Rounds  # noqa: E402
 from nsa_codegen import nsa_attention  # noqa: E402
 from nsa_codegen import ops  # noqa: E402
 from nsa_codegen import reference as ref  # noqa: E402
@@ -49,6 +50,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--skip-dense-above", type=int, default=65536)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=4)
     args = ap.parse_args()
     dt = getattr(torch, args.dtype)
     dev = "cuda"
@@ -65,16 +68,10 @@ def main():
     for key, err, _ in (r for r in precompile(keys) if r[1]):
         print(f"compile failed: {key}: {err[:300]}")
     rows = []
+    rounds = Rounds(args.rounds, args.iters)
 
     def record(case, T, fn):
-        try:
-            ms = bench(fn)
-            rows.append(dict(case=case, T=T, ms=ms))
-            print(f"T={T:6d} {case:<18} {ms:9.3f} ms", flush=True)
-        except Exception as e:
-            rows.append(dict(case=case, T=T, ms=None, error=f"{type(e).__name__}: {str(e)[:200]}"))
-            print(f"T={T:6d} {case:<18} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-        torch.cuda.empty_cache()
+        rounds.add(case, fn, T=T)
 
     def rnd(*shape, dim=None):
         return torch.randn(*shape, device=dev, dtype=dt).requires_grad_()
@@ -96,8 +93,6 @@ def main():
                     with sdpa_kernel(backend):
                         return torch.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=True)
                 record(name, T, fwd_bwd(sdpa, (qh, kx, vx), doh))
-            del qh, kx, vx, doh
-            torch.cuda.empty_cache()
         n, bs = 16, 64
         idx = selection_lists(T, n, bs, seed=T)
         if has_fla:
@@ -121,16 +116,17 @@ def main():
             vh = v.detach().transpose(1, 2).requires_grad_()
             record("flex_window512", T, fwd_bwd(lambda a, b, c: flex(a, b, c, block_mask=mask, enable_gqa=True),
                                                 (qh, kh, vh), do.transpose(1, 2)))
-            del qh, kh, vh
         except Exception as e:
             print(f"flex attention unavailable: {e}")
         record("ours_window512", T, fwd_bwd(lambda a, b, c: ops.window_attention(a, b, c, w, -1.0), (q, k, v), do))
-        del q, k, v
-        torch.cuda.empty_cache()
         qp, kp, vp = rnd(1, T, HQ, 192), rnd(1, T, H, 192), rnd(1, T, H, 128)
         record("ours_paper", T, fwd_bwd(lambda a, b, c, g0, g1, g2: nsa_attention(a, b, c, g0, g1, g2, paper),
                                         (qp, kp, vp, *g), do))
-        del qp, kp, vp, g, do
+        for r in rounds.run():
+            rows.append(r)
+            print(f"T={T:6d} {r['case']:<18} " + (f"{r['ms']:9.3f} ms [{r['q1_ms']:.3f}, {r['q3_ms']:.3f}]"
+                                                  if r["ms"] else r["error"]), flush=True)
+        q = k = v = qp = kp = vp = g = do = qh = kx = vx = doh = kh = vh = idx = None  # free this T's tensors
         torch.cuda.empty_cache()
 
     # Each backward kernel alone (the op, i.e. its dq + dk/dv launches), at the longest T.
@@ -162,21 +158,19 @@ def main():
         pairs = [x for _ in range(n_on) for x in (o_c, gate)] + [None, None] * (3 - n_on)
         parts.append(("gate_combine_bwd", lambda: ops.gate_combine_bwd(do, *pairs, H)))
         for name, fn in parts:
-            try:
-                ms = bench(fn)
-            except Exception as e:
-                print(f"breakdown {label} {name} FAILED {type(e).__name__}: {str(e)[:300]}")
-                continue
-            breakdown.append(dict(config=label, T=T, kernel=name, ms=ms))
-            print(f"breakdown T={T} {label:<8} {name:<22} {ms:8.3f} ms", flush=True)
-        del q, k, v, kc, vc, o_c, lse_c, idx, o_s, lse_s, do
+            rounds.add(name, fn)
+        for r in rounds.run():
+            breakdown.append(dict(config=label, T=T, kernel=r["case"], ms=r["ms"], q1_ms=r.get("q1_ms"),
+                                  q3_ms=r.get("q3_ms")))
+            print(f"breakdown T={T} {label:<8} {r['case']:<22} {r['ms'] or float('nan'):8.3f} ms", flush=True)
+        q = k = v = kc = vc = o_c = lse_c = idx = o_s = lse_s = do = pairs = None
         torch.cuda.empty_cache()
 
     save_results(args.out, "backward", f"Forward + backward benchmark, {gpu}",
                  f"B=1, HQ={HQ}, H={H}, D={D}, {args.dtype}; one forward + gradients of all inputs; median ms "
-                 f"(triton do_bench); speedup vs dense cuDNN.", args.dtype, args.T, rows, breakdown,
+                 f"of {args.rounds} interleaved rounds x {args.iters} launches (CUDA events), [q1, q3]; speedup vs dense cuDNN.", args.dtype, args.T, rows, breakdown,
                  f"Backward ops alone at T={T} (dq + dk/dv launches of each branch):", ("op", "ms"),
-                 measured="forward + backward (autograd.grad of all inputs)")
+                 measured="forward + backward (autograd.grad of all inputs)", rounds=args.rounds, iters=args.iters)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ FlexAttention (window) and nsa-codegen, on the same inputs, in one process.
 
     python benchmarks/bench_forward.py [--T 8192 32768 65536] [--out benchmarks/results]
 
-Times are medians of triton.testing.do_bench after warm-up. Writes <date>-<gpu>.json and .md.
+Cases of one T are timed interleaved (benchmarks/timing.py): --rounds rounds of --iters launches each,
+CUDA events, median and [q1, q3]. Writes <date>-<gpu>-forward.json and .md.
 Cases (B=1, HQ=64, H=4, D=128 unless said):
   dense_cudnn / dense_flash   causal SDPA over all T keys (GQA expanded for the backends that need it)
   fla_full                    FLA parallel_nsa: compression + top-n + selection (l=d=l'=64, mean, n=16, w=0)
@@ -26,18 +27,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from nsa_codegen import CompressionBranch, NSASpec, SelectionBranch, WindowBranch, nsa_attention  # noqa: E402
 from nsa_codegen import ops  # noqa: E402
+from timing import Rounds  # noqa: E402
 
 HQ, H, D = 64, 4, 128
-
-
-def bench(fn):
-    import triton.testing
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
 def attn_flops(T, keys_per_query, dk, dv, heads=HQ):
@@ -80,6 +76,8 @@ def main():
     ap.add_argument("--T", type=int, nargs="+", default=[8192, 32768, 65536])
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=4)
     args = ap.parse_args()
     dt = getattr(torch, args.dtype)
     dev = "cuda"
@@ -98,16 +96,7 @@ def main():
            if r[1]]
     for key, err, _ in bad:
         print(f"compile failed: {key}: {err[:300]}")
-
-    def record(case, T, fn, flops):
-        try:
-            ms = bench(fn)
-            rows.append(dict(case=case, T=T, ms=ms, tflops=flops / ms / 1e9))
-            print(f"T={T:6d} {case:<18} {ms:9.3f} ms  {flops / ms / 1e9:7.1f} TFLOP/s", flush=True)
-        except Exception as e:
-            rows.append(dict(case=case, T=T, ms=None, error=f"{type(e).__name__}: {str(e)[:200]}"))
-            print(f"T={T:6d} {case:<18} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
-        torch.cuda.empty_cache()
+    rounds = Rounds(args.rounds, args.iters)
 
     for T in args.T:
         torch.manual_seed(T)
@@ -123,39 +112,42 @@ def main():
             def run(backend=backend):
                 with sdpa_kernel(backend):
                     return torch.nn.functional.scaled_dot_product_attention(qh, kx, vx, is_causal=True)
-            record(name, T, run, dense)
-        del kx, vx
-        torch.cuda.empty_cache()
+            rounds.add(name, run, T=T, flops=dense)
         n, bs = 16, 64
         sel_flops = attn_flops(T, n * bs, D, D)
         idx = selection_lists(T, n, bs, seed=T)
         if has_fla:
-            record("fla_full", T, lambda: parallel_nsa(q, k, v, g[0], g[1], None, block_counts=n, block_size=bs),
-                   sel_flops)
+            rounds.add("fla_full", lambda: parallel_nsa(q, k, v, g[0], g[1], None, block_counts=n, block_size=bs),
+                       T=T, flops=sel_flops)
             idx_l = idx.long().masked_fill(idx < 0, 0)
             cnt = (idx >= 0).sum(-1)
-            record("fla_selection", T, lambda: ParallelNSAFunction.apply(q, k, v, idx_l, cnt, bs, D ** -0.5, None),
-                   sel_flops)
-        record("ours_fla_cfg", T, lambda: nsa_attention(q, k, v, g[0], g[1], None, fla_spec), sel_flops)
-        record("ours_selection", T, lambda: ops.selection_attention(q, k, v, idx, bs, -1.0), sel_flops)
+            rounds.add("fla_selection", lambda: ParallelNSAFunction.apply(q, k, v, idx_l, cnt, bs, D ** -0.5, None),
+                       T=T, flops=sel_flops)
+        rounds.add("ours_fla_cfg", lambda: nsa_attention(q, k, v, g[0], g[1], None, fla_spec), T=T, flops=sel_flops)
+        rounds.add("ours_selection", lambda: ops.selection_attention(q, k, v, idx, bs, -1.0), T=T, flops=sel_flops)
         w = 512
         win_flops = attn_flops(T, w, D, D)
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
             mask = create_block_mask(lambda b, h, qi, ki: (ki <= qi) & (qi - ki < w), None, None, T, T, device=dev)
             flex = torch.compile(flex_attention)
-            record("flex_window512", T, lambda: flex(qh, kh, vh, block_mask=mask, enable_gqa=True), win_flops)
+            rounds.add("flex_window512", lambda: flex(qh, kh, vh, block_mask=mask, enable_gqa=True), T=T,
+                       flops=win_flops)
         except Exception as e:
             print(f"flex attention unavailable: {e}")
-        record("ours_window512", T, lambda: ops.window_attention(q, k, v, w, -1.0), win_flops)
-        del q, k, v, qh, kh, vh
-        torch.cuda.empty_cache()
+        rounds.add("ours_window512", lambda: ops.window_attention(q, k, v, w, -1.0), T=T, flops=win_flops)
         qp = torch.randn(1, T, HQ, 192, device=dev, dtype=dt)
         kp = torch.randn(1, T, H, 192, device=dev, dtype=dt)
         vp = torch.randn(1, T, H, 128, device=dev, dtype=dt)
         paper_flops = attn_flops(T, n * bs + w + T / 16 / 2, 192, 128)
-        record("ours_paper", T, lambda: nsa_attention(qp, kp, vp, *g, paper), paper_flops)
-        del qp, kp, vp
+        rounds.add("ours_paper", lambda: nsa_attention(qp, kp, vp, *g, paper), T=T, flops=paper_flops)
+        for r in rounds.run():
+            r["tflops"] = r["flops"] / r["ms"] / 1e9 if r["ms"] else None
+            rows.append(r)
+            print(f"T={T:6d} {r['case']:<18} " + (f"{r['ms']:9.3f} ms [{r['q1_ms']:.3f}, {r['q3_ms']:.3f}]  "
+                                                  f"{r['tflops']:7.1f} TFLOP/s" if r["ms"] else r["error"]),
+                  flush=True)
+        q = k = v = qh = kh = vh = kx = vx = qp = kp = vp = idx = None  # free this T's tensors
         torch.cuda.empty_cache()
 
     # Where the time goes: each kernel of the two full forwards alone, at the longest T.
@@ -171,30 +163,29 @@ def main():
         kc, vc = ref.compress(k, c.block, c.stride), ref.compress(v, c.block, c.stride)
         o_c, lse = ops.compression_attention(q, kc, vc, c.block, c.stride, 0, -1.0)
         idx, _ = ops.selection_topn(q, kc, lse, c.block, c.stride, 0, s.block, s.top_n, s.initial, s.local, -1.0)
-        parts = [("mean pooling (torch)", lambda: (ref.compress(k, c.block, c.stride), ref.compress(v, c.block, c.stride))),
-                 ("compression_fwd", lambda: ops.compression_attention(q, kc, vc, c.block, c.stride, 0, -1.0)),
-                 ("selection_topn", lambda: ops.selection_topn(q, kc, lse, c.block, c.stride, 0, s.block, s.top_n,
-                                                               s.initial, s.local, -1.0)),
-                 ("selection_fwd", lambda: ops.selection_attention(q, k, v, idx, s.block, -1.0))]
+        rounds.add("mean pooling (torch)", lambda: (ref.compress(k, c.block, c.stride), ref.compress(v, c.block, c.stride)))
+        rounds.add("compression_fwd", lambda: ops.compression_attention(q, kc, vc, c.block, c.stride, 0, -1.0))
+        rounds.add("selection_topn", lambda: ops.selection_topn(q, kc, lse, c.block, c.stride, 0, s.block, s.top_n,
+                                                                s.initial, s.local, -1.0))
+        rounds.add("selection_fwd", lambda: ops.selection_attention(q, k, v, idx, s.block, -1.0))
         if spec.window:
-            parts.append(("window_fwd", lambda: ops.window_attention(q, k, v, spec.window.size, -1.0)))
+            rounds.add("window_fwd", lambda: ops.window_attention(q, k, v, spec.window.size, -1.0))
         n_on = 3 if spec.window else 2
-        outs = [o_c] * n_on
-        gs = [g[0]] * n_on
-        pairs = [x for o, gg in zip(outs, gs) for x in (o, gg)] + [None, None] * (3 - n_on)
-        parts.append(("gate_combine", lambda: ops.gate_combine(*pairs, H)))
-        for name, fn in parts:
-            ms = bench(fn)
-            breakdown.append(dict(config=label, T=T, kernel=name, ms=ms))
-            print(f"breakdown T={T} {label:<8} {name:<22} {ms:8.3f} ms", flush=True)
-        del q, k, v, kc, vc, o_c, lse, idx, outs
+        pairs = [x for o, gg in zip([o_c] * n_on, [g[0]] * n_on) for x in (o, gg)] + [None, None] * (3 - n_on)
+        rounds.add("gate_combine", lambda: ops.gate_combine(*pairs, H))
+        for r in rounds.run():
+            breakdown.append(dict(config=label, T=T, kernel=r["case"], ms=r["ms"], q1_ms=r.get("q1_ms"),
+                                  q3_ms=r.get("q3_ms")))
+            print(f"breakdown T={T} {label:<8} {r['case']:<22} {r['ms'] or float('nan'):8.3f} ms", flush=True)
+        q = k = v = kc = vc = o_c = lse = idx = pairs = None
         torch.cuda.empty_cache()
 
     save_results(args.out, "forward", f"Forward benchmark, {gpu}",
-                 f"B=1, HQ={HQ}, H={H}, D={D}, {args.dtype}; median ms (triton do_bench); speedup vs dense cuDNN.",
+                 f"B=1, HQ={HQ}, H={H}, D={D}, {args.dtype}; median ms of {args.rounds} interleaved rounds x "
+                 f"{args.iters} launches (CUDA events), [q1, q3]; speedup vs dense cuDNN.",
                  args.dtype, args.T, rows, breakdown,
                  f"Per kernel at T={max(args.T)} (each alone, same inputs as a full forward would give it):",
-                 ("kernel", "ms"), with_tflops=True)
+                 ("kernel", "ms"), with_tflops=True, rounds=args.rounds, iters=args.iters)
 
 
 def run_info(schedules: dict | None = None) -> dict:
@@ -246,12 +237,14 @@ def save_results(out, what, title, intro, dtype, Ts, rows, breakdown, breakdown_
             if r["ms"] is None:
                 lines.append(f"| {T} | {r['case']} | failed: {r['error'][:80]} |{' |' if with_tflops else ''} |")
                 continue
-            sp = f"{base / r['ms']:.1f}x" if base else ""
+            sp = f"{base / r['ms']:.2f}x" if base else ""
             tf = f" {r['tflops']:.1f} |" if with_tflops else ""
-            lines.append(f"| {T} | {r['case']} | {r['ms']:.3f} |{tf} {sp} |")
+            iqr = f" [{r['q1_ms']:.3f}, {r['q3_ms']:.3f}]" if r.get("q1_ms") is not None else ""
+            lines.append(f"| {T} | {r['case']} | {r['ms']:.3f}{iqr} |{tf} {sp} |")
     lines += ["", breakdown_intro, "", "| config | " + " | ".join(breakdown_cols) + " |",
               "|---|" + "---|" * len(breakdown_cols)]
-    lines += [f"| {b['config']} | {b['kernel']} | {b['ms']:.3f} |" for b in breakdown]
+    lines += [f"| {b['config']} | {b['kernel']} | " + (f"{b['ms']:.3f} |" if b["ms"] is not None else "failed |")
+              for b in breakdown]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_forward import run_info  # noqa: E402
-from bench_selection import say, stats, timed_rounds  # noqa: E402
+from timing import say, stats, timed_rounds  # noqa: E402
 from nsa_codegen import NSASpec, nsa_attention, ops  # noqa: E402
 from nsa_codegen import reference as ref  # noqa: E402
 from nsa_codegen.cache import get_kernel, load_scheduled, use_kernel  # noqa: E402

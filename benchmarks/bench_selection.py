@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,45 +28,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_forward import run_info  # noqa: E402
+from timing import say, stats, timed_rounds  # noqa: E402
 from nsa_codegen import ops, workloads  # noqa: E402
 from nsa_codegen import reference as ref  # noqa: E402
 
 HQ, H, BS, N = 64, 4, 64, 16
 CONFIGS = {"paper": (192, 128), "fla": (128, 128)}
 LISTS = [("uniform", 1), ("drift", 16), ("drift", 256)]
-
-
-_T0 = time.time()
-
-
-def say(msg: str) -> None:
-    """Progress with the seconds since start (stderr, unbuffered): a lent GPU's minutes are few."""
-    print(f"[{time.time() - _T0:7.1f} s] {msg}", file=sys.stderr, flush=True)
-
-
-def timed_rounds(cases: dict, rounds: int, iters: int) -> dict:
-    """{name: [ms per launch]}: cases interleaved round by round, every launch timed by events."""
-    times = {name: [] for name in cases}
-    for fn in cases.values():  # warm-up (clocks, first-launch costs)
-        for _ in range(3):
-            fn()
-    torch.cuda.synchronize()
-    for _ in range(rounds):
-        for name, fn in cases.items():
-            evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-            for a, b in evs:
-                a.record()
-                fn()
-                b.record()
-            torch.cuda.synchronize()
-            times[name] += [a.elapsed_time(b) for a, b in evs]
-    return times
-
-
-def stats(ms: list[float]) -> dict:
-    t = torch.tensor(ms)
-    q1, med, q3 = (torch.quantile(t, x).item() for x in (0.25, 0.5, 0.75))
-    return dict(median_ms=med, q1_ms=q1, q3_ms=q3, n=len(ms))
 
 
 def our_kernels(q, k, v, variants=()):
