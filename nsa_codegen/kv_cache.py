@@ -31,6 +31,7 @@ import torch
 from . import reference
 from .buffers import KERNEL_DTYPES as _DTYPES
 from .buffers import empty as _ws  # NaN / -7 poisoned under NSA_CODEGEN_POISON_OUTPUTS=1 (tests)
+from .kinds import KINDS
 from .resources import template_module
 from .spec import NSASpec
 
@@ -498,15 +499,19 @@ def nsa_decode(q: torch.Tensor, cache: NSAKVCache, g_cmp: torch.Tensor, g_slc: t
     streams = [main] + _side_streams(dev, len(parts) - 1)
     for s in streams[1:]:
         s.wait_stream(main)     # the appends / prefill before this step
+    # Every tensor of the step under the registry's argument names (nsa_codegen.kinds): each kernel's
+    # launch takes its args in registry order, each sliced to the batch part.
+    env = {"q": q, "k_cmp": cache.k_cmp, "v_cmp": cache.v_cmp, "kv_k": cache.kv_k, "kv_v": cache.kv_v,
+           "cache_seqlens": lens, "scores": scores, "score_max": score_max, "o_cmp_part": o_cmp,
+           "lse_cmp_part": l_cmp, "candidate_scores": cand_s, "candidate_blocks": cand_i, "block_indices": idx,
+           "o_slc_part": o_slc, "lse_slc_part": l_slc, "o_win_part": o_win, "lse_win_part": l_win,
+           "g_cmp": gates[0], "g_slc": gates[1], "g_win": gates[2], "o": out}
+    launches = [(k, KINDS[f"decode_{part}"].args) for part, k in kern.items()]  # in the plan's order
     for (b0, b1), stream in zip(parts, streams):
         r = slice(b0, b1)
         with torch.cuda.stream(stream):
-            kern["cmp"](q[r], cache.k_cmp[r], cache.v_cmp[r], lens[r], scores[r], score_max[r], o_cmp[r], l_cmp[r])
-            kern["topn"](scores[r], score_max[r], l_cmp[r], lens[r], cand_s[r], cand_i[r])
-            kern["sparse"](q[r], cache.kv_k[r], cache.kv_v[r], lens[r], cand_s[r], cand_i[r], idx[r], o_slc[r],
-                           l_slc[r], o_win[r], l_win[r])
-            kern["combine"](o_cmp[r], l_cmp[r], o_slc[r], l_slc[r], o_win[r], l_win[r], gates[0][r], gates[1][r],
-                            gates[2][r], out[r])
+            for k, names in launches:
+                k(*[env[n][r] for n in names])
     for s in streams[1:]:
         main.wait_stream(s)
     return (out, idx) if return_indices else out
