@@ -7,6 +7,9 @@
 #   default set for $2 minutes (records appended to $OUT/tuning_logs/sm90/, seeded from the repo's);
 #   selection: the selection forward schedule tests, then benchmarks/bench_selection.py ($2: its args)
 #   paper: benchmarks/bench_paper.py ($2: its args), the paper config end to end against dense
+#   tiles: the token-tile pass, each step under its own time limit: the selection forward schedule
+#          tests, the selection dq tests, bench_paper.py --backward ($2: its --T), bench_selection.py,
+#          the decode GPU tests
 # Kernels: carry .gen (python benchmarks/prebuild.py, here on the CPU) and they load prebuilt, with
 # no compile on the GPU's clock; anything not prebuilt compiles there, slowly.
 set -uo pipefail
@@ -42,6 +45,18 @@ fi
 if [[ $what == paper ]]; then
   python3 benchmarks/bench_paper.py --out "$OUT" ${2:-} 2>&1 | tee "$OUT/paper_bench.log" | grep -v "^|" | tail -60
   rc=${PIPESTATUS[0]}
+fi
+if [[ $what == tiles ]]; then
+  Ts=${2:-8192 65536}
+  date; timeout 100 python3 -m pytest -q tests/test_ops.py -k "schedules or token_tile" 2>&1 | tee "$OUT/selection_tests.log" | tail -8
+  rc=${PIPESTATUS[0]}
+  date; timeout 130 python3 -m pytest -q tests/test_ops_backward.py -k "selection_dq" 2>&1 | tee "$OUT/dq_tests.log" | tail -8
+  [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
+  date; timeout 200 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T $Ts 2>&1 | tee "$OUT/paper_bench.log" | grep -v "^|" | tail -45
+  date; timeout 100 python3 benchmarks/bench_selection.py --out "$OUT" --T 65536 2>&1 | tee "$OUT/selection_bench.log" | grep -v "^|" | tail -25
+  date; timeout 50 python3 -m pytest -q tests/test_kv_cache.py -m gpu 2>&1 | tee "$OUT/decodetests.log" | tail -5
+  [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
+  date
 fi
 if [[ $what == decodetests ]]; then
   python3 -m pytest -q tests/test_kv_cache.py tests/test_layer.py -m gpu 2>&1 | tee "$OUT/decodetests.log" | tail -30
