@@ -8,8 +8,7 @@
 #   selection: the selection forward schedule tests, then benchmarks/bench_selection.py ($2: its args)
 #   paper: benchmarks/bench_paper.py ($2: its args), the paper config end to end against dense
 #   tiles: the token-tile pass, each step under its own time limit: the selection forward schedule
-#          tests, the selection dq tests, bench_paper.py --backward ($2: its --T), bench_selection.py,
-#          the decode GPU tests
+#          tests, the selection dq tests, bench_paper.py --backward ($2: its --T), bench_selection.py
 # Kernels: carry .gen (python benchmarks/prebuild.py, here on the CPU) and they load prebuilt, with
 # no compile on the GPU's clock; anything not prebuilt compiles there, slowly.
 set -uo pipefail
@@ -54,8 +53,6 @@ if [[ $what == tiles ]]; then
   [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
   date; timeout 200 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T $Ts 2>&1 | tee "$OUT/paper_bench.log" | grep -v "^|" | tail -45
   date; timeout 100 python3 benchmarks/bench_selection.py --out "$OUT" --T 65536 2>&1 | tee "$OUT/selection_bench.log" | grep -v "^|" | tail -25
-  date; timeout 50 python3 -m pytest -q tests/test_kv_cache.py -m gpu 2>&1 | tee "$OUT/decodetests.log" | tail -5
-  [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
   date
 fi
 if [[ $what == decodetests ]]; then
