@@ -46,16 +46,38 @@ def _doctor(args) -> int:
     return 0 if ok else 1
 
 
+def _positive(kind):
+    """argparse type: a number of `kind` (int / float) above zero, named in the error otherwise."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
 def _spec_validate(args) -> int:
     status = 0
+    if args.arch:
+        from .lowering import normalize_arch
+        try:
+            normalize_arch(args.arch)
+        except ValueError as e:
+            print(f"nsa-codegen spec validate: {e}", file=sys.stderr)
+            return 2
     for path in args.files:
         try:
-            spec = NSASpec.from_yaml(os.fspath(path)) if os.path.exists(path) else None
+            spec = NSASpec.from_yaml(os.fspath(path)) if os.path.isfile(path) else None
             if spec is None:
-                print(f"{path}: no such file", file=sys.stderr)
+                print(f"{path}: {'a folder, not a spec file' if os.path.isdir(path) else 'no such file'}",
+                      file=sys.stderr)
                 status = 1
                 continue
-        except SpecError as e:
+        except (SpecError, OSError, UnicodeDecodeError) as e:
             print(f"{path}: invalid: {e}", file=sys.stderr)
             status = 1
             continue
@@ -76,9 +98,20 @@ def _spec_validate(args) -> int:
 
 
 def _load_specs(paths) -> dict:
-    specs = {}
+    """{file stem: spec}; SpecError for a bad file, or two files of one stem (one would hide the other)."""
+    specs, where = {}, {}
     for path in paths:
-        specs[os.path.splitext(os.path.basename(path))[0]] = NSASpec.from_yaml(os.fspath(path))
+        name = os.path.splitext(os.path.basename(path))[0]
+        if name in where:
+            raise SpecError("--config", f"two spec files are both named {name!r} ({where[name]} and {path}): "
+                                        f"kernels and logs name specs by file stem; rename one")
+        if os.path.isdir(path):
+            raise SpecError("--config", f"{path}: a folder, not a spec file")
+        try:
+            specs[name] = NSASpec.from_yaml(os.fspath(path))
+        except UnicodeDecodeError as e:
+            raise SpecError("--config", f"{path}: not a text file ({e})") from None
+        where[name] = path
     return specs
 
 
@@ -105,11 +138,14 @@ def _build(args) -> int:
     except ValueError as e:
         print(f"nsa-codegen build: {e}", file=sys.stderr)
         return 2
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"nsa-codegen build: --out {args.out} is a file, not a folder", file=sys.stderr)
+        return 2
     print(f"building {len(specs)} spec(s) for {arch} into {os.path.join(args.out, arch)}")
     try:
         results = build(specs, arch, args.out, jobs=args.jobs, force=args.force, backward=not args.forward_only,
                         decode=not (args.forward_only or args.no_decode), variants=variants, verbose=args.verbose)
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError, OSError) as e:
         print(f"nsa-codegen build: {e}", file=sys.stderr)
         return 2
     print()
@@ -139,17 +175,18 @@ def _parse_variants(texts: list[str]) -> dict[str, list[dict]]:
 
 
 def _list(args) -> int:
-    import json
     from .prebuilt import generated_dirs
     from .cache import versioned_dir
     rows = []
-    for root in generated_dirs():
-        for meta_path in sorted(root.glob("*/*/meta.json")):
-            meta = json.loads(meta_path.read_text())
-            rows.append((meta["arch"], "generated", meta["schedule_source"], meta["key"], str(meta_path.parent)))
-    for meta_path in sorted((versioned_dir() / "kernels").glob("*/meta.json")):
-        meta = json.loads(meta_path.read_text())
-        rows.append((meta["key"].split("/")[0], "cache", meta["schedule_source"], meta["key"], str(meta_path.parent)))
+    metas = [(p, "generated") for root in generated_dirs() for p in sorted(root.glob("*/*/meta.json"))]
+    metas += [(p, "cache") for p in sorted((versioned_dir() / "kernels").glob("*/meta.json"))]
+    for meta_path, where in metas:
+        meta = _read_meta(meta_path)
+        if meta is None:  # cut short or edited: the next build / load rebuilds it
+            rows.append(("?", where, "corrupt", meta_path.parent.name, str(meta_path.parent)))
+            continue
+        rows.append((meta["key"].split("/")[0], where, meta.get("schedule_source", "?"), meta["key"],
+                     str(meta_path.parent)))
     if not rows:
         print("no kernels built or cached yet (nsa-codegen build --arch sm90)")
         return 0
@@ -157,6 +194,16 @@ def _list(args) -> int:
     for arch, where, src, key, _ in rows:
         print(f"{arch:<6}{where:<11}{src:<10}{key}")
     return 0
+
+
+def _read_meta(path):
+    """A kernel folder's meta.json, or None when it is unreadable or not a kernel's record."""
+    import json
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return meta if isinstance(meta, dict) and isinstance(meta.get("key"), str) else None
 
 
 def _show(args) -> int:
@@ -171,7 +218,11 @@ def _show(args) -> int:
         candidates += [d for f in folders for d in sorted(f.glob(name + "__s-*"))]
     for d in candidates:
         if (d / "meta.json").exists():
-            meta = json.loads((d / "meta.json").read_text())
+            meta = _read_meta(d / "meta.json")
+            if meta is None:
+                print(f"nsa-codegen show: {d / 'meta.json'} is corrupt (cut short or edited); the next build "
+                      f"or load rebuilds that kernel", file=sys.stderr)
+                return 1
             print(json.dumps(meta, indent=1))
             if (d / "kernel.cu").exists():
                 print(f"generated source: {d / 'kernel.cu'}")
@@ -234,6 +285,11 @@ def _tune(args) -> int:
     if args.kernel:
         problems = [p for p in problems if p.problem_id == args.kernel.split("/s-")[0]]
     if args.kind:
+        from .kinds import KINDS
+        unknown = [k for k in args.kind if k not in KINDS]
+        if unknown:
+            print(f"nsa-codegen tune: unknown kind(s) {unknown}; known: {', '.join(KINDS)}", file=sys.stderr)
+            return 2
         problems = [p for p in problems if p.kind in args.kind]
     if not problems:
         print("nsa-codegen tune: no kernel of the given specs matches --kernel / --kind", file=sys.stderr)
@@ -258,7 +314,7 @@ def main(argv=None) -> int:
     p.add_argument("--arch", required=True, help="sm80 or sm90 (sm90 builds sm_90a kernels)")
     p.add_argument("--config", nargs="+", help="spec YAML files (default: the repo's default build set)")
     p.add_argument("--out", default="generated", help="output folder (default: generated)")
-    p.add_argument("-j", "--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
+    p.add_argument("-j", "--jobs", type=_positive(int), default=None, help="parallel compiles (default: CPU count)")
     p.add_argument("--force", action="store_true", help="rebuild kernels that are up to date")
     p.add_argument("--forward-only", action="store_true",
                    help="only the forward kernels (skip the backward / training and decode kernels)")
@@ -283,14 +339,14 @@ def main(argv=None) -> int:
     p.add_argument("--config", nargs="+", help="spec YAML files (default: the default build set)")
     p.add_argument("--kernel", help="tune only this kernel key (problem id)")
     p.add_argument("--kind", nargs="+", help="tune only these kernel kinds (e.g. selection_fwd window_fwd)")
-    p.add_argument("--budget-minutes", type=float, default=None)
-    p.add_argument("--seq-len", type=int, default=16384,
+    p.add_argument("--budget-minutes", type=_positive(float), default=None)
+    p.add_argument("--seq-len", type=_positive(int), default=16384,
                    help="T of the timed problem (default 16384; decode kernels: 16 caches of 64k tokens)")
     p.add_argument("--exhaustive", action="store_true",
                    help="try the whole search space (default: greedy, one knob at a time, then the best of each)")
-    p.add_argument("--max-candidates", type=int, default=None, help="cap per kernel and search round")
+    p.add_argument("--max-candidates", type=_positive(int), default=None, help="cap per kernel and search round")
     p.add_argument("--report", action="store_true", help="print tuned-vs-default speedups from the logs and exit")
-    p.add_argument("-j", "--jobs", type=int, default=None)
+    p.add_argument("-j", "--jobs", type=_positive(int), default=None)
     p.set_defaults(fn=_tune)
     args = parser.parse_args(argv)
     return args.fn(args)

@@ -81,3 +81,52 @@ def test_show_takes_a_key_or_its_problem_id(tmp_path, monkeypatch, capsys):
         assert key in capsys.readouterr().out
     assert main(["show", "sm90/window_fwd/fp16/dk64_dv64/h2_g4/w256"]) == 1
     assert "no built or cached kernel" in capsys.readouterr().err
+
+
+def test_hostile_command_lines_get_named_errors(tmp_path, capsys, monkeypatch):
+    """Bad numbers, folders for files, clashing spec names, a file as --out, an unknown --kind and
+    --arch: each is refused with a message naming it (exit 2 / 1), never a traceback."""
+    import pytest
+    for argv, what in ((["build", "--arch", "sm90", "-j", "0"], "-j/--jobs: must be > 0"),
+                       (["tune", "--arch", "sm90", "--budget-minutes", "-5"], "--budget-minutes: must be > 0"),
+                       (["tune", "--arch", "sm90", "--seq-len", "abc"], "--seq-len: expected a int"),
+                       (["tune", "--arch", "sm90", "--max-candidates", "0"], "--max-candidates: must be > 0")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and what in capsys.readouterr().err, argv
+    assert main(["spec", "validate", str(tmp_path)]) == 1
+    assert "a folder, not a spec file" in capsys.readouterr().err
+    assert main(["spec", "validate", "--arch", "sm75", str(tmp_path)]) == 2
+    assert "unknown arch 'sm75'" in capsys.readouterr().err
+    binary = tmp_path / "blob.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    assert main(["spec", "validate", str(binary)]) == 1
+    assert "invalid" in capsys.readouterr().err
+    spec = "heads: 8\nkv_heads: 2\nhead_dim: 64\nv_head_dim: 64\n"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for d in ("a", "b"):
+        (tmp_path / d / "same.yaml").write_text(spec)
+    assert main(["build", "--arch", "sm90", "--config", str(tmp_path / "a" / "same.yaml"),
+                 str(tmp_path / "b" / "same.yaml")]) == 2
+    assert "two spec files are both named 'same'" in capsys.readouterr().err
+    assert main(["build", "--arch", "sm90", "--config", str(tmp_path / "a")]) == 2
+    assert "a folder, not a spec file" in capsys.readouterr().err
+    assert main(["build", "--arch", "sm90", "--config", str(tmp_path / "a" / "same.yaml"), "--out", str(binary)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(["tune", "--arch", "sm90", "--kind", "selection_bwd"]) in (2,)
+    err = capsys.readouterr().err
+    assert "unknown kind(s) ['selection_bwd']" in err or "no CUDA GPU" in err
+
+
+def test_list_and_show_report_corrupt_records(tmp_path, monkeypatch, capsys):
+    key = "sm90/window_fwd/fp16/dk64_dv64/h2_g4/w128/s-abc123"
+    d = tmp_path / "sm90" / key.replace("/", "__")
+    d.mkdir(parents=True)
+    (d / "meta.json").write_text('{"key": "sm90/win')   # cut short by a killed build
+    monkeypatch.setenv("NSA_CODEGEN_GENERATED_DIR", str(tmp_path))
+    monkeypatch.setenv("NSA_CODEGEN_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["list"]) == 0
+    assert "corrupt" in capsys.readouterr().out
+    assert main(["show", key]) == 1
+    assert "is corrupt" in capsys.readouterr().err
