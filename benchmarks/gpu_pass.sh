@@ -47,12 +47,12 @@ if [[ $what == paper ]]; then
 fi
 if [[ $what == tiles ]]; then
   Ts=${2:-8192 65536}
-  date; timeout 100 python3 -m pytest -q tests/test_ops.py -k "schedules or token_tile" 2>&1 | tee "$OUT/selection_tests.log" | tail -8
+  date; timeout 90 python3 -m pytest -q tests/test_ops.py -k "schedules or token_tile" 2>&1 | tee "$OUT/selection_tests.log" | tail -8
   rc=${PIPESTATUS[0]}
-  date; timeout 130 python3 -m pytest -q tests/test_ops_backward.py -k "selection_dq" 2>&1 | tee "$OUT/dq_tests.log" | tail -8
+  date; timeout 110 python3 -m pytest -q tests/test_ops_backward.py -k "selection_dq" 2>&1 | tee "$OUT/dq_tests.log" | tail -8
   [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
-  date; timeout 200 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T $Ts 2>&1 | tee "$OUT/paper_bench.log" | grep -v "^|" | tail -45
-  date; timeout 100 python3 benchmarks/bench_selection.py --out "$OUT" --T 65536 2>&1 | tee "$OUT/selection_bench.log" | grep -v "^|" | tail -25
+  date; timeout 180 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T $Ts 2>&1 | tee "$OUT/paper_bench.log" | grep -v "^|" | tail -45
+  date; timeout 80 python3 benchmarks/bench_selection.py --out "$OUT" --T 65536 --configs paper 2>&1 | tee "$OUT/selection_bench.log" | grep -v "^|" | tail -25
   date
 fi
 if [[ $what == decodetests ]]; then
