@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_forward import run_info  # noqa: E402
 from timing import say, stats, timed_rounds  # noqa: E402
-from nsa_codegen import ops, workloads  # noqa: E402
+from nsa_codegen import workloads  # noqa: E402
 from nsa_codegen import reference as ref  # noqa: E402
 
 HQ, H, BS, N = 64, 4, 64, 16
@@ -41,7 +41,8 @@ def our_kernels(q, k, v, variants=()):
     """{case: (callable(q, k, v, idx) -> o, schedule)} for our two selection schedules, and one
     case per variant (schedule knobs over the resolved schedule's) named ours_<knob><value>..."""
     from nsa_codegen.cache import get_kernel, load_scheduled
-    problem = ops._key("selection_fwd", q, k, v.shape[3], -1.0, sel_block=BS, top_n=N)
+    from nsa_codegen.launch import kernel_key
+    problem = kernel_key("selection_fwd", q, k, v.shape[3], -1.0, sel_block=BS, top_n=N)
     resolved = get_kernel(problem)   # the schedule the op runs (tuned record or default)
     out = {}
     cases = [("ours_tile", {"tile_tokens": 0}), ("ours_token", {"tile_tokens": 1})]

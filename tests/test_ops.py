@@ -170,7 +170,7 @@ SELECTION_SPECS = [m for m in MATRIX if m[0] in ("paper_bf16", "fla_cfg", "g8_d6
 def test_selection_attention_schedules(name, spec, B, T, kind, tile_tokens, threads):
     """Each selection forward schedule (per token, token tile) against the reference, on lists with
     and without locality and on hostile ones, NaN-poisoned outputs, twice (bit-identical)."""
-    from nsa_codegen import ops, workloads
+    from nsa_codegen import workloads
     from nsa_codegen.cache import load_scheduled
     from nsa_codegen.schedules import default_schedule
     s = spec.selection
@@ -181,7 +181,8 @@ def test_selection_attention_schedules(name, spec, B, T, kind, tile_tokens, thre
         idx = workloads.block_indices(kind, B, T, spec.kv_heads, s.block, s.top_n, s.initial, s.local,
                                       coherence=16, seed=12)
         idx = torch.gather(idx, -1, torch.argsort(torch.rand(idx.shape, device="cuda"), -1))
-    problem = ops._key("selection_fwd", q, k, v.shape[3], -1.0, sel_block=s.block, top_n=s.top_n)
+    from nsa_codegen.launch import kernel_key
+    problem = kernel_key("selection_fwd", q, k, v.shape[3], -1.0, sel_block=s.block, top_n=s.top_n)
     key = problem.with_schedule({**default_schedule(problem), "tile_tokens": tile_tokens, "threads": threads})
     kernel = load_scheduled(key)   # prebuilt by `nsa-codegen build --variant` where present
     outs = []
@@ -200,7 +201,6 @@ def test_selection_attention_schedules(name, spec, B, T, kind, tile_tokens, thre
 
 def test_selection_token_tile_masks_what_a_token_did_not_choose():
     """A NaN key in a block that only the tile's other tokens chose never reaches a token."""
-    from nsa_codegen import ops
     from nsa_codegen.cache import load_scheduled
     from nsa_codegen.schedules import default_schedule
     name, spec, B, T = MATRIX[0]
@@ -214,7 +214,8 @@ def test_selection_token_tile_masks_what_a_token_did_not_choose():
     poisoned = k.clone()
     poisoned[:, 3 * s.block:4 * s.block] = float("nan")    # ... whose keys are NaN (a NaN value row
     # would still reach them: P = 0 times NaN is NaN in the tensor cores, as for any masked-out V row)
-    problem = ops._key("selection_fwd", q, k, v.shape[3], -1.0, sel_block=s.block, top_n=s.top_n)
+    from nsa_codegen.launch import kernel_key
+    problem = kernel_key("selection_fwd", q, k, v.shape[3], -1.0, sel_block=s.block, top_n=s.top_n)
     key = problem.with_schedule({**default_schedule(problem), "tile_tokens": 0})
     o = torch.full((1, T, spec.heads, spec.v_head_dim), float("nan"), device="cuda", dtype=q.dtype)
     lse = torch.full((1, T, spec.heads), float("nan"), device="cuda")

@@ -203,10 +203,10 @@ DQ_SPECS = [m for m in BWD_MATRIX if m[0] in ("paper_bf16_T2000", "fla_cfg", "g8
 
 def _selection_dq_kernel(q, k, v, s, tile_tokens):
     """(dq problem key, the dq kernel of that schedule)."""
-    from nsa_codegen import ops
     from nsa_codegen.cache import load_scheduled
     from nsa_codegen.schedules import default_schedule
-    problem = ops._key("selection_bwd_dq", q, k, v.shape[3], -1.0, sel_block=s.block, top_n=s.top_n)
+    from nsa_codegen.launch import kernel_key
+    problem = kernel_key("selection_bwd_dq", q, k, v.shape[3], -1.0, sel_block=s.block, top_n=s.top_n)
     key = problem.with_schedule({**default_schedule(problem), "tile_tokens": tile_tokens})
     return problem, load_scheduled(key)
 

@@ -4,7 +4,7 @@ replaced by a recorder, for each spec of the default build set."""
 import pytest
 import torch
 
-from nsa_codegen import NSASpec, ops
+from nsa_codegen import NSASpec, launch, ops
 from nsa_codegen.build import default_build_set
 from nsa_codegen.kinds import KINDS
 from nsa_codegen.lowering import lower_to_plan
@@ -29,9 +29,10 @@ class _Recorder:
 @pytest.fixture
 def launched(monkeypatch):
     out = []
-    monkeypatch.setattr(ops, "_is_gpu", lambda t: True)
-    monkeypatch.setattr(ops, "_arch", lambda t: "sm90")
-    monkeypatch.setattr(ops, "get_kernel", lambda key: _Recorder(key, out))
+    monkeypatch.setattr(launch, "is_gpu", lambda t: True)
+    monkeypatch.setattr(launch, "arch_of", lambda t: "sm90")
+    monkeypatch.setattr(ops, "arch_of", lambda t: "sm90")
+    monkeypatch.setattr(launch, "get_kernel", lambda key: _Recorder(key, out))
     return out
 
 

@@ -1,0 +1,248 @@
+"""The backward custom ops (each with a fake implementation for torch.compile) and the autograd
+rules that register them as the forward ops' backward (nsa_codegen.ops registers them).
+
+  nsa_codegen::compression_attention_bwd(do, dlse, q, k_cmp, v_cmp, o, lse, block, stride, first_block,
+                                         scale) -> (dq, dk_cmp, dv_cmp)
+  nsa_codegen::selection_attention_bwd(do, dlse, q, k, v, o, lse, block_indices, sel_block, scale) -> (dq, dk, dv)
+  nsa_codegen::window_attention_bwd(do, dlse, q, k, v, o, lse, window, scale) -> (dq, dk, dv)
+  nsa_codegen::gate_combine_bwd(do, o_cmp, g_cmp, o_slc, g_slc, o_win, g_win, kv_heads) -> [do_x, dg_x, ...]
+Layouts as in nsa_codegen.ops; do / dlse None mean zero cotangents.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .buffers import empty
+from .launch import contiguous, gate_key, gate_slots, kernel, kernel_key, launch, run_kernel
+
+
+# ------------------------------------------------------------------------------------------------
+# Backward: one custom op per branch (so torch.compile traces it), registered as the forward's autograd.
+# Every kernel is deterministic (no atomics): a query-major dq kernel that also writes
+# Delta = rowsum(dO * O) - dlse, and a key-major dk/dv kernel; gradients are bit-identical run to run.
+# ------------------------------------------------------------------------------------------------
+def _delta_inputs(do, dlse, o, lse):
+    """do (zeros where the output's gradient is None) and dlse as float32 (zeros where None)."""
+    do = torch.zeros_like(o) if do is None else contiguous(do.to(o.dtype))
+    dlse = torch.zeros_like(lse) if dlse is None else contiguous(dlse.to(torch.float32))
+    return do, dlse
+
+
+def _dq_and_delta(kind_dq: str, params: dict, q, k, v, o, lse, do, dlse, scale, *extra):
+    """The dq phase every branch's backward starts with: launch kind_dq's kernel on
+    (q, k, v, o, do, lse, dlse, *extra) -> (dq, delta = rowsum(do * o) - dlse).
+
+    Returns (dq, delta, (q, k, v, do, lse) made contiguous, for the dk/dv kernels)."""
+    B, T, HQ, _ = q.shape
+    do, dlse = _delta_inputs(do, dlse, o, lse)
+    q, k, v, o, lse = (contiguous(x) for x in (q, k, v, o, lse))
+    dq = empty(q.shape, q.dtype, q.device)
+    delta = empty((B, T, HQ), torch.float32, q.device)
+    launch(kernel_key(kind_dq, q, k, v.shape[3], scale, **params), q, k, v, o, do, lse, dlse, *extra, dq, delta)
+    return dq, delta, (q, k, v, do, lse)
+
+
+def _no_grads(q, k, v):
+    return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+
+
+@torch.library.custom_op("nsa_codegen::compression_attention_bwd", mutates_args=())
+def compression_attention_bwd(do: Optional[torch.Tensor], dlse: Optional[torch.Tensor], q: torch.Tensor,
+                              k_cmp: torch.Tensor, v_cmp: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                              block: int, stride: int, first_block: int,
+                              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq [B,T,HQ,Dk], dk_cmp [B,N,H,Dk], dv_cmp [B,N,H,Dv]) of compression_attention.
+
+    The dk/dv kernel splits each compressed-row tile's tokens over S programs (few rows, many
+    tokens) and writes fp32 partials [S, B, N, H, D]; their sum over S is taken here, in order."""
+    B, T, HQ, Dk = q.shape
+    N = k_cmp.shape[1]
+    if T == 0 or N == 0:
+        return _no_grads(q, k_cmp, v_cmp)
+    params = dict(cmp_block=block, stride=stride, first_block=first_block)
+    dq, delta, (q, k_cmp, v_cmp, do, lse) = _dq_and_delta("compression_bwd_dq", params, q, k_cmp, v_cmp, o, lse,
+                                                          do, dlse, scale)
+    dkdv = kernel(kernel_key("compression_bwd_dkdv", q, k_cmp, v_cmp.shape[3], scale, **params))
+    # S as templates/compression_attention_bwd.splits computes it (kv_splits, 0 = stride // 16);
+    # read from the schedule so a prebuilt kernel needs no template import.
+    S = dict(dkdv.key.schedule or ()).get("kv_splits", 0) or max(1, stride // 16)
+    part_k = empty((S, B, N, k_cmp.shape[2], Dk), torch.float32, q.device)
+    part_v = empty((S, B, N, v_cmp.shape[2], v_cmp.shape[3]), torch.float32, q.device)
+    run_kernel(dkdv, q, k_cmp, v_cmp, do, lse, delta, part_k, part_v)
+    return dq, part_k.sum(0).to(k_cmp.dtype), part_v.sum(0).to(v_cmp.dtype)
+
+
+@compression_attention_bwd.register_fake
+def _(do, dlse, q, k_cmp, v_cmp, o, lse, block, stride, first_block, scale):
+    return torch.empty_like(q), torch.empty_like(k_cmp), torch.empty_like(v_cmp)
+
+
+@torch.library.custom_op("nsa_codegen::window_attention_bwd", mutates_args=())
+def window_attention_bwd(do: Optional[torch.Tensor], dlse: Optional[torch.Tensor], q: torch.Tensor,
+                         k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, window: int,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of window_attention."""
+    if q.shape[1] == 0:
+        return _no_grads(q, k, v)
+    params = dict(window=window)
+    dq, delta, (q, k, v, do, lse) = _dq_and_delta("window_bwd_dq", params, q, k, v, o, lse, do, dlse, scale)
+    dk = empty(k.shape, k.dtype, k.device)
+    dv = empty(v.shape, v.dtype, v.device)
+    launch(kernel_key("window_bwd_dkdv", q, k, v.shape[3], scale, **params), q, k, v, do, lse, delta, dk, dv)
+    return dq, dk, dv
+
+
+@window_attention_bwd.register_fake
+def _(do, dlse, q, k, v, o, lse, window, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+# Tokens per unit of selection's transposed map: a block selected by more queries (block 0 is forced
+# for every query) is split into several units, each its own program, summed in a fixed order after.
+SELECTION_UNIT_TOKENS = 256
+
+
+def selection_block_units(block_indices: torch.Tensor, T: int, sel_block: int,
+                          unit_tokens: int = SELECTION_UNIT_TOKENS):
+    """The transposed selection map (block CSR) cut into units of at most unit_tokens queries.
+
+    block_indices [B, T, H, n] (-1 = pad) -> (tok_idx [P], unit_block [U], unit_start [U], unit_end [U],
+    block_unit_start [B*H*NB + 1]), all int32: entries sorted by flat block id (b*H + h)*NB + j, then by
+    token; unit u covers entries [unit_start[u], unit_end[u]) of block unit_block[u]; the units of block
+    bid are block_unit_start[bid] .. block_unit_start[bid+1]-1. Sort-based, so deterministic.
+    """
+    B, _, H, n = block_indices.shape
+    dev = block_indices.device
+    NB = -(-T // sel_block)
+    nblk = B * H * NB
+    idx = block_indices.long()
+    valid = (idx >= 0) & (idx < NB)
+    bb = torch.arange(B, device=dev).view(B, 1, 1, 1)
+    tt = torch.arange(T, device=dev).view(1, T, 1, 1)
+    hh = torch.arange(H, device=dev).view(1, 1, H, 1)
+    flat = ((bb * H + hh) * NB + idx) * T + tt  # block id major, token minor
+    keys, _ = torch.sort(flat[valid])
+    tok_idx = (keys % T).to(torch.int32)
+    counts = torch.bincount(keys // T, minlength=nblk)
+    units = (counts + unit_tokens - 1) // unit_tokens
+    block_unit_start = torch.zeros(nblk + 1, dtype=torch.long, device=dev)
+    torch.cumsum(units, 0, out=block_unit_start[1:])
+    entry_start = torch.cumsum(counts, 0) - counts
+    U = int(block_unit_start[-1])
+    unit_block = torch.repeat_interleave(torch.arange(nblk, device=dev), units, output_size=U)
+    rank = torch.arange(U, device=dev) - block_unit_start[unit_block]
+    unit_start = entry_start[unit_block] + rank * unit_tokens
+    unit_end = torch.minimum(unit_start + unit_tokens, entry_start[unit_block] + counts[unit_block])
+    i32 = torch.int32
+    return tok_idx, unit_block.to(i32), unit_start.to(i32), unit_end.to(i32), block_unit_start.to(i32)
+
+
+@torch.library.custom_op("nsa_codegen::selection_attention_bwd", mutates_args=())
+def selection_attention_bwd(do: Optional[torch.Tensor], dlse: Optional[torch.Tensor], q: torch.Tensor,
+                            k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                            block_indices: torch.Tensor, sel_block: int,
+                            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of selection_attention; dk/dv run over the transposed block map."""
+    B, T, HQ, Dk = q.shape
+    if T == 0:
+        return _no_grads(q, k, v)
+    params = dict(sel_block=sel_block, top_n=block_indices.shape[3])
+    bi = contiguous(block_indices.to(torch.int32))
+    dq, delta, (q, k, v, do, lse) = _dq_and_delta("selection_bwd_dq", params, q, k, v, o, lse, do, dlse, scale, bi)
+    tok_idx, unit_block, unit_start, unit_end, block_unit_start = selection_block_units(bi, T, sel_block)
+    U = unit_block.shape[0]
+    part_k = empty((max(U, 1), sel_block, Dk), torch.float32, q.device)
+    part_v = empty((max(U, 1), sel_block, v.shape[3]), torch.float32, q.device)
+    if U:
+        launch(kernel_key("selection_bwd_dkdv", q, k, v.shape[3], scale, **params), q, k, v, do, lse, delta,
+                tok_idx, unit_block, unit_start, unit_end, part_k, part_v)
+    dk = empty(k.shape, k.dtype, k.device)
+    dv = empty(v.shape, v.dtype, v.device)
+    launch(kernel_key("selection_bwd_reduce", q, k, v.shape[3], scale, **params), part_k, part_v, block_unit_start,
+            dk, dv)
+    return dq, dk, dv
+
+
+@selection_attention_bwd.register_fake
+def _(do, dlse, q, k, v, o, lse, block_indices, sel_block, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@torch.library.custom_op("nsa_codegen::gate_combine_bwd", mutates_args=())
+def gate_combine_bwd(do: torch.Tensor, o_cmp: Optional[torch.Tensor], g_cmp: Optional[torch.Tensor],
+                     o_slc: Optional[torch.Tensor], g_slc: Optional[torch.Tensor], o_win: Optional[torch.Tensor],
+                     g_win: Optional[torch.Tensor], kv_heads: int) -> list[torch.Tensor]:
+    """[do_x, dg_x for each branch given, in cmp, slc, win order]: do_x = g_x * do, dg_x = sum_d do * o_x."""
+    pairs = [(n, o, g) for n, o, g in (("cmp", o_cmp, g_cmp), ("slc", o_slc, g_slc), ("win", o_win, g_win))
+             if o is not None]
+    first = pairs[0][1]
+    grads = {n: (empty(o.shape, o.dtype, o.device), empty(g.shape, g.dtype, g.device)) for n, o, g in pairs}
+    if first.shape[1]:
+        launch(gate_key("gate_combine_bwd", first, kv_heads, pairs), contiguous(do.to(first.dtype)),
+                *gate_slots({n: (contiguous(o), contiguous(g)) for n, o, g in pairs}), *gate_slots(grads))
+    return [x for n, _, _ in pairs for x in grads[n]]
+
+
+@gate_combine_bwd.register_fake
+def _(do, o_cmp, g_cmp, o_slc, g_slc, o_win, g_win, kv_heads):
+    out = []
+    for o, g in ((o_cmp, g_cmp), (o_slc, g_slc), (o_win, g_win)):
+        if o is not None:
+            out += [torch.empty_like(o), torch.empty_like(g)]
+    return out
+
+
+def setup_compression(ctx, inputs, output):
+    q, k_cmp, v_cmp, block, stride, first_block, scale = inputs
+    ctx.save_for_backward(q, k_cmp, v_cmp, *output)
+    ctx.params = (block, stride, first_block, scale)
+
+
+def backward_compression(ctx, do, dlse):
+    q, k_cmp, v_cmp, o, lse = ctx.saved_tensors
+    dq, dk, dv = compression_attention_bwd(do, dlse, q, k_cmp, v_cmp, o, lse, *ctx.params)
+    return dq, dk, dv, None, None, None, None
+
+
+def setup_window(ctx, inputs, output):
+    q, k, v, window, scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.params = (window, scale)
+
+
+def backward_window(ctx, do, dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = window_attention_bwd(do, dlse, q, k, v, o, lse, *ctx.params)
+    return dq, dk, dv, None, None
+
+
+def setup_selection(ctx, inputs, output):
+    q, k, v, block_indices, sel_block, scale = inputs
+    ctx.save_for_backward(q, k, v, block_indices, *output)
+    ctx.params = (sel_block, scale)
+
+
+def backward_selection(ctx, do, dlse):
+    q, k, v, block_indices, o, lse = ctx.saved_tensors
+    dq, dk, dv = selection_attention_bwd(do, dlse, q, k, v, o, lse, block_indices, *ctx.params)
+    return dq, dk, dv, None, None, None
+
+
+def setup_gate(ctx, inputs, output):
+    ctx.save_for_backward(*(x if x is not None else torch.empty(0) for x in inputs[:6]))
+    ctx.present = tuple(x is not None for x in inputs[:6])
+    ctx.kv_heads = inputs[6]
+
+
+def backward_gate(ctx, do):
+    saved = [x if p else None for x, p in zip(ctx.saved_tensors, ctx.present)]
+    grads = iter(gate_combine_bwd(do, *saved, ctx.kv_heads))
+    out = []
+    for i in range(0, 6, 2):
+        if ctx.present[i]:
+            out += [next(grads), next(grads)]
+        else:
+            out += [None, None]
+    return (*out, None)
