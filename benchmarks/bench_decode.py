@@ -1,4 +1,4 @@
-"""GPU check of NSA decode (nsa_codegen.kv_cache + templates/decode_attention.py).
+"""GPU check of NSA decode (nsa_codegen.decode + templates/decode_attention.py).
 
     PYTHONPATH=<repo> python benchmarks/bench_decode.py [--quick] [--no-bench] [--jobs N] [--sweep |
         --variants JSON [--context L] [--batches 1,16,64]]
@@ -17,7 +17,7 @@
    bytes NSA must read (nsa_decode_bytes).
 3. --sweep (instead of 1 and 2): at 64k context, B = 1, 16, 64, the step time over a grid of split
    counts (num_splits), the kernels with programmatic dependent launch on and off, and the per-kernel
-   breakdown of the heuristic's choice and the best; what `kv_cache._splits` is fitted to.
+   breakdown of the heuristic's choice and the best; what `decode._splits` is fitted to.
 4. --variants JSON (instead of 1 and 2): at 64k context (--context), B = 1, 16, 64 (--batches), the
    step time of variants ({name: {part: {knob: value}}, "num_splits": [cmp, sel, win], "num_parts":
    n}, over the resolved schedules), median of 5 interleaved rounds, each output compared with the
@@ -34,7 +34,8 @@ import torch
 
 from nsa_codegen import reference
 from nsa_codegen.cache import precompile
-from nsa_codegen.kv_cache import NSAKVCache, nsa_decode, nsa_decode_bytes
+from nsa_codegen.decode import nsa_decode, nsa_decode_bytes
+from nsa_codegen.kv_cache import NSAKVCache
 from nsa_codegen.lowering import lower_decode
 from nsa_codegen.spec import NSASpec
 
@@ -306,7 +307,7 @@ def run_variants(variants, L=65536, batches=(1, 16, 64), rounds=5):
     [cmp, sel, win] and "num_parts": n, capped at B) against the resolved schedules, each variant's output compared with the
     baseline's: reported as the same or not (split and thread counts change the summation order),
     a failure past the relative tolerance."""
-    from nsa_codegen import kv_cache
+    from nsa_codegen import decode
     from nsa_codegen.cache import precompile_scheduled
     splits = {name: v.pop("num_splits", None) for name, v in variants.items()}
     nparts = {name: v.pop("num_parts", None) for name, v in variants.items()}
@@ -316,7 +317,7 @@ def run_variants(variants, L=65536, batches=(1, 16, 64), rounds=5):
     print(f"variants: compiled {len(set(keys))} kernels in {time.time() - t0:.0f} s; errors: {errs}", flush=True)
     kerns = {name: _kernels_with(v) for name, v in variants.items()}
     big = random_paper_cache(max(batches), 128 * 1024)
-    real = kv_cache._decode_kernels
+    real = decode._decode_kernels
     print(f"variants: paper config fp16, q_len 1, context {L}", flush=True)
     try:
         for B in batches:
@@ -327,7 +328,7 @@ def run_variants(variants, L=65536, batches=(1, 16, 64), rounds=5):
             times, same = {name: [] for name in kerns}, {}
             for _ in range(rounds):     # interleaved rounds: a clock or thermal drift hits every variant
                 for name, ks in kerns.items():
-                    kv_cache._decode_kernels = lambda *a, **k: ks
+                    decode._decode_kernels = lambda *a, **k: ks
                     ns, npt = splits[name], nparts[name] and min(nparts[name], B)
                     if name not in same:
                         o = nsa_decode(q, c, *gs, num_splits=ns, num_parts=npt).float()
@@ -336,7 +337,7 @@ def run_variants(variants, L=65536, batches=(1, 16, 64), rounds=5):
                         if not err < TOL:   # NaN fails too
                             note(f"variant {name} B {B} output", False, f"relative difference {err:.2e}")
                     times[name].append(_time(lambda: nsa_decode(q, c, *gs, num_splits=ns, num_parts=npt))[0])
-                    kv_cache._decode_kernels = real
+                    decode._decode_kernels = real
             for name, ts in times.items():
                 ts = sorted(ts)
                 print(f"  B {B:>3} {name:<24} median {ts[len(ts) // 2] * 1e3:7.1f} us  min {ts[0] * 1e3:7.1f}  "
@@ -344,32 +345,32 @@ def run_variants(variants, L=65536, batches=(1, 16, 64), rounds=5):
                       f"{'same output' if same[name] else 'output differs by rounding'}",
                       flush=True)
     finally:
-        kv_cache._decode_kernels = real
+        decode._decode_kernels = real
     del big
     torch.cuda.empty_cache()
 
 
 def run_sweep(L=65536, batches=(1, 16, 64)):
-    from nsa_codegen import kv_cache
+    from nsa_codegen import decode
     spec, H = PAPER, PAPER.kv_heads
     big = random_paper_cache(max(batches), 128 * 1024)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     no_pdl = _kernels_with({"pdl": False})
-    real = kv_cache._decode_kernels
+    real = decode._decode_kernels
     print(f"sweep: paper config fp16, q_len 1, context {L}; {sms} SMs", flush=True)
     for B in batches:
         c = big.narrow_batch(B)
         c.set_lengths([L] * B)
         q, gs = paper_step_inputs(B)
-        kern = kv_cache.decode_kernels(spec, 1, capacity=c.capacity)
+        kern = decode.decode_kernels(spec, 1, capacity=c.capacity)
         cmp_bn = dict(kern["cmp"].key.schedule)["cmp_block_N"]
-        heur = kv_cache._splits(B, H, spec, 1, L, sms, cmp_bn, None)
+        heur = decode._splits(B, H, spec, 1, L, sms, cmp_bn, None)
         t_h, _ = _time(lambda: nsa_decode(q, c, *gs))
         try:
-            kv_cache._decode_kernels = lambda *a, **k: no_pdl
+            decode._decode_kernels = lambda *a, **k: no_pdl
             t_np, _ = _time(lambda: nsa_decode(q, c, *gs))
         finally:
-            kv_cache._decode_kernels = real
+            decode._decode_kernels = real
         print(f"  B {B:>3}: heuristic splits {heur}: {t_h * 1e3:7.1f} us with PDL, {t_np * 1e3:7.1f} us without",
               flush=True)
         _breakdown(lambda: nsa_decode(q, c, *gs))

@@ -11,10 +11,10 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_decode import PAPER, _time, paper_step_inputs, random_paper_cache  # noqa: E402
-from nsa_codegen import kv_cache  # noqa: E402
+from nsa_codegen import decode  # noqa: E402
 from nsa_codegen.cache import tilelang_cache_dir, get_kernel, precompile, precompile_scheduled, versioned_dir  # noqa: E402,E501
 from nsa_codegen.codegen import compile_kernel  # noqa: E402
-from nsa_codegen.kv_cache import nsa_decode  # noqa: E402
+from nsa_codegen.decode import nsa_decode  # noqa: E402
 from nsa_codegen.lowering import lower_decode  # noqa: E402
 
 VARIANTS = {  # part -> (schedule updates, split counts to time it at)
@@ -52,12 +52,12 @@ def main():
             print(f"{part} {upd}: compile failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
         args = []
-        kern = dict(kv_cache.decode_kernels(spec, 1, capacity=c.capacity))
+        kern = dict(decode.decode_kernels(spec, 1, capacity=c.capacity))
         real_kernel = kern[part]
         kern[part] = type("Cap", (), {"__call__": lambda self, *a: (args.append(a), real_kernel(*a)),
                                       "key": key})()
-        real = kv_cache._decode_kernels
-        kv_cache._decode_kernels = lambda *a, **k: kern
+        real = decode._decode_kernels
+        decode._decode_kernels = lambda *a, **k: kern
         try:
             for splits in VARIANTS[part][1]:
                 args.clear()
@@ -66,7 +66,7 @@ def main():
                 t, _ = _time(lambda: jit(*a), iters=100)
                 print(f"{part:7s} {str(upd):60s} splits {str(splits):11s}: {t * 1e3:7.1f} us", flush=True)
         finally:
-            kv_cache._decode_kernels = real
+            decode._decode_kernels = real
 
 
 if __name__ == "__main__":

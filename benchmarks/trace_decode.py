@@ -2,7 +2,7 @@
 
     PYTHONPATH=<repo> python benchmarks/trace_decode.py [B] [context] [num_parts]
 
-num_parts defaults to what nsa_decode picks for B (kv_cache._batch_parts).
+num_parts defaults to what nsa_decode picks for B (decode._batch_parts).
 
 Prints, per kernel of the step, its start and end relative to the step's first kernel (median over
 steps), in eager launches and CUDA-graph replays: where programmatic dependent launch overlaps
@@ -14,7 +14,7 @@ import sys
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_decode import PAPER, capture_graph, paper_step_inputs, profile_calls, random_paper_cache  # noqa: E402,E501
 
-from nsa_codegen.kv_cache import _batch_parts, nsa_decode  # noqa: E402
+from nsa_codegen.decode import _batch_parts, nsa_decode  # noqa: E402
 
 
 def timeline(run, parts=1, steps=20):

@@ -116,7 +116,7 @@ _ALL = (
                _DKDV, ("dk", "dv"), tuned_by="op"),
     KernelKind("gate_combine_bwd", _GATE, "gate_combine", "GateCombineConfig", "bwd",
                ("do",) + _GATE_SLOTS, tuple(f"d{x}" for x in _GATE_SLOTS), reads_qk=False, tuned_by="op"),
-    # ---- decode: one step against an NSAKVCache (kv_cache.nsa_decode launches them) ----
+    # ---- decode: one step against an NSAKVCache (decode.nsa_decode launches them) ----
     KernelKind("decode_cmp", _DECODE, "decode_attention", "DecodeAttentionConfig", "cmp",
                ("q", "k_cmp", "v_cmp", "cache_seqlens"), ("scores", "score_max", "o_cmp_part", "lse_cmp_part"),
                tuned_by="op"),

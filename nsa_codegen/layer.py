@@ -165,7 +165,8 @@ class NativeSparseAttention(nn.Module):
         """x_new [B, s, hidden] (s = 1..8 new tokens per entry, appended to `cache`) -> y [B, s, hidden],
         equal to the full forward's output at those positions. Runs `nsa_decode`'s kernels on CUDA
         (backend auto/kernels; all three branches on) and the reference otherwise."""
-        from .kv_cache import nsa_decode, nsa_decode_reference
+        from .decode import nsa_decode
+        from .kv_cache import nsa_decode_reference
         spec = self.spec
         q, gates, kv = self._project(x_new)
         B, s = q.shape[:2]

@@ -206,13 +206,13 @@ def _direct_check(key: KernelKey, kernel) -> str | None:
 @contextlib.contextmanager
 def _use_kernel(problem: KernelKey, kernel: CompiledKernel):
     """Ops that ask for `problem` get `kernel` inside this block (decode's kernel table is rebuilt)."""
-    from . import kv_cache
-    kv_cache.clear_decode_kernels()
+    from . import decode
+    decode.clear_decode_kernels()
     try:
         with use_kernel(problem, kernel):
             yield
     finally:
-        kv_cache.clear_decode_kernels()
+        decode.clear_decode_kernels()
 
 
 class _Capture:
@@ -309,7 +309,8 @@ def _grad_workload(key: KernelKey, T: int, seed: int):
 def _decode_workload(key: KernelKey, B: int, lengths: list[int], seed: int):
     """(run, check) for a decode kind: a cache of B entries filled to `lengths`; run() is one
     nsa_decode step of q_len tokens; check(o) compares with nsa_decode_reference."""
-    from .kv_cache import NSAKVCache, nsa_decode, nsa_decode_reference
+    from .decode import nsa_decode
+    from .kv_cache import NSAKVCache, nsa_decode_reference
     g = torch.Generator(device="cuda").manual_seed(seed)
     dt = getattr(torch, key.dtype)
     spec = _spec_of(key)

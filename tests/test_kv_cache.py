@@ -118,7 +118,8 @@ def test_clear_errors():
         NSAKVCache(SPEC, 0, 16, device="cpu")
     with pytest.raises(TypeError, match="capacity must be an int"):
         NSAKVCache(SPEC, 2, 16.5, device="cpu")
-    from nsa_codegen.kv_cache import nsa_decode, nsa_decode_reference
+    from nsa_codegen.decode import nsa_decode
+    from nsa_codegen.kv_cache import nsa_decode_reference
     q = torch.randn(2, 1, SPEC.heads, SPEC.head_dim).bfloat16()
     g = torch.rand(2, 1, SPEC.heads).bfloat16()
     with pytest.raises(ValueError, match=rf"q must be \[B, ql, {SPEC.heads}, {SPEC.head_dim}\], got \[2, 1, 1,"):
@@ -138,7 +139,7 @@ def test_clear_errors():
 
 @pytest.mark.parametrize("B,n", [(1, 1), (5, 2), (5, 4), (16, 2), (7, 3), (64, 8)])
 def test_batch_parts_cover_the_batch_once(B, n):
-    from nsa_codegen.kv_cache import _batch_parts
+    from nsa_codegen.decode import _batch_parts
     parts = _batch_parts(B, 4, n)
     assert len(parts) == n and parts[0][0] == 0 and parts[-1][1] == B
     assert all(p[1] == q[0] for p, q in zip(parts, parts[1:]))
@@ -189,7 +190,7 @@ def test_decode_steps_equal_the_full_forward(name, spec, ql, lens0, steps, sep, 
     compress() from scratch, the top-n blocks equal the reference's (up to near ties), and every
     step's output equals nsa_reference over the whole sequence at those positions (1e-2, and at
     most 2x the reference's own error in the kernel dtype)."""
-    from nsa_codegen.kv_cache import nsa_decode
+    from nsa_codegen.decode import nsa_decode
     from test_ops import rel_err
     g = torch.Generator(device="cuda").manual_seed(7)
     dt = getattr(torch, spec.dtype)
@@ -252,7 +253,7 @@ def test_decode_steps_equal_the_full_forward(name, spec, ql, lens0, steps, sep, 
 def test_decode_batch_parts_and_graph_replay_equal_one_launch_chain(decode_compiled):
     """The batch split into parts on their own streams (num_parts), eagerly and replayed from a
     CUDA graph, gives bit-identical outputs and blocks to one chain with the same split counts."""
-    from nsa_codegen.kv_cache import nsa_decode
+    from nsa_codegen.decode import nsa_decode
     name, spec, ql, lens0, steps, sep = DECODE_CASES[0]
     g = torch.Generator(device="cuda").manual_seed(11)
     dt = getattr(torch, spec.dtype)

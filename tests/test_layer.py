@@ -86,7 +86,8 @@ def _decode_on_own_selection(layer, x_new, cache):
     blocks from fp16 block sums, the forward from its own scores: where two blocks' scores tie to
     rounding, either may pick another one (decode or the forward), and the outputs then differ by a
     whole block's share."""
-    from nsa_codegen.kv_cache import nsa_decode, nsa_decode_reference
+    from nsa_codegen.decode import nsa_decode
+    from nsa_codegen.kv_cache import nsa_decode_reference
     q, gates, _ = layer._project(x_new)
     q, gates = q.to(cache.dtype), [g.to(cache.dtype) for g in gates]
     _, idx = nsa_decode(q, cache, *gates, return_indices=True)
