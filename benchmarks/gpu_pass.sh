@@ -9,6 +9,7 @@
 #   paper: benchmarks/bench_paper.py ($2: its args), the paper config end to end against dense
 #   tiles: the token-tile pass, each step under its own time limit: the selection forward schedule
 #          tests, the selection dq tests, bench_paper.py --backward ($2: its --T), bench_selection.py
+#   tilesquick: the same on the paper config only, without bench_selection (about 5 minutes)
 # Kernels: carry .gen (python benchmarks/prebuild.py, here on the CPU) and they load prebuilt, with
 # no compile on the GPU's clock; anything not prebuilt compiles there, slowly.
 set -uo pipefail
@@ -53,6 +54,14 @@ if [[ $what == tiles ]]; then
   [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
   date; timeout 180 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T $Ts 2>&1 | tee "$OUT/paper_bench.log" | grep -v "^|" | tail -45
   date; timeout 80 python3 benchmarks/bench_selection.py --out "$OUT" --T 65536 --configs paper 2>&1 | tee "$OUT/selection_bench.log" | grep -v "^|" | tail -25
+  date
+fi
+if [[ $what == tilesquick ]]; then   # the tiles pass on the paper config only, for a short device budget
+  date; timeout 70 python3 -m pytest -q tests/test_ops.py -k "token_tile or (schedules and paper)" 2>&1 | tee "$OUT/selection_tests.log" | tail -6
+  rc=${PIPESTATUS[0]}
+  date; timeout 80 python3 -m pytest -q tests/test_ops_backward.py -k "selection_dq and paper" 2>&1 | tee "$OUT/dq_tests.log" | tail -6
+  [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
+  date; timeout 150 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T ${2:-65536 8192} --rounds 4 --iters 5 2>&1 | tee "$OUT/paper_bench.log" | grep -v "^|" | tail -40
   date
 fi
 if [[ $what == decodetests ]]; then
