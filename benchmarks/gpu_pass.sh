@@ -59,7 +59,7 @@ fi
 if [[ $what == tilesquick ]]; then   # the tiles pass on the paper config only, for a short device budget
   date; timeout 70 python3 -m pytest -q tests/test_ops.py -k "token_tile or (schedules and paper)" 2>&1 | tee "$OUT/selection_tests.log" | tail -6
   rc=${PIPESTATUS[0]}
-  date; timeout 80 python3 -m pytest -q tests/test_ops_backward.py -k "selection_dq and paper" 2>&1 | tee "$OUT/dq_tests.log" | tail -6
+  date; timeout 80 python3 -m pytest -q tests/test_ops_backward.py -k "(selection_dq and paper) or dq_token_tile" 2>&1 | tee "$OUT/dq_tests.log" | tail -6
   [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
   date; timeout 150 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T ${2:-65536 8192} --rounds 4 --iters 5 2>&1 | tee "$OUT/paper_bench.log" | grep -v "^|" | tail -40
   date
