@@ -61,7 +61,7 @@ if [[ $what == tilesquick ]]; then   # the tiles pass on the paper config only, 
   rc=${PIPESTATUS[0]}
   date; timeout 80 python3 -m pytest -q tests/test_ops_backward.py -k "(selection_dq and paper) or dq_token_tile" 2>&1 | tee "$OUT/dq_tests.log" | tail -6
   [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
-  date; timeout 150 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T ${2:-65536 8192} --rounds 4 --iters 5 2>&1 | tee "$OUT/paper_bench.log" | grep -v "^|" | tail -40
+  date; timeout ${PAPER_LIMIT:-150} python3 benchmarks/bench_paper.py --out "$OUT" ${PAPER_ARGS---backward} --T ${2:-65536 8192} --rounds 4 --iters 5 2>&1 | tee "$OUT/paper_bench.log" | grep -v "^|" | tail -40
   date
 fi
 if [[ $what == decodetests ]]; then
