@@ -65,7 +65,7 @@ if [[ $what == tilesquick ]]; then   # the tiles pass on the paper config only, 
   date
 fi
 if [[ $what == decodetests ]]; then
-  python3 -m pytest -q tests/test_kv_cache.py tests/test_layer.py -m gpu 2>&1 | tee "$OUT/decodetests.log" | tail -30
+  python3 -m pytest -q tests/test_kv_cache.py tests/test_decode.py tests/test_layer.py -m gpu 2>&1 | tee "$OUT/decodetests.log" | tail -30
   rc=${PIPESTATUS[0]}
 fi
 if [[ $what == decodebench ]]; then
