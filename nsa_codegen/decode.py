@@ -180,10 +180,23 @@ def nsa_decode(q: torch.Tensor, cache: NSAKVCache, g_cmp: torch.Tensor, g_slc: t
 
 
 def nsa_decode_bytes(spec: NSASpec, length: int, elem_bytes: int = 2) -> int:
-    """Bytes of K/V one decode step must read for one sequence of `length` tokens (all kv heads)."""
+    """Unique bytes of K/V one decode step reads for one sequence of `length` tokens (all kv heads),
+    each row counted once: the compressed rows, plus the union of the selected blocks' rows and the
+    window's. The selected blocks are taken as the forced ones (the first `initial` and the `local`
+    newest, whose rows the window mostly holds already) and the rest as far from the window as
+    possible: the most bytes a selection can cost. (A cache with separate window K/V reads the
+    window's rows from their own tensors: add them on top.)"""
     c, s, w = spec.compression, spec.selection, spec.window
+    L = int(length)
     row = spec.kv_heads * (spec.head_dim + spec.v_head_dim) * elem_bytes
-    n_cmp = compressed_rows(length, c) if c else 0
-    n_sel = min(s.top_n, -(-length // s.block)) * s.block if s else 0
-    n_win = min(w.size, length) if w else 0
-    return (n_cmp + n_sel + n_win) * row
+    n_cmp = compressed_rows(L, c) if c else 0
+    win_lo = max(0, L - w.size) if w else L   # the window reads rows [win_lo, L)
+    sel_rows = 0
+    if s is not None and L > 0:
+        nb = -(-L // s.block)
+        forced = set(range(min(s.initial, nb))) | set(range(max(0, nb - s.local), nb))
+        free = sorted((j for j in range(nb) if j not in forced), key=lambda j: (j * s.block >= win_lo, j))
+        for j in sorted(forced) + free[:max(0, s.top_n - len(forced))]:
+            lo, hi = j * s.block, min((j + 1) * s.block, L)
+            sel_rows += (hi - lo) - max(0, hi - max(lo, win_lo))   # its rows outside the window
+    return (n_cmp + sel_rows + (L - win_lo)) * row

@@ -171,3 +171,25 @@ def test_decode_batch_parts_and_graph_replay_equal_one_launch_chain(decode_compi
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(o_graph, want_o)
+
+
+@pytest.mark.parametrize("L", [1, 63, 64, 65, 500, 700, 4096, 65536])
+@pytest.mark.parametrize("local,window", [(2, 512), (0, 512), (2, 0), (3, 64)])
+def test_decode_bytes_count_each_row_once(L, local, window):
+    """nsa_decode_bytes against the row sets themselves: compressed rows, plus the union of the
+    selected blocks' rows (forced blocks, the rest as far from the window as possible) and the
+    window's rows."""
+    from nsa_codegen.decode import nsa_decode_bytes
+    spec = NSASpec(head_dim=128, v_head_dim=128, selection=SelectionBranch(64, 16, 1, local),
+                   window=WindowBranch(window) if window else None)
+    s = spec.selection
+    nb = -(-L // s.block)
+    forced = set(range(min(s.initial, nb))) | set(range(max(0, nb - s.local), nb))
+    win = set(range(max(0, L - window), L)) if window else set()
+    outside = [j for j in range(nb) if j not in forced and not any(t in win for t in range(j * 64, min(j * 64 + 64, L)))]
+    inside = [j for j in range(nb) if j not in forced and j not in outside]
+    picks = sorted(forced) + (outside + inside)[:max(0, s.top_n - len(forced))]
+    rows = win | {t for j in picks for t in range(j * 64, min(j * 64 + 64, L))}
+    c = spec.compression
+    n_cmp = ref.num_compressed_blocks(L, c.block, c.stride, c.first_block)
+    assert nsa_decode_bytes(spec, L) == (n_cmp + len(rows)) * spec.kv_heads * 256 * 2
