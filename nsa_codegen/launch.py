@@ -19,10 +19,13 @@ from .spec import SUPPORTED_GROUPS, SUPPORTED_HEAD_DIMS, SUPPORTED_V_HEAD_DIMS
 
 
 def is_gpu(t: torch.Tensor) -> bool:
+    """Whether t lives where the kernels run (a seam for CPU tests of the launch path)."""
     return t.is_cuda
 
 
 def check_tensor(name: str, t: torch.Tensor, ndim: int, like: Optional[torch.Tensor] = None, dtype=None):
+    """Raise naming `name` unless t is an ndim-D CUDA tensor of `dtype` (else like's dtype, else a
+    kernel dtype) on like's device."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim:
@@ -40,10 +43,12 @@ def check_tensor(name: str, t: torch.Tensor, ndim: int, like: Optional[torch.Ten
 
 
 def arch_of(t: torch.Tensor) -> str:
+    """The arch whose kernels run on t's device (sm90 / sm80)."""
     return arch_of_capability(*torch.cuda.get_device_capability(t.device))
 
 
 def check_heads(q, k, what="k"):
+    """(H, G) of q [B, T, HQ, Dk] over k [B, *, H, Dk], or a ValueError naming what the kernels lack."""
     HQ, H = q.shape[2], k.shape[2]
     if H == 0 or HQ % H:
         raise ValueError(f"q heads ({HQ}) must be a multiple of {what} heads ({H})")
@@ -56,6 +61,8 @@ def check_heads(q, k, what="k"):
 
 
 def kernel_key(kind, q, k, v_dim, scale, **params) -> KernelKey:
+    """The problem key of `kind` for q [B, T, HQ, Dk] and k [B, *, H, Dk] (v_dim: Dv, 0 if no V;
+    scale < 0: 1/sqrt(Dk); params: the kind's problem parameters)."""
     H, G = check_heads(q, k)
     if v_dim and v_dim not in SUPPORTED_V_HEAD_DIMS:
         raise ValueError(f"v head dim {v_dim} is not supported; supported: {list(SUPPORTED_V_HEAD_DIMS)}")
@@ -69,10 +76,12 @@ def kernel(key: KernelKey):
 
 
 def launch(key: KernelKey, *tensors):
+    """Launch the problem's kernel on tensors (its inputs, then its preallocated outputs)."""
     run_kernel(kernel(key), *tensors)
 
 
 def run_kernel(kernel, *tensors):
+    """kernel(*tensors), a failure re-raised naming the kernel's key."""
     try:
         kernel(*tensors)
     except Exception as e:
@@ -95,11 +104,14 @@ def attend(key: KernelKey, q: torch.Tensor, v_dim: int, *inputs: torch.Tensor):
 
 
 def attend_fake(q: torch.Tensor, v_dim: int):
+    """attend's outputs for torch.compile's fake tensors: o [B, T, HQ, v_dim], lse [B, T, HQ] float32."""
     B, T, HQ, _ = q.shape
     return q.new_empty(B, T, HQ, v_dim), q.new_empty(B, T, HQ, dtype=torch.float32)
 
 
 def gate_key(kind: str, first: torch.Tensor, kv_heads: int, pairs) -> KernelKey:
+    """The gate kernel's key (gate_combine / _bwd) for branch outputs like first [B, T, HQ, Dv];
+    pairs: (branch name, o, g) of the branches present, in cmp, slc, win order."""
     B, T, HQ, Dv = first.shape
     return KernelKey.make(arch=arch_of(first), kind=kind, dtype=KERNEL_DTYPES[first.dtype], head_dim=0, v_head_dim=Dv,
                           kv_heads=kv_heads, group=HQ // kv_heads, branches=".".join(n for n, _, _ in pairs))
