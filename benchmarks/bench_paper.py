@@ -258,13 +258,6 @@ def main():
             u4, u64 = (float(x) for x in (ref_union(idx, 4), ref_union(idx, 64)))
         else:
             u4 = u64 = None
-        for name, fn in list(cases.items()):  # drop cases that cannot run here (cuDNN shapes)
-            try:
-                fn()
-                torch.cuda.synchronize()
-            except Exception as e:
-                say(f"T={T} {name}: not timed: {type(e).__name__}: {str(e)[:200]}")
-                cases.pop(name)
         if args.backward:
             qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
             gg = [x.detach().requires_grad_() for x in g]
@@ -275,6 +268,13 @@ def main():
                         nsa_attention(qg, kg, vg, *gg, spec).backward(do)
                 cases["ours_fb" if cfg.name == "resolved" else f"ours_fb[{cfg.name}]"] = run_fb
             cases["dense_cudnn_d128_fb"] = dense_fb(q, k, v, do, 128)
+        for name, fn in list(cases.items()):  # drop cases that cannot run here (cuDNN shapes, memory)
+            try:
+                fn()
+                torch.cuda.synchronize()
+            except Exception as e:
+                say(f"T={T} {name}: not timed: {type(e).__name__}: {str(e)[:200]}")
+                cases.pop(name)
         say(f"T={T}: {len(cases)} cases, {args.rounds} rounds x {args.iters}")
         times = timed_rounds(cases, args.rounds, args.iters)
         for c, ms in times.items():
