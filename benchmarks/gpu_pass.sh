@@ -8,7 +8,8 @@
 #   selection: the selection forward schedule tests, then benchmarks/bench_selection.py ($2: its args)
 #   paper: benchmarks/bench_paper.py ($2: its args), the paper config end to end against dense
 #   tiles: the token-tile pass, each step under its own time limit: the selection forward schedule
-#          tests, the selection dq tests, bench_paper.py --backward ($2: its --T), bench_selection.py
+#          tests, the selection dq tests, bench_paper.py --backward ($2: its --T), bench_selection.py,
+#          the decode GPU tests (tests/test_decode.py; their kernels are prebuilt)
 #   tilesquick: the same on the paper config only, without bench_selection (about 5 minutes)
 # Kernels: carry .gen (python benchmarks/prebuild.py, here on the CPU) and they load prebuilt, with
 # no compile on the GPU's clock; anything not prebuilt compiles there, slowly.
@@ -54,6 +55,8 @@ if [[ $what == tiles ]]; then
   [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
   date; timeout 180 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T $Ts 2>&1 | tee "$OUT/paper_bench.log" | grep -v "^|" | tail -45
   date; timeout 80 python3 benchmarks/bench_selection.py --out "$OUT" --T 65536 --configs paper 2>&1 | tee "$OUT/selection_bench.log" | grep -v "^|" | tail -25
+  date; timeout 90 python3 -m pytest -q tests/test_decode.py -m gpu 2>&1 | tee "$OUT/decode_tests.log" | tail -5
+  [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
   date
 fi
 if [[ $what == tilesquick ]]; then   # the tiles pass on the paper config only, for a short device budget

@@ -7,7 +7,8 @@ does not carry over (its key holds the parsed target, which differs on a machine
 this builds with `nsa_codegen.build` (the artifacts `nsa-codegen build` writes, opened through
 TVM-FFI with no compiler) every forward kernel of the GPU test matrix (tests/test_ops.py) and of the
 benchmarks' configs, with the selection schedules the tests and bench_selection.py run as variants,
-and the backward kernels of the selection dq tests and of bench_paper.py (both dq schedules),
+the backward kernels of the selection dq tests and of bench_paper.py (both dq schedules), and the
+decode kernels of tests/test_decode.py,
 into <out>/generated/, and packs it as <out>/generated.tar.xz. benchmarks/gpu_pass.sh unpacks it
 and points NSA_CODEGEN_GENERATED_DIR at it. Keep <out> out of git and carry it to the device.
 """
@@ -55,13 +56,28 @@ def specs():
     return out
 
 
+def decode_keys():
+    """The decode kernels of the decode GPU tests (tests/test_decode.py DECODE_CASES: q_len 1, 2 and 8,
+    a separate window), each with the schedule the step will resolve."""
+    from nsa_codegen.codegen import check_schedule
+    from nsa_codegen.lowering import lower_decode
+    from nsa_codegen.schedules import resolve_schedule
+    from test_decode import DECODE_CASES
+    out = []
+    for _, spec, ql, lens0, steps, sep in DECODE_CASES:
+        for c in lower_decode(spec, "sm90", ql, sep, max(lens0) + steps * ql + 5):
+            sched, source = resolve_schedule(c.key, lambda sc, p=c.key: check_schedule(p, sc))
+            out.append((c.key.with_schedule(sched), source))
+    return list(dict.fromkeys(out))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".gen")
     ap.add_argument("--jobs", type=int, default=None)
     ap.add_argument("--forward-only", action="store_true", help="skip the backward kernels")
     args = ap.parse_args()
-    from nsa_codegen.build import build
+    from nsa_codegen.build import build, build_keys
     out = Path(args.out)
     all_specs = specs()
     # Variants the template rejects for a problem (a token tile where G < 8 ...) are skipped per spec.
@@ -82,6 +98,7 @@ def main():
         results += build(names, "sm90", out / "generated", jobs=args.jobs, backward=False, decode=False,
                          variants={"selection_fwd": [var]})
     if not args.forward_only:
+        results += build_keys(decode_keys(), out / "generated", jobs=args.jobs)
         for var in DQ_VARIANTS:
             results += build(backward_specs(), "sm90", out / "generated", jobs=args.jobs, backward=True,
                              decode=False, variants={"selection_bwd_dq": [var]})

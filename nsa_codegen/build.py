@@ -174,12 +174,29 @@ def build(specs: dict[str, NSASpec], arch: str, out: Path | str, jobs: int | Non
     arch = normalize_arch(arch)
     if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
         raise RuntimeError("nvcc not found: building kernels needs the CUDA toolkit (set PATH or CUDA_HOME)")
-    arch_dir = Path(out) / arch
     keys = plan_keys(specs, arch, backward, decode, variants)
     users: dict[str, list[str]] = {}
     for name, spec in specs.items():
         for call in _plan_calls(spec, arch, backward, decode):
             users.setdefault(call.key.problem_id, []).append(name)
+    return build_keys(keys, out, jobs, force, progress, verbose, users)
+
+
+def build_keys(keys: list[tuple[KernelKey, str]], out: Path | str, jobs: int | None = None, force: bool = False,
+               progress=_progress, verbose: bool = False,
+               users: dict[str, list[str]] | None = None) -> list[BuildResult]:
+    """Compile scheduled keys, each with its schedule source ('default', 'tuned', 'variant', ...),
+    into out/<arch>/ (one arch per call); kernels already built and intact are skipped unless
+    `force`. users: problem id -> the spec names that need it (recorded in meta.json)."""
+    arches = {k.arch for k, _ in keys}
+    if len(arches) > 1:
+        raise ValueError(f"build_keys builds one arch per call, got {sorted(arches)}")
+    if not keys:
+        return []
+    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        raise RuntimeError("nvcc not found: building kernels needs the CUDA toolkit (set PATH or CUDA_HOME)")
+    arch_dir = Path(out) / keys[0][0].arch
+    users = users or {}
     results: list[BuildResult] = []
     with _build_lock(arch_dir):
         todo = []
