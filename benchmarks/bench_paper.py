@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_forward import run_info  # noqa: E402
 from timing import say, stats, timed_rounds  # noqa: E402
-from nsa_codegen import NSASpec, nsa_attention, ops  # noqa: E402
+from nsa_codegen import NSASpec, nsa_attention, ops, workloads  # noqa: E402
 from nsa_codegen import reference as ref  # noqa: E402
 from nsa_codegen.cache import get_kernel, load_scheduled, use_kernel  # noqa: E402
 from nsa_codegen.lowering import arch_of_capability, lower_to_plan  # noqa: E402
@@ -255,7 +255,7 @@ def main():
         if not args.no_kernels:
             kc, idx = kernel_cases(spec, q, k, v, g, configs, args.backward)
             cases.update(kc)
-            u4, u64 = (float(x) for x in (ref_union(idx, 4), ref_union(idx, 64)))
+            u4, u64 = workloads.union_size(idx, 4), workloads.union_size(idx, 64)
         else:
             u4 = u64 = None
         if args.backward:
@@ -287,11 +287,6 @@ def main():
     schedules = {str(x.key): x.schedule_source for x in cache._LOADED.values()}
     schedules.update({f"config {c.name}": c.schedules() for c in configs})
     save(args, rows, checks, run_info(schedules))
-
-
-def ref_union(idx, tokens):
-    from nsa_codegen import workloads
-    return workloads.union_size(idx, tokens)
 
 
 def save(args, rows, checks, info):

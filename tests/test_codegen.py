@@ -58,24 +58,12 @@ def test_template_compiles(call, spec, tmp_path, monkeypatch):
 @needs_nvcc
 @pytest.mark.compile
 @pytest.mark.parametrize("tile_tokens,mma", [(1, "HMMA"), (0, "HGMMA")])
-def test_selection_schedules_compile(tile_tokens, mma, tmp_path, monkeypatch):
-    """Both selection forward schedules compile for sm_90a: per token on mma.sync, the paper
-    config's token tile (auto: 4 tokens x 16 heads) on WGMMA."""
+@pytest.mark.parametrize("kind", ["selection_fwd", "selection_bwd_dq"])
+def test_selection_schedules_compile(kind, tile_tokens, mma, tmp_path, monkeypatch):
+    """Both schedules of the selection forward and of its dq kernel compile for sm_90a: per token
+    on mma.sync, the paper config's token tile (auto: 4 tokens x 16 heads) on WGMMA."""
     monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
-    call = next(c for c in lower_to_plan(PAPER).calls if c.kind == "selection_fwd")
-    key = call.key.with_schedule({**dict(_scheduled(call).schedule), "tile_tokens": tile_tokens})
-    kernel = compile_kernel(key)
-    if _nvdisasm():
-        assert mma in disassemble(kernel), f"{key}: no {mma} in its SASS"
-
-
-@needs_nvcc
-@pytest.mark.compile
-@pytest.mark.parametrize("tile_tokens,mma", [(1, "HMMA"), (0, "HGMMA")])
-def test_selection_dq_schedules_compile(tile_tokens, mma, tmp_path, monkeypatch):
-    """Both selection dq schedules compile for sm_90a: per token on mma.sync, the token tile on WGMMA."""
-    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
-    call = next(c for c in lower_to_plan(PAPER).backward if c.kind == "selection_bwd_dq")
+    call = next(c for c in lower_to_plan(PAPER).all_calls if c.kind == kind)
     key = call.key.with_schedule({**dict(_scheduled(call).schedule), "tile_tokens": tile_tokens})
     kernel = compile_kernel(key)
     if _nvdisasm():

@@ -159,6 +159,18 @@ def _hostile_indices(B, T, H, n, bs, seed):
     return idx.int()
 
 
+def selection_lists(kind, spec, B, T, seed):
+    """[B, T, H, n] block lists of `kind`: "hostile" (_hostile_indices), else workloads' uniform /
+    drift (coherence 16) top-n lists with each list's slots shuffled."""
+    from nsa_codegen import workloads
+    s = spec.selection
+    if kind == "hostile":
+        return _hostile_indices(B, T, spec.kv_heads, s.top_n, s.block, seed=seed)
+    idx = workloads.block_indices(kind, B, T, spec.kv_heads, s.block, s.top_n, s.initial, s.local,
+                                  coherence=16, seed=seed)
+    return torch.gather(idx, -1, torch.argsort(torch.rand(idx.shape, device="cuda"), -1))
+
+
 # Selection forward schedules: (tile_tokens, threads). 0 = auto (a token tile where G >= 8).
 SELECTION_SCHEDULES = [(1, 128), (0, 128)]
 SELECTION_SPECS = [m for m in MATRIX if m[0] in ("paper_bf16", "fla_cfg", "g8_d64", "g32", "tiny_T")]
@@ -170,17 +182,11 @@ SELECTION_SPECS = [m for m in MATRIX if m[0] in ("paper_bf16", "fla_cfg", "g8_d6
 def test_selection_attention_schedules(name, spec, B, T, kind, tile_tokens, threads):
     """Each selection forward schedule (per token, token tile) against the reference, on lists with
     and without locality and on hostile ones, NaN-poisoned outputs, twice (bit-identical)."""
-    from nsa_codegen import workloads
     from nsa_codegen.cache import load_scheduled
     from nsa_codegen.schedules import default_schedule
     s = spec.selection
     q, k, v, _ = make_inputs(spec, B, T, seed=11)
-    if kind == "hostile":
-        idx = _hostile_indices(B, T, spec.kv_heads, s.top_n, s.block, seed=12)
-    else:
-        idx = workloads.block_indices(kind, B, T, spec.kv_heads, s.block, s.top_n, s.initial, s.local,
-                                      coherence=16, seed=12)
-        idx = torch.gather(idx, -1, torch.argsort(torch.rand(idx.shape, device="cuda"), -1))
+    idx = selection_lists(kind, spec, B, T, seed=12)
     from nsa_codegen.launch import kernel_key
     problem = kernel_key("selection_fwd", q, k, v.shape[3], -1.0, sel_block=s.block, top_n=s.top_n)
     key = problem.with_schedule({**default_schedule(problem), "tile_tokens": tile_tokens, "threads": threads})

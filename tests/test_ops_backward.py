@@ -219,17 +219,12 @@ def test_selection_dq_schedules(name, spec, B, T, kind, tile_tokens):
     """Each selection dq schedule, through the op's backward, against the reference's autograd on
     lists with and without locality and on hostile ones (repeats, pads, future blocks, tokens with
     nothing usable); NaN-poisoned gradients; twice, bit-identical."""
-    from nsa_codegen import ops, workloads
+    from nsa_codegen import ops
     from nsa_codegen.cache import use_kernel
-    from test_ops import _hostile_indices
+    from test_ops import selection_lists
     s = spec.selection
     q, k, v, _ = make_inputs(spec, B, T, seed=31)
-    if kind == "hostile":
-        idx = _hostile_indices(B, T, spec.kv_heads, s.top_n, s.block, seed=32)
-    else:
-        idx = workloads.block_indices(kind, B, T, spec.kv_heads, s.block, s.top_n, s.initial, s.local,
-                                      coherence=16, seed=32)
-        idx = torch.gather(idx, -1, torch.argsort(torch.rand(idx.shape, device="cuda"), -1))
+    idx = selection_lists(kind, spec, B, T, seed=32)
     g = torch.Generator(device="cuda").manual_seed(33)
     do = torch.randn(B, T, spec.heads, spec.v_head_dim, generator=g, device="cuda").to(q.dtype)
     dlse = torch.randn(B, T, spec.heads, generator=g, device="cuda")
