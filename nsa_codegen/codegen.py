@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from typing import Any
 
 from .kernel_key import KernelKey
@@ -100,16 +101,44 @@ def build_prim_func(key: KernelKey):
     return mod.build(cfg), pass_configs
 
 
+# A branch only one thread of a group enters: TileLang's elected TMA issuer, or thread 0.
+_ONE_THREAD_BRANCH = re.compile(r"if \((tl::tl_shuffle_elect<\d+>\(\)|\(\(int\)threadIdx\.x\) == 0)\) \{")
+_BARRIER = re.compile(r"__syncthreads\(\)|__sync_thread_partial\(|bar\.sync|barrier\.sync")
+
+
+def barriers_in_one_thread_branches(source: str) -> list[str]:
+    """The lines of `source` (generated CUDA) where a CTA or named barrier sits inside a branch only
+    one thread enters. Such a barrier waits for threads that never come: the kernel hangs on the GPU
+    (TileLang 0.1.15 emits one when TMA coordinates read shared memory; templates/_token_tile.py)."""
+    found = []
+    for m in _ONE_THREAD_BRANCH.finditer(source):
+        depth, i = 1, m.end()
+        while depth and i < len(source):
+            depth += {"{": 1, "}": -1}.get(source[i], 0)
+            i += 1
+        body = source[m.end():i]
+        for b in _BARRIER.finditer(body):
+            line = source.count("\n", 0, m.end() + b.start()) + 1
+            found.append(f"line {line}: {body[b.start():].splitlines()[0].strip()} inside `{m.group(0)}`")
+    return found
+
+
 def compile_kernel(key: KernelKey, target: dict | str | None = None):
-    """TileLang-compile key's kernel for its arch (or an explicit target). Returns the JITKernel."""
+    """TileLang-compile key's kernel for its arch (or an explicit target). Returns the JITKernel.
+    Raises if the generated CUDA would deadlock (barriers_in_one_thread_branches)."""
     import tilelang
 
     func, pass_configs = build_prim_func(key)
     target = target or TARGETS[key.arch]
     try:
-        return tilelang.compile(func, target=target, pass_configs=pass_configs)
+        jit = tilelang.compile(func, target=target, pass_configs=pass_configs)
     except Exception as e:
         raise RuntimeError(f"compiling {key} for {target} failed: {type(e).__name__}: {e}") from e
+    hangs = barriers_in_one_thread_branches(jit.get_kernel_source())
+    if hangs:
+        raise RuntimeError(f"compiling {key} for {target}: the generated CUDA would hang, a barrier "
+                           f"only one thread reaches: {'; '.join(hangs[:3])}")
+    return jit
 
 
 def _nvdisasm() -> str | None:

@@ -10,7 +10,14 @@ A program of the token-tile schedules handles BT consecutive tokens t0 .. t0+BT-
                     log(count) / scale where it lists it count > 1 times (duplicates weigh as in
                     the reference), 0 for the usual single pick
     Num_s  [1]      the union size; 0 leaves one fully masked step over the tile's own block
-and ends with a barrier. E = BT * n.
+and ends with a barrier, after which every thread copies Blk_s into its own registers Blk_r [E].
+E = BT * n.
+
+The K/V copies must take their block ids from Blk_r, not Blk_s. TileLang's sync pass cannot tell
+a TMA write of K_s from a read of Blk_s (one dynamic shared buffer), so with Blk_s in the TMA
+coordinates it puts a 128-thread named barrier between the TMA loads, inside the branch of the one
+elected producer thread: the kernel hangs on the GPU (tests/test_codegen.py checks the generated
+source for this).
 
 Codegen fingerprints hash this file with the templates that import it.
 """
@@ -25,7 +32,7 @@ def union_builder(BT: int, NSEL: int, BS: int, NT: int, scale: float):
     ninf = -T.infinity(acc)
 
     @T.macro
-    def build_union(BlockIndices, b, h, t0, S, tx, Ent_s, First_s, Blk_s, Bias_s, Num_s):
+    def build_union(BlockIndices, b, h, t0, S, tx, Ent_s, First_s, Blk_s, Bias_s, Num_s, Blk_r):
         v = T.alloc_var("int32")
         t = T.alloc_var("int32")
         c = T.alloc_var("int32")
@@ -74,5 +81,7 @@ def union_builder(BT: int, NSEL: int, BS: int, NT: int, scale: float):
                 for r in T.unroll(BT):
                     Bias_s[0, r] = ninf
         T.sync_threads()
+        for e in T.serial(E):
+            Blk_r[e] = Blk_s[e]
 
     return build_union

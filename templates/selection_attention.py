@@ -296,7 +296,6 @@ def _build_token_tile(cfg):
     ninf = -T.infinity(acc)
     online_softmax = _online_softmax(M, BS, Dv, sc)
     build_union = union_builder(BT, NSEL, BS, NT, sc)
-    build_union = union_builder(BT, NSEL, BS, NT, sc)
 
     B, S = T.dynamic("B, T")
 
@@ -320,6 +319,7 @@ def _build_token_tile(cfg):
             Blk_s = T.alloc_shared([E], "int32")
             Bias_s = T.alloc_shared([E, BT], acc)
             Num_s = T.alloc_shared([1], "int32")
+            Blk_r = T.alloc_local([E], "int32")
             acc_s = T.alloc_fragment([M, BS], acc)
             p = T.alloc_fragment([M, BS], dtype)
             acc_o = T.alloc_fragment([M, Dv], acc)
@@ -341,14 +341,14 @@ def _build_token_tile(cfg):
                 Q_s[i, d] = T.if_then_else(t0 + i // G < S, Q[b, T.min(t0 + i // G, S - 1), h * G + i % G, d],
                                            T.cast(0, dtype))
 
-            build_union(BlockIndices, b, h, t0, S, tx, Ent_s, First_s, Blk_s, Bias_s, Num_s)
+            build_union(BlockIndices, b, h, t0, S, tx, Ent_s, First_s, Blk_s, Bias_s, Num_s, Blk_r)
             nu = T.max(Num_s[0], 1)
 
             T.fill(acc_o, 0)
             T.fill(l, 0)
             T.fill(m, ninf)
             for it in T.Pipelined(nu, num_stages=cfg.num_stages):
-                T.copy(K[b, Blk_s[it] * BS:(Blk_s[it] + 1) * BS, h, :], K_s)
+                T.copy(K[b, Blk_r[it] * BS:(Blk_r[it] + 1) * BS, h, :], K_s)
                 T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
                 # The bias, and the causal mask that bites only in the block holding a token. Masked
                 # logits are replaced (not added to), so a NaN/Inf key in a block only the tile's other
@@ -359,7 +359,7 @@ def _build_token_tile(cfg):
                         acc_s[i, cc] + Bias_s[it, i // G], ninf)
 
                 online_softmax(acc_s, m, m_prev, alpha, ms, rsum, l, p, acc_o)
-                T.copy(V[b, Blk_s[it] * BS:(Blk_s[it] + 1) * BS, h, :], V_s)
+                T.copy(V[b, Blk_r[it] * BS:(Blk_r[it] + 1) * BS, h, :], V_s)
                 T.gemm(p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 
             for i, d in T.Parallel(M, Dv):

@@ -419,6 +419,7 @@ def _build_dq_tile(cfg):
             Blk_s = T.alloc_shared([E], "int32")
             Bias_s = T.alloc_shared([E, BT], acc)
             Num_s = T.alloc_shared([1], "int32")
+            Blk_r = T.alloc_local([E], "int32")
             od = T.alloc_fragment([M, Dv], acc)
             delta_f = T.alloc_fragment([M], acc)
             acc_s = T.alloc_fragment([M, BS], acc)
@@ -454,7 +455,7 @@ def _build_dq_tile(cfg):
                     (t0 + i // G < S) and LSE[b, T.min(t0 + i // G, S - 1), h * G + i % G] != ninf,
                     LSE[b, T.min(t0 + i // G, S - 1), h * G + i % G], pinf)
 
-            build_union(BlockIndices, b, h, t0, S, tx, Ent_s, First_s, Blk_s, Bias_s, Num_s)
+            build_union(BlockIndices, b, h, t0, S, tx, Ent_s, First_s, Blk_s, Bias_s, Num_s, Blk_r)
             nu = T.max(Num_s[0], 1)
             for i in T.Parallel(M):
                 if t0 + i // G < S:
@@ -462,8 +463,8 @@ def _build_dq_tile(cfg):
             T.fill(acc_dq, 0)
 
             for it in T.Pipelined(nu, num_stages=_stages(cfg)):
-                T.copy(K[b, Blk_s[it] * BS:(Blk_s[it] + 1) * BS, h, :], K_s)
-                T.copy(V[b, Blk_s[it] * BS:(Blk_s[it] + 1) * BS, h, :], V_s)
+                T.copy(K[b, Blk_r[it] * BS:(Blk_r[it] + 1) * BS, h, :], K_s)
+                T.copy(V[b, Blk_r[it] * BS:(Blk_r[it] + 1) * BS, h, :], V_s)
                 T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
                 T.gemm(dO_s, V_s, acc_dp, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
                 # dS = P (dP - Delta) where the row's token chose the block and sees the key, else

@@ -5,8 +5,8 @@ import shutil
 import pytest
 
 from nsa_codegen import CompressionBranch, NSASpec, SelectionBranch, WindowBranch
-from nsa_codegen.codegen import (_nvdisasm, build_prim_func, check_schedule, compile_kernel, disassemble,
-                                 template_config)
+from nsa_codegen.codegen import (_nvdisasm, barriers_in_one_thread_branches, build_prim_func, check_schedule,
+                                 compile_kernel, disassemble, template_config)
 from nsa_codegen.lowering import lower_to_plan
 from nsa_codegen.schedules import resolve_schedule
 
@@ -55,13 +55,39 @@ def test_template_compiles(call, spec, tmp_path, monkeypatch):
         assert sorted(targets) == ["sm_80", "sm_90"], f"{key}: SASS targets {targets}"
 
 
+def test_barrier_in_a_one_thread_branch_is_found():
+    """The deadlock the token tile's first build had on the H100 (a named barrier between the TMA
+    loads, inside the elected thread's branch) is found; barriers outside such branches are not."""
+    hang = """
+    for (int it = 0; it < nu; ++it) {
+      if (tl::tl_shuffle_elect<128>()) {
+        mbarrier[0].arrive_and_expect_tx(24576);
+        for (int i = 0; i < 3; ++i) {
+          tl::__sync_thread_partial(4, 128);
+          tl::tma_load(K_desc, mbarrier[0], K_s, i * 64, ((int*)Blk_s)[it] * 64);
+        }
+      }
+    }
+    if (((int)threadIdx.x) == 0) { if (c) { x = 1; } __syncthreads(); }"""
+    found = barriers_in_one_thread_branches(hang)
+    assert len(found) == 2 and "line 6" in found[0] and "__syncthreads" in found[1], found
+    fine = """
+    tl::__sync_thread_partial(4, 128);
+    if (tl::tl_shuffle_elect<128>()) { mbarrier[0].arrive_and_expect_tx(24576); }
+    __syncthreads();
+    if (((int)threadIdx.x) == 0) { Num_s[0] = c; }
+    __syncthreads();"""
+    assert barriers_in_one_thread_branches(fine) == []
+
+
 @needs_nvcc
 @pytest.mark.compile
 @pytest.mark.parametrize("tile_tokens,mma", [(1, "HMMA"), (0, "HGMMA")])
 @pytest.mark.parametrize("kind", ["selection_fwd", "selection_bwd_dq"])
 def test_selection_schedules_compile(kind, tile_tokens, mma, tmp_path, monkeypatch):
     """Both schedules of the selection forward and of its dq kernel compile for sm_90a: per token
-    on mma.sync, the paper config's token tile (auto: 4 tokens x 16 heads) on WGMMA."""
+    on mma.sync, the paper config's token tile (auto: 4 tokens x 16 heads) on WGMMA; compile_kernel
+    also rejects generated code with a barrier only one thread reaches."""
     monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
     call = next(c for c in lower_to_plan(PAPER).all_calls if c.kind == kind)
     key = call.key.with_schedule({**dict(_scheduled(call).schedule), "tile_tokens": tile_tokens})
