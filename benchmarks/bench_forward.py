@@ -189,8 +189,8 @@ def main():
 
 
 def run_info(schedules: dict | None = None) -> dict:
-    """Where the numbers come from: commit, dirty flag (NSA_GIT_SHA / NSA_GIT_DIRTY where the tree
-    has no .git, as on the lent GPU), GPU, library versions, and each kernel's schedule (default:
+    """Where the numbers come from: commit, dirty flag (NSA_GIT_SHA / NSA_GIT_DIRTY when set, else
+    git), GPU, library versions, and each kernel's schedule (default:
     every kernel this process loaded, with its source: tuned, default or fallback)."""
     import importlib.metadata as md
     root = Path(__file__).resolve().parent.parent
@@ -200,9 +200,14 @@ def run_info(schedules: dict | None = None) -> dict:
             return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
         except Exception:
             return None
-    sha = git("rev-parse", "HEAD") or os.environ.get("NSA_GIT_SHA", "unknown")
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    dirty = bool(dirty) if dirty is not None else os.environ.get("NSA_GIT_DIRTY", "unknown")
+    # The environment wins: the lent GPU's copy of the tree carries a stale .git.
+    sha = os.environ.get("NSA_GIT_SHA") or git("rev-parse", "HEAD") or "unknown"
+    dirty = os.environ.get("NSA_GIT_DIRTY")
+    if dirty is None:
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = bool(dirty) if dirty is not None else "unknown"
+    else:
+        dirty = dirty not in ("0", "false", "False", "")
 
     def ver(p):
         try:

@@ -92,6 +92,19 @@ def contiguous(x):
     return x if x.is_contiguous() else x.contiguous()
 
 
+def token_map(name: str, m: Optional[torch.Tensor], q: torch.Tensor) -> torch.Tensor:
+    """A per-token int32 map [B, T] of q's tokens (seq_start / cmp_start, nsa_codegen.packing): m
+    checked, or zeros (an unpacked batch) where m is None."""
+    B, T = q.shape[:2]
+    if m is None:
+        return torch.zeros(B, T, dtype=torch.int32, device=q.device)
+    check_tensor(name, m, 2, dtype=torch.int32)
+    if tuple(m.shape) != (B, T) or m.device != q.device:
+        raise ValueError(f"{name} must be an int32 [B, T] = [{B}, {T}] tensor on {q.device}, "
+                         f"got {list(m.shape)} on {m.device}")
+    return contiguous(m)
+
+
 def attend(key: KernelKey, q: torch.Tensor, v_dim: int, *inputs: torch.Tensor):
     """Allocate o [B, T, HQ, v_dim] (q's dtype) and lse [B, T, HQ] float32, launch key's kernel on
     (*inputs, o, lse) made contiguous, and return (o, lse)."""

@@ -98,7 +98,7 @@ def lower_to_plan(spec: NSASpec, arch: str = "sm90", explicit_indices: bool = Fa
     if c is not None:
         cmp_params = dict(cmp_block=c.block, stride=c.stride, first_block=c.first_block)
         calls.append(KernelCall("compression_fwd", KernelKey.make(kind="compression_fwd", **common, **cmp_params),
-                                ("q", "k_cmp", "v_cmp"), ("o_cmp", "lse_cmp")))
+                                ("q", "k_cmp", "v_cmp", "seq_start", "cmp_start"), ("o_cmp", "lse_cmp")))
         combine.append(("g_cmp", "o_cmp"))
         if s is not None and not explicit_indices:
             key = KernelKey.make(kind="selection_topn", **{**common, "v_head_dim": 0}, **cmp_params, sel_block=s.block, top_n=s.top_n,
@@ -107,11 +107,12 @@ def lower_to_plan(spec: NSASpec, arch: str = "sm90", explicit_indices: bool = Fa
                                     ("block_indices", "block_counts")))
     if s is not None:
         key = KernelKey.make(kind="selection_fwd", **common, sel_block=s.block, top_n=s.top_n)
-        calls.append(KernelCall("selection_fwd", key, ("q", "k", "v", "block_indices"), ("o_slc", "lse_slc")))
+        calls.append(KernelCall("selection_fwd", key, ("q", "k", "v", "block_indices", "seq_start"),
+                                ("o_slc", "lse_slc")))
         combine.append(("g_slc", "o_slc"))
     if spec.window is not None:
         key = KernelKey.make(kind="window_fwd", **common, window=spec.window.size)
-        calls.append(KernelCall("window_fwd", key, ("q", "k_win", "v_win"), ("o_win", "lse_win")))
+        calls.append(KernelCall("window_fwd", key, ("q", "k_win", "v_win", "seq_start"), ("o_win", "lse_win")))
         combine.append(("g_win", "o_win"))
     # One pass sums the gated branch outputs (fp32 math, one rounding).
     branches = ".".join(o.split("_")[1] for _, o in combine)

@@ -1,11 +1,12 @@
 """PyTorch ops over the compiled kernels.
 
 Per-branch ops (torch.library custom ops, each with a fake implementation for torch.compile):
-  nsa_codegen::compression_attention(q, k_cmp, v_cmp, block, stride, first_block, scale) -> (o, lse)
+  nsa_codegen::compression_attention(q, k_cmp, v_cmp, block, stride, first_block, scale,
+                                     seq_start=None, cmp_start=None) -> (o, lse)
   nsa_codegen::selection_topn(q, k_cmp, lse, block, stride, first_block, sel_block, top_n, initial,
                               local, scale) -> (block_indices int32, block_counts int32)
-  nsa_codegen::selection_attention(q, k, v, block_indices, sel_block, scale) -> (o, lse)
-  nsa_codegen::window_attention(q, k, v, window, scale) -> (o, lse)
+  nsa_codegen::selection_attention(q, k, v, block_indices, sel_block, scale, seq_start=None) -> (o, lse)
+  nsa_codegen::window_attention(q, k, v, window, scale, seq_start=None) -> (o, lse)
   nsa_codegen::gate_combine(o_cmp, g_cmp, o_slc, g_slc, o_win, g_win, kv_heads) -> o
 and `nsa_attention(...)`, the whole forward, which matches `nsa_codegen.reference.nsa_reference`.
 Every op but selection_topn (a discrete choice, not differentiated) is differentiable: its
@@ -13,6 +14,9 @@ autograd calls a backward custom op (`*_bwd`, also with a fake, in nsa_codegen.o
 runs the backward kernels. nsa_codegen.launch has what every op does around a launch.
 Layouts: q [B, T, HQ, Dk], k [B, T, H, Dk], v [B, T, H, Dv], k_cmp [B, N, H, Dk], o [B, T, HQ, Dv],
 lse [B, T, HQ] float32 (natural log), block_indices [B, T, H, n]. Scale < 0 means 1/sqrt(Dk).
+seq_start / cmp_start [B, T] int32 (nsa_codegen.packing) run a packed batch in one launch: token t
+belongs to the sequence starting at token seq_start[t], whose compressed rows start at cmp_start[t];
+None is an unpacked batch. Their backward is not there yet (NotImplementedError).
 """
 from __future__ import annotations
 
@@ -22,8 +26,9 @@ import torch
 
 from . import reference
 from .buffers import KERNEL_DTYPES, empty
+from . import packing
 from .launch import (arch_of, attend, attend_fake, check_tensor, contiguous, gate_key, gate_slots, kernel_key,
-                     launch)
+                     launch, token_map)
 from .lowering import lower_to_plan
 from .ops_backward import (backward_compression, backward_gate, backward_selection, backward_window,
                            compression_attention_bwd, gate_combine_bwd, selection_attention_bwd,
@@ -42,7 +47,8 @@ __all__ = ["compression_attention", "selection_topn", "selection_attention", "wi
 # ------------------------------------------------------------------------------------------------
 @torch.library.custom_op("nsa_codegen::compression_attention", mutates_args=())
 def compression_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, block: int, stride: int,
-                          first_block: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                          first_block: int, scale: float, seq_start: Optional[torch.Tensor] = None,
+                          cmp_start: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     check_tensor("q", q, 4)
     check_tensor("k_cmp", k_cmp, 4, like=q)
     check_tensor("v_cmp", v_cmp, 4, like=q)
@@ -52,11 +58,12 @@ def compression_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Ten
     if k_cmp.shape[1] == 0:  # T < block: no compressed block exists yet, for any query
         return (q.new_zeros(B, T, HQ, v_cmp.shape[3]),
                 torch.full((B, T, HQ), float("-inf"), device=q.device))
-    return attend(key, q, v_cmp.shape[3], q, k_cmp, v_cmp)
+    return attend(key, q, v_cmp.shape[3], q, k_cmp, v_cmp, token_map("seq_start", seq_start, q),
+                  token_map("cmp_start", cmp_start, q))
 
 
 @compression_attention.register_fake
-def _(q, k_cmp, v_cmp, block, stride, first_block, scale):
+def _(q, k_cmp, v_cmp, block, stride, first_block, scale, seq_start=None, cmp_start=None):
     return attend_fake(q, v_cmp.shape[3])
 
 
@@ -91,7 +98,8 @@ def _(q, k_cmp, lse, block, stride, first_block, sel_block, top_n, initial, loca
 
 @torch.library.custom_op("nsa_codegen::selection_attention", mutates_args=())
 def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
-                        sel_block: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                        sel_block: int, scale: float,
+                        seq_start: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     check_tensor("q", q, 4)
     check_tensor("k", k, 4, like=q)
     check_tensor("v", v, 4, like=q)
@@ -101,26 +109,26 @@ def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
         raise ValueError(f"block_indices must be [B, T, H, n] = [{B}, {T}, {k.shape[2]}, n], "
                          f"got {list(block_indices.shape)}")
     key = kernel_key("selection_fwd", q, k, v.shape[3], scale, sel_block=sel_block, top_n=block_indices.shape[3])
-    return attend(key, q, v.shape[3], q, k, v, block_indices)
+    return attend(key, q, v.shape[3], q, k, v, block_indices, token_map("seq_start", seq_start, q))
 
 
 @selection_attention.register_fake
-def _(q, k, v, block_indices, sel_block, scale):
+def _(q, k, v, block_indices, sel_block, scale, seq_start=None):
     return attend_fake(q, v.shape[3])
 
 
 @torch.library.custom_op("nsa_codegen::window_attention", mutates_args=())
-def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float,
+                     seq_start: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     check_tensor("q", q, 4)
     check_tensor("k", k, 4, like=q)
     check_tensor("v", v, 4, like=q)
     key = kernel_key("window_fwd", q, k, v.shape[3], scale, window=window)
-    return attend(key, q, v.shape[3], q, k, v)
+    return attend(key, q, v.shape[3], q, k, v, token_map("seq_start", seq_start, q))
 
 
 @window_attention.register_fake
-def _(q, k, v, window, scale):
+def _(q, k, v, window, scale, seq_start=None):
     return attend_fake(q, v.shape[3])
 
 
@@ -183,29 +191,38 @@ def nsa_attention(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
 
     q [B, T, HQ, Dk], k [B, T, H, Dk], v [B, T, H, Dv], gates [B, T, HQ] -> o [B, T, HQ, Dv].
     k_cmp / v_cmp default to mean pooling of k / v; k_win / v_win default to k / v.
-    cu_seqlens [S+1] with B == 1 packs S sequences (each runs as its own launch sequence).
+    cu_seqlens [S+1] with B == 1 packs S sequences (k_cmp / v_cmp, if given, pack each sequence's
+    compressed rows back to back). Without autograd, a pack runs one launch per kernel (the top-n
+    kernel still runs per sequence); with autograd it runs sequence by sequence, until the backward
+    kernels take packs.
     """
     if not isinstance(spec, NSASpec):
         raise TypeError(f"spec must be an NSASpec, got {type(spec).__name__}")
     _check_against_spec(q, k, v, spec)
-    if cu_seqlens is not None:
-        return reference.run_packed(q, k, v, g_cmp, g_slc, g_win, spec, k_cmp, v_cmp, k_win, v_win, block_indices,
-                                 cu_seqlens, return_indices, forward=nsa_attention)
-    T = q.shape[1]
+    B, T = q.shape[:2]
     c, s = spec.compression, spec.selection
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"with cu_seqlens, q must be packed as [1, total, HQ, D], got batch {B}")
+        packing.check_cu_seqlens_type(cu_seqlens, T)
+        tensors = (q, k, v, g_cmp, g_slc, g_win, k_cmp, v_cmp, k_win, v_win)
+        if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors):
+            return reference.run_packed(q, k, v, g_cmp, g_slc, g_win, spec, k_cmp, v_cmp, k_win, v_win,
+                                        block_indices, cu_seqlens, return_indices, forward=nsa_attention)
+        if not torch.compiler.is_compiling():
+            packing.check_cu_seqlens(cu_seqlens, T)
+        cu_seqlens = cu_seqlens.to(q.device)
+        maps = packing.packed_maps(cu_seqlens, T, c)
+    else:
+        maps = {"seq_start": None, "cmp_start": None}   # an unpacked batch: the ops pass zeros
     if s is not None and block_indices is not None:
         reference.check_block_indices(block_indices, q, spec)
     plan = lower_to_plan(spec, arch_of(q), explicit_indices=block_indices is not None)
     scale = spec.scale if spec.scale is not None else -1.0
     env = {"q": q, "k": k, "v": v, "k_win": k if k_win is None else k_win, "v_win": v if v_win is None else v_win,
-           "block_indices": None if block_indices is None else block_indices.to(torch.int32)}
+           "block_indices": None if block_indices is None else block_indices.to(torch.int32), **maps}
     if c is not None:
-        N = reference.num_compressed_blocks(T, c.block, c.stride, c.first_block)
-        env["k_cmp"] = reference.compress(k, c.block, c.stride, c.first_block) if k_cmp is None else k_cmp
-        env["v_cmp"] = reference.compress(v, c.block, c.stride, c.first_block) if v_cmp is None else v_cmp
-        if env["k_cmp"].shape[1] != N or env["v_cmp"].shape[1] != N:
-            raise ValueError(f"k_cmp / v_cmp must have N = {N} compressed rows for T = {T}, "
-                             f"got {env['k_cmp'].shape[1]} / {env['v_cmp'].shape[1]}")
+        env["k_cmp"], env["v_cmp"] = _compressed(k, v, k_cmp, v_cmp, c, cu_seqlens)
     for gate, _ in plan.combine:
         env[gate] = _gate(gate, {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}[gate], q)
     for call in plan.calls:
@@ -213,35 +230,69 @@ def nsa_attention(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
             run = _FORWARD_RUNNERS[call.kind]
         except KeyError:
             raise NotImplementedError(f"{call.key}: no op runs kernel kind {call.kind!r}") from None
-        outs = run(spec, scale, **{name: env[name] for name in call.inputs})
+        outs = run(spec, scale, cu_seqlens, **{name: env[name] for name in call.inputs})
         env.update(zip(call.outputs, outs))
     out = env["o"]
     return (out, env["block_indices"]) if return_indices else out
 
 
+def _compressed(k, v, k_cmp, v_cmp, c, cu_seqlens):
+    """(k_cmp, v_cmp): given, checked against the row count, or mean-pooled from k / v."""
+    T = k.shape[1]
+    if cu_seqlens is None:
+        N = reference.num_compressed_blocks(T, c.block, c.stride, c.first_block)
+    else:
+        # The row count of a pack is data-dependent: one host sync (torch.compile graphs break here
+        # unless k_cmp / v_cmp come given).
+        N = int(packing.compressed_offsets(cu_seqlens, c.block, c.stride, c.first_block)[-1])
+    if k_cmp is None or v_cmp is None:
+        pool = (lambda x: reference.compress(x, c.block, c.stride, c.first_block)) if cu_seqlens is None else \
+            (lambda x: packing.compress_packed(x, cu_seqlens, c.block, c.stride, c.first_block, N))
+        k_cmp = pool(k) if k_cmp is None else k_cmp
+        v_cmp = pool(v) if v_cmp is None else v_cmp
+    if k_cmp.shape[1] != N or v_cmp.shape[1] != N:
+        raise ValueError(f"k_cmp / v_cmp must have N = {N} compressed rows for T = {T}"
+                         f"{' (all sequences of the pack)' if cu_seqlens is not None else ''}, "
+                         f"got {k_cmp.shape[1]} / {v_cmp.shape[1]}")
+    return k_cmp, v_cmp
+
+
 # The plan's interpreter: per forward kind, the op that runs a call, given the spec, the scale (< 0:
-# 1/sqrt(Dk)) and the call's input tensors by their plan names; it returns the call's outputs in order.
-def _run_compression_fwd(spec, scale, q, k_cmp, v_cmp):
+# 1/sqrt(Dk)), the pack's cu_seqlens (None: a batch) and the call's input tensors by their plan
+# names; it returns the call's outputs in order.
+def _run_compression_fwd(spec, scale, cu_seqlens, q, k_cmp, v_cmp, seq_start, cmp_start):
     c = spec.compression
-    return compression_attention(q, k_cmp, v_cmp, c.block, c.stride, c.first_block, scale)
+    return compression_attention(q, k_cmp, v_cmp, c.block, c.stride, c.first_block, scale, seq_start, cmp_start)
 
 
-def _run_selection_topn(spec, scale, q, k_cmp, lse_cmp):
+def _run_selection_topn(spec, scale, cu_seqlens, q, k_cmp, lse_cmp):
     c, s = spec.compression, spec.selection
     # Top-n is not differentiated (as in the paper): its inputs are detached.
-    return selection_topn(q.detach(), k_cmp.detach(), lse_cmp.detach(), c.block, c.stride, c.first_block,
-                          s.block, s.top_n, s.initial, s.local, scale)
+    q, k_cmp, lse_cmp = q.detach(), k_cmp.detach(), lse_cmp.detach()
+
+    def topn(q, k_cmp, lse):
+        return selection_topn(q, k_cmp, lse, c.block, c.stride, c.first_block, s.block, s.top_n, s.initial,
+                              s.local, scale)
+    if cu_seqlens is None:
+        return topn(q, k_cmp, lse_cmp)
+    # The top-n kernel does not take packs yet: one launch per sequence (a host sync for the bounds).
+    bounds = cu_seqlens.tolist()
+    rows = packing.compressed_offsets(cu_seqlens, c.block, c.stride, c.first_block).tolist()
+    parts = [topn(q[:, a:b], k_cmp[:, ra:rb], lse_cmp[:, a:b])
+             for a, b, ra, rb in zip(bounds, bounds[1:], rows, rows[1:]) if b > a]
+    return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
 
 
-def _run_selection_fwd(spec, scale, q, k, v, block_indices):
-    return selection_attention(q, k, v, block_indices, spec.selection.block, scale)
+def _run_selection_fwd(spec, scale, cu_seqlens, q, k, v, block_indices, seq_start):
+    return selection_attention(q, k, v, block_indices, spec.selection.block, scale, seq_start)
 
 
-def _run_window_fwd(spec, scale, q, k_win, v_win):
-    return window_attention(q, k_win, v_win, spec.window.size, scale)
+def _run_window_fwd(spec, scale, cu_seqlens, q, k_win, v_win, seq_start):
+    return window_attention(q, k_win, v_win, spec.window.size, scale, seq_start)
 
 
-def _run_gate_combine(spec, scale, o_cmp=None, g_cmp=None, o_slc=None, g_slc=None, o_win=None, g_win=None):
+def _run_gate_combine(spec, scale, cu_seqlens, o_cmp=None, g_cmp=None, o_slc=None, g_slc=None, o_win=None,
+                      g_win=None):
     return (gate_combine(o_cmp, g_cmp, o_slc, g_slc, o_win, g_win, spec.kv_heads),)
 
 

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from .buffers import empty
-from .launch import contiguous, gate_key, gate_slots, kernel, kernel_key, launch, run_kernel
+from .launch import contiguous, gate_key, gate_slots, kernel, kernel_key, launch, run_kernel, token_map
 
 
 # ------------------------------------------------------------------------------------------------
@@ -150,7 +150,9 @@ def selection_attention_bwd(do: Optional[torch.Tensor], dlse: Optional[torch.Ten
         return _no_grads(q, k, v)
     params = dict(sel_block=sel_block, top_n=block_indices.shape[3])
     bi = contiguous(block_indices.to(torch.int32))
-    dq, delta, (q, k, v, do, lse) = _dq_and_delta("selection_bwd_dq", params, q, k, v, o, lse, do, dlse, scale, bi)
+    # (the dq kernel takes a pack's seq_start like the forward; the dk/dv kernels do not yet)
+    dq, delta, (q, k, v, do, lse) = _dq_and_delta("selection_bwd_dq", params, q, k, v, o, lse, do, dlse, scale, bi,
+                                                  token_map("seq_start", None, q))
     tok_idx, unit_block, unit_start, unit_end, block_unit_start = selection_block_units(bi, T, sel_block)
     U = unit_block.shape[0]
     part_k = empty((max(U, 1), sel_block, Dk), torch.float32, q.device)
@@ -194,40 +196,60 @@ def _(do, o_cmp, g_cmp, o_slc, g_slc, o_win, g_win, kv_heads):
     return out
 
 
+def _unpacked(ctx, op: str, *maps):
+    """The backward kernels do not take packs yet: a pack's forward (seq_start / cmp_start given)
+    cannot be differentiated (nsa_attention runs a pack that needs gradients sequence by sequence)."""
+    ctx.packed = any(m is not None for m in maps)
+    ctx.op = op
+
+
+def _check_unpacked(ctx):
+    if ctx.packed:
+        raise NotImplementedError(f"{ctx.op}: the backward of a packed launch (seq_start given) is not "
+                                  f"implemented yet; run the pack's sequences one by one (nsa_attention does "
+                                  f"when gradients are needed)")
+
+
 def setup_compression(ctx, inputs, output):
-    q, k_cmp, v_cmp, block, stride, first_block, scale = inputs
+    q, k_cmp, v_cmp, block, stride, first_block, scale, seq_start, cmp_start = inputs
+    _unpacked(ctx, "compression_attention", seq_start, cmp_start)
     ctx.save_for_backward(q, k_cmp, v_cmp, *output)
     ctx.params = (block, stride, first_block, scale)
 
 
 def backward_compression(ctx, do, dlse):
+    _check_unpacked(ctx)
     q, k_cmp, v_cmp, o, lse = ctx.saved_tensors
     dq, dk, dv = compression_attention_bwd(do, dlse, q, k_cmp, v_cmp, o, lse, *ctx.params)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 def setup_window(ctx, inputs, output):
-    q, k, v, window, scale = inputs
+    q, k, v, window, scale, seq_start = inputs
+    _unpacked(ctx, "window_attention", seq_start)
     ctx.save_for_backward(q, k, v, *output)
     ctx.params = (window, scale)
 
 
 def backward_window(ctx, do, dlse):
+    _check_unpacked(ctx)
     q, k, v, o, lse = ctx.saved_tensors
     dq, dk, dv = window_attention_bwd(do, dlse, q, k, v, o, lse, *ctx.params)
-    return dq, dk, dv, None, None
+    return dq, dk, dv, None, None, None
 
 
 def setup_selection(ctx, inputs, output):
-    q, k, v, block_indices, sel_block, scale = inputs
+    q, k, v, block_indices, sel_block, scale, seq_start = inputs
+    _unpacked(ctx, "selection_attention", seq_start)
     ctx.save_for_backward(q, k, v, block_indices, *output)
     ctx.params = (sel_block, scale)
 
 
 def backward_selection(ctx, do, dlse):
+    _check_unpacked(ctx)
     q, k, v, block_indices, o, lse = ctx.saved_tensors
     dq, dk, dv = selection_attention_bwd(do, dlse, q, k, v, o, lse, block_indices, *ctx.params)
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, None, None, None, None
 
 
 def setup_gate(ctx, inputs, output):

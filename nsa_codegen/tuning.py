@@ -145,7 +145,8 @@ def _inputs(key: KernelKey, T: int, seed: int):
         if key.kind == "compression_fwd":
             outs = [torch.full((1, T, HQ, Dv), float("nan"), device="cuda", dtype=dt),
                     torch.full((1, T, HQ), float("nan"), device="cuda")]
-            return [q, kc, vc], outs, lambda: ref.compression_attention(
+            zero = torch.zeros(1, T, dtype=torch.int32, device="cuda")   # seq_start, cmp_start: one sequence
+            return [q, kc, vc, zero, zero], outs, lambda: ref.compression_attention(
                 q.float(), kc.float(), vc.float(), p["cmp_block"], p["stride"], p["first_block"], sc)
         # The compression branch's lse, in query chunks so the fp32 probabilities never exist for all of T.
         step = max(1, (1 << 28) // max(1, HQ * N * 4))
@@ -166,9 +167,11 @@ def _inputs(key: KernelKey, T: int, seed: int):
     outs = [torch.full((1, T, HQ, Dv), float("nan"), device="cuda", dtype=dt),
             torch.full((1, T, HQ), float("nan"), device="cuda")]
     if key.kind == "window_fwd":
-        return [q, k, v], outs, lambda: ref.window_attention(q.float(), k.float(), v.float(), p["window"], sc)
+        zero = torch.zeros(1, T, dtype=torch.int32, device="cuda")
+        return [q, k, v, zero], outs, lambda: ref.window_attention(q.float(), k.float(), v.float(), p["window"], sc)
     idx = _selection_lists(key, T, seed)
-    return [q, k, v, idx], outs, lambda: ref.selection_attention(q.float(), k.float(), v.float(), idx,
+    zero = torch.zeros(1, T, dtype=torch.int32, device="cuda")
+    return [q, k, v, idx, zero], outs, lambda: ref.selection_attention(q.float(), k.float(), v.float(), idx,
                                                                  p["sel_block"], sc)
 
 

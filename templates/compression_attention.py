@@ -4,13 +4,19 @@ Layouts (contiguous, row-major):
     Q      [B, T, HQ, Dk]   dtype
     K_cmp  [B, N, H,  Dk]   dtype
     V_cmp  [B, N, H,  Dv]   dtype
+    SeqStart [B, T]         int32    (the first token of t's sequence: 0 for a batch, cu_seqlens of a pack)
+    CmpStart [B, T]         int32    (the first compressed row of t's sequence in K_cmp / V_cmp)
     O      [B, T, HQ, Dv]   dtype    (output)
     LSE    [B, T, HQ]       float32  (output, natural-log logsumexp of scale*q.k)
 
 B, T and N are dynamic; everything else is fixed by the config.
-Compressed row c is compressed block i = first_block + c covering tokens
-[i*stride, i*stride + cmp_block); it is visible to query t iff
-i*stride + cmp_block - 1 <= t.  A query that sees no row gets O = 0, LSE = -inf.
+Compressed row CmpStart[t] + c is compressed block i = first_block + c of t's sequence, covering
+its tokens [i*stride, i*stride + cmp_block); it is visible to query t iff
+i*stride + cmp_block - 1 <= t - SeqStart[t].  A query that sees no row gets O = 0, LSE = -inf.
+A packed batch (B = 1, sequences and their compressed rows back to back) runs in one launch:
+a tile may straddle sequences; it walks the rows from its first token's sequence start to its
+last token's newest visible row, and each row keeps only its own sequence's visible rows (the
+logits are replaced, so a NaN in another sequence's rows never reaches it).
 
 GQA: the G = HQ // H query heads that share a KV head are packed into the M
 dimension of the tile, head-major: tile row r <-> (token t0 + r % BT,
@@ -115,7 +121,7 @@ def check_config(cfg) -> None:
 
 
 def build(cfg: CompressionAttentionConfig):
-    """Return the (uncompiled) prim_func main(Q, K_cmp, V_cmp, O, LSE)."""
+    """Return the (uncompiled) prim_func main(Q, K_cmp, V_cmp, SeqStart, CmpStart, O, LSE)."""
     check_config(cfg)
     HQ, H = cfg.heads_q, cfg.heads_kv
     G = HQ // H
@@ -136,6 +142,8 @@ def build(cfg: CompressionAttentionConfig):
         Q: T.Tensor([B, Tn, HQ, Dk], dtype),
         K_cmp: T.Tensor([B, N, H, Dk], dtype),
         V_cmp: T.Tensor([B, N, H, Dv], dtype),
+        SeqStart: T.Tensor([B, Tn], "int32"),
+        CmpStart: T.Tensor([B, Tn], "int32"),
         O: T.Tensor([B, Tn, HQ, Dv], dtype),
         LSE: T.Tensor([B, Tn, HQ], acc),
     ):
@@ -153,7 +161,8 @@ def build(cfg: CompressionAttentionConfig):
             alpha = T.alloc_fragment([BM], acc)
             row_sum = T.alloc_fragment([BM], acc)
             l_sum = T.alloc_fragment([BM], acc)
-            nvis = T.alloc_fragment([BM], "int32")
+            c_first = T.alloc_fragment([BM], "int32")
+            c_end = T.alloc_fragment([BM], "int32")
 
             t0 = bx * BT
             # Q tile, head-major rows: row g*BT + tt <-> (token t0+tt, head by*G+g).
@@ -166,18 +175,26 @@ def build(cfg: CompressionAttentionConfig):
             T.fill(acc_o, 0)
             T.fill(l_sum, 0)
             T.fill(m_cur, -T.infinity(acc))
+            # Row i (token t) sees rows [c_first, c_end): its sequence's first compressed row,
+            # up to its newest complete one (clamped to N).
             for i in T.Parallel(BM):
-                nvis[i] = T.min(T.max(t0 + i % BT + off, 0) // d, N)
+                c_first[i] = CmpStart[bz, T.min(t0 + i % BT, Tn - 1)]
+                c_end[i] = T.min(c_first[i] + T.max(
+                    T.min(t0 + i % BT, Tn - 1) - SeqStart[bz, T.min(t0 + i % BT, Tn - 1)] + off, 0) // d, N)
 
-            # Only key tiles visible to the last (valid) token of the tile.
+            # Only the rows from the first token's sequence start to the last (valid) token's newest
+            # visible one (both rise along a pack).
             t_last = T.min(t0 + BT, Tn) - 1
-            n_keys = T.min(T.max(t_last + off, 0) // d, N)
-            for kt in T.Pipelined(T.ceildiv(n_keys, BN), num_stages=cfg.num_stages):
-                T.copy(K_cmp[bz, kt * BN:(kt + 1) * BN, by, :], K_s)
-                # mask first (additive -inf), then accumulate q.k on top of it
+            c_lo = CmpStart[bz, t0]
+            c_hi = T.min(CmpStart[bz, t_last] + T.max(t_last - SeqStart[bz, t_last] + off, 0) // d, N)
+            for kt in T.Pipelined(T.ceildiv(c_hi - c_lo, BN), num_stages=cfg.num_stages):
+                T.copy(K_cmp[bz, c_lo + kt * BN:c_lo + (kt + 1) * BN, by, :], K_s)
+                T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                # masked logits are replaced (a NaN in a row another token cannot see stays out)
                 for i, j in T.Parallel(BM, BN):
-                    acc_s[i, j] = T.if_then_else(kt * BN + j < nvis[i], 0, -T.infinity(acc))
-                T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                    acc_s[i, j] = T.if_then_else(
+                        (c_lo + kt * BN + j >= c_first[i]) & (c_lo + kt * BN + j < c_end[i]),
+                        acc_s[i, j], -T.infinity(acc))
 
                 T.copy(m_cur, m_prev)
                 T.reduce_max(acc_s, m_cur, dim=1, clear=False)
@@ -195,7 +212,7 @@ def build(cfg: CompressionAttentionConfig):
                 for i, k in T.Parallel(BM, Dv):
                     acc_o[i, k] *= alpha[i]
                 # OOB V rows are zero-filled by the bounded copy; their P is 0.
-                T.copy(V_cmp[bz, kt * BN:(kt + 1) * BN, by, :], V_s)
+                T.copy(V_cmp[bz, c_lo + kt * BN:c_lo + (kt + 1) * BN, by, :], V_s)
                 T.gemm(acc_p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 
             # empty rows: l_sum == 0 -> O = 0, LSE = -inf (no division by zero)

@@ -5,10 +5,13 @@ Layouts (contiguous, row-major), B and T dynamic:
     K            [B, T, H,  Dk]  dtype
     V            [B, T, H,  Dv]  dtype
     BlockIndices [B, T, H, top_n] int32, selection block ids j >= 0, or -1 = pad
+    SeqStart     [B, T]          int32   (the first token of t's sequence: 0 for a batch, cu_seqlens
+                                          of a pack)
     O            [B, T, HQ, Dv]  dtype   (output)
     LSE          [B, T, HQ]      float32 (output, natural-log logsumexp of scale*q.k)
-Block j covers keys [j*block, (j+1)*block); query t sees the keys s <= t of each
-selected block.  No visible key at all -> o = 0, lse = -inf.
+Block j of token t covers keys [s0 + j*block, s0 + (j+1)*block), s0 = SeqStart[t] (block ids count
+from the token's own sequence start, so a packed batch runs in one launch); query t sees the keys
+s <= t of each selected block.  No visible key at all -> o = 0, lse = -inf.
 
 Two schedules, picked by the `tile_tokens` knob:
 
@@ -206,6 +209,7 @@ def _build_per_token(cfg):
         K: T.Tensor([B, S, H, Dk], dtype),
         V: T.Tensor([B, S, H, Dv], dtype),
         BlockIndices: T.Tensor([B, S, H, NSEL], "int32"),
+        SeqStart: T.Tensor([B, S], "int32"),
         O: T.Tensor([B, S, HQ, Dv], dtype),
         LSE: T.Tensor([B, S, HQ], acc),
     ):
@@ -247,19 +251,20 @@ def _build_per_token(cfg):
             # holding t (always valid, L2-hot) and is fully masked, so it adds
             # nothing.  This keeps the loop free of data-dependent control flow
             # (TileLang's pipeliner needs a uniform body).
+            s0 = SeqStart[b, t]
             for it in T.Pipelined(NSEL, num_stages=cfg.num_stages):
                 j = BlockIndices[b, t, h, it]
-                ok = (j >= 0) and (j * BS <= t)
-                jl = T.if_then_else(ok, j, t // BS)
-                T.copy(K[b, jl * BS:(jl + 1) * BS, h, :], K_s, annotations=copy_ann)
+                ok = (j >= 0) and (j * BS <= t - s0)
+                r0 = s0 + T.if_then_else(ok, j, (t - s0) // BS) * BS   # the block's first key
+                T.copy(K[b, r0:r0 + BS, h, :], K_s, annotations=copy_ann)
                 # Causal mask only bites in the block holding t; folding it into
                 # the accumulator init costs nothing extra.
                 for i, c in T.Parallel(M, BS):
-                    acc_s[i, c] = T.if_then_else(ok and (jl * BS + c <= t), 0, ninf)
+                    acc_s[i, c] = T.if_then_else(ok and (r0 + c <= t), 0, ninf)
                 T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
 
                 online_softmax(acc_s, m, m_prev, alpha, ms, rsum, l, p, acc_o)
-                T.copy(V[b, jl * BS:(jl + 1) * BS, h, :], V_s, annotations=copy_ann)
+                T.copy(V[b, r0:r0 + BS, h, :], V_s, annotations=copy_ann)
                 T.gemm(p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 
             # No usable slot leaves l == 0: write o = 0, lse = -inf.
@@ -305,6 +310,7 @@ def _build_token_tile(cfg):
         K: T.Tensor([B, S, H, Dk], dtype),
         V: T.Tensor([B, S, H, Dv], dtype),
         BlockIndices: T.Tensor([B, S, H, NSEL], "int32"),
+        SeqStart: T.Tensor([B, S], "int32"),
         O: T.Tensor([B, S, HQ, Dv], dtype),
         LSE: T.Tensor([B, S, HQ], acc),
     ):
@@ -341,25 +347,25 @@ def _build_token_tile(cfg):
                 Q_s[i, d] = T.if_then_else(t0 + i // G < S, Q[b, T.min(t0 + i // G, S - 1), h * G + i % G, d],
                                            T.cast(0, dtype))
 
-            build_union(BlockIndices, b, h, t0, S, tx, Ent_s, First_s, Blk_s, Bias_s, Num_s, Blk_r)
+            build_union(BlockIndices, SeqStart, b, h, t0, S, tx, Ent_s, First_s, Blk_s, Bias_s, Num_s, Blk_r)
             nu = T.max(Num_s[0], 1)
 
             T.fill(acc_o, 0)
             T.fill(l, 0)
             T.fill(m, ninf)
             for it in T.Pipelined(nu, num_stages=cfg.num_stages):
-                T.copy(K[b, Blk_r[it] * BS:(Blk_r[it] + 1) * BS, h, :], K_s)
+                T.copy(K[b, Blk_r[it]:Blk_r[it] + BS, h, :], K_s)
                 T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
                 # The bias, and the causal mask that bites only in the block holding a token. Masked
                 # logits are replaced (not added to), so a NaN/Inf key in a block only the tile's other
                 # tokens chose, or after the token, never reaches its row.
                 for i, cc in T.Parallel(M, BS):
                     acc_s[i, cc] = T.if_then_else(
-                        (Blk_s[it] * BS + cc <= t0 + i // G) & (Bias_s[it, i // G] > ninf),
+                        (Blk_s[it] + cc <= t0 + i // G) & (Bias_s[it, i // G] > ninf),
                         acc_s[i, cc] + Bias_s[it, i // G], ninf)
 
                 online_softmax(acc_s, m, m_prev, alpha, ms, rsum, l, p, acc_o)
-                T.copy(V[b, Blk_r[it] * BS:(Blk_r[it] + 1) * BS, h, :], V_s)
+                T.copy(V[b, Blk_r[it]:Blk_r[it] + BS, h, :], V_s)
                 T.gemm(p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 
             for i, d in T.Parallel(M, Dv):

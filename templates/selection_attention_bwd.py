@@ -10,6 +10,7 @@ No atomics: every output element is written by exactly one program, sums run in 
 Layouts (contiguous, row-major); B, T (and P, U, NBU below) dynamic, NB = ceil(T / block):
   part "dq"     (Q [B,T,HQ,Dk], K [B,T,H,Dk], V [B,T,H,Dv], O [B,T,HQ,Dv], dO [B,T,HQ,Dv],
                  LSE [B,T,HQ] f32, DLSE [B,T,HQ] f32, BlockIndices [B,T,H,top_n] int32,
+                 SeqStart [B,T] int32 (block ids count from it, as in the forward),
                  dQ [B,T,HQ,Dk] dtype (out), Delta [B,T,HQ] f32 (out))
       Group-centric like the forward: one program per (token t, kv head h, batch b); the G
       query heads are the M rows (padded to 16).  Delta is computed first (fp32, from the
@@ -20,8 +21,9 @@ Layouts (contiguous, row-major); B, T (and P, U, NBU below) dynamic, NB = ceil(T
       tokens, kv head h, batch b), M = BT * G rows (64 or 128: WGMMA on sm90); the union of
       the tile's block lists forms in shared memory (templates/_token_tile.py) and each union
       block is loaded once (TMA) for all BT tokens; rows whose token did not choose a block get
-      dS = 0 there (the logit is replaced, so a NaN key only other tokens chose never enters
-      it), a block listed c > 1 times weighs c-fold as in the reference.
+      dS = 0 there (the logit is replaced, and dQ += dS K reads K with non-finite values zeroed,
+      so a NaN key only other tokens chose never enters it), a block listed c > 1 times weighs
+      c-fold as in the reference.
   part "dkdv"   (Q, K, V, dO, LSE, Delta, TokIdx [P] int32, UnitBlock [U] int32,
                  UnitStart [U] int32, UnitEnd [U] int32,
                  PartK [U, block, Dk] f32 (out), PartV [U, block, Dv] f32 (out))
@@ -142,7 +144,8 @@ def _dq_smem(cfg):
     do = m * cfg.head_dim_v * e
     ds = 0 if _dq_ds_in_regs(cfg) else m * cfg.block * e
     kv = _stages(cfg) * cfg.block * (cfg.head_dim_qk + cfg.head_dim_v) * e
-    return q + do + ds + kv + union + 8 * m + 1024
+    kf = 0 if bt == 1 else cfg.block * cfg.head_dim_qk * e   # the token tile's finite-K copy
+    return q + do + ds + kv + kf + union + 8 * m + 1024
 
 
 # ---------------------------------------------------------------- dkdv
@@ -304,6 +307,7 @@ def _build_dq(cfg):
         LSE: T.Tensor([B, S, HQ], acc),
         DLSE: T.Tensor([B, S, HQ], acc),
         BlockIndices: T.Tensor([B, S, H, NSEL], "int32"),
+        SeqStart: T.Tensor([B, S], "int32"),
         dQ: T.Tensor([B, S, HQ, Dk], dtype),
         Delta: T.Tensor([B, S, HQ], acc),
     ):
@@ -348,20 +352,21 @@ def _build_dq(cfg):
                     Delta[b, t, h * G + i] = delta_s[i]
             T.fill(acc_dq, 0)
 
+            s0 = SeqStart[b, t]
             for it in T.Pipelined(NSEL, num_stages=_stages(cfg)):
                 j = BlockIndices[b, t, h, it]
-                ok = (j >= 0) and (j * BS <= t)
+                ok = (j >= 0) and (j * BS <= t - s0)
                 # Unusable slot: load the (valid, L2-hot) block holding t, mask it all.
-                jl = T.if_then_else(ok, j, t // BS)
-                T.copy(K[b, jl * BS:(jl + 1) * BS, h, :], K_s, annotations=copy_ann)
-                T.copy(V[b, jl * BS:(jl + 1) * BS, h, :], V_s, annotations=copy_ann)
+                r0 = s0 + T.if_then_else(ok, j, (t - s0) // BS) * BS   # the block's first key
+                T.copy(K[b, r0:r0 + BS, h, :], K_s, annotations=copy_ann)
+                T.copy(V[b, r0:r0 + BS, h, :], V_s, annotations=copy_ann)
                 T.clear(acc_s)
                 T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                 T.clear(acc_dp)
                 T.gemm(dO_s, V_s, acc_dp, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                 for i, c in T.Parallel(M, BS):
                     ds[i, c] = T.if_then_else(
-                        ok and (jl * BS + c <= t),
+                        ok and (r0 + c <= t),
                         T.__exp(acc_s[i, c] * sc - lse_s[i]) * (acc_dp[i, c] - delta_s[i]),
                         0)
                 T.gemm(ds, K_s, acc_dq, policy=T.GemmWarpPolicy.FullRow)
@@ -404,6 +409,7 @@ def _build_dq_tile(cfg):
         LSE: T.Tensor([B, S, HQ], acc),
         DLSE: T.Tensor([B, S, HQ], acc),
         BlockIndices: T.Tensor([B, S, H, NSEL], "int32"),
+        SeqStart: T.Tensor([B, S], "int32"),
         dQ: T.Tensor([B, S, HQ, Dk], dtype),
         Delta: T.Tensor([B, S, HQ], acc),
     ):
@@ -412,6 +418,7 @@ def _build_dq_tile(cfg):
             dO_s = T.alloc_shared([M, Dv], dtype)
             K_s = T.alloc_shared([BS, Dk], dtype)
             V_s = T.alloc_shared([BS, Dv], dtype)
+            Kf_s = T.alloc_shared([BS, Dk], dtype)
             lse_s = T.alloc_shared([M], acc)
             delta_s = T.alloc_shared([M], acc)
             Ent_s = T.alloc_shared([E], "int32")
@@ -455,7 +462,7 @@ def _build_dq_tile(cfg):
                     (t0 + i // G < S) and LSE[b, T.min(t0 + i // G, S - 1), h * G + i % G] != ninf,
                     LSE[b, T.min(t0 + i // G, S - 1), h * G + i % G], pinf)
 
-            build_union(BlockIndices, b, h, t0, S, tx, Ent_s, First_s, Blk_s, Bias_s, Num_s, Blk_r)
+            build_union(BlockIndices, SeqStart, b, h, t0, S, tx, Ent_s, First_s, Blk_s, Bias_s, Num_s, Blk_r)
             nu = T.max(Num_s[0], 1)
             for i in T.Parallel(M):
                 if t0 + i // G < S:
@@ -463,8 +470,8 @@ def _build_dq_tile(cfg):
             T.fill(acc_dq, 0)
 
             for it in T.Pipelined(nu, num_stages=_stages(cfg)):
-                T.copy(K[b, Blk_r[it] * BS:(Blk_r[it] + 1) * BS, h, :], K_s)
-                T.copy(V[b, Blk_r[it] * BS:(Blk_r[it] + 1) * BS, h, :], V_s)
+                T.copy(K[b, Blk_r[it]:Blk_r[it] + BS, h, :], K_s)
+                T.copy(V[b, Blk_r[it]:Blk_r[it] + BS, h, :], V_s)
                 T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
                 T.gemm(dO_s, V_s, acc_dp, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
                 # dS = P (dP - Delta) where the row's token chose the block and sees the key, else
@@ -472,10 +479,15 @@ def _build_dq_tile(cfg):
                 # weighs a block listed c times c-fold.
                 for i, cc in T.Parallel(M, BS):
                     ds[i, cc] = T.if_then_else(
-                        (Blk_s[it] * BS + cc <= t0 + i // G) & (Bias_s[it, i // G] > ninf),
+                        (Blk_s[it] + cc <= t0 + i // G) & (Bias_s[it, i // G] > ninf),
                         T.__exp((acc_s[i, cc] + Bias_s[it, i // G]) * sc - lse_s[i]) * (acc_dp[i, cc] - delta_s[i]),
                         0)
-                T.gemm(ds, K_s, acc_dq, policy=T.GemmWarpPolicy.FullRow)
+                # dQ += dS K over K with its non-finite values zeroed: a NaN/Inf key in a block only
+                # other tokens chose would otherwise reach a row through 0 * NaN in the MMA. A row
+                # that did choose it already has dS = NaN from S, as in the reference.
+                for r, d in T.Parallel(BS, Dk):
+                    Kf_s[r, d] = T.if_then_else(T.isfinite(T.cast(K_s[r, d], acc)), K_s[r, d], T.cast(0, dtype))
+                T.gemm(ds, Kf_s, acc_dq, policy=T.GemmWarpPolicy.FullRow)
 
             for i, d in T.Parallel(M, Dk):
                 if t0 + i // G < S:

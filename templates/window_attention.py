@@ -4,10 +4,12 @@ Layouts (contiguous, row-major), B and T dynamic:
     Q   [B, T, HQ, Dk]   dtype
     K   [B, T, H,  Dk]   dtype
     V   [B, T, H,  Dv]   dtype
+    SeqStart [B, T]      int32   (the first token of t's sequence: 0 for a batch, cu_seqlens of a pack)
     O   [B, T, HQ, Dv]   dtype   (output)
     LSE [B, T, HQ]       float32 (output, natural log of sum_s exp(scale * q.k_s))
-Query t attends keys s with t - window < s <= t.  GQA: query head hq reads kv
-head hq // G, G = HQ // H.
+Query t attends keys s with max(t - window, SeqStart[t] - 1) < s <= t.  GQA: query head hq reads kv
+head hq // G, G = HQ // H.  A packed batch (B = 1, sequences back to back) runs in one launch:
+a tile may straddle sequences, and each row masks the keys before its own sequence's start.
 
 Schedule: FlashAttention-2 style.  One program = block_M consecutive query
 tokens of one query head; it walks only the block_N key tiles that intersect the
@@ -93,7 +95,7 @@ def pass_configs(cfg) -> dict:
 
 
 def build(cfg):
-    """Return the (uncompiled) T.prim_func (Q, K, V, O, LSE) for cfg."""
+    """Return the (uncompiled) T.prim_func (Q, K, V, SeqStart, O, LSE) for cfg."""
     check_config(cfg)
     HQ, H = cfg.heads_q, cfg.heads_kv
     G = HQ // H
@@ -111,6 +113,7 @@ def build(cfg):
         Q: T.Tensor([B, S, HQ, Dk], dtype),
         K: T.Tensor([B, S, H, Dk], dtype),
         V: T.Tensor([B, S, H, Dv], dtype),
+        SeqStart: T.Tensor([B, S], "int32"),
         O: T.Tensor([B, S, HQ, Dv], dtype),
         LSE: T.Tensor([B, S, HQ], acc),
     ):
@@ -128,12 +131,17 @@ def build(cfg):
             ms = T.alloc_fragment([bm], acc)
             rsum = T.alloc_fragment([bm], acc)
             l = T.alloc_fragment([bm], acc)
+            lo = T.alloc_fragment([bm], "int32")
 
             h = hq // G
             t0 = mt * bm
-            # Key tiles intersecting the band of this query tile.  Rows past T
-            # (tail tile) are computed on zero-filled Q but never stored.
-            k_lo = T.max(t0 - W + 1, 0) // bn
+            # Row i sees keys lo[i] <= s <= t0 + i: its window, cut at its sequence's start.
+            for i in T.Parallel(bm):
+                lo[i] = T.max(t0 + i - W + 1, SeqStart[b, T.min(t0 + i, S - 1)])
+            # Key tiles intersecting the band of this query tile (SeqStart rises along a pack, so the
+            # first row's bound is the tile's).  Rows past T (tail tile) are computed on zero-filled
+            # Q but never stored.
+            k_lo = T.max(t0 - W + 1, SeqStart[b, t0]) // bn
             k_hi = T.ceildiv(T.min(t0 + bm, S), bn)
 
             # (The TMA load of Q is awaited in the first loop step; the loop
@@ -146,12 +154,13 @@ def build(cfg):
             for kk in T.Pipelined(k_hi - k_lo, num_stages=cfg.num_stages):
                 kt = k_lo + kk
                 T.copy(K[b, kt * bn:(kt + 1) * bn, h, :], K_s)
-                # Pre-load the band mask into the accumulator; the GEMM adds
-                # q.k on top, so masked entries stay -inf with no extra pass.
+                T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                # The band mask replaces the logits outside it (rather than adding -inf before the
+                # GEMM): a NaN/Inf key a row cannot see, later in its sequence or in another
+                # sequence of a pack, never reaches the row.
                 for i, j in T.Parallel(bm, bn):
                     acc_s[i, j] = T.if_then_else(
-                        (kt * bn + j <= t0 + i) and (kt * bn + j > t0 + i - W), 0, ninf)
-                T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                        (kt * bn + j <= t0 + i) and (kt * bn + j >= lo[i]), acc_s[i, j], ninf)
 
                 T.copy(m, m_prev)
                 T.reduce_max(acc_s, m, dim=1, clear=True)

@@ -8,7 +8,8 @@ def test_paper_plan_order_and_tensors():
     plan = lower_to_plan(NSASpec(), "sm90")
     assert [c.kind for c in plan.calls] == ["compression_fwd", "selection_topn", "selection_fwd", "window_fwd",
                                             "gate_combine"]
-    produced = {"q", "k", "v", "k_cmp", "v_cmp", "k_win", "v_win", "g_cmp", "g_slc", "g_win"}
+    produced = {"q", "k", "v", "k_cmp", "v_cmp", "k_win", "v_win", "g_cmp", "g_slc", "g_win",
+                "seq_start", "cmp_start"}   # (a pack's token maps; None for a batch)
     for call in plan.calls:  # every input exists before the call that reads it
         assert set(call.inputs) <= produced, call
         produced |= set(call.outputs)

@@ -195,7 +195,7 @@ def test_selection_attention_schedules(name, spec, B, T, kind, tile_tokens, thre
     for _ in range(2):
         o = torch.full((B, T, spec.heads, spec.v_head_dim), float("nan"), device="cuda", dtype=q.dtype)
         lse = torch.full((B, T, spec.heads), float("nan"), device="cuda")
-        kernel(q, k, v, idx, o, lse)
+        kernel(q, k, v, idx, torch.zeros(B, T, dtype=torch.int32, device="cuda"), o, lse)
         outs.append((o, lse))
     o, lse = outs[0]
     assert torch.equal(o, outs[1][0]) and torch.equal(lse, outs[1][1]), f"{key}: output changed between runs"
@@ -225,7 +225,7 @@ def test_selection_token_tile_masks_what_a_token_did_not_choose():
     key = problem.with_schedule({**default_schedule(problem), "tile_tokens": 0})
     o = torch.full((1, T, spec.heads, spec.v_head_dim), float("nan"), device="cuda", dtype=q.dtype)
     lse = torch.full((1, T, spec.heads), float("nan"), device="cuda")
-    load_scheduled(key)(q, poisoned, v, idx, o, lse)
+    load_scheduled(key)(q, poisoned, v, idx, torch.zeros(1, T, dtype=torch.int32, device="cuda"), o, lse)
     even = (t % 2 == 0) & ((t // s.block) != 3)
     assert not torch.isnan(o[:, even]).any() and not torch.isnan(lse[:, even]).any(), \
         f"{key}: a NaN in a block only the tile's other tokens chose reached a token"
@@ -257,16 +257,108 @@ def test_nsa_attention_matches_reference(name, spec, B, T):
     assert_close_to_reference(name, out, hi, lo)
 
 
-def test_cu_seqlens_equals_separate_sequences():
+def test_cu_seqlens_with_autograd_equals_separate_sequences():
+    """A pack that needs gradients runs sequence by sequence: bit-identical to separate calls."""
     from nsa_codegen import nsa_attention
     name, spec, _, _ = MATRIX[3]
     lens = [300, 1, 517, 64]
     q, k, v, gates = make_inputs(spec, 1, sum(lens), seed=6)
     cu = torch.tensor([0, 300, 301, 818, 882], device="cuda", dtype=torch.int32)
-    out = nsa_attention(q, k, v, *gates, spec, cu_seqlens=cu)
+    out = nsa_attention(q.requires_grad_(), k, v, *gates, spec, cu_seqlens=cu)
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         one = nsa_attention(q[:, a:b], k[:, a:b], v[:, a:b], *[g[:, a:b] for g in gates], spec)
         torch.testing.assert_close(out[:, a:b], one, rtol=0, atol=0)
+
+
+# Packs: lengths 1, below every block, not multiples of any block, and a few long ones.
+PACKS = {"paper_bf16": [1, 17, 31, 2000, 5, 700, 64, 1281],
+         "g1_small": [3, 400, 16, 1, 250, 90],
+         "g8_d64": [129, 1, 63, 300, 7, 256],
+         "g32": [1000, 2, 33, 900]}
+PACK_SPECS = [m for m in MATRIX if m[0] in PACKS]
+
+
+def _pack(spec, lengths, seed):
+    q, k, v, gates = make_inputs(spec, 1, sum(lengths), seed=seed)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    return q, k, v, gates, cu
+
+
+@pytest.mark.parametrize("name,spec,B,T", PACK_SPECS, ids=[m[0] for m in PACK_SPECS])
+def test_pack_in_one_launch_matches_the_reference(name, spec, B, T):
+    """Without autograd a pack runs one launch per kernel (seq_start / cmp_start): every sequence's
+    rows match the reference run on that sequence alone (on the kernels' own selection), and the
+    block lists equal those of the sequence run alone (top-n still runs per sequence)."""
+    from nsa_codegen import nsa_attention
+    lengths = PACKS[name]
+    q, k, v, gates, cu = _pack(spec, lengths, seed=40)
+    with torch.no_grad():
+        out, idx = nsa_attention(q, k, v, *gates, spec, cu_seqlens=cu, return_indices=True)
+    hi = ref.nsa_reference(*f32(q, k, v), *f32(*gates), spec, block_indices=idx, cu_seqlens=cu)
+    lo = ref.nsa_reference(q, k, v, *gates, spec, block_indices=idx, cu_seqlens=cu)
+    assert_close_to_reference(f"{name}/pack", out, hi, lo)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        assert_close_to_reference(f"{name}/pack[{a}:{b}]", out[:, a:b], hi[:, a:b], lo[:, a:b]) if b - a > 16 \
+            else torch.testing.assert_close(out[:, a:b].float(), hi[:, a:b].float(), rtol=2e-2, atol=2e-2)
+        _, one = nsa_attention(q[:, a:b], k[:, a:b], v[:, a:b], *[g[:, a:b] for g in gates], spec,
+                               return_indices=True)
+        assert torch.equal(idx[:, a:b], one), f"{name}: the pack's block lists of [{a}, {b}) differ"
+
+
+@pytest.mark.parametrize("name,spec,B,T", PACK_SPECS, ids=[m[0] for m in PACK_SPECS])
+def test_pack_branch_ops_match_each_sequence(name, spec, B, T):
+    """Each branch op with the pack's token maps against the reference per sequence; the selection
+    (per token: the same blocks in the same order) is bit-identical to the sequence run alone."""
+    from nsa_codegen import ops, packing
+    lengths = PACKS[name]
+    q, k, v, _, cu = _pack(spec, lengths, seed=41)
+    c, s = spec.compression, spec.selection
+    maps = packing.packed_maps(cu, q.shape[1], c)
+    bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    kc = torch.cat([ref.compress(k[:, a:b], c.block, c.stride, c.first_block) for a, b in bounds], 1)
+    vc = torch.cat([ref.compress(v[:, a:b], c.block, c.stride, c.first_block) for a, b in bounds], 1)
+    idx = torch.cat([selection_lists("drift", spec, 1, b - a, seed=42 + a) for a, b in bounds], 1)
+    rows = packing.compressed_offsets(cu, c.block, c.stride, c.first_block).tolist()
+    got = {"cmp": ops.compression_attention(q, kc, vc, c.block, c.stride, c.first_block, -1.0, **maps),
+           "slc": ops.selection_attention(q, k, v, idx, s.block, -1.0, maps["seq_start"])}
+    if spec.window:
+        got["win"] = ops.window_attention(q, k, v, spec.window.size, -1.0, maps["seq_start"])
+    for (a, b), ra, rb in zip(bounds, rows, rows[1:]):
+        one = (q[:, a:b], k[:, a:b], v[:, a:b])
+        want = {"cmp": lambda x, y, z, kk=kc[:, ra:rb], vv=vc[:, ra:rb]: ref.compression_attention(
+                    x, kk.to(x.dtype), vv.to(x.dtype), c.block, c.stride, c.first_block, spec.softmax_scale),
+                "slc": lambda x, y, z: ref.selection_attention(x, y, z, idx[:, a:b], s.block, spec.softmax_scale),
+                "win": lambda x, y, z: ref.window_attention(x, y, z, spec.window.size, spec.softmax_scale)}
+        for br, (o, lse) in got.items():
+            o_hi, lse_hi = want[br](*f32(*one))
+            o_lo, _ = want[br](*one)
+            if b - a > 16 and o_hi.norm() > 0:
+                assert_close_to_reference(f"{name}/{br}[{a}:{b}]", o[:, a:b], o_hi, o_lo)
+            else:
+                torch.testing.assert_close(o[:, a:b].float(), o_hi, rtol=2e-2, atol=2e-2)
+            assert_lse_close(f"{name}/{br}[{a}:{b}]", lse[:, a:b], lse_hi)
+        alone, _ = ops.selection_attention(*one, idx[:, a:b], s.block, -1.0)
+        assert torch.equal(got["slc"][0][:, a:b], alone), f"{name}: packed selection differs from [{a}, {b}) alone"
+
+
+def test_pack_keeps_a_nan_in_its_sequence():
+    """A NaN query / key in one sequence of a pack never reaches another sequence's output.
+    (A NaN *value* row still can, through P = 0 times NaN in the tensor cores, in a tile that
+    straddles the boundary, as it can reach a causally masked row; issue 18 notes it.)"""
+    from nsa_codegen import nsa_attention
+    name, spec, B, T = MATRIX[0]
+    lengths = [300, 77, 1000, 5]
+    q, k, v, gates, cu = _pack(spec, lengths, seed=43)
+    a, b = 300, 377
+    q, k = q.clone(), k.clone()
+    q[:, a + 10] = float("nan")
+    k[:, a:b] = float("nan")
+    with torch.no_grad():
+        out = nsa_attention(q, k, v, *gates, spec, cu_seqlens=cu)
+    assert torch.isnan(out[:, a:b]).any(), "the poisoned sequence should see its NaN"
+    others = torch.ones(out.shape[1], dtype=torch.bool, device="cuda")
+    others[a:b] = False
+    assert not torch.isnan(out[:, others]).any(), "a NaN reached another sequence of the pack"
 
 
 def test_bad_inputs_raise_clear_errors():

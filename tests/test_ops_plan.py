@@ -59,3 +59,36 @@ def test_ops_launch_the_planned_keys(name, launched):
     assert forward == [c.key for c in plan.calls]
     assert sorted(map(str, launched[len(forward):])) == sorted(str(c.key) for c in plan.backward)
     assert q.grad is not None and k.grad is not None and v.grad is not None
+
+
+def test_a_pack_runs_one_launch_per_kernel(launched, monkeypatch):
+    """Without autograd a pack runs each planned kernel once (top-n: once per sequence, until its
+    kernel takes packs), passing the pack's token maps; with autograd it runs sequence by sequence."""
+    spec = NSASpec(compression=dict(block=32, stride=16, pool="mean"), dtype="float16")
+    seen = {}
+    real = launch.token_map
+    monkeypatch.setattr(ops, "token_map", lambda name, m, q: seen.setdefault(name, real(name, m, q)))
+    lengths = [5, 300, 1, 64, 130]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    T = int(cu[-1])
+    dt = torch.float16
+    q = torch.randn(1, T, spec.heads, spec.head_dim, dtype=dt)
+    k = torch.randn(1, T, spec.kv_heads, spec.head_dim, dtype=dt)
+    v = torch.randn(1, T, spec.kv_heads, spec.v_head_dim, dtype=dt)
+    gates = [torch.rand(1, T, spec.heads, dtype=dt) for _ in range(3)]
+    with torch.no_grad():
+        ops.nsa_attention(q, k, v, *gates, spec, cu_seqlens=cu)
+    plan = lower_to_plan(spec, "sm90")
+    topn = [c.key for c in plan.calls if c.kind == "selection_topn"]
+    with_rows = sum(1 for n in lengths if n >= spec.compression.block)   # top-n runs where rows exist
+    assert sorted(map(str, launched)) == sorted(
+        [str(c.key) for c in plan.calls if c.kind != "selection_topn"] + [str(topn[0])] * with_rows)
+    starts = torch.repeat_interleave(cu[:-1], torch.tensor(lengths))
+    assert torch.equal(seen["seq_start"][0], starts.to(torch.int32))
+    rows = [max(0, (n - 32) // 16 + 1) if n >= 32 else 0 for n in lengths]
+    cmp_cu = torch.tensor([0, *torch.tensor(rows).cumsum(0).tolist()])
+    assert torch.equal(seen["cmp_start"][0], torch.repeat_interleave(cmp_cu[:-1], torch.tensor(lengths)).to(torch.int32))
+    launched.clear()
+    leaf = q.clone().requires_grad_()
+    ops.nsa_attention(leaf, k, v, *gates, spec, cu_seqlens=cu)
+    assert launched.count(plan.calls[-1].key) == len(lengths)   # per sequence: one gate launch each

@@ -1,0 +1,79 @@
+"""Packed batches: the per-token maps with which one kernel launch covers every sequence of a pack.
+
+A pack is q [1, total, HQ, D] with cu_seqlens [S+1] (0 = cu[0] <= cu[1] <= ... <= cu[S] = total):
+sequence i is tokens [cu[i], cu[i+1]). Its compressed K/V pack each sequence's rows back to back
+(reference.run_packed's layout): sequence i has num_compressed_blocks(len_i) rows from cmp_cu[i].
+The kernels that take a pack read, per token t:
+    seq_start [1, total] int32   cu[i], the first token of t's sequence
+    cmp_start [1, total] int32   cmp_cu[i], the first compressed row of t's sequence
+An unpacked batch [B, T] is the same with 0 everywhere (the ops' default, launch.token_map).
+
+Everything here is device tensor arithmetic: no host sync (torch.compile and CUDA graphs can
+capture it). `check_cu_seqlens` validates the values, which needs one sync; nsa_attention calls
+it outside torch.compile only.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def check_cu_seqlens_type(cu_seqlens, total: int) -> None:
+    """cu_seqlens must be a 1-D int32/int64 tensor [S+1] on q's device (no sync)."""
+    if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2
+            or cu_seqlens.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"cu_seqlens must be a 1-D int32 / int64 tensor [S + 1] (offsets of S sequences), got "
+                         f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)} "
+                         f"{list(getattr(cu_seqlens, 'shape', []))}")
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
+    """cu_seqlens rises from 0 to total (one host sync)."""
+    check_cu_seqlens_type(cu_seqlens, total)
+    cu = cu_seqlens.long()
+    ok = (cu[0] == 0) & (cu[-1] == total) & (cu[1:] >= cu[:-1]).all()
+    if not bool(ok):
+        raise ValueError(f"cu_seqlens must rise from 0 to total tokens {total}, got {cu_seqlens.tolist()}")
+
+
+def sequence_of_token(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[total] int64: the sequence each token belongs to (empty sequences own no token)."""
+    t = torch.arange(total, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens.long()[1:], t, right=True)
+
+
+def compressed_offsets(cu_seqlens: torch.Tensor, block: int, stride: int, first_block: int) -> torch.Tensor:
+    """[S+1] int64: where each sequence's compressed rows start in the packed k_cmp (the last entry is
+    the total row count). A sequence of length L has max(0, (L - block) // stride + 1 - first_block)
+    rows when L >= block, else none (reference.num_compressed_blocks)."""
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    rows = torch.where(lengths >= block, ((lengths - block) // stride + 1 - first_block).clamp_min(0),
+                       torch.zeros_like(lengths))
+    return torch.cat([rows.new_zeros(1), rows.cumsum(0)])
+
+
+def packed_maps(cu_seqlens: torch.Tensor, total: int, compression=None) -> dict[str, torch.Tensor]:
+    """{"seq_start": [1, total] int32, "cmp_start": [1, total] int32 (zeros without compression)}."""
+    seq = sequence_of_token(cu_seqlens, total)
+    cu = cu_seqlens.long()
+    maps = {"seq_start": cu[seq].to(torch.int32)[None]}
+    if compression is not None:
+        cmp_cu = compressed_offsets(cu_seqlens, compression.block, compression.stride, compression.first_block)
+        maps["cmp_start"] = cmp_cu[seq].to(torch.int32)[None]
+    else:
+        maps["cmp_start"] = torch.zeros_like(maps["seq_start"])
+    return {k: v.contiguous() for k, v in maps.items()}
+
+
+def compress_packed(x: torch.Tensor, cu_seqlens: torch.Tensor, block: int, stride: int, first_block: int,
+                    rows: int) -> torch.Tensor:
+    """Mean pooling of each packed sequence: x [1, total, H, D] -> [1, rows, H, D], sequence i's rows
+    at compressed_offsets(...)[i] (rows: that total, from the caller). Row r of sequence i pools its
+    tokens [(f + c) * d, (f + c) * d + l), c = r - offset_i. No host sync given rows."""
+    cmp_cu = compressed_offsets(cu_seqlens, block, stride, first_block)
+    r = torch.arange(rows, device=x.device)
+    seq = torch.searchsorted(cmp_cu[1:], r, right=True)
+    first_token = cu_seqlens.long()[seq] + (first_block + r - cmp_cu[seq]) * stride       # [rows]
+    idx = first_token[:, None] + torch.arange(block, device=x.device)[None]                # [rows, l]
+    pooled = x[0].index_select(0, idx.reshape(-1)).reshape(rows, block, *x.shape[2:])
+    return pooled.mean(1)[None]

@@ -1,0 +1,49 @@
+"""CPU: the pack's token maps and packed pooling against the per-sequence definitions."""
+import pytest
+import torch
+
+from nsa_codegen import packing, reference as ref
+
+
+def _cu(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+LENGTHS = [[7], [1, 1, 1], [33, 0, 64, 5, 200], [0, 48, 0]]
+
+
+@pytest.mark.parametrize("lengths", LENGTHS, ids=str)
+@pytest.mark.parametrize("block,stride,first", [(32, 16, 0), (32, 16, 1), (16, 16, 0), (64, 32, 2)])
+def test_maps_match_each_sequence(lengths, block, stride, first):
+    cu = _cu(lengths)
+    T = int(cu[-1])
+    rows = [ref.num_compressed_blocks(n, block, stride, first) for n in lengths]
+    cmp_cu = packing.compressed_offsets(cu, block, stride, first)
+    assert cmp_cu.tolist() == [0, *torch.tensor(rows).cumsum(0).tolist()]
+    c = type("C", (), dict(block=block, stride=stride, first_block=first))
+    maps = packing.packed_maps(cu, T, c)
+    t = 0
+    for i, n in enumerate(lengths):
+        assert maps["seq_start"][0, t:t + n].tolist() == [int(cu[i])] * n
+        assert maps["cmp_start"][0, t:t + n].tolist() == [int(cmp_cu[i])] * n
+        t += n
+    assert maps["seq_start"].dtype == torch.int32 and maps["seq_start"].shape == (1, T)
+
+
+@pytest.mark.parametrize("lengths", LENGTHS, ids=str)
+def test_compress_packed_is_each_sequence_pooled(lengths):
+    cu = _cu(lengths)
+    x = torch.randn(1, int(cu[-1]), 2, 8)
+    want = torch.cat([ref.compress(x[:, a:b], 16, 8, 1) for a, b in zip(cu.tolist(), cu.tolist()[1:])], 1)
+    got = packing.compress_packed(x, cu, 16, 8, 1, want.shape[1])
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want)
+
+
+def test_bad_cu_seqlens_are_named():
+    with pytest.raises(ValueError, match="rise from 0 to total tokens 10"):
+        packing.check_cu_seqlens(torch.tensor([0, 6, 4, 10]), 10)
+    with pytest.raises(ValueError, match="rise from 0 to total tokens 10"):
+        packing.check_cu_seqlens(torch.tensor([0, 6, 9]), 10)
+    with pytest.raises(ValueError, match="1-D int32 / int64"):
+        packing.check_cu_seqlens(torch.tensor([0.0, 10.0]), 10)
