@@ -103,7 +103,8 @@ def lower_to_plan(spec: NSASpec, arch: str = "sm90", explicit_indices: bool = Fa
         if s is not None and not explicit_indices:
             key = KernelKey.make(kind="selection_topn", **{**common, "v_head_dim": 0}, **cmp_params, sel_block=s.block, top_n=s.top_n,
                                  initial=s.initial, local=s.local)
-            calls.append(KernelCall("selection_topn", key, ("q", "k_cmp", "lse_cmp"),
+            # (the op builds the kernel's tile table itself, from the pack's cu_seqlens and its tile size)
+            calls.append(KernelCall("selection_topn", key, ("q", "k_cmp", "lse_cmp", "seq_start", "cmp_start"),
                                     ("block_indices", "block_counts")))
     if s is not None:
         key = KernelKey.make(kind="selection_fwd", **common, sel_block=s.block, top_n=s.top_n)

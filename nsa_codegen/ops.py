@@ -4,7 +4,8 @@ Per-branch ops (torch.library custom ops, each with a fake implementation for to
   nsa_codegen::compression_attention(q, k_cmp, v_cmp, block, stride, first_block, scale,
                                      seq_start=None, cmp_start=None) -> (o, lse)
   nsa_codegen::selection_topn(q, k_cmp, lse, block, stride, first_block, sel_block, top_n, initial,
-                              local, scale) -> (block_indices int32, block_counts int32)
+                              local, scale, seq_start=None, cmp_start=None, cu_seqlens=None)
+                              -> (block_indices int32, block_counts int32)
   nsa_codegen::selection_attention(q, k, v, block_indices, sel_block, scale, seq_start=None) -> (o, lse)
   nsa_codegen::window_attention(q, k, v, window, scale, seq_start=None) -> (o, lse)
   nsa_codegen::gate_combine(o_cmp, g_cmp, o_slc, g_slc, o_win, g_win, kv_heads) -> o
@@ -16,7 +17,8 @@ Layouts: q [B, T, HQ, Dk], k [B, T, H, Dk], v [B, T, H, Dv], k_cmp [B, N, H, Dk]
 lse [B, T, HQ] float32 (natural log), block_indices [B, T, H, n]. Scale < 0 means 1/sqrt(Dk).
 seq_start / cmp_start [B, T] int32 (nsa_codegen.packing) run a packed batch in one launch: token t
 belongs to the sequence starting at token seq_start[t], whose compressed rows start at cmp_start[t];
-None is an unpacked batch. Their backward is not there yet (NotImplementedError).
+None is an unpacked batch (selection_topn also takes the pack's cu_seqlens, for its tile table). Their
+backward is not there yet (NotImplementedError).
 """
 from __future__ import annotations
 
@@ -27,8 +29,9 @@ import torch
 from . import reference
 from .buffers import KERNEL_DTYPES, empty
 from . import packing
-from .launch import (arch_of, attend, attend_fake, check_tensor, contiguous, gate_key, gate_slots, kernel_key,
-                     launch, token_map)
+from .codegen import template_config
+from .launch import (arch_of, attend, attend_fake, check_tensor, contiguous, gate_key, gate_slots, kernel,
+                     kernel_key, launch, run_kernel, token_map)
 from .lowering import lower_to_plan
 from .ops_backward import (backward_compression, backward_gate, backward_selection, backward_window,
                            compression_attention_bwd, gate_combine_bwd, selection_attention_bwd,
@@ -69,8 +72,9 @@ def _(q, k_cmp, v_cmp, block, stride, first_block, scale, seq_start=None, cmp_st
 
 @torch.library.custom_op("nsa_codegen::selection_topn", mutates_args=())
 def selection_topn(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, block: int, stride: int,
-                   first_block: int, sel_block: int, top_n: int, initial: int, local: int,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   first_block: int, sel_block: int, top_n: int, initial: int, local: int, scale: float,
+                   seq_start: Optional[torch.Tensor] = None, cmp_start: Optional[torch.Tensor] = None,
+                   cu_seqlens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     check_tensor("q", q, 4)
     check_tensor("k_cmp", k_cmp, 4, like=q)
     check_tensor("lse", lse, 3, dtype=torch.float32)
@@ -78,19 +82,28 @@ def selection_topn(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, bloc
     H = k_cmp.shape[2]
     key = kernel_key("selection_topn", q, k_cmp, 0, scale, cmp_block=block, stride=stride, first_block=first_block,
                sel_block=sel_block, top_n=top_n, initial=initial, local=local)
-    if k_cmp.shape[1] == 0:  # no compressed block: every score is 0, only visibility and forcing matter
+    if (seq_start is None) != (cu_seqlens is None):
+        raise ValueError("selection_topn: a pack needs both seq_start / cmp_start and cu_seqlens (the tile table)")
+    if k_cmp.shape[1] == 0 and cu_seqlens is None:
+        # no compressed block: every score is 0, only visibility and forcing matter
         scores = torch.zeros(B, T, H, reference.num_selection_blocks(T, sel_block), device=q.device)
         idx = reference.select_top_n(scores, sel_block, top_n, initial, local)
         return idx, (idx >= 0).sum(-1, dtype=torch.int32)
     idx = empty((B, T, H, top_n), torch.int32, q.device)
     cnt = empty((B, T, H), torch.int32, q.device)
     if T:
-        launch(key, contiguous(q), contiguous(k_cmp), contiguous(lse), idx, cnt)
+        kern = kernel(key)
+        # Its programs' tiles (block_M // G tokens, never across sequences): nsa_codegen.packing.
+        tiles = packing.tile_starts(T, template_config(kern.key).block_M // key.group, cu_seqlens, q.device)
+        k_cmp = k_cmp if k_cmp.shape[1] else k_cmp.new_zeros(B, 1, *k_cmp.shape[2:])   # (no row is read)
+        run_kernel(kern, contiguous(q), contiguous(k_cmp), contiguous(lse), token_map("seq_start", seq_start, q),
+                   token_map("cmp_start", cmp_start, q), tiles, idx, cnt)
     return idx, cnt
 
 
 @selection_topn.register_fake
-def _(q, k_cmp, lse, block, stride, first_block, sel_block, top_n, initial, local, scale):
+def _(q, k_cmp, lse, block, stride, first_block, sel_block, top_n, initial, local, scale, seq_start=None,
+      cmp_start=None, cu_seqlens=None):
     B, T, _, _ = q.shape
     H = k_cmp.shape[2]
     return (q.new_empty(B, T, H, top_n, dtype=torch.int32), q.new_empty(B, T, H, dtype=torch.int32))
@@ -192,9 +205,8 @@ def nsa_attention(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
     q [B, T, HQ, Dk], k [B, T, H, Dk], v [B, T, H, Dv], gates [B, T, HQ] -> o [B, T, HQ, Dv].
     k_cmp / v_cmp default to mean pooling of k / v; k_win / v_win default to k / v.
     cu_seqlens [S+1] with B == 1 packs S sequences (k_cmp / v_cmp, if given, pack each sequence's
-    compressed rows back to back). Without autograd, a pack runs one launch per kernel (the top-n
-    kernel still runs per sequence); with autograd it runs sequence by sequence, until the backward
-    kernels take packs.
+    compressed rows back to back). Without autograd, a pack runs one launch per kernel; with
+    autograd it runs sequence by sequence, until the backward kernels take packs.
     """
     if not isinstance(spec, NSASpec):
         raise TypeError(f"spec must be an NSASpec, got {type(spec).__name__}")
@@ -265,22 +277,11 @@ def _run_compression_fwd(spec, scale, cu_seqlens, q, k_cmp, v_cmp, seq_start, cm
     return compression_attention(q, k_cmp, v_cmp, c.block, c.stride, c.first_block, scale, seq_start, cmp_start)
 
 
-def _run_selection_topn(spec, scale, cu_seqlens, q, k_cmp, lse_cmp):
+def _run_selection_topn(spec, scale, cu_seqlens, q, k_cmp, lse_cmp, seq_start, cmp_start):
     c, s = spec.compression, spec.selection
     # Top-n is not differentiated (as in the paper): its inputs are detached.
-    q, k_cmp, lse_cmp = q.detach(), k_cmp.detach(), lse_cmp.detach()
-
-    def topn(q, k_cmp, lse):
-        return selection_topn(q, k_cmp, lse, c.block, c.stride, c.first_block, s.block, s.top_n, s.initial,
-                              s.local, scale)
-    if cu_seqlens is None:
-        return topn(q, k_cmp, lse_cmp)
-    # The top-n kernel does not take packs yet: one launch per sequence (a host sync for the bounds).
-    bounds = cu_seqlens.tolist()
-    rows = packing.compressed_offsets(cu_seqlens, c.block, c.stride, c.first_block).tolist()
-    parts = [topn(q[:, a:b], k_cmp[:, ra:rb], lse_cmp[:, a:b])
-             for a, b, ra, rb in zip(bounds, bounds[1:], rows, rows[1:]) if b > a]
-    return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+    return selection_topn(q.detach(), k_cmp.detach(), lse_cmp.detach(), c.block, c.stride, c.first_block, s.block,
+                          s.top_n, s.initial, s.local, scale, seq_start, cmp_start, cu_seqlens)
 
 
 def _run_selection_fwd(spec, scale, cu_seqlens, q, k, v, block_indices, seq_start):

@@ -65,6 +65,23 @@ def packed_maps(cu_seqlens: torch.Tensor, total: int, compression=None) -> dict[
     return {k: v.contiguous() for k, v in maps.items()}
 
 
+def tile_starts(T: int, tile: int, cu_seqlens=None, device=None) -> torch.Tensor:
+    """[P] int32: the first token of each tile of `tile` tokens that stays inside one sequence
+    (a tile at every multiple of `tile` tokens into each sequence; for a batch, every `tile` tokens),
+    -1 in the unused slots. P = ceil(T / tile) + S bounds the count with no host sync."""
+    if cu_seqlens is None:
+        return torch.arange(0, T, tile, dtype=torch.int32, device=device)
+    cu = cu_seqlens.long()
+    S = cu.numel() - 1
+    n = (cu[1:] - cu[:-1] + tile - 1) // tile        # tiles of each sequence
+    end = n.cumsum(0)
+    p = torch.arange(-(-T // tile) + S, device=cu.device)
+    i = torch.searchsorted(end, p, right=True)        # the sequence of slot p (S: unused)
+    ic = i.clamp_max(S - 1)
+    start = cu[ic] + (p - (end[ic] - n[ic])) * tile
+    return torch.where(i < S, start, -1).to(torch.int32)
+
+
 def compress_packed(x: torch.Tensor, cu_seqlens: torch.Tensor, block: int, stride: int, first_block: int,
                     rows: int) -> torch.Tensor:
     """Mean pooling of each packed sequence: x [1, total, H, D] -> [1, rows, H, D], sequence i's rows

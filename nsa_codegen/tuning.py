@@ -34,9 +34,9 @@ from typing import Callable
 import torch
 
 from . import reference as ref
-from . import workloads
+from . import packing, workloads
 from .cache import CompiledKernel, tilelang_cache_dir, precompile_scheduled, use_kernel, versioned_dir
-from .codegen import check_schedule, compile_kernel, template_source_hash
+from .codegen import check_schedule, compile_kernel, template_config, template_source_hash
 from .kernel_key import KernelKey, schedule_hash
 from .kinds import KINDS
 from .schedules import (default_schedule, in_search_space, load_arch, pick_best, record_is_current, search_space,
@@ -139,13 +139,13 @@ def _inputs(key: KernelKey, T: int, seed: int):
         outs = [torch.full((1, T, HQ, Dv), float("nan"), device="cuda", dtype=dt)]
         return args, outs, lambda: (sum(o.float() * gg.float()[..., None] for o, gg in zip(os_, gs)),)
     q = rn(1, T, HQ, Dk)
+    zero = torch.zeros(1, T, dtype=torch.int32, device="cuda")   # seq_start / cmp_start: one sequence
     if key.kind in ("compression_fwd", "selection_topn"):
         N = ref.num_compressed_blocks(T, p["cmp_block"], p["stride"], p["first_block"])
         kc, vc = rn(1, N, H, Dk), rn(1, N, H, Dv)
         if key.kind == "compression_fwd":
             outs = [torch.full((1, T, HQ, Dv), float("nan"), device="cuda", dtype=dt),
                     torch.full((1, T, HQ), float("nan"), device="cuda")]
-            zero = torch.zeros(1, T, dtype=torch.int32, device="cuda")   # seq_start, cmp_start: one sequence
             return [q, kc, vc, zero, zero], outs, lambda: ref.compression_attention(
                 q.float(), kc.float(), vc.float(), p["cmp_block"], p["stride"], p["first_block"], sc)
         # The compression branch's lse, in query chunks so the fp32 probabilities never exist for all of T.
@@ -162,15 +162,14 @@ def _inputs(key: KernelKey, T: int, seed: int):
                                                  p["stride"], p["first_block"], sc, return_probs=True)
             s = ref.selection_scores(pr, H, T, p["cmp_block"], p["stride"], p["sel_block"], p["first_block"])
             return (ref.select_top_n(s, p["sel_block"], n, p["initial"], p["local"]),)
-        return [q, kc, lse.contiguous()], outs, want
+        tiles = packing.tile_starts(T, template_config(key).block_M // key.group, device="cuda")
+        return [q, kc, lse.contiguous(), zero, zero, tiles], outs, want
     k, v = rn(1, T, H, Dk), rn(1, T, H, Dv)
     outs = [torch.full((1, T, HQ, Dv), float("nan"), device="cuda", dtype=dt),
             torch.full((1, T, HQ), float("nan"), device="cuda")]
     if key.kind == "window_fwd":
-        zero = torch.zeros(1, T, dtype=torch.int32, device="cuda")
         return [q, k, v, zero], outs, lambda: ref.window_attention(q.float(), k.float(), v.float(), p["window"], sc)
     idx = _selection_lists(key, T, seed)
-    zero = torch.zeros(1, T, dtype=torch.int32, device="cuda")
     return [q, k, v, idx, zero], outs, lambda: ref.selection_attention(q.float(), k.float(), v.float(), idx,
                                                                  p["sel_block"], sc)
 

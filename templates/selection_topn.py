@@ -4,10 +4,17 @@ Layouts (contiguous, row-major):
     Q             [B, T, HQ, Dk]  dtype
     K_cmp         [B, N, H,  Dk]  dtype
     LSE           [B, T, HQ]      float32  (natural-log lse of the compression branch)
+    SeqStart      [B, T]          int32    (the first token of t's sequence: 0 for a batch)
+    CmpStart      [B, T]          int32    (the first compressed row of t's sequence in K_cmp)
+    TileStart     [P]             int32    (the first token of each program's tile, -1: no tile)
     BlockIndices  [B, T, H, n]    int32    (output: selected blocks ascending, then -1)
     Counts        [B, T, H]       int32    (output: number of valid entries)
 
-B, T and N are dynamic; everything else is fixed by the config.
+B, T, N and P are dynamic; everything else is fixed by the config.  Block ids, visibility and
+scores are those of t's own sequence (local position t - SeqStart[t], compressed rows from
+CmpStart[t]).  A tile never straddles sequences: the op's tile table starts one at every
+multiple of BT tokens into each sequence (packing.tile_starts; for a batch, every BT tokens),
+so a packed batch runs in one launch.
 
 For token t and KV head h:
     p[c]     = sum_{hq in group h} exp(scale * q_t[hq].k_cmp[c] - lse[t, hq])   (visible c)
@@ -15,7 +22,7 @@ For token t and KV head h:
 Visible selection blocks (j*sel_block <= t) are ranked by (score desc, index asc);
 blocks 0..initial-1 and the `local` newest visible blocks are forced (+inf).
 
-Structure: one program per (tile of BT = block_M // G tokens, KV head, batch).
+Structure: one program per (tile of at most BT = block_M // G tokens of one sequence, KV head, batch).
 The G query heads of the group are packed (head-major) into the M dimension of
 the Q tile (row g*BT + b <-> token t0+b, head h*G+g), so one gemm scores all
 heads.  Selection blocks are processed in chunks of BS = block_N // r blocks
@@ -160,7 +167,7 @@ def check_config(cfg) -> None:
 
 
 def build(cfg: SelectionTopNConfig):
-    """Return the (uncompiled) prim_func main(Q, K_cmp, LSE, BlockIndices, Counts)."""
+    """Return the (uncompiled) prim_func main(Q, K_cmp, LSE, SeqStart, CmpStart, TileStart, BlockIndices, Counts)."""
     check_config(cfg)
     cfg = _resolve(cfg)
     HQ, H, Dk = cfg.heads_q, cfg.heads_kv, cfg.dim_k
@@ -180,7 +187,7 @@ def build(cfg: SelectionTopNConfig):
     NEG_INF = -T.infinity(acc)
     POS_INF = T.infinity(acc)
 
-    B, Tn, N = T.dynamic("B, T, N")
+    B, Tn, N, P = T.dynamic("B, T, N, P")
 
     def block_score(Pg_s, row, jj):
         # sum_u w[u] * Pg[row, jj*r + u]; weights are compile-time constants
@@ -204,14 +211,18 @@ def build(cfg: SelectionTopNConfig):
         Q: T.Tensor([B, Tn, HQ, Dk], dtype),
         K_cmp: T.Tensor([B, N, H, Dk], dtype),
         LSE: T.Tensor([B, Tn, HQ], acc),
+        SeqStart: T.Tensor([B, Tn], "int32"),
+        CmpStart: T.Tensor([B, Tn], "int32"),
+        TileStart: T.Tensor([P], "int32"),
         BlockIndices: T.Tensor([B, Tn, H, n], "int32"),
         Counts: T.Tensor([B, Tn, H], "int32"),
     ):
-        with T.Kernel(T.ceildiv(Tn, BT), H, B, threads=NT) as (bx, by, bz):
+        with T.Kernel(P, H, B, threads=NT) as (bx, by, bz):
             Q_s = T.alloc_shared([BM, Dk], dtype)
             K_s = T.alloc_shared([BN, Dk], dtype)
             S = T.alloc_fragment([BM, BN], acc)
             lse2 = T.alloc_fragment([BM], acc)
+            rok = T.alloc_fragment([BM], "int32")
             # +4 floats of row padding: the wgmma accumulator stores 8 rows x 4
             # column pairs per warp instruction; a row stride that is a multiple
             # of 32 floats would put all 8 rows in the same banks (8-way conflict;
@@ -234,17 +245,24 @@ def build(cfg: SelectionTopNConfig):
             tx = T.get_thread_binding()
             row = tx // TPR                  # token row owned by this thread
             lane = tx % TPR                  # which strided subset of a chunk's blocks
-            t0 = bx * BT
+            # The tile: tokens t0 .. t0+BT-1 of the sequence starting at s0 (rows past its end, or
+            # every row of an unused table slot, are off); its compressed rows start at c0.
+            live = TileStart[bx] >= 0
+            t0 = T.max(TileStart[bx], 0)
+            s0 = SeqStart[bz, t0]
+            c0 = CmpStart[bz, t0]
             t_row = t0 + row
-            jt = t_row // lp                 # newest selection block visible to t_row
+            row_ok = live & (t_row < Tn) & (SeqStart[bz, T.min(t_row, Tn - 1)] == s0)
+            jt = (t_row - s0) // lp          # newest selection block visible to t_row
 
             # Q tile, head-major rows: row g*BT + b <-> (token t0+b, head by*G+g)
             for g in T.unroll(G):
                 T.copy(Q[bz, t0:t0 + BT, by * G + g, :], Q_s[g * BT:(g + 1) * BT, :], disable_tma=True,
                        coalesced_width=8)
             for i in T.Parallel(BM):
-                lse2[i] = T.if_then_else(
-                    t0 + i % BT < Tn, LSE[bz, t0 + i % BT, by * G + i // BT] * _LOG2E, 0)
+                rok[i] = T.if_then_else(
+                    live & (t0 + i % BT < Tn) & (SeqStart[bz, T.min(t0 + i % BT, Tn - 1)] == s0), 1, 0)
+                lse2[i] = T.if_then_else(rok[i] == 1, LSE[bz, T.min(t0 + i % BT, Tn - 1), by * G + i // BT] * _LOG2E, 0)
             # zero halo for the first chunk (plain thread loop: with a TMA producer
             # warpgroup the prologue runs on more threads than NT)
             for q in T.serial((BT * PW + NT - 1) // NT):
@@ -254,29 +272,29 @@ def build(cfg: SelectionTopNConfig):
                 top_s[k] = NEG_INF           # empty slot: never beats a visible block
                 top_i[k] = -1
 
-            t_last = T.min(t0 + BT, Tn) - 1
+            t_last = T.min(t0 + BT, Tn) - 1 - s0     # (local; rows past the sequence are off)
             n_chunks = (t_last // lp) // BS + 1
             for kc in T.Pipelined(n_chunks, num_stages=cfg.num_stages):
                 # compressed rows c = kc*BN + x  ->  blocks i = c + f (zero outside [0, N))
                 if cfg.k_load == "tma":
                     # bulk tensor copy; rows >= N are zero-filled by the TMA unit.
                     # The pipeline pass warp-specializes (one producer warpgroup).
-                    T.copy(K_cmp[bz, kc * BN:(kc + 1) * BN, by, :], K_s)
+                    T.copy(K_cmp[bz, c0 + kc * BN:c0 + (kc + 1) * BN, by, :], K_s)
                 elif cfg.k_load == "cp_async":
                     # predicated cp.async, prefetched one chunk ahead
-                    T.copy(K_cmp[bz, kc * BN:(kc + 1) * BN, by, :], K_s, disable_tma=True)
+                    T.copy(K_cmp[bz, c0 + kc * BN:c0 + (kc + 1) * BN, by, :], K_s, disable_tma=True)
                 else:
                     # plain predicated loads
                     for x, k in T.Parallel(BN, Dk):
                         K_s[x, k] = T.if_then_else(
-                            kc * BN + x < N, K_cmp[bz, kc * BN + x, by, k], T.cast(0, dtype))
+                            c0 + kc * BN + x < N, K_cmp[bz, c0 + kc * BN + x, by, k], T.cast(0, dtype))
                 T.gemm(Q_s, K_s, S, transpose_B=True, clear_accum=True,
                        policy=T.GemmWarpPolicy.FullRow)
                 # compression-branch probabilities (base-2 exp with log2e folded in)
                 for i, x in T.Parallel(BM, BN):
                     P_s[i, x] = T.if_then_else(
-                        (kc * BN + x < N) & ((kc * BN + x + f) * d + l - 1 <= t0 + i % BT),
-                        T.exp2(S[i, x] * scale2 - lse2[i]), 0)
+                        (c0 + kc * BN + x < N) & ((kc * BN + x + f) * d + l - 1 <= t0 - s0 + i % BT)
+                        & (rok[i] == 1), T.exp2(S[i, x] * scale2 - lse2[i]), 0)
                 if HALO > 0:
                     # carry the previous chunk's last HALO blocks to the front
                     for q in T.unroll((BT * HALO + NT - 1) // NT):
@@ -334,7 +352,7 @@ def build(cfg: SelectionTopNConfig):
 
             # emit ascending indices: entry e goes to position rank(e) among
             # keys (index, or BIG+e for empty slots, which sort last as -1)
-            if t_row < Tn:
+            if row_ok:
                 for q in T.unroll((n + TPR - 1) // TPR):
                     if lane + q * TPR < n:
                         ci = M_i[row * TPR, lane + q * TPR]

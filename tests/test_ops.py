@@ -288,7 +288,7 @@ def _pack(spec, lengths, seed):
 def test_pack_in_one_launch_matches_the_reference(name, spec, B, T):
     """Without autograd a pack runs one launch per kernel (seq_start / cmp_start): every sequence's
     rows match the reference run on that sequence alone (on the kernels' own selection), and the
-    block lists equal those of the sequence run alone (top-n still runs per sequence)."""
+    block lists equal those of the sequence run alone (top-n's tiles never straddle sequences)."""
     from nsa_codegen import nsa_attention
     lengths = PACKS[name]
     q, k, v, gates, cu = _pack(spec, lengths, seed=40)

@@ -47,3 +47,15 @@ def test_bad_cu_seqlens_are_named():
         packing.check_cu_seqlens(torch.tensor([0, 6, 9]), 10)
     with pytest.raises(ValueError, match="1-D int32 / int64"):
         packing.check_cu_seqlens(torch.tensor([0.0, 10.0]), 10)
+
+
+@pytest.mark.parametrize("lengths", LENGTHS + [[10, 3, 8]], ids=str)
+@pytest.mark.parametrize("tile", [1, 4, 8])
+def test_tile_starts_cover_each_sequence_without_straddling(lengths, tile):
+    cu = _cu(lengths)
+    T = int(cu[-1])
+    got = packing.tile_starts(T, tile, cu).tolist()
+    want = [a + j for a, b in zip(cu.tolist(), cu.tolist()[1:]) for j in range(0, b - a, tile)]
+    assert [x for x in got if x >= 0] == want
+    assert all(x == -1 for x in got[len(want):]) and len(got) == -(-T // tile) + len(lengths)
+    assert packing.tile_starts(T, tile).tolist() == list(range(0, T, tile))
