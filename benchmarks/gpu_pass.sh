@@ -12,7 +12,7 @@
 #          the decode GPU tests (tests/test_decode.py; their kernels are prebuilt)
 #   tilesquick: the same on the paper config only, without bench_selection (about 5 minutes)
 #   packs: tests/test_ops.py (packs in one launch included), the selection backward tests,
-#          bench_paper.py --backward ($2: its --T), bench_selection.py on the paper config
+#          bench_packed.py, bench_paper.py --backward ($2: its --T)
 # Kernels: carry .gen (python benchmarks/prebuild.py, here on the CPU) and they load prebuilt, with
 # no compile on the GPU's clock; anything not prebuilt compiles there, slowly.
 set -uo pipefail
@@ -62,12 +62,12 @@ if [[ $what == tiles ]]; then
   date
 fi
 if [[ $what == packs ]]; then   # packs in one launch + the token-tile fixes: tests, then the paper and selection benchmarks
-  date; timeout 150 python3 -m pytest -q tests/test_ops.py 2>&1 | tee "$OUT/ops_tests.log" | tail -12
+  date; timeout 150 python3 -m pytest -q -x tests/test_ops.py 2>&1 | tee "$OUT/ops_tests.log" | tail -12
   rc=${PIPESTATUS[0]}
   date; timeout 110 python3 -m pytest -q tests/test_ops_backward.py -k "selection" 2>&1 | tee "$OUT/bwd_tests.log" | tail -8
   [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
+  date; timeout 100 python3 benchmarks/bench_packed.py --out "$OUT" 2>&1 | tee "$OUT/packed_bench.log" | grep -v "^|" | tail -16
   date; timeout 150 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T ${2:-8192 65536} 2>&1 | tee "$OUT/paper_bench.log" | grep -v "^|" | tail -32
-  date; timeout 70 python3 benchmarks/bench_selection.py --out "$OUT" --T 65536 --configs paper 2>&1 | tee "$OUT/selection_bench.log" | grep -v "^|" | grep "paper T"
   date
 fi
 if [[ $what == tilesquick ]]; then   # the tiles pass on the paper config only, for a short device budget
