@@ -12,7 +12,8 @@
 #          the decode GPU tests (tests/test_decode.py; their kernels are prebuilt)
 #   tilesquick: the same on the paper config only, without bench_selection (about 5 minutes)
 #   packs: tests/test_ops.py (packs in one launch included), the selection backward tests,
-#          bench_packed.py, bench_paper.py --backward ($2: its --T); packsquick: the same in about 7 minutes
+#          bench_packed.py, bench_paper.py --backward ($2: its --T); packsquick: the same in about 7 minutes;
+#          packsmini: the pack / tile tests, bench_packed.py and bench_paper.py --T 8192 (about 4.5 minutes)
 # Kernels: carry .gen (python benchmarks/prebuild.py, here on the CPU) and they load prebuilt, with
 # no compile on the GPU's clock; anything not prebuilt compiles there, slowly.
 set -uo pipefail
@@ -77,6 +78,15 @@ if [[ $what == packsquick ]]; then   # packs on a short device budget (about 7 m
   [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
   date; timeout 80 python3 benchmarks/bench_packed.py --out "$OUT" --rounds 4 --iters 5 2>&1 | tee "$OUT/packed_bench.log" | grep -v "^|" | tail -16
   date; timeout 130 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T ${2:-8192 65536} 2>&1 | tee "$OUT/paper_bench.log" | grep -v "^|" | tail -32
+  date
+fi
+if [[ $what == packsmini ]]; then   # the packs' and tiles' correctness first, then the packed benchmark (~4.5 min)
+  date; timeout 100 python3 -m pytest -q -x tests/test_ops.py -k "pack or cu_seqlens or schedules or token_tile or window or compression or topn" 2>&1 | tee "$OUT/ops_tests.log" | tail -12
+  rc=${PIPESTATUS[0]}
+  date; timeout 50 python3 -m pytest -q tests/test_ops_backward.py -k "selection_dq and (g8 or paper or masks)" 2>&1 | tee "$OUT/bwd_tests.log" | tail -8
+  [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
+  date; timeout 70 python3 benchmarks/bench_packed.py --out "$OUT" --workloads docs64 8x16k --rounds 4 --iters 5 2>&1 | tee "$OUT/packed_bench.log" | grep -v "^|" | tail -16
+  date; timeout 45 python3 benchmarks/bench_paper.py --out "$OUT" --T 8192 --rounds 4 --iters 5 2>&1 | tee "$OUT/paper_bench.log" | grep -v "^|" | grep "T=\|check"
   date
 fi
 if [[ $what == tilesquick ]]; then   # the tiles pass on the paper config only, for a short device budget
