@@ -4,7 +4,7 @@ rules that register them as the forward ops' backward (nsa_codegen.ops registers
   nsa_codegen::compression_attention_bwd(do, dlse, q, k_cmp, v_cmp, o, lse, block, stride, first_block,
                                          scale) -> (dq, dk_cmp, dv_cmp)
   nsa_codegen::selection_attention_bwd(do, dlse, q, k, v, o, lse, block_indices, sel_block, scale) -> (dq, dk, dv)
-  nsa_codegen::window_attention_bwd(do, dlse, q, k, v, o, lse, window, scale) -> (dq, dk, dv)
+  nsa_codegen::window_attention_bwd(do, dlse, q, k, v, o, lse, window, scale, seq_start=None) -> (dq, dk, dv)
   nsa_codegen::gate_combine_bwd(do, o_cmp, g_cmp, o_slc, g_slc, o_win, g_win, kv_heads) -> [do_x, dg_x, ...]
 Layouts as in nsa_codegen.ops; do / dlse None mean zero cotangents.
 """
@@ -82,20 +82,24 @@ def _(do, dlse, q, k_cmp, v_cmp, o, lse, block, stride, first_block, scale):
 @torch.library.custom_op("nsa_codegen::window_attention_bwd", mutates_args=())
 def window_attention_bwd(do: Optional[torch.Tensor], dlse: Optional[torch.Tensor], q: torch.Tensor,
                          k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, window: int,
-                         scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of window_attention."""
+                         scale: float, seq_start: Optional[torch.Tensor] = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of window_attention (seq_start [B, T] int32: a pack's token map, as the forward's)."""
     if q.shape[1] == 0:
         return _no_grads(q, k, v)
     params = dict(window=window)
-    dq, delta, (q, k, v, do, lse) = _dq_and_delta("window_bwd_dq", params, q, k, v, o, lse, do, dlse, scale)
+    seq_start = token_map("seq_start", seq_start, q)
+    dq, delta, (q, k, v, do, lse) = _dq_and_delta("window_bwd_dq", params, q, k, v, o, lse, do, dlse, scale,
+                                                  seq_start)
     dk = empty(k.shape, k.dtype, k.device)
     dv = empty(v.shape, v.dtype, v.device)
-    launch(kernel_key("window_bwd_dkdv", q, k, v.shape[3], scale, **params), q, k, v, do, lse, delta, dk, dv)
+    launch(kernel_key("window_bwd_dkdv", q, k, v.shape[3], scale, **params), q, k, v, do, lse, delta, seq_start,
+           dk, dv)
     return dq, dk, dv
 
 
 @window_attention_bwd.register_fake
-def _(do, dlse, q, k, v, o, lse, window, scale):
+def _(do, dlse, q, k, v, o, lse, window, scale, seq_start=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -226,15 +230,13 @@ def backward_compression(ctx, do, dlse):
 
 def setup_window(ctx, inputs, output):
     q, k, v, window, scale, seq_start = inputs
-    _unpacked(ctx, "window_attention", seq_start)
-    ctx.save_for_backward(q, k, v, *output)
+    ctx.save_for_backward(q, k, v, seq_start, *output)   # (the window backward takes packs)
     ctx.params = (window, scale)
 
 
 def backward_window(ctx, do, dlse):
-    _check_unpacked(ctx)
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = window_attention_bwd(do, dlse, q, k, v, o, lse, *ctx.params)
+    q, k, v, seq_start, o, lse = ctx.saved_tensors
+    dq, dk, dv = window_attention_bwd(do, dlse, q, k, v, o, lse, *ctx.params, seq_start)
     return dq, dk, dv, None, None, None
 
 

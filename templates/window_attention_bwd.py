@@ -1,14 +1,16 @@
 """Sliding-window causal attention backward (NSA sliding-window branch), TileLang.
 
-Query t sees keys s with t - window < s <= t; GQA: query head hq uses KV head hq // G.
+Query t sees keys s with max(t - window, SeqStart[t] - 1) < s <= t (SeqStart [B,T] int32: the first
+token of t's sequence, 0 for a batch; a packed batch runs in one launch, as in the forward); GQA:
+query head hq uses KV head hq // G.
 Layouts (contiguous, row-major), B and T dynamic; P = exp(scale*q.k - LSE):
 
-  part "dq"   (Q, K, V, O, dO, LSE, DLSE, dQ, Delta)
+  part "dq"   (Q, K, V, O, dO, LSE, DLSE, SeqStart, dQ, Delta)
       Q [B,T,HQ,Dk], K [B,T,H,Dk], V [B,T,H,Dv], O [B,T,HQ,Dv], dO [B,T,HQ,Dv]   dtype
       LSE, DLSE [B,T,HQ] float32;   dQ [B,T,HQ,Dk] dtype (out);   Delta [B,T,HQ] float32 (out)
       Delta = rowsum(dO*O) - DLSE (folds the lse gradient in);  dS = P * (dO V^T - Delta);
       dQ = scale * dS K.
-  part "dkdv" (Q, K, V, dO, LSE, Delta, dK, dV)
+  part "dkdv" (Q, K, V, dO, LSE, Delta, SeqStart, dK, dV)
       dK [B,T,H,Dk], dV [B,T,H,Dv] dtype (out);  summed over the G query heads of the group:
       dK = scale * sum_g dS_g^T Q_g,  dV = sum_g P_g^T dO_g.
 Rows with LSE = -inf (no visible key) and rows past T get P = 0: zero gradient, never NaN.
@@ -17,8 +19,8 @@ Deterministic: no atomics, every output element is written once by one program.
 Schedule.  "dq" is query-major like the forward: one program = block_M query tokens of one
 query head (head on the fastest grid axis so a group's heads share K/V tiles in L2).  It
 first reduces Delta for its rows (O and dO read from global), then walks the block_N key
-tiles intersecting [t0 - window + 1, t0 + block_M - 1]: S = Q K^T (band mask preloaded into
-the accumulator as 0 / -inf), dP = dO V^T, dS = exp2(S*scale*log2e - LSE*log2e) * (dP -
+tiles intersecting [t0 - window + 1, t0 + block_M - 1]: S = Q K^T (the band mask replaces
+the logits outside it by -inf), dP = dO V^T, dS = exp2(S*scale*log2e - LSE*log2e) * (dP -
 Delta) in registers, dQ += dS K (WGMMA with dS as the register A operand); dQ is scaled and
 written once, through shared memory.
 "dkdv" is key-major: one program = block_N keys of one KV head, K/V resident in shared memory,
@@ -159,6 +161,7 @@ def _build_dq(cfg):
         dO: T.Tensor([B, S, HQ, Dv], dtype),
         LSE: T.Tensor([B, S, HQ], acc),
         DLSE: T.Tensor([B, S, HQ], acc),
+        SeqStart: T.Tensor([B, S], "int32"),
         dQ: T.Tensor([B, S, HQ, Dk], dtype),
         Delta: T.Tensor([B, S, HQ], acc),
     ):
@@ -174,10 +177,14 @@ def _build_dq(cfg):
             acc_dq = T.alloc_fragment([bm, Dk], acc)
             lse2 = T.alloc_fragment([bm], acc)
             delta = T.alloc_fragment([bm], acc)
+            lo = T.alloc_fragment([bm], "int32")
 
             h = hq // G
             t0 = mt * bm
-            k_lo = T.max(t0 - W + 1, 0) // bn
+            # Row i sees keys lo[i] <= s <= t0 + i (its window cut at its sequence's start).
+            for i in T.Parallel(bm):
+                lo[i] = T.max(t0 + i - W + 1, SeqStart[b, T.min(t0 + i, S - 1)])
+            k_lo = T.max(t0 - W + 1, SeqStart[b, t0]) // bn
             k_hi = T.ceildiv(T.min(t0 + bm, S), bn)
 
             T.copy(Q[b, t0:t0 + bm, hq, :], Q_s)
@@ -211,10 +218,11 @@ def _build_dq(cfg):
             for kk in T.Pipelined(k_hi - k_lo, num_stages=cfg.num_stages):
                 kt = k_lo + kk
                 T.copy(K[b, kt * bn:(kt + 1) * bn, h, :], K_s)
+                T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                # the band mask replaces the logits outside it (a NaN key there stays out of S)
                 for i, j in T.Parallel(bm, bn):
                     acc_s[i, j] = T.if_then_else(
-                        (kt * bn + j <= t0 + i) and (kt * bn + j > t0 + i - W), 0, ninf)
-                T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                        (kt * bn + j <= t0 + i) and (kt * bn + j >= lo[i]), acc_s[i, j], ninf)
                 T.copy(V[b, kt * bn:(kt + 1) * bn, h, :], V_s)
                 T.gemm(dO_s, V_s, acc_dp, transpose_B=True, policy=T.GemmWarpPolicy.FullRow,
                        clear_accum=True)
@@ -255,6 +263,7 @@ def _build_dkdv(cfg):
         dO: T.Tensor([B, S, HQ, Dv], dtype),
         LSE: T.Tensor([B, S, HQ], acc),
         Delta: T.Tensor([B, S, HQ], acc),
+        SeqStart: T.Tensor([B, S], "int32"),
         dK: T.Tensor([B, S, H, Dk], dtype),
         dV: T.Tensor([B, S, H, Dv], dtype),
     ):
@@ -294,10 +303,12 @@ def _build_dkdv(cfg):
                 # scale*log2e);  dP^T acc = -Delta, so dS^T = P^T * acc.  Queries past T
                 # or with lse = -inf are hidden.  Heads inner keeps these loads in L1;
                 # the row index is clamped so they stay in bounds.
-                # Key s0+i is visible to query q0+j iff 0 <= (q0+j) - (s0+i) < W.
+                # Key s0+i is visible to query q0+j iff 0 <= (q0+j) - (s0+i) < W and the key is not
+                # before the query's sequence (then, s <= t, both are in one sequence).
                 for i, j in T.Parallel(bn, bm):
                     acc_st[i, j] = T.if_then_else(
-                        (q0 + j >= s0 + i) and (q0 + j < s0 + i + W) and (q0 + j < S),
+                        (q0 + j >= s0 + i) and (q0 + j < s0 + i + W) and (q0 + j < S)
+                        and (SeqStart[b, T.min(q0 + j, S - 1)] <= s0 + i),
                         T.if_then_else(LSE[b, T.min(q0 + j, S - 1), hq] > ninf,
                                        LSE[b, T.min(q0 + j, S - 1), hq] * neg_inv_sc, ninf),
                         ninf)
