@@ -69,10 +69,12 @@ _ALL = (
     KernelKind("compression_fwd", _CMP, "compression_attention", "CompressionAttentionConfig", None,
                ("q", "k_cmp", "v_cmp", "seq_start", "cmp_start"), ("o", "lse"),
                backward=(BackwardCall("compression_bwd_dq",
-                                      ("q", "k_cmp", "v_cmp", "o_cmp", "do_cmp", "lse_cmp", "dlse_cmp"),
+                                      ("q", "k_cmp", "v_cmp", "o_cmp", "do_cmp", "lse_cmp", "dlse_cmp", "seq_start",
+                                       "cmp_start"),
                                       ("dq", "delta_cmp")),
                          BackwardCall("compression_bwd_dkdv",
-                                      ("q", "k_cmp", "v_cmp", "do_cmp", "lse_cmp", "delta_cmp"),
+                                      ("q", "k_cmp", "v_cmp", "do_cmp", "lse_cmp", "delta_cmp", "row_first",
+                                       "row_end"),
                                       ("dk_cmp", "dv_cmp")))),
     KernelKind("selection_topn", _TOPN, "selection_topn", "SelectionTopNConfig", None,
                ("q", "k_cmp", "lse_cmp", "seq_start", "cmp_start", "tile_start"), ("block_indices", "block_counts"),
@@ -101,10 +103,11 @@ _ALL = (
                reads_qk=False, backward=(BackwardCall("gate_combine_bwd"),), backward_first=True),
     # ---- backward (a backward kind has its forward's problem parameters) ----
     KernelKind("compression_bwd_dq", _CMP, "compression_attention_bwd", "CompressionAttentionBwdConfig", "dq",
-               _DQ, ("dq", "delta"), tuned_by="op"),
-    # dk/dv partials [S, B, N, H, D] fp32 over S token splits, summed by the op in a fixed order.
+               _DQ + ("seq_start", "cmp_start"), ("dq", "delta"), tuned_by="op"),
+    # dk/dv partials [S, B, N, H, D] fp32 over S token splits, summed by the op in a fixed order;
+    # row_first / row_end [N]: each compressed row's visible tokens (packing.compressed_row_spans).
     KernelKind("compression_bwd_dkdv", _CMP, "compression_attention_bwd", "CompressionAttentionBwdConfig", "dkdv",
-               _DKDV, ("dk_partial", "dv_partial"), tuned_by="op"),
+               _DKDV + ("row_first", "row_end"), ("dk_partial", "dv_partial"), tuned_by="op"),
     KernelKind("selection_bwd_dq", _SEL, "selection_attention_bwd", "SelectionAttentionBwdConfig", "dq",
                _DQ + ("block_indices", "seq_start"), ("dq", "delta"), tuned_by="op"),
     # Over the transposed block map (ops.selection_block_units), one program per unit of tokens.

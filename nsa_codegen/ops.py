@@ -17,8 +17,8 @@ Layouts: q [B, T, HQ, Dk], k [B, T, H, Dk], v [B, T, H, Dv], k_cmp [B, N, H, Dk]
 lse [B, T, HQ] float32 (natural log), block_indices [B, T, H, n]. Scale < 0 means 1/sqrt(Dk).
 seq_start / cmp_start [B, T] int32 (nsa_codegen.packing) run a packed batch in one launch: token t
 belongs to the sequence starting at token seq_start[t], whose compressed rows start at cmp_start[t];
-None is an unpacked batch (selection_topn also takes the pack's cu_seqlens, for its tile table). Of
-their backwards only the window's takes packs yet (the others raise NotImplementedError).
+None is an unpacked batch (selection_topn also takes the pack's cu_seqlens, for its tile table). The
+window and compression backwards take packs; selection's raises NotImplementedError for now.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 rules that register them as the forward ops' backward (nsa_codegen.ops registers them).
 
   nsa_codegen::compression_attention_bwd(do, dlse, q, k_cmp, v_cmp, o, lse, block, stride, first_block,
-                                         scale) -> (dq, dk_cmp, dv_cmp)
+                                         scale, seq_start=None, cmp_start=None) -> (dq, dk_cmp, dv_cmp)
   nsa_codegen::selection_attention_bwd(do, dlse, q, k, v, o, lse, block_indices, sel_block, scale) -> (dq, dk, dv)
   nsa_codegen::window_attention_bwd(do, dlse, q, k, v, o, lse, window, scale, seq_start=None) -> (dq, dk, dv)
   nsa_codegen::gate_combine_bwd(do, o_cmp, g_cmp, o_slc, g_slc, o_win, g_win, kv_heads) -> [do_x, dg_x, ...]
@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from . import packing
 from .buffers import empty
 from .launch import contiguous, gate_key, gate_slots, kernel, kernel_key, launch, run_kernel, token_map
 
@@ -51,9 +52,11 @@ def _no_grads(q, k, v):
 @torch.library.custom_op("nsa_codegen::compression_attention_bwd", mutates_args=())
 def compression_attention_bwd(do: Optional[torch.Tensor], dlse: Optional[torch.Tensor], q: torch.Tensor,
                               k_cmp: torch.Tensor, v_cmp: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                              block: int, stride: int, first_block: int,
-                              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq [B,T,HQ,Dk], dk_cmp [B,N,H,Dk], dv_cmp [B,N,H,Dv]) of compression_attention.
+                              block: int, stride: int, first_block: int, scale: float,
+                              seq_start: Optional[torch.Tensor] = None, cmp_start: Optional[torch.Tensor] = None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq [B,T,HQ,Dk], dk_cmp [B,N,H,Dk], dv_cmp [B,N,H,Dv]) of compression_attention (seq_start /
+    cmp_start: a pack's token maps, as the forward's).
 
     The dk/dv kernel splits each compressed-row tile's tokens over S programs (few rows, many
     tokens) and writes fp32 partials [S, B, N, H, D]; their sum over S is taken here, in order."""
@@ -62,20 +65,26 @@ def compression_attention_bwd(do: Optional[torch.Tensor], dlse: Optional[torch.T
     if T == 0 or N == 0:
         return _no_grads(q, k_cmp, v_cmp)
     params = dict(cmp_block=block, stride=stride, first_block=first_block)
+    packed = seq_start is not None
+    seq_start, cmp_start = token_map("seq_start", seq_start, q), token_map("cmp_start", cmp_start, q)
     dq, delta, (q, k_cmp, v_cmp, do, lse) = _dq_and_delta("compression_bwd_dq", params, q, k_cmp, v_cmp, o, lse,
-                                                          do, dlse, scale)
+                                                          do, dlse, scale, seq_start, cmp_start)
+    # each compressed row's visible tokens (the dk/dv kernel walks them)
+    row_first, row_end = packing.compressed_row_spans(T, N, block, stride, first_block,
+                                                      seq_start if packed else None,
+                                                      cmp_start if packed else None, q.device)
     dkdv = kernel(kernel_key("compression_bwd_dkdv", q, k_cmp, v_cmp.shape[3], scale, **params))
     # S as templates/compression_attention_bwd.splits computes it (kv_splits, 0 = stride // 16);
     # read from the schedule so a prebuilt kernel needs no template import.
     S = dict(dkdv.key.schedule or ()).get("kv_splits", 0) or max(1, stride // 16)
     part_k = empty((S, B, N, k_cmp.shape[2], Dk), torch.float32, q.device)
     part_v = empty((S, B, N, v_cmp.shape[2], v_cmp.shape[3]), torch.float32, q.device)
-    run_kernel(dkdv, q, k_cmp, v_cmp, do, lse, delta, part_k, part_v)
+    run_kernel(dkdv, q, k_cmp, v_cmp, do, lse, delta, row_first, row_end, part_k, part_v)
     return dq, part_k.sum(0).to(k_cmp.dtype), part_v.sum(0).to(v_cmp.dtype)
 
 
 @compression_attention_bwd.register_fake
-def _(do, dlse, q, k_cmp, v_cmp, o, lse, block, stride, first_block, scale):
+def _(do, dlse, q, k_cmp, v_cmp, o, lse, block, stride, first_block, scale, seq_start=None, cmp_start=None):
     return torch.empty_like(q), torch.empty_like(k_cmp), torch.empty_like(v_cmp)
 
 
@@ -216,15 +225,13 @@ def _check_unpacked(ctx):
 
 def setup_compression(ctx, inputs, output):
     q, k_cmp, v_cmp, block, stride, first_block, scale, seq_start, cmp_start = inputs
-    _unpacked(ctx, "compression_attention", seq_start, cmp_start)
-    ctx.save_for_backward(q, k_cmp, v_cmp, *output)
+    ctx.save_for_backward(q, k_cmp, v_cmp, seq_start, cmp_start, *output)   # (it takes packs)
     ctx.params = (block, stride, first_block, scale)
 
 
 def backward_compression(ctx, do, dlse):
-    _check_unpacked(ctx)
-    q, k_cmp, v_cmp, o, lse = ctx.saved_tensors
-    dq, dk, dv = compression_attention_bwd(do, dlse, q, k_cmp, v_cmp, o, lse, *ctx.params)
+    q, k_cmp, v_cmp, seq_start, cmp_start, o, lse = ctx.saved_tensors
+    dq, dk, dv = compression_attention_bwd(do, dlse, q, k_cmp, v_cmp, o, lse, *ctx.params, seq_start, cmp_start)
     return dq, dk, dv, None, None, None, None, None, None
 
 

@@ -65,6 +65,25 @@ def packed_maps(cu_seqlens: torch.Tensor, total: int, compression=None) -> dict[
     return {k: v.contiguous() for k, v in maps.items()}
 
 
+def compressed_row_spans(T: int, N: int, block: int, stride: int, first_block: int, seq_start=None,
+                         cmp_start=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_first [N], row_end [N]) int32: compressed row c is visible to the tokens
+    [row_first[c], row_end[c]): from the token that completes it to its sequence's end. From the
+    token maps [1, T] of a pack (device ops, no sync); None: one sequence of T tokens per batch row
+    (row c is completed by token (first_block + c) * stride + block - 1)."""
+    c = torch.arange(N, device=device if seq_start is None else seq_start.device)
+    if seq_start is None:
+        first = (first_block + c) * stride + block - 1
+        return first.to(torch.int32), torch.full_like(first, T).to(torch.int32)
+    ss, cs = seq_start[0].long(), cmp_start[0].long()
+    # the last token whose sequence's rows start at or before c owns row c (sequences without rows
+    # share their cmp_start with the next one, and come before it)
+    t = (torch.searchsorted(cs, c, right=True) - 1).clamp_min(0)
+    first = ss[t] + (first_block + c - cs[t]) * stride + block - 1
+    end = torch.searchsorted(ss, ss[t], right=True)          # the next sequence's first token
+    return first.to(torch.int32), end.to(torch.int32)
+
+
 def tile_starts(T: int, tile: int, cu_seqlens=None, device=None) -> torch.Tensor:
     """[P] int32: the first token of each tile of `tile` tokens that stays inside one sequence
     (a tile at every multiple of `tile` tokens into each sequence; for a batch, every `tile` tokens),

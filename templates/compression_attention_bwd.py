@@ -7,14 +7,20 @@ Layouts (contiguous, row-major); B, T and N are dynamic, N >= 1 (the caller skip
     DLSE  [B, T, HQ]      float32 (incoming gradient of lse)
     Delta [B, T, HQ]      float32 = sum_v dO*O - DLSE (written by "dq", read by "dkdv")
     dQ [B, T, HQ, Dk], dKc [B, N, H, Dk], dVc [B, N, H, Dv]: dtype, written once (no atomics).
+    SeqStart, CmpStart [B, T] int32 ("dq"; as the forward's: a pack's token maps, 0 for a batch)
+    RowFirst, RowEnd [N] int32 ("dkdv"): row c is visible to the tokens [RowFirst[c], RowEnd[c])
+        (its sequence's tokens from the one that completes it; packing.compressed_row_spans)
 
-Compressed row c is block i = first_block + c covering tokens [i*stride, i*stride + cmp_block);
-it is visible to query t iff i*stride + cmp_block - 1 <= t.  GQA: query head hq reads kv head hq // G.
+Compressed row CmpStart[t] + c is block i = first_block + c of t's sequence, covering its tokens
+[i*stride, i*stride + cmp_block); it is visible to query t iff i*stride + cmp_block - 1 <= t -
+SeqStart[t] (for a batch: row c, token t).  GQA: query head hq reads kv head hq // G.  A packed
+batch runs in one launch: tiles may straddle sequences, every (row, token) pair is masked by
+sequence.
 Math (FlashAttention-2): P = exp(scale*q.k - lse), dP = dO V^T, dS = P (dP - Delta),
 dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO; fp32 accumulation, P and dS rounded to dtype
 for the gemms.  Masked / padded / lse = -inf entries are selected to P = 0 (never NaN).
 
-part "dq"   main(Q, Kc, Vc, O, dO, LSE, DLSE, dQ, Delta)
+part "dq"   main(Q, Kc, Vc, O, dO, LSE, DLSE, SeqStart, CmpStart, dQ, Delta)
     Query-major, like the forward: the G heads of a KV group are packed head-major into the M
     rows of the tile (row r <-> token t0 + r % BT, head h*G + r // BT, BT = dq_block_M // G),
     so each K/V tile (TMA, warp-specialized pipeline) serves all G heads.  The program first
@@ -23,7 +29,7 @@ part "dq"   main(Q, Kc, Vc, O, dO, LSE, DLSE, dQ, Delta)
     (wgmma, dS from registers).  Q, dO and O come in once per program (16-byte SIMT copies, one
     per head); O is staged in the tile that later stages dQ.  Token tiles are launched last-first
     (heaviest first).
-part "dkdv" main(Q, Kc, Vc, dO, LSE, Delta, dKcPart, dVcPart)
+part "dkdv" main(Q, Kc, Vc, dO, LSE, Delta, RowFirst, RowEnd, dKcPart, dVcPart)
     dKcPart [S, B, N, H, Dk], dVcPart [S, B, N, H, Dv]: float32, S = kv_splits (see `splits`);
     the caller sums over S (a fixed order, so still deterministic) and rounds to dtype.
     Key-major: one program per (kv_block_N compressed rows, kv head, batch) keeps its K/V tile in
@@ -203,6 +209,8 @@ def _build_dq(cfg):
         dO: T.Tensor([B, Tn, HQ, Dv], dtype),
         LSE: T.Tensor([B, Tn, HQ], acc),
         DLSE: T.Tensor([B, Tn, HQ], acc),
+        SeqStart: T.Tensor([B, Tn], "int32"),
+        CmpStart: T.Tensor([B, Tn], "int32"),
         dQ: T.Tensor([B, Tn, HQ, Dk], dtype),
         Delta: T.Tensor([B, Tn, HQ], acc),
     ):
@@ -219,7 +227,8 @@ def _build_dq(cfg):
             acc_dq = T.alloc_fragment([BM, Dk], acc)
             lse2 = T.alloc_fragment([BM], acc)
             dlt = T.alloc_fragment([BM], acc)
-            nvis = T.alloc_fragment([BM], "int32")
+            c_first = T.alloc_fragment([BM], "int32")
+            c_end = T.alloc_fragment([BM], "int32")
 
             # heaviest (last) token tiles first
             t0 = (T.ceildiv(Tn, BT) - 1 - bx) * BT
@@ -243,18 +252,22 @@ def _build_dq(cfg):
             for i in T.Parallel(BM):
                 dlt[i] = dlt[i] - T.if_then_else(t0 + i % BT < Tn, DLSE[bz, t0 + i % BT, by * G + i // BT], 0)
                 lse2[i] = T.if_then_else(t0 + i % BT < Tn, LSE[bz, t0 + i % BT, by * G + i // BT] * _LOG2E, 0)
-                # rows past T see nothing
-                nvis[i] = T.if_then_else(t0 + i % BT < Tn, T.min(T.max(t0 + i % BT + off, 0) // d, N), 0)
+                # row i (token t) sees rows [c_first, c_end) of its sequence; rows past T see nothing
+                c_first[i] = CmpStart[bz, T.min(t0 + i % BT, Tn - 1)]
+                c_end[i] = T.if_then_else(t0 + i % BT < Tn, T.min(c_first[i] + T.max(
+                    t0 + i % BT - SeqStart[bz, T.min(t0 + i % BT, Tn - 1)] + off, 0) // d, N), 0)
             for i in T.Parallel(BM):
                 if t0 + i % BT < Tn:
                     Delta[bz, t0 + i % BT, by * G + i // BT] = dlt[i]
             T.fill(acc_dq, 0)
 
+            # rows from the first token's sequence start to the last token's newest visible one
             t_last = T.min(t0 + BT, Tn) - 1
-            n_keys = T.min(T.max(t_last + off, 0) // d, N)
-            for kt in T.Pipelined(T.ceildiv(n_keys, BN), num_stages=cfg.dq_num_stages):
-                T.copy(Kc[bz, kt * BN:(kt + 1) * BN, by, :], K_s)
-                T.copy(Vc[bz, kt * BN:(kt + 1) * BN, by, :], V_s)
+            c_lo = CmpStart[bz, t0]
+            c_hi = T.min(CmpStart[bz, t_last] + T.max(t_last - SeqStart[bz, t_last] + off, 0) // d, N)
+            for kt in T.Pipelined(T.ceildiv(c_hi - c_lo, BN), num_stages=cfg.dq_num_stages):
+                T.copy(Kc[bz, c_lo + kt * BN:c_lo + (kt + 1) * BN, by, :], K_s)
+                T.copy(Vc[bz, c_lo + kt * BN:c_lo + (kt + 1) * BN, by, :], V_s)
                 T.clear(acc_s)
                 T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                 T.clear(acc_dp)
@@ -262,7 +275,7 @@ def _build_dq(cfg):
                 # select (never multiply) so exp2(+inf) of masked / lse=-inf entries becomes 0
                 for i, j in T.Parallel(BM, BN):
                     ds[i, j] = T.if_then_else(
-                        kt * BN + j < nvis[i],
+                        (c_lo + kt * BN + j >= c_first[i]) & (c_lo + kt * BN + j < c_end[i]),
                         T.exp2(acc_s[i, j] * scale2 - lse2[i]) * (acc_dp[i, j] - dlt[i]),
                         0,
                     )
@@ -282,13 +295,10 @@ def _build_dkdv(cfg):
     HQ, H = cfg.heads_q, cfg.heads_kv
     G = HQ // H
     Dk, Dv = cfg.dim_k, cfg.dim_v
-    l, d, f = cfg.cmp_block, cfg.stride, cfg.first_block
     BN, BM = cfg.kv_block_N, cfg.kv_block_M
     dtype, acc = cfg.dtype, "float32"
     scale = float(cfg.scale)
     scale2 = scale * _LOG2E
-    # row c is first visible to token t_vis(c) = (f + c) * d + l - 1
-    tv0 = f * d + l - 1
     S = splits(cfg)
 
     B, Tn, N = T.dynamic("B, T, N")
@@ -301,6 +311,8 @@ def _build_dkdv(cfg):
         dO: T.Tensor([B, Tn, HQ, Dv], dtype),
         LSE: T.Tensor([B, Tn, HQ], acc),
         Delta: T.Tensor([B, Tn, HQ], acc),
+        RowFirst: T.Tensor([N], "int32"),
+        RowEnd: T.Tensor([N], "int32"),
         dKcPart: T.Tensor([S, B, N, H, Dk], acc),
         dVcPart: T.Tensor([S, B, N, H, Dv], acc),
     ):
@@ -318,20 +330,28 @@ def _build_dkdv(cfg):
             acc_dpt = T.alloc_fragment([BN, BM], acc)
             acc_dk = T.alloc_fragment([BN, Dk], acc)
             acc_dv = T.alloc_fragment([BN, Dv], acc)
+            row_first = T.alloc_fragment([BN], "int32")
+            row_end = T.alloc_fragment([BN], "int32")
             bz = bzs // S
             sp = bzs % S
             c0 = bz * BN
-            t_first = c0 * d + tv0
+            # The tile's tokens: from the one completing its first row to its last row's sequence
+            # end (both rise with the row; for a batch: (f + c0) * d + l - 1 .. T).
+            t_first = RowFirst[c0]
+            t_end = T.min(RowEnd[T.min(c0 + BN, N) - 1], Tn)
             # This program's share of the tile's token blocks: [t_lo, t_hi).  It always runs at
             # least one (then fully masked) step, so its K/V loads are waited on before it exits.
-            n_all = T.ceildiv(T.max(Tn - t_first, 0), BM)
+            n_all = T.ceildiv(T.max(t_end - t_first, 0), BM)
             per = T.ceildiv(n_all, S)
             t_lo = t_first + sp * per * BM
-            t_hi = T.min(t_first + (sp + 1) * per * BM, Tn)
+            t_hi = T.min(t_first + (sp + 1) * per * BM, t_end)
             n_tb = T.max(T.min(per, n_all - sp * per), 1)
 
             T.copy(Kc[by, c0:c0 + BN, bx, :], K_s)
             T.copy(Vc[by, c0:c0 + BN, bx, :], V_s)
+            for i in T.Parallel(BN):
+                row_first[i] = RowFirst[T.min(c0 + i, N - 1)]
+                row_end[i] = RowEnd[T.min(c0 + i, N - 1)]
             T.fill(acc_dk, 0)
             T.fill(acc_dv, 0)
 
@@ -351,16 +371,16 @@ def _build_dkdv(cfg):
                 T.gemm(K_s, Q_s, acc_st, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                 T.clear(acc_dpt)
                 T.gemm(V_s, dO_s, acc_dpt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                # visible: row c0+i < N, token t0+j < T, (f+c0+i)*d + l - 1 <= t0+j.
+                # visible: row c0+i < N, token t0+j in [RowFirst, RowEnd) of the row (and this split).
                 # select (never multiply): masked / lse=-inf entries give P = 0, not NaN
                 for i, j in T.Parallel(BN, BM):
                     P_s[i, j] = T.if_then_else(
-                        (c0 + i < N) and (t0 + j < t_hi) and ((c0 + i) * d + tv0 <= t0 + j),
+                        (c0 + i < N) and (t0 + j < t_hi) and (row_first[i] <= t0 + j) and (t0 + j < row_end[i]),
                         T.exp2(acc_st[i, j] * scale2 - lse_v[j] * _LOG2E),
                         0,
                     )
                     dS_s[i, j] = T.if_then_else(
-                        (c0 + i < N) and (t0 + j < t_hi) and ((c0 + i) * d + tv0 <= t0 + j),
+                        (c0 + i < N) and (t0 + j < t_hi) and (row_first[i] <= t0 + j) and (t0 + j < row_end[i]),
                         T.exp2(acc_st[i, j] * scale2 - lse_v[j] * _LOG2E) * (acc_dpt[i, j] - dlt_v[j]),
                         0,
                     )

@@ -69,7 +69,8 @@ def test_keys_zero_the_dims_a_kind_never_reads():
 def test_backward_plan_binds_the_registry_names():
     plan = lower_to_plan(NSASpec())
     produced = {"q", "k", "v", "k_cmp", "v_cmp", "k_win", "v_win", "g_cmp", "g_slc", "g_win", "do", "block_units",
-                "seq_start", "cmp_start"}   # the inputs of a forward: tensors, and the pack's token maps
+                "seq_start", "cmp_start",   # the inputs of a forward: tensors, and the pack's token maps
+                "row_first", "row_end"}     # (block_units and the row spans: derived by their ops)
     for c in plan.calls:
         produced |= set(c.outputs)
     produced |= {f"d{x}" for x in ("lse_cmp", "lse_slc", "lse_win")}

@@ -59,3 +59,17 @@ def test_tile_starts_cover_each_sequence_without_straddling(lengths, tile):
     assert [x for x in got if x >= 0] == want
     assert all(x == -1 for x in got[len(want):]) and len(got) == -(-T // tile) + len(lengths)
     assert packing.tile_starts(T, tile).tolist() == list(range(0, T, tile))
+
+
+@pytest.mark.parametrize("lengths", LENGTHS + [[40, 0, 100, 3, 64]], ids=str)
+def test_compressed_row_spans_are_each_rows_visible_tokens(lengths):
+    cu = _cu(lengths)
+    T, (l, d, f) = int(cu[-1]), (16, 8, 1)
+    maps = packing.packed_maps(cu, T, type("C", (), dict(block=l, stride=d, first_block=f)))
+    N = int(packing.compressed_offsets(cu, l, d, f)[-1])
+    first, end = packing.compressed_row_spans(T, N, l, d, f, maps["seq_start"], maps["cmp_start"])
+    want = [(a + (f + c) * d + l - 1, b) for a, b in zip(cu.tolist(), cu.tolist()[1:])
+            for c in range(ref.num_compressed_blocks(b - a, l, d, f))]
+    assert list(zip(first.tolist(), end.tolist())) == want
+    first, end = packing.compressed_row_spans(100, 5, l, d, f)       # a batch: one sequence per row
+    assert first.tolist() == [(f + c) * d + l - 1 for c in range(5)] and end.tolist() == [100] * 5
