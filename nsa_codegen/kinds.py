@@ -110,12 +110,14 @@ _ALL = (
                _DKDV + ("row_first", "row_end"), ("dk_partial", "dv_partial"), tuned_by="op"),
     KernelKind("selection_bwd_dq", _SEL, "selection_attention_bwd", "SelectionAttentionBwdConfig", "dq",
                _DQ + ("block_indices", "seq_start"), ("dq", "delta"), tuned_by="op"),
-    # Over the transposed block map (ops.selection_block_units), one program per unit of tokens.
+    # Over the transposed block map (ops.selection_block_units), one program per unit of tokens;
+    # block_row0 / block_row_end: each block's keys (a pack's sequences tile from their own starts).
     KernelKind("selection_bwd_dkdv", _SEL, "selection_attention_bwd", "SelectionAttentionBwdConfig", "dkdv",
-               _DKDV + ("tok_idx", "unit_block", "unit_start", "unit_end"), ("dk_partial", "dv_partial"),
-               tuned_by="op"),
+               _DKDV + ("tok_idx", "unit_block", "unit_start", "unit_end", "block_row0", "block_row_end"),
+               ("dk_partial", "dv_partial"), tuned_by="op"),
     KernelKind("selection_bwd_reduce", _SEL, "selection_attention_bwd", "SelectionAttentionBwdConfig", "reduce",
-               ("dk_partial", "dv_partial", "block_unit_start"), ("dk", "dv"), tuned_by="op"),
+               ("dk_partial", "dv_partial", "block_unit_start", "block_row0", "block_row_end"), ("dk", "dv"),
+               tuned_by="op"),
     KernelKind("window_bwd_dq", _WIN, "window_attention_bwd", "WindowAttentionBwdConfig", "dq",
                _DQ + ("seq_start",), ("dq", "delta"), tuned_by="op"),
     KernelKind("window_bwd_dkdv", _WIN, "window_attention_bwd", "WindowAttentionBwdConfig", "dkdv",

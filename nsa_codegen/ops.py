@@ -17,8 +17,8 @@ Layouts: q [B, T, HQ, Dk], k [B, T, H, Dk], v [B, T, H, Dv], k_cmp [B, N, H, Dk]
 lse [B, T, HQ] float32 (natural log), block_indices [B, T, H, n]. Scale < 0 means 1/sqrt(Dk).
 seq_start / cmp_start [B, T] int32 (nsa_codegen.packing) run a packed batch in one launch: token t
 belongs to the sequence starting at token seq_start[t], whose compressed rows start at cmp_start[t];
-None is an unpacked batch (selection_topn also takes the pack's cu_seqlens, for its tile table). The
-window and compression backwards take packs; selection's raises NotImplementedError for now.
+None is an unpacked batch (selection_topn also takes the pack's cu_seqlens, for its tile table); their
+backwards take the same maps.
 """
 from __future__ import annotations
 
@@ -205,8 +205,7 @@ def nsa_attention(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
     q [B, T, HQ, Dk], k [B, T, H, Dk], v [B, T, H, Dv], gates [B, T, HQ] -> o [B, T, HQ, Dv].
     k_cmp / v_cmp default to mean pooling of k / v; k_win / v_win default to k / v.
     cu_seqlens [S+1] with B == 1 packs S sequences (k_cmp / v_cmp, if given, pack each sequence's
-    compressed rows back to back). Without autograd, a pack runs one launch per kernel; with
-    autograd it runs sequence by sequence, until the backward kernels take packs.
+    compressed rows back to back): a pack runs one launch per kernel, forward and backward.
     """
     if not isinstance(spec, NSASpec):
         raise TypeError(f"spec must be an NSASpec, got {type(spec).__name__}")
@@ -217,10 +216,6 @@ def nsa_attention(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
         if B != 1:
             raise ValueError(f"with cu_seqlens, q must be packed as [1, total, HQ, D], got batch {B}")
         packing.check_cu_seqlens_type(cu_seqlens, T)
-        tensors = (q, k, v, g_cmp, g_slc, g_win, k_cmp, v_cmp, k_win, v_win)
-        if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors):
-            return reference.run_packed(q, k, v, g_cmp, g_slc, g_win, spec, k_cmp, v_cmp, k_win, v_win,
-                                        block_indices, cu_seqlens, return_indices, forward=nsa_attention)
         if not torch.compiler.is_compiling():
             packing.check_cu_seqlens(cu_seqlens, T)
         cu_seqlens = cu_seqlens.to(q.device)

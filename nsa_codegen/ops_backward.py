@@ -3,7 +3,8 @@ rules that register them as the forward ops' backward (nsa_codegen.ops registers
 
   nsa_codegen::compression_attention_bwd(do, dlse, q, k_cmp, v_cmp, o, lse, block, stride, first_block,
                                          scale, seq_start=None, cmp_start=None) -> (dq, dk_cmp, dv_cmp)
-  nsa_codegen::selection_attention_bwd(do, dlse, q, k, v, o, lse, block_indices, sel_block, scale) -> (dq, dk, dv)
+  nsa_codegen::selection_attention_bwd(do, dlse, q, k, v, o, lse, block_indices, sel_block, scale,
+                                       seq_start=None) -> (dq, dk, dv)
   nsa_codegen::window_attention_bwd(do, dlse, q, k, v, o, lse, window, scale, seq_start=None) -> (dq, dk, dv)
   nsa_codegen::gate_combine_bwd(do, o_cmp, g_cmp, o_slc, g_slc, o_win, g_win, kv_heads) -> [do_x, dg_x, ...]
 Layouts as in nsa_codegen.ops; do / dlse None mean zero cotangents.
@@ -118,24 +119,39 @@ SELECTION_UNIT_TOKENS = 256
 
 
 def selection_block_units(block_indices: torch.Tensor, T: int, sel_block: int,
-                          unit_tokens: int = SELECTION_UNIT_TOKENS):
+                          unit_tokens: int = SELECTION_UNIT_TOKENS, seq_start: Optional[torch.Tensor] = None):
     """The transposed selection map (block CSR) cut into units of at most unit_tokens queries.
 
     block_indices [B, T, H, n] (-1 = pad) -> (tok_idx [P], unit_block [U], unit_start [U], unit_end [U],
-    block_unit_start [B*H*NB + 1]), all int32: entries sorted by flat block id (b*H + h)*NB + j, then by
-    token; unit u covers entries [unit_start[u], unit_end[u]) of block unit_block[u]; the units of block
-    bid are block_unit_start[bid] .. block_unit_start[bid+1]-1. Sort-based, so deterministic.
+    block_unit_start [B*H*NBG + 1], block_row0 [NBG], block_row_end [NBG]), all int32. The blocks are
+    each sequence's (seq_start [1, T]: a pack's token map; None: one sequence of T tokens): block g
+    holds keys [block_row0[g], block_row_end[g]), and token t's block id j is block
+    (first block of t's sequence) + j. Entries are sorted by flat block id (b*H + h)*NBG + g, then by
+    token; unit u covers entries [unit_start[u], unit_end[u]) of block unit_block[u]; the units of
+    block bid are block_unit_start[bid] .. block_unit_start[bid+1]-1. Sort-based, so deterministic.
     """
     B, _, H, n = block_indices.shape
     dev = block_indices.device
-    NB = -(-T // sel_block)
-    nblk = B * H * NB
+    t = torch.arange(T, device=dev)
+    if seq_start is None:
+        ss = torch.zeros(T, dtype=torch.long, device=dev)
+    else:
+        ss = seq_start[0].long()
+    # Blocks start at every sel_block tokens into each sequence: their first rows, in order.
+    is_first = (t - ss) % sel_block == 0
+    row0 = torch.nonzero(is_first).flatten()                 # (a host sync, like U below)
+    seq_end = torch.searchsorted(ss, ss, right=True)         # per token: its sequence's end
+    row_end = torch.minimum(row0 + sel_block, seq_end[row0])
+    NBG = row0.numel()
+    base = (torch.cumsum(is_first.long(), 0) - 1)[ss]        # per token: its sequence's first block
+    nblk = B * H * NBG
     idx = block_indices.long()
-    valid = (idx >= 0) & (idx < NB)
+    # usable: a block of the token's own sequence (later blocks stay, and add nothing: causality)
+    valid = (idx >= 0) & (ss.view(1, T, 1, 1) + idx * sel_block < seq_end.view(1, T, 1, 1))
     bb = torch.arange(B, device=dev).view(B, 1, 1, 1)
-    tt = torch.arange(T, device=dev).view(1, T, 1, 1)
+    tt = t.view(1, T, 1, 1)
     hh = torch.arange(H, device=dev).view(1, 1, H, 1)
-    flat = ((bb * H + hh) * NB + idx) * T + tt  # block id major, token minor
+    flat = ((bb * H + hh) * NBG + base.view(1, T, 1, 1) + idx) * T + tt  # block id major, token minor
     keys, _ = torch.sort(flat[valid])
     tok_idx = (keys % T).to(torch.int32)
     counts = torch.bincount(keys // T, minlength=nblk)
@@ -149,39 +165,44 @@ def selection_block_units(block_indices: torch.Tensor, T: int, sel_block: int,
     unit_start = entry_start[unit_block] + rank * unit_tokens
     unit_end = torch.minimum(unit_start + unit_tokens, entry_start[unit_block] + counts[unit_block])
     i32 = torch.int32
-    return tok_idx, unit_block.to(i32), unit_start.to(i32), unit_end.to(i32), block_unit_start.to(i32)
+    return (tok_idx, unit_block.to(i32), unit_start.to(i32), unit_end.to(i32), block_unit_start.to(i32),
+            row0.to(i32), row_end.to(i32))
 
 
 @torch.library.custom_op("nsa_codegen::selection_attention_bwd", mutates_args=())
 def selection_attention_bwd(do: Optional[torch.Tensor], dlse: Optional[torch.Tensor], q: torch.Tensor,
                             k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                            block_indices: torch.Tensor, sel_block: int,
-                            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of selection_attention; dk/dv run over the transposed block map."""
+                            block_indices: torch.Tensor, sel_block: int, scale: float,
+                            seq_start: Optional[torch.Tensor] = None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of selection_attention (seq_start: a pack's token map, as the forward's); dk/dv
+    run over the transposed block map."""
     B, T, HQ, Dk = q.shape
     if T == 0:
         return _no_grads(q, k, v)
     params = dict(sel_block=sel_block, top_n=block_indices.shape[3])
     bi = contiguous(block_indices.to(torch.int32))
-    # (the dq kernel takes a pack's seq_start like the forward; the dk/dv kernels do not yet)
+    packed = seq_start is not None
+    seq_start = token_map("seq_start", seq_start, q)
     dq, delta, (q, k, v, do, lse) = _dq_and_delta("selection_bwd_dq", params, q, k, v, o, lse, do, dlse, scale, bi,
-                                                  token_map("seq_start", None, q))
-    tok_idx, unit_block, unit_start, unit_end, block_unit_start = selection_block_units(bi, T, sel_block)
+                                                  seq_start)
+    tok_idx, unit_block, unit_start, unit_end, block_unit_start, row0, row_end = selection_block_units(
+        bi, T, sel_block, seq_start=seq_start if packed else None)
     U = unit_block.shape[0]
     part_k = empty((max(U, 1), sel_block, Dk), torch.float32, q.device)
     part_v = empty((max(U, 1), sel_block, v.shape[3]), torch.float32, q.device)
     if U:
         launch(kernel_key("selection_bwd_dkdv", q, k, v.shape[3], scale, **params), q, k, v, do, lse, delta,
-                tok_idx, unit_block, unit_start, unit_end, part_k, part_v)
+                tok_idx, unit_block, unit_start, unit_end, row0, row_end, part_k, part_v)
     dk = empty(k.shape, k.dtype, k.device)
     dv = empty(v.shape, v.dtype, v.device)
     launch(kernel_key("selection_bwd_reduce", q, k, v.shape[3], scale, **params), part_k, part_v, block_unit_start,
-            dk, dv)
+           row0, row_end, dk, dv)
     return dq, dk, dv
 
 
 @selection_attention_bwd.register_fake
-def _(do, dlse, q, k, v, o, lse, block_indices, sel_block, scale):
+def _(do, dlse, q, k, v, o, lse, block_indices, sel_block, scale, seq_start=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -207,20 +228,6 @@ def _(do, o_cmp, g_cmp, o_slc, g_slc, o_win, g_win, kv_heads):
         if o is not None:
             out += [torch.empty_like(o), torch.empty_like(g)]
     return out
-
-
-def _unpacked(ctx, op: str, *maps):
-    """The backward kernels do not take packs yet: a pack's forward (seq_start / cmp_start given)
-    cannot be differentiated (nsa_attention runs a pack that needs gradients sequence by sequence)."""
-    ctx.packed = any(m is not None for m in maps)
-    ctx.op = op
-
-
-def _check_unpacked(ctx):
-    if ctx.packed:
-        raise NotImplementedError(f"{ctx.op}: the backward of a packed launch (seq_start given) is not "
-                                  f"implemented yet; run the pack's sequences one by one (nsa_attention does "
-                                  f"when gradients are needed)")
 
 
 def setup_compression(ctx, inputs, output):
@@ -249,15 +256,13 @@ def backward_window(ctx, do, dlse):
 
 def setup_selection(ctx, inputs, output):
     q, k, v, block_indices, sel_block, scale, seq_start = inputs
-    _unpacked(ctx, "selection_attention", seq_start)
-    ctx.save_for_backward(q, k, v, block_indices, *output)
+    ctx.save_for_backward(q, k, v, block_indices, seq_start, *output)   # (it takes packs)
     ctx.params = (sel_block, scale)
 
 
 def backward_selection(ctx, do, dlse):
-    _check_unpacked(ctx)
-    q, k, v, block_indices, o, lse = ctx.saved_tensors
-    dq, dk, dv = selection_attention_bwd(do, dlse, q, k, v, o, lse, block_indices, *ctx.params)
+    q, k, v, block_indices, seq_start, o, lse = ctx.saved_tensors
+    dq, dk, dv = selection_attention_bwd(do, dlse, q, k, v, o, lse, block_indices, *ctx.params, seq_start)
     return dq, dk, dv, None, None, None, None
 
 

@@ -7,7 +7,7 @@ visible key has lse = -inf and gets zero gradients.  With Delta = rowsum(dO*O) -
     dP = dO V^T,  dS = P (dP - Delta),  dQ = scale dS K,  dK = scale dS^T Q,  dV = P^T dO.
 No atomics: every output element is written by exactly one program, sums run in a fixed order.
 
-Layouts (contiguous, row-major); B, T (and P, U, NBU below) dynamic, NB = ceil(T / block):
+Layouts (contiguous, row-major); B, T (and P, U, NBU, NBG below) dynamic:
   part "dq"     (Q [B,T,HQ,Dk], K [B,T,H,Dk], V [B,T,H,Dv], O [B,T,HQ,Dv], dO [B,T,HQ,Dv],
                  LSE [B,T,HQ] f32, DLSE [B,T,HQ] f32, BlockIndices [B,T,H,top_n] int32,
                  SeqStart [B,T] int32 (block ids count from it, as in the forward),
@@ -25,10 +25,12 @@ Layouts (contiguous, row-major); B, T (and P, U, NBU below) dynamic, NB = ceil(T
       so a NaN key only other tokens chose never enters it), a block listed c > 1 times weighs
       c-fold as in the reference.
   part "dkdv"   (Q, K, V, dO, LSE, Delta, TokIdx [P] int32, UnitBlock [U] int32,
-                 UnitStart [U] int32, UnitEnd [U] int32,
+                 UnitStart [U] int32, UnitEnd [U] int32, BlockRow0 [NBG] int32, BlockRowEnd [NBG] int32,
                  PartK [U, block, Dk] f32 (out), PartV [U, block, Dv] f32 (out))
-      Key-major over a host-built transposed map (block CSR, see devchecks/check_selection_bwd.py
-      build_units): the valid selections sorted by flat block id bid = (b*H + h)*NB + j, then t;
+      Blocks are those of each sequence (a pack's sequences tile from their own starts): block g
+      holds keys [BlockRow0[g], BlockRowEnd[g]) (for a batch: g * block .. min((g+1) * block, T)).
+      Key-major over a transposed map (block CSR, ops_backward.selection_block_units): the valid
+      selections sorted by flat block id bid = (b*H + h)*NBG + g, then t;
       TokIdx[p] = t of entry p; unit u = entries [UnitStart[u], UnitEnd[u]) of block UnitBlock[u].
       One program per unit: K/V of the block (rows >= T zero) in smem, then a pipelined loop
       over chunks of chunk_rows // G tokens: gather their G query-head rows of Q, dO, LSE,
@@ -37,10 +39,12 @@ Layouts (contiguous, row-major); B, T (and P, U, NBU below) dynamic, NB = ceil(T
       dV += P^T dO, dK += dS^T Q in fp32 registers; all `block` rows of the unit's partial
       written to PartK[u], PartV[u] (exact zeros where no query sees a key).
   part "reduce" (PartK [U, block, Dk] f32, PartV [U, block, Dv] f32,
-                 BlockUnitStart [B*H*NB + 1] int32, dK [B,T,H,Dk] dtype (out), dV [B,T,H,Dv] dtype (out))
-      One program per flat block id (grid NB x H x B): sums units BlockUnitStart[bid] ..
+                 BlockUnitStart [B*H*NBG + 1] int32, BlockRow0 [NBG] int32, BlockRowEnd [NBG] int32,
+                 dK [B,T,H,Dk] dtype (out), dV [B,T,H,Dv] dtype (out))
+      One program per flat block id (grid NBG x H x B): sums units BlockUnitStart[bid] ..
       BlockUnitStart[bid+1]-1 in unit order (deterministic) and writes rows
-      j*block .. min((j+1)*block, T)-1 of head h; a block without units writes zeros.
+      BlockRow0[g] .. BlockRowEnd[g]-1 of head h; a block without units writes zeros (the blocks
+      partition the T rows).
 
 Schedule fields (defaults):
   threads = 0            auto: dq 128, dkdv 256, reduce 256.
@@ -511,7 +515,7 @@ def _build_dkdv(cfg):
     min_blocks = _min_blocks(cfg)
     NSTAGE, CG = _stages(cfg), cfg.chunk_group
 
-    B, S, P, U = T.dynamic("B, T, P, U")
+    B, S, P, U, NBG = T.dynamic("B, T, P, U, NBG")
 
     # Chunk ci: entries p0 + ci*C .. (+C); row r <-> (entry p0 + ci*C + r // G,
     # query head h*G + r % G).  Entries past p1 repeat entry p1-1 (loads stay
@@ -556,6 +560,8 @@ def _build_dkdv(cfg):
         UnitBlock: T.Tensor([U], "int32"),
         UnitStart: T.Tensor([U], "int32"),
         UnitEnd: T.Tensor([U], "int32"),
+        BlockRow0: T.Tensor([NBG], "int32"),
+        BlockRowEnd: T.Tensor([NBG], "int32"),
         PartK: T.Tensor([U, BS, Dk], acc),
         PartV: T.Tensor([U, BS, Dv], acc),
     ):
@@ -582,20 +588,20 @@ def _build_dkdv(cfg):
             if min_blocks > 1:
                 T.annotate_min_blocks_per_sm(min_blocks)
 
-            nb = T.ceildiv(S, BS)
-            bid = UnitBlock[u]          # (b*H + h)*NB + j, >= 0
-            j = T.truncmod(bid, nb)
-            h = T.truncmod(T.truncdiv(bid, nb), H)
-            b = T.truncdiv(bid, nb * H)
+            bid = UnitBlock[u]          # (b*H + h)*NBG + g, >= 0
+            g = T.truncmod(bid, NBG)
+            h = T.truncmod(T.truncdiv(bid, NBG), H)
+            b = T.truncdiv(bid, NBG * H)
             p0 = UnitStart[u]
             p1 = UnitEnd[u]
-            k0 = j * BS
+            k0 = BlockRow0[g]
+            k1 = BlockRowEnd[g]
 
-            # The block's keys/values, rows past T zero (they are masked anyway).
+            # The block's keys/values, rows past its sequence's end zero (they are masked anyway).
             for i, d in T.Parallel(BS, Dk):
-                K_s[i, d] = T.if_then_else(k0 + i < S, K[b, k0 + i, h, d], T.cast(0, dtype))
+                K_s[i, d] = T.if_then_else(k0 + i < k1, K[b, T.min(k0 + i, S - 1), h, d], T.cast(0, dtype))
             for i, d in T.Parallel(BS, Dv):
-                V_s[i, d] = T.if_then_else(k0 + i < S, V[b, k0 + i, h, d], T.cast(0, dtype))
+                V_s[i, d] = T.if_then_else(k0 + i < k1, V[b, T.min(k0 + i, S - 1), h, d], T.cast(0, dtype))
             T.fill(acc_dk, 0)
             T.fill(acc_dv, 0)
 
@@ -629,22 +635,26 @@ def _build_reduce(cfg):
     acc = "float32"
     threads = _threads(cfg)
 
-    B, S, U, NBU = T.dynamic("B, T, U, NBU")
+    B, S, U, NBU, NBG = T.dynamic("B, T, U, NBU, NBG")
 
     @T.prim_func
     def selection_attention_bwd_reduce(
         PartK: T.Tensor([U, BS, Dk], acc),
         PartV: T.Tensor([U, BS, Dv], acc),
         BlockUnitStart: T.Tensor([NBU], "int32"),
+        BlockRow0: T.Tensor([NBG], "int32"),
+        BlockRowEnd: T.Tensor([NBG], "int32"),
         dK: T.Tensor([B, S, H, Dk], dtype),
         dV: T.Tensor([B, S, H, Dv], dtype),
     ):
-        # Block on grid x (NB can exceed 65535); block 0 of every head (the most
+        # Block on grid x (NBG can exceed 65535); block 0 of every head (the most
         # units: it is forced for every query) is in the first wave.
-        with T.Kernel(T.ceildiv(S, BS), H, B, threads=threads) as (j, h, b):
+        with T.Kernel(NBG, H, B, threads=threads) as (j, h, b):
             acc_k = T.alloc_fragment([BS, Dk], acc)
             acc_v = T.alloc_fragment([BS, Dv], acc)
-            bid = (b * H + h) * T.ceildiv(S, BS) + j
+            bid = (b * H + h) * NBG + j
+            k0 = BlockRow0[j]
+            k1 = BlockRowEnd[j]
             u0 = BlockUnitStart[bid]
             u1 = BlockUnitStart[bid + 1]
             T.fill(acc_k, 0)
@@ -655,10 +665,10 @@ def _build_reduce(cfg):
                 for i, d in T.Parallel(BS, Dv):
                     acc_v[i, d] += PartV[u0 + u, i, d]
             for i, d in T.Parallel(BS, Dk):
-                if j * BS + i < S:
-                    dK[b, j * BS + i, h, d] = T.cast(acc_k[i, d], dtype)
+                if k0 + i < k1:
+                    dK[b, k0 + i, h, d] = T.cast(acc_k[i, d], dtype)
             for i, d in T.Parallel(BS, Dv):
-                if j * BS + i < S:
-                    dV[b, j * BS + i, h, d] = T.cast(acc_v[i, d], dtype)
+                if k0 + i < k1:
+                    dV[b, k0 + i, h, d] = T.cast(acc_v[i, d], dtype)
 
     return selection_attention_bwd_reduce

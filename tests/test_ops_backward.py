@@ -181,20 +181,29 @@ BF16_LAYER_SPEC = NSASpec(heads=16, kv_heads=4, head_dim=64, v_head_dim=64, dtyp
 
 
 @gpu
-def test_cu_seqlens_gradients_equal_separate_sequences(precompiled):
+def test_cu_seqlens_gradients_match_the_reference_per_sequence(precompiled):
+    """A pack trains in one launch per kernel: the gradients of q, k, v and the gates match the
+    reference's autograd on each sequence alone (on the kernels' own selection), twice bit-identical."""
     from nsa_codegen import nsa_attention
     name, spec, _, _ = MATRIX[3]
     lens = [300, 1, 517, 64]
     q, k, v, gates = make_inputs(spec, 1, sum(lens), seed=25)
     cu = torch.tensor([0, 300, 301, 818, 882], device="cuda", dtype=torch.int32)
     do = torch.randn_like(q[..., :spec.v_head_dim])
-    leaves = [x.detach().requires_grad_() for x in (q, k, v, *gates)]
-    packed = torch.autograd.grad((nsa_attention(*leaves, spec, cu_seqlens=cu) * do).float().sum(), leaves)
-    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        part = [x[:, a:b].detach().requires_grad_() for x in (q, k, v, *gates)]
-        one = torch.autograd.grad((nsa_attention(*part, spec) * do[:, a:b]).float().sum(), part)
-        for p, o in zip(packed, one):
-            torch.testing.assert_close(p[:, a:b], o, rtol=0, atol=0)
+    with torch.no_grad():
+        _, idx = nsa_attention(q, k, v, *gates, spec, cu_seqlens=cu, return_indices=True)
+
+    def grads(fn, xs, do_):
+        leaves = [x.detach().requires_grad_() for x in xs]
+        return torch.autograd.grad((fn(*leaves) * do_).float().sum(), leaves)
+    kern = lambda *xs: nsa_attention(*xs, spec, cu_seqlens=cu)  # noqa: E731
+    packed = grads(kern, (q, k, v, *gates), do)
+    assert all(torch.equal(a, b) for a, b in zip(packed, grads(kern, (q, k, v, *gates), do)))
+    oracle = lambda *xs: ref.nsa_reference(*xs, spec, block_indices=idx, cu_seqlens=cu)  # noqa: E731
+    hi = grads(oracle, f32(q, k, v, *gates), do.float())
+    lo = grads(oracle, (q, k, v, *gates), do)
+    for what, p, h, l in zip(("dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_win"), packed, hi, lo):
+        assert_grad_close(f"{name}/pack/{what}", p, h, l)
 
 
 # Selection dq schedules: 1 = per token, 0 = auto (a token tile where G >= 8).
@@ -372,9 +381,10 @@ def test_selection_block_units_is_the_exact_transpose(unit_tokens):
                 pick = torch.randperm(vis, generator=g)[:n]
                 idx[b, t, h, :len(pick)] = pick.sort().values.int()
     idx[0, 5, 0, 1] = idx[0, 5, 0, 0]  # a repeated block counts twice
-    tok, ublk, ustart, uend, bstart = selection_block_units(idx, T, bs, unit_tokens)
+    tok, ublk, ustart, uend, bstart, row0, row_end = selection_block_units(idx, T, bs, unit_tokens)
     assert tok.dtype == ublk.dtype == ustart.dtype == uend.dtype == bstart.dtype == torch.int32
     assert bstart.shape == (B * H * NB + 1,) and int(bstart[-1]) == len(ublk)
+    assert row0.tolist() == list(range(0, T, bs)) and row_end.tolist() == [min(r + bs, T) for r in range(0, T, bs)]
     seen = {}
     for u in range(len(ublk)):
         assert 0 < int(uend[u]) - int(ustart[u]) <= unit_tokens
@@ -460,3 +470,33 @@ def test_compression_gradients_of_a_pack(name, spec, B, T, precompiled):
         for what, x, h, l in zip(("dq", "dk_cmp", "dv_cmp"), (got[0][:, a:b], got[1][:, ra:rb], got[2][:, ra:rb]),
                                  hi, lo):
             assert_grad_close(f"{name}/pack[{a}:{b}]/{what}", x, h, l)
+
+
+def test_selection_block_units_of_a_pack():
+    """A pack's blocks are each sequence's own: token t's block j is its sequence's j-th block
+    (rows from the sequence start), blocks past the sequence's end are dropped, and the blocks
+    partition the pack's rows."""
+    from nsa_codegen import packing
+    lengths, bs, n = [70, 5, 0, 130], 32, 3
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    T = int(cu[-1])
+    g = torch.Generator().manual_seed(31)
+    idx = torch.randint(-1, 6, (1, T, 2, n), generator=g).int()     # ids up to 5: some past a sequence
+    ss = packing.packed_maps(cu, T)["seq_start"]
+    tok, ublk, ustart, uend, bstart, row0, row_end = selection_block_units(idx, T, bs, 2, seq_start=ss)
+    starts = [(a, b) for a, b in zip(cu.tolist(), cu.tolist()[1:])]
+    blocks = [(a + j, min(a + j + bs, b)) for a, b in starts for j in range(0, b - a, bs)]
+    assert list(zip(row0.tolist(), row_end.tolist())) == blocks
+    NBG = len(blocks)
+    first_block = {a: sum(1 for r0, _ in blocks if r0 < a) for a, _ in starts}
+    expect = {}
+    for t in range(T):
+        a, b = next((a, b) for a, b in starts if a <= t < b)
+        for h in range(2):
+            for j in idx[0, t, h].tolist():
+                if j >= 0 and a + j * bs < b:
+                    expect.setdefault(h * NBG + first_block[a] + j, []).append(t)
+    seen = {}
+    for u in range(len(ublk)):
+        seen.setdefault(int(ublk[u]), []).extend(tok[ustart[u]:uend[u]].tolist())
+    assert seen == {k: sorted(v) for k, v in expect.items()}

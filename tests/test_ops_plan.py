@@ -62,8 +62,8 @@ def test_ops_launch_the_planned_keys(name, launched):
 
 
 def test_a_pack_runs_one_launch_per_kernel(launched, monkeypatch):
-    """Without autograd a pack runs each planned kernel once, passing the pack's token maps (and top-n
-    its tile table); with autograd it runs sequence by sequence."""
+    """A pack runs each planned kernel once, forward and backward, passing the pack's token maps
+    (top-n its tile table)."""
     spec = NSASpec(compression=dict(block=32, stride=16, pool="mean"), dtype="float16")
     seen = {}
     real = launch.token_map
@@ -87,5 +87,7 @@ def test_a_pack_runs_one_launch_per_kernel(launched, monkeypatch):
     assert torch.equal(seen["cmp_start"][0], torch.repeat_interleave(cmp_cu[:-1], torch.tensor(lengths)).to(torch.int32))
     launched.clear()
     leaf = q.clone().requires_grad_()
-    ops.nsa_attention(leaf, k, v, *gates, spec, cu_seqlens=cu)
-    assert launched.count(plan.calls[-1].key) == len(lengths)   # per sequence: one gate launch each
+    ops.nsa_attention(leaf, k, v, *gates, spec, cu_seqlens=cu).float().sum().backward()
+    assert launched[:len(plan.calls)] == [c.key for c in plan.calls]
+    assert sorted(map(str, launched[len(plan.calls):])) == sorted(str(c.key) for c in plan.backward)
+    assert leaf.grad is not None
