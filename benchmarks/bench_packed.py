@@ -1,5 +1,5 @@
-"""Packed batches (cu_seqlens), forward without autograd, on one GPU: ours in one launch per kernel
-against the per-sequence loop it replaces and FLA's varlen parallel_nsa, on the same inputs.
+"""Packed batches (cu_seqlens) on one GPU, forward and forward + backward: ours in one launch per
+kernel against the per-sequence loop it replaces and FLA's varlen parallel_nsa, on the same inputs.
 
 Workloads (B = 1, sequences back to back):
   docs64   64 documents, lengths log-uniform in [256, 8192] (seeded; ~150k tokens)
@@ -8,12 +8,13 @@ Cases:
   ours_pack    nsa_attention(..., cu_seqlens=cu) under no_grad: one launch per kernel
   ours_loop    nsa_attention on each sequence in turn (what a pack ran before: S launches per kernel)
   fla_pack     FLA parallel_nsa(..., cu_seqlens=cu) (fla-core, optional), the FLA config only
+  *_fb         the same, forward + backward (gradients of q, k, v and the gates; --backward)
 Configs: fla_cfg (HQ=64, H=4, D=128, l=d=l'=64, mean, n=16, no window: what FLA computes) and the
 paper's (Dk=192, Dv=128, l=32, d=16, l'=64, n=16, w=512; no FLA peer at these head dims).
 Median ms over interleaved rounds (CUDA events), [q1, q3]; the pack's outputs are checked against
 the loop's (relative error). Writes <out>/<date>-<gpu>-packed.{json,md}.
 
-  python benchmarks/bench_packed.py [--workloads docs64 8x16k] [--rounds 5 --iters 4] [--out DIR]
+  python benchmarks/bench_packed.py [--workloads docs64 8x16k] [--backward] [--rounds 5 --iters 4] [--out DIR]
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ def main():
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=4)
+    ap.add_argument("--backward", action="store_true", help="also time forward + backward")
     args = ap.parse_args()
     dt, dev = getattr(torch, args.dtype), "cuda"
     fla = load_fla()
@@ -89,17 +91,38 @@ def main():
             rounds = Rounds(args.rounds, args.iters)
             rounds.add("ours_pack", pack, workload=wl, config=label, T=T, seqs=len(lens))
             rounds.add("ours_loop", loop, workload=wl, config=label, T=T, seqs=len(lens))
+            s = spec.selection
             if fla is not None and label == "fla_cfg":
                 _, parallel_nsa = fla
-                s = spec.selection
                 rounds.add("fla_pack", lambda: parallel_nsa(q, k, v, g[0], g[1], None, block_counts=s.top_n,
                                                             block_size=s.block, cu_seqlens=cu.long()),
                            workload=wl, config=label, T=T, seqs=len(lens))
+            if args.backward:
+                do = torch.randn(1, T, HQ, spec.v_head_dim, device=dev, dtype=dt)
+                ins = [q, k, v, g[0], g[1]] + ([gw] if gw is not None else [])
+
+                def fb(fn):
+                    leaves = [x.detach().requires_grad_() for x in ins]
+                    out = fn(*leaves)
+                    return torch.autograd.grad((out * do).float().sum(), leaves)
+
+                def ours(q_, k_, v_, g0, g1, gw_=None):
+                    return nsa_attention(q_, k_, v_, g0, g1, gw_, spec, cu_seqlens=cu)
+
+                def ours_loop(q_, k_, v_, g0, g1, gw_=None):
+                    return torch.cat([nsa_attention(q_[:, a:b], k_[:, a:b], v_[:, a:b], g0[:, a:b], g1[:, a:b],
+                                                    None if gw_ is None else gw_[:, a:b], spec) for a, b in bounds], 1)
+                rounds.add("ours_pack_fb", lambda: fb(ours), workload=wl, config=label, T=T, seqs=len(lens))
+                rounds.add("ours_loop_fb", lambda: fb(ours_loop), workload=wl, config=label, T=T, seqs=len(lens))
+                if fla is not None and label == "fla_cfg":
+                    rounds.add("fla_pack_fb", lambda: fb(lambda q_, k_, v_, g0, g1: parallel_nsa(
+                        q_, k_, v_, g0, g1, None, block_counts=s.top_n, block_size=s.block, cu_seqlens=cu.long())),
+                        workload=wl, config=label, T=T, seqs=len(lens))
             for r in rounds.run():
                 rows.append(r)
                 say(f"  {wl:<7} {label:<8} {r['case']:<10} " + (f"{r['ms']:9.3f} ms [{r['q1_ms']:.3f}, {r['q3_ms']:.3f}]"
                                                               if r["ms"] else r["error"][:200]))
-            q = k = v = g = o_pack = o_loop = None
+            q = k = v = g = gw = o_pack = o_loop = None
             torch.cuda.empty_cache()
     gpu = torch.cuda.get_device_name()
     date = datetime.date.today().isoformat()
@@ -112,11 +135,13 @@ def main():
              f"commit {meta['git_sha'][:12]} (dirty: {meta['git_dirty']}), {args.dtype}, HQ={HQ}, H={H}; "
              f"versions {meta['versions']}.", "",
              f"Median ms over {args.rounds} interleaved rounds x {args.iters} calls, [q1, q3]. ours_pack: one launch "
-             "per kernel; ours_loop: nsa_attention per sequence; fla_pack: FLA parallel_nsa with cu_seqlens.", "",
-             "| workload | config | case | ms | vs ours_loop |", "|---|---|---|---|---|"]
+             "per kernel; ours_loop: nsa_attention per sequence; fla_pack: FLA parallel_nsa with cu_seqlens; "
+             "*_fb: forward + backward.", "",
+             "| workload | config | case | ms | vs ours_loop (_fb) |", "|---|---|---|---|---|"]
     for r in rows:
+        loop = "ours_loop_fb" if r["case"].endswith("_fb") else "ours_loop"
         base = next((x["ms"] for x in rows if x["workload"] == r["workload"] and x["config"] == r["config"]
-                     and x["case"] == "ours_loop" and x["ms"]), None)
+                     and x["case"] == loop and x["ms"]), None)
         if r["ms"] is None:
             lines.append(f"| {r['workload']} | {r['config']} | {r['case']} | failed: {r['error'][:80]} | |")
             continue

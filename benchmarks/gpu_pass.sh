@@ -67,7 +67,7 @@ if [[ $what == packs ]]; then   # packs in one launch + the token-tile fixes: te
   rc=${PIPESTATUS[0]}
   date; timeout 110 python3 -m pytest -q tests/test_ops_backward.py -k "selection" 2>&1 | tee "$OUT/bwd_tests.log" | tail -8
   [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
-  date; timeout 100 python3 benchmarks/bench_packed.py --out "$OUT" 2>&1 | tee "$OUT/packed_bench.log" | grep -v "^|" | tail -16
+  date; timeout 120 python3 benchmarks/bench_packed.py --out "$OUT" --backward 2>&1 | tee "$OUT/packed_bench.log" | grep -v "^|" | tail -16
   date; timeout 150 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T ${2:-8192 65536} 2>&1 | tee "$OUT/paper_bench.log" | grep -v "^|" | tail -32
   date
 fi

@@ -405,8 +405,12 @@ def test_selection_block_units_is_the_exact_transpose(unit_tokens):
     assert torch.equal(ustart[1:], uend[:-1])
 
 
+# Pack gradient tests run on specs whose backward kernels benchmarks/prebuild.py builds (DQ_SPECS').
+PACK_SPECS = [m for m in BWD_MATRIX if m[0] in ("paper_bf16_T2000", "g8_d64", "g32")]
+
+
 @gpu
-@pytest.mark.parametrize("name,spec,B,T", [m for m in BWD_MATRIX if m[1].window], ids=[m[0] for m in BWD_MATRIX if m[1].window])
+@pytest.mark.parametrize("name,spec,B,T", PACK_SPECS, ids=[m[0] for m in PACK_SPECS])
 def test_window_gradients_of_a_pack(name, spec, B, T, precompiled):
     """The window backward takes a pack's seq_start (one launch per kernel): every sequence's
     gradients match the reference's autograd on that sequence alone, twice bit-identical."""
@@ -436,7 +440,7 @@ def test_window_gradients_of_a_pack(name, spec, B, T, precompiled):
 
 
 @gpu
-@pytest.mark.parametrize("name,spec,B,T", [m for m in BWD_MATRIX if m[1].compression], ids=[m[0] for m in BWD_MATRIX if m[1].compression])
+@pytest.mark.parametrize("name,spec,B,T", PACK_SPECS, ids=[m[0] for m in PACK_SPECS])
 def test_compression_gradients_of_a_pack(name, spec, B, T, precompiled):
     """The compression backward takes a pack's token maps: every sequence's gradients (q and its
     compressed rows) match the reference's autograd on that sequence alone, twice bit-identical."""
