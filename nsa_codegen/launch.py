@@ -37,7 +37,7 @@ def check_tensor(name: str, t: torch.Tensor, ndim: int, like: Optional[torch.Ten
     if want is None and t.dtype not in KERNEL_DTYPES:
         raise ValueError(f"{name} must be bfloat16 or float16, got {t.dtype}")
     if want is not None and t.dtype != want:
-        raise ValueError(f"{name} must be {want} (like q), got {t.dtype}")
+        raise ValueError(f"{name} must be {want}{' (like q)' if dtype is None else ''}, got {t.dtype}")
     if like is not None and t.device != like.device:
         raise ValueError(f"{name} is on {t.device} but q is on {like.device}")
 

@@ -91,3 +91,31 @@ def test_a_pack_runs_one_launch_per_kernel(launched, monkeypatch):
     assert launched[:len(plan.calls)] == [c.key for c in plan.calls]
     assert sorted(map(str, launched[len(plan.calls):])) == sorted(str(c.key) for c in plan.backward)
     assert leaf.grad is not None
+
+
+def test_bad_packs_are_named_before_any_launch(launched):
+    """A bad pack (cu_seqlens that do not rise from 0 to T, a batch of 2, a float tensor) or a bad
+    token map is named, and nothing is launched."""
+    spec = NSASpec(compression=dict(block=32, stride=16, pool="mean"), dtype="float16")
+    T, dt = 100, torch.float16
+    q = torch.randn(1, T, spec.heads, spec.head_dim, dtype=dt)
+    k = torch.randn(1, T, spec.kv_heads, spec.head_dim, dtype=dt)
+    v = torch.randn(1, T, spec.kv_heads, spec.v_head_dim, dtype=dt)
+    gates = [torch.rand(1, T, spec.heads, dtype=dt) for _ in range(3)]
+    for cu, match in ((torch.tensor([0, 60, 50, 100]), "rise from 0 to total tokens 100"),
+                      (torch.tensor([0, 60, 90]), "rise from 0 to total tokens 100"),
+                      (torch.tensor([0.0, 100.0]), "1-D int32 / int64")):
+        with pytest.raises(ValueError, match=match):
+            ops.nsa_attention(q, k, v, *gates, spec, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="packed as \\[1, total, HQ, D\\]"):
+        ops.nsa_attention(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1),
+                          *[g.expand(2, -1, -1) for g in gates], spec, cu_seqlens=torch.tensor([0, 100]))
+    with pytest.raises(ValueError, match="seq_start must be torch.int32, got torch.int64"):
+        ops.window_attention(q, k, v, 64, -1.0, torch.zeros(1, T, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"seq_start must be an int32 \[B, T\] = \[1, 100\]"):
+        ops.window_attention(q, k, v, 64, -1.0, torch.zeros(1, T - 1, dtype=torch.int32))
+    lse = torch.zeros(1, T, spec.heads)
+    kc = torch.randn(1, 5, spec.kv_heads, spec.head_dim, dtype=dt)
+    with pytest.raises(ValueError, match="a pack needs both seq_start / cmp_start and cu_seqlens"):
+        ops.selection_topn(q, kc, lse, 32, 16, 0, 64, 16, 1, 2, -1.0, torch.zeros(1, T, dtype=torch.int32))
+    assert launched == []
