@@ -263,11 +263,11 @@ def build(cfg: SelectionTopNConfig):
                 rok[i] = T.if_then_else(
                     live & (t0 + i % BT < Tn) & (SeqStart[bz, T.min(t0 + i % BT, Tn - 1)] == s0), 1, 0)
                 lse2[i] = T.if_then_else(rok[i] == 1, LSE[bz, T.min(t0 + i % BT, Tn - 1), by * G + i // BT] * _LOG2E, 0)
-            # zero halo for the first chunk (plain thread loop: with a TMA producer
-            # warpgroup the prologue runs on more threads than NT)
-            for q in T.serial((BT * PW + NT - 1) // NT):
-                if tx + q * NT < BT * PW:
-                    Pg_s[(tx + q * NT) // PW, (tx + q * NT) % PW] = 0
+            # zero halo for the first chunk (T.Parallel: with a TMA producer warpgroup the prologue
+            # runs on NT + 128 threads, and a tx-strided loop's guard, provable from tx < NT, is
+            # dropped: the extra threads wrote past Pg_s)
+            for b_, x in T.Parallel(BT, PW):
+                Pg_s[b_, x] = 0
             for k in T.unroll(n):
                 top_s[k] = NEG_INF           # empty slot: never beats a visible block
                 top_i[k] = -1
