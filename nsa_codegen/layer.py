@@ -14,7 +14,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import reference
+from . import packing, reference
 from .spec import NSASpec, check_kernel_support, kernel_support
 
 
@@ -27,6 +27,10 @@ class MeanCompressor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return reference.compress(x, self.block, self.stride, self.first_block)
+
+    def forward_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor, rows: int) -> torch.Tensor:
+        """x [1, total, H, D] packed by cu_seqlens -> [1, rows, H, D], each sequence's rows in turn."""
+        return packing.compress_packed(x, cu_seqlens, self.block, self.stride, self.first_block, rows)
 
 
 class MLPCompressor(nn.Module):
@@ -51,7 +55,15 @@ class MLPCompressor(nn.Module):
         if N == 0:
             return x.new_zeros(B, 0, H, D)
         blocks = x.unfold(1, self.block, self.stride)[:, self.first_block:self.first_block + N]  # [B,N,H,D,l]
-        blocks = blocks.transpose(-1, -2) + self.pos.to(x.dtype)  # [B, N, H, l, D]
+        return self._pool(blocks.transpose(-1, -2))
+
+    def forward_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor, rows: int) -> torch.Tensor:
+        """x [1, total, H, D] packed by cu_seqlens -> [1, rows, H, D], each sequence's rows in turn."""
+        return self._pool(packing.gather_blocks(x, cu_seqlens, self.block, self.stride, self.first_block, rows))
+
+    def _pool(self, blocks: torch.Tensor) -> torch.Tensor:
+        """blocks [..., N, H, l, D] -> [..., N, H, D]."""
+        blocks = blocks + self.pos.to(blocks.dtype)
         h = torch.nn.functional.gelu(self.fc1(blocks.flatten(-2)))
         return self.fc2(h) + blocks.mean(dim=-2)
 
@@ -179,11 +191,13 @@ class NativeSparseAttention(nn.Module):
     def _compress(self, k, v, cu_seqlens):
         if cu_seqlens is None:
             return self.k_phi(k), self.v_phi(v)
-        # Packed sequences: pool each sequence on its own, then pack the compressed rows in order.
-        bounds = [int(b) for b in cu_seqlens.tolist()]
-        ks = [self.k_phi(k[:, a:b]) for a, b in zip(bounds, bounds[1:])]
-        vs = [self.v_phi(v[:, a:b]) for a, b in zip(bounds, bounds[1:])]
-        return torch.cat(ks, 1), torch.cat(vs, 1)
+        # Packed sequences: every sequence's blocks pooled in one call, rows packed in order (one
+        # host sync: the row count).
+        c = self.spec.compression
+        packing.check_cu_seqlens(cu_seqlens, k.shape[1])
+        cu = cu_seqlens.to(k.device)
+        rows = int(packing.compressed_offsets(cu, c.block, c.stride, c.first_block)[-1])
+        return self.k_phi.forward_packed(k, cu, rows), self.v_phi.forward_packed(v, cu, rows)
 
 
 def _main_kv(kv: dict):

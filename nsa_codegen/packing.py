@@ -101,15 +101,23 @@ def tile_starts(T: int, tile: int, cu_seqlens=None, device=None) -> torch.Tensor
     return torch.where(i < S, start, -1).to(torch.int32)
 
 
-def compress_packed(x: torch.Tensor, cu_seqlens: torch.Tensor, block: int, stride: int, first_block: int,
-                    rows: int) -> torch.Tensor:
-    """Mean pooling of each packed sequence: x [1, total, H, D] -> [1, rows, H, D], sequence i's rows
-    at compressed_offsets(...)[i] (rows: that total, from the caller). Row r of sequence i pools its
-    tokens [(f + c) * d, (f + c) * d + l), c = r - offset_i. No host sync given rows."""
+def gather_blocks(x: torch.Tensor, cu_seqlens: torch.Tensor, block: int, stride: int, first_block: int,
+                  rows: int) -> torch.Tensor:
+    """Each packed sequence's compressed blocks: x [1, total, H, D] -> [1, rows, H, l, D], sequence
+    i's rows from compressed_offsets(...)[i]; row r of sequence i holds its tokens
+    [(f + c) * d, (f + c) * d + l), c = r - offset_i (rows: the total, from the caller). No host sync
+    given rows."""
     cmp_cu = compressed_offsets(cu_seqlens, block, stride, first_block)
     r = torch.arange(rows, device=x.device)
     seq = torch.searchsorted(cmp_cu[1:], r, right=True)
     first_token = cu_seqlens.long()[seq] + (first_block + r - cmp_cu[seq]) * stride       # [rows]
     idx = first_token[:, None] + torch.arange(block, device=x.device)[None]                # [rows, l]
-    pooled = x[0].index_select(0, idx.reshape(-1)).reshape(rows, block, *x.shape[2:])
-    return pooled.mean(1)[None]
+    blocks = x[0].index_select(0, idx.reshape(-1)).reshape(rows, block, *x.shape[2:])     # [rows, l, H, D]
+    return blocks.transpose(1, 2)[None]
+
+
+def compress_packed(x: torch.Tensor, cu_seqlens: torch.Tensor, block: int, stride: int, first_block: int,
+                    rows: int) -> torch.Tensor:
+    """Mean pooling of each packed sequence's blocks: x [1, total, H, D] -> [1, rows, H, D] (the layout
+    of gather_blocks)."""
+    return gather_blocks(x, cu_seqlens, block, stride, first_block, rows).mean(-2)

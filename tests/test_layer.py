@@ -176,3 +176,17 @@ def test_layer_beyond_the_kernels_on_cuda_warns_once_or_raises():
     strict = NativeSparseAttention(32, spec, backend="kernels").cuda()
     with pytest.raises(KernelSupportError, match="head_dim"):
         strict(x)
+
+
+@pytest.mark.parametrize("phi", ["mean", "mlp"])
+def test_compressors_pool_a_pack_in_one_call(phi):
+    """forward_packed (one gather for every sequence, no per-sequence loop) equals each sequence's
+    own forward, rows packed in order; sequences shorter than a block (and empty ones) add no row."""
+    from nsa_codegen.layer import MLPCompressor, MeanCompressor
+    torch.manual_seed(4)
+    m = MLPCompressor(8, 16, 8, 1).double() if phi == "mlp" else MeanCompressor(16, 8, 1)
+    lengths = [40, 3, 0, 100, 16, 25]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    x = torch.randn(1, int(cu[-1]), 2, 8, dtype=torch.float64)
+    want = torch.cat([m(x[:, a:b]) for a, b in zip(cu.tolist(), cu.tolist()[1:])], 1)
+    torch.testing.assert_close(m.forward_packed(x, cu, want.shape[1]), want)
