@@ -11,7 +11,7 @@
 #          tests, the selection dq tests, bench_paper.py --backward ($2: its --T), bench_selection.py,
 #          the decode GPU tests (tests/test_decode.py; their kernels are prebuilt)
 #   tilesquick: the same on the paper config only, without bench_selection (about 5 minutes)
-#   packs: tests/test_ops.py (packs in one launch included), the selection backward tests,
+#   packs: tests/test_ops.py (packs in one launch included), the selection and pack backward tests,
 #          bench_packed.py, bench_paper.py --backward ($2: its --T); packsquick: the same in about 7 minutes;
 #          packsmini: the pack / tile tests, bench_packed.py and bench_paper.py --T 8192 (about 4.5 minutes)
 # Kernels: carry .gen (python benchmarks/prebuild.py, here on the CPU) and they load prebuilt, with
@@ -65,7 +65,7 @@ fi
 if [[ $what == packs ]]; then   # packs in one launch + the token-tile fixes: tests, then the paper and selection benchmarks
   date; timeout 150 python3 -m pytest -q -x tests/test_ops.py 2>&1 | tee "$OUT/ops_tests.log" | tail -12
   rc=${PIPESTATUS[0]}
-  date; timeout 110 python3 -m pytest -q tests/test_ops_backward.py -k "selection" 2>&1 | tee "$OUT/bwd_tests.log" | tail -8
+  date; timeout 130 python3 -m pytest -q tests/test_ops_backward.py -k "selection or pack or cu_seqlens" 2>&1 | tee "$OUT/bwd_tests.log" | tail -8
   [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
   date; timeout 120 python3 benchmarks/bench_packed.py --out "$OUT" --backward 2>&1 | tee "$OUT/packed_bench.log" | grep -v "^|" | tail -16
   date; timeout 150 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T ${2:-8192 65536} 2>&1 | tee "$OUT/paper_bench.log" | grep -v "^|" | tail -32
@@ -74,7 +74,7 @@ fi
 if [[ $what == packsquick ]]; then   # packs on a short device budget (about 7 minutes)
   date; timeout 110 python3 -m pytest -q -x tests/test_ops.py 2>&1 | tee "$OUT/ops_tests.log" | tail -12
   rc=${PIPESTATUS[0]}
-  date; timeout 70 python3 -m pytest -q tests/test_ops_backward.py -k "selection_dq" 2>&1 | tee "$OUT/bwd_tests.log" | tail -8
+  date; timeout 90 python3 -m pytest -q tests/test_ops_backward.py -k "selection_dq or pack or cu_seqlens" 2>&1 | tee "$OUT/bwd_tests.log" | tail -8
   [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
   date; timeout 80 python3 benchmarks/bench_packed.py --out "$OUT" --rounds 4 --iters 5 2>&1 | tee "$OUT/packed_bench.log" | grep -v "^|" | tail -16
   date; timeout 130 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T ${2:-8192 65536} 2>&1 | tee "$OUT/paper_bench.log" | grep -v "^|" | tail -32
@@ -83,7 +83,7 @@ fi
 if [[ $what == packsmini ]]; then   # the packs' and tiles' correctness first, then the packed benchmark (~4.5 min)
   date; timeout 100 python3 -m pytest -q -x tests/test_ops.py -k "pack or cu_seqlens or schedules or token_tile or window or compression or topn" 2>&1 | tee "$OUT/ops_tests.log" | tail -12
   rc=${PIPESTATUS[0]}
-  date; timeout 50 python3 -m pytest -q tests/test_ops_backward.py -k "selection_dq and (g8 or paper or masks)" 2>&1 | tee "$OUT/bwd_tests.log" | tail -8
+  date; timeout 60 python3 -m pytest -q tests/test_ops_backward.py -k "(selection_dq and (g8 or paper or masks)) or pack or cu_seqlens" 2>&1 | tee "$OUT/bwd_tests.log" | tail -8
   [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
   date; timeout 70 python3 benchmarks/bench_packed.py --out "$OUT" --workloads docs64 8x16k --rounds 4 --iters 5 2>&1 | tee "$OUT/packed_bench.log" | grep -v "^|" | tail -16
   date; timeout 45 python3 benchmarks/bench_paper.py --out "$OUT" --T 8192 --rounds 4 --iters 5 2>&1 | tee "$OUT/paper_bench.log" | grep -v "^|" | grep "T=\|check"
