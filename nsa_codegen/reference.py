@@ -262,6 +262,14 @@ def selection_attention(q, k, v, block_indices, sel_block: int, scale: Optional[
         o = _weighted_values(p.to(vs.dtype), vs)  # [B, Tc, H, G, Dv]
         out.append(o.reshape(B, Tc, HQ, Dv))
         lses.append(lse.reshape(B, Tc, HQ))
+    return _joined(out, lses, q, Dv)
+
+
+def _joined(out, lses, q, Dv):
+    """The chunks' o and lse joined along T; T = 0 (no chunk): empty o [B, 0, HQ, Dv], lse [B, 0, HQ]."""
+    if not out:
+        B, _, HQ, _ = q.shape
+        return q.new_zeros(B, 0, HQ, Dv), q.new_zeros(B, 0, HQ, dtype=_acc(q[:0]).dtype)
     return torch.cat(out, 1), torch.cat(lses, 1)
 
 
@@ -288,7 +296,7 @@ def window_attention(q, k, v, window: int, scale: Optional[float] = None):
         o = _weighted_values(p.to(v.dtype).view(B, H, Tc * G, -1), v[:, s0:t1].permute(0, 2, 1, 3))  # [B, H, Tc*G, Dv]
         out.append(o.view(B, H, Tc, G, Dv).permute(0, 2, 1, 3, 4).reshape(B, Tc, HQ, Dv))
         lses.append(lse.permute(0, 2, 1, 3).reshape(B, Tc, HQ))
-    return torch.cat(out, 1), torch.cat(lses, 1)
+    return _joined(out, lses, q, Dv)
 
 
 def dense_causal_attention(q, k, v, scale: Optional[float] = None):

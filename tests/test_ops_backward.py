@@ -504,3 +504,60 @@ def test_selection_block_units_of_a_pack():
     for u in range(len(ublk)):
         seen.setdefault(int(ublk[u]), []).extend(tok[ustart[u]:uend[u]].tolist())
     assert seen == {k: sorted(v) for k, v in expect.items()}
+
+
+def test_selection_dkdv_over_a_packs_block_map_is_the_gradient():
+    """CPU, float64: dK / dV summed the way the dk/dv and reduce kernels do it over a pack's block map
+    (each unit: its block's keys [block_row0, block_row_end), its tokens' rows, the causal mask; each
+    block's rows written once) equal the reference's autograd run on each sequence alone."""
+    from nsa_codegen import packing
+    g = torch.Generator().manual_seed(33)
+    lengths, bs, n, HQ, H, D = [70, 5, 0, 130, 33], 16, 3, 4, 2, 8
+    G = HQ // H
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    T = int(cu[-1])
+    q, k, v, do = (torch.randn(1, T, h, D, generator=g, dtype=torch.float64) for h in (HQ, H, H, HQ))
+    ss = packing.packed_maps(cu, T)["seq_start"]
+    idx = torch.full((1, T, H, n), -1, dtype=torch.int32)
+    for t in range(T):
+        local = t - int(ss[0, t])
+        for h in range(H):
+            pick = torch.randperm(local // bs + 1, generator=g)[:n]
+            idx[0, t, h, :len(pick)] = pick.int()
+    # the forward's lse and Delta = rowsum(dO * O), as the dq kernel writes them
+    bounds = list(zip(cu.tolist(), cu.tolist()[1:]))
+    o = torch.cat([ref.selection_attention(q[:, a:b], k[:, a:b], v[:, a:b], idx[:, a:b], bs)[0] for a, b in bounds], 1)
+    lse = torch.cat([ref.selection_attention(q[:, a:b], k[:, a:b], v[:, a:b], idx[:, a:b], bs)[1]
+                     for a, b in bounds], 1)
+    delta = (do * o).sum(-1)
+    tok, ublk, ustart, uend, bstart, row0, row_end = selection_block_units(idx, T, bs, 4, seq_start=ss)
+    NBG, sc = len(row0), D ** -0.5
+    part_k = torch.zeros(len(ublk), bs, D, dtype=torch.float64)
+    part_v = torch.zeros_like(part_k)
+    for u in range(len(ublk)):
+        bid = int(ublk[u])
+        gb, h = bid % NBG, (bid // NBG) % H
+        k0, k1 = int(row0[gb]), int(row_end[gb])
+        for t in tok[ustart[u]:uend[u]].tolist():
+            for hq in range(h * G, (h + 1) * G):
+                for i in range(k1 - k0):
+                    if k0 + i > t:
+                        continue
+                    p = torch.exp(sc * q[0, t, hq] @ k[0, k0 + i, h] - lse[0, t, hq])
+                    dp = do[0, t, hq] @ v[0, k0 + i, h]
+                    part_v[u, i] += p * do[0, t, hq]
+                    part_k[u, i] += sc * p * (dp - delta[0, t, hq]) * q[0, t, hq]
+    dk = torch.full_like(k, float("nan"))
+    dv = torch.full_like(v, float("nan"))
+    for bid in range(H * NBG):
+        gb, h = bid % NBG, bid // NBG
+        k0, k1 = int(row0[gb]), int(row_end[gb])
+        units = range(int(bstart[bid]), int(bstart[bid + 1]))
+        dk[0, k0:k1, h] = sum((part_k[u, :k1 - k0] for u in units), torch.zeros(k1 - k0, D, dtype=torch.float64))
+        dv[0, k0:k1, h] = sum((part_v[u, :k1 - k0] for u in units), torch.zeros(k1 - k0, D, dtype=torch.float64))
+    for a, b in (ab for ab in bounds if ab[1] > ab[0]):
+        leaves = [x[:, a:b].clone().requires_grad_() for x in (k, v)]
+        o_ref, _ = ref.selection_attention(q[:, a:b], *leaves, idx[:, a:b], bs)
+        want_k, want_v = torch.autograd.grad((o_ref * do[:, a:b]).sum(), leaves)
+        torch.testing.assert_close(dk[:, a:b], want_k, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(dv[:, a:b], want_v, rtol=1e-10, atol=1e-10)

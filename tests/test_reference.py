@@ -390,3 +390,12 @@ def test_compare_block_indices_accepts_near_ties_only():
     assert not ok and "score gap" in msg
     ok, _, msg = ref.compare_block_indices(torch.tensor([[0, 3, 1]]), want, keys)   # not ascending
     assert not ok and "malformed" in msg
+
+
+def test_branches_of_an_empty_sequence_are_empty():
+    """T = 0 (an empty sequence of a pack, run alone): every branch returns empty o and lse."""
+    for dt in (torch.bfloat16, torch.float64):
+        q, k, v = torch.zeros(2, 0, 4, 8, dtype=dt), torch.zeros(2, 0, 2, 8, dtype=dt), torch.zeros(2, 0, 2, 8, dtype=dt)
+        for o, lse in (ref.selection_attention(q, k, v, torch.zeros(2, 0, 2, 3, dtype=torch.int32), 16),
+                       ref.window_attention(q, k, v, 16)):
+            assert o.shape == (2, 0, 4, 8) and lse.shape == (2, 0, 4) and o.dtype == dt
