@@ -29,7 +29,7 @@ import torch
 from . import reference
 from .buffers import KERNEL_DTYPES, empty
 from . import packing
-from .codegen import template_config
+from .kernel_key import KernelKey
 from .launch import (arch_of, attend, attend_fake, check_tensor, contiguous, gate_key, gate_slots, kernel,
                      kernel_key, launch, run_kernel, token_map)
 from .lowering import lower_to_plan
@@ -93,12 +93,18 @@ def selection_topn(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, bloc
     cnt = empty((B, T, H), torch.int32, q.device)
     if T:
         kern = kernel(key)
-        # Its programs' tiles (block_M // G tokens, never across sequences): nsa_codegen.packing.
-        tiles = packing.tile_starts(T, template_config(kern.key).block_M // key.group, cu_seqlens, q.device)
+        tiles = topn_tile_starts(kern.key, T, cu_seqlens, q.device)
         k_cmp = k_cmp if k_cmp.shape[1] else k_cmp.new_zeros(B, 1, *k_cmp.shape[2:])   # (no row is read)
         run_kernel(kern, contiguous(q), contiguous(k_cmp), contiguous(lse), token_map("seq_start", seq_start, q),
                    token_map("cmp_start", cmp_start, q), tiles, idx, cnt)
     return idx, cnt
+
+
+def topn_tile_starts(key: KernelKey, T: int, cu_seqlens=None, device=None) -> torch.Tensor:
+    """The top-n kernel's tile table (packing.tile_starts) for its scheduled key: tiles of
+    block_M // G tokens, never across sequences. The tile size comes from the schedule, not the
+    template, so a prebuilt kernel runs without importing TileLang."""
+    return packing.tile_starts(T, dict(key.schedule)["block_M"] // key.group, cu_seqlens, device)
 
 
 @selection_topn.register_fake
@@ -215,8 +221,9 @@ def nsa_attention(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
     if cu_seqlens is not None:
         if B != 1:
             raise ValueError(f"with cu_seqlens, q must be packed as [1, total, HQ, D], got batch {B}")
-        packing.check_cu_seqlens_type(cu_seqlens, T)
-        if not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            packing.check_cu_seqlens_type(cu_seqlens)   # (the values need a host sync)
+        else:
             packing.check_cu_seqlens(cu_seqlens, T)
         cu_seqlens = cu_seqlens.to(q.device)
         maps = packing.packed_maps(cu_seqlens, T, c)

@@ -34,9 +34,9 @@ from typing import Callable
 import torch
 
 from . import reference as ref
-from . import packing, workloads
+from . import workloads
 from .cache import CompiledKernel, tilelang_cache_dir, precompile_scheduled, use_kernel, versioned_dir
-from .codegen import check_schedule, compile_kernel, template_config, template_source_hash
+from .codegen import check_schedule, compile_kernel, template_source_hash
 from .kernel_key import KernelKey, schedule_hash
 from .kinds import KINDS
 from .schedules import (default_schedule, in_search_space, load_arch, pick_best, record_is_current, search_space,
@@ -162,7 +162,8 @@ def _inputs(key: KernelKey, T: int, seed: int):
                                                  p["stride"], p["first_block"], sc, return_probs=True)
             s = ref.selection_scores(pr, H, T, p["cmp_block"], p["stride"], p["sel_block"], p["first_block"])
             return (ref.select_top_n(s, p["sel_block"], n, p["initial"], p["local"]),)
-        tiles = packing.tile_starts(T, template_config(key).block_M // key.group, device="cuda")
+        from .ops import topn_tile_starts
+        tiles = topn_tile_starts(key, T, device="cuda")
         return [q, kc, lse.contiguous(), zero, zero, tiles], outs, want
     k, v = rn(1, T, H, Dk), rn(1, T, H, Dv)
     outs = [torch.full((1, T, HQ, Dv), float("nan"), device="cuda", dtype=dt),

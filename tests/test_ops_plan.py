@@ -8,14 +8,16 @@ from nsa_codegen import NSASpec, launch, ops
 from nsa_codegen.build import default_build_set
 from nsa_codegen.kinds import KINDS
 from nsa_codegen.lowering import lower_to_plan
+from nsa_codegen.schedules import default_schedule
 
 
 class _Recorder:
-    """Stands in for a compiled kernel: records the launch, checks its arity against the registry and
-    writes plausible outputs (floats 0.5, int32 0: block 0, which every query may select)."""
+    """Stands in for a compiled kernel (of the default schedule, as a resolved one has): records the
+    launch, checks its arity against the registry and writes plausible outputs (floats 0.5, int32 0:
+    block 0, which every query may select)."""
 
     def __init__(self, key, launched):
-        self.key, self.launched = key.with_schedule({}), launched
+        self.key, self.launched = key.with_schedule(default_schedule(key)), launched
 
     def __call__(self, *tensors):
         entry = KINDS[self.key.kind]
