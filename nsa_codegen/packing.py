@@ -10,15 +10,15 @@ An unpacked batch [B, T] is the same with 0 everywhere (the ops' default, launch
 
 Everything here is device tensor arithmetic: no host sync (torch.compile and CUDA graphs can
 capture it). `check_cu_seqlens` validates the values, which needs one sync; nsa_attention calls
-it outside torch.compile only.
+it outside torch.compile only (`check_cu_seqlens_type` there).
 """
 from __future__ import annotations
 
 import torch
 
 
-def check_cu_seqlens_type(cu_seqlens, total: int) -> None:
-    """cu_seqlens must be a 1-D int32/int64 tensor [S+1] on q's device (no sync)."""
+def check_cu_seqlens_type(cu_seqlens) -> None:
+    """cu_seqlens must be a 1-D int32/int64 tensor [S+1] (no sync)."""
     if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2
             or cu_seqlens.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"cu_seqlens must be a 1-D int32 / int64 tensor [S + 1] (offsets of S sequences), got "
@@ -27,8 +27,8 @@ def check_cu_seqlens_type(cu_seqlens, total: int) -> None:
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
-    """cu_seqlens rises from 0 to total (one host sync)."""
-    check_cu_seqlens_type(cu_seqlens, total)
+    """cu_seqlens is a 1-D int32/int64 tensor rising from 0 to total (one host sync)."""
+    check_cu_seqlens_type(cu_seqlens)
     cu = cu_seqlens.long()
     ok = (cu[0] == 0) & (cu[-1] == total) & (cu[1:] >= cu[:-1]).all()
     if not bool(ok):

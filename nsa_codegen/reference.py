@@ -36,6 +36,7 @@ from typing import Optional
 
 import torch
 
+from . import packing
 from .spec import NSASpec
 
 # Elements of the largest intermediate a chunk may hold; bounds reference memory at long T.
@@ -447,19 +448,12 @@ def nsa_reference(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
 
 
 def run_packed(q, k, v, g_cmp, g_slc, g_win, spec, k_cmp, v_cmp, k_win, v_win, block_indices, cu_seqlens,
-               return_indices, forward=None):
-    """Run `forward` (default nsa_reference) on each sequence of a cu_seqlens-packed batch."""
-    forward = forward or nsa_reference
+               return_indices):
+    """Run nsa_reference on each sequence of a cu_seqlens-packed batch."""
     if q.shape[0] != 1:
         raise ValueError(f"with cu_seqlens, q must be packed as [1, total, HQ, D], got batch {q.shape[0]}")
-    if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2
-            or cu_seqlens.dtype not in (torch.int32, torch.int64)):
-        raise ValueError(f"cu_seqlens must be a 1-D int32 / int64 tensor [S + 1] (offsets of S sequences), got "
-                         f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)} "
-                         f"{list(getattr(cu_seqlens, 'shape', []))}")
+    packing.check_cu_seqlens(cu_seqlens, q.shape[1])
     bounds = [int(x) for x in cu_seqlens.tolist()]
-    if bounds[0] != 0 or bounds[-1] != q.shape[1] or any(a > b for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"cu_seqlens must rise from 0 to total tokens {q.shape[1]}, got {bounds}")
     c = spec.compression
     outs, idxs, cmp_at = [], [], 0
 
@@ -474,7 +468,7 @@ def run_packed(q, k, v, g_cmp, g_slc, g_win, spec, k_cmp, v_cmp, k_win, v_win, b
             n_c = num_compressed_blocks(b - a, c.block, c.stride, c.first_block)
             kc, vc = cut(k_cmp, cmp_at, cmp_at + n_c), cut(v_cmp, cmp_at, cmp_at + n_c)
             cmp_at += n_c
-        r = forward(q[:, a:b], k[:, a:b], v[:, a:b], cut(g_cmp, a, b), cut(g_slc, a, b), cut(g_win, a, b),
+        r = nsa_reference(q[:, a:b], k[:, a:b], v[:, a:b], cut(g_cmp, a, b), cut(g_slc, a, b), cut(g_win, a, b),
                           spec, k_cmp=kc, v_cmp=vc, k_win=cut(k_win, a, b), v_win=cut(v_win, a, b),
                           block_indices=cut(block_indices, a, b), return_indices=True)
         outs.append(r[0])
