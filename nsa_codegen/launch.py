@@ -105,6 +105,16 @@ def token_map(name: str, m: Optional[torch.Tensor], q: torch.Tensor) -> torch.Te
     return contiguous(m)
 
 
+def pack_maps(op: str, q: torch.Tensor, seq_start: Optional[torch.Tensor], cmp_start: Optional[torch.Tensor]):
+    """(seq_start, cmp_start) of a kind that reads compressed rows: both checked (token_map), or both
+    zeros (an unpacked batch). One without the other would read the missing map as zeros: a wrong
+    answer for a pack, so it is an error."""
+    if (seq_start is None) != (cmp_start is None):
+        raise ValueError(f"{op}: a pack needs both seq_start and cmp_start (nsa_codegen.packing.packed_maps), "
+                         f"got only {'seq_start' if cmp_start is None else 'cmp_start'}")
+    return token_map("seq_start", seq_start, q), token_map("cmp_start", cmp_start, q)
+
+
 def attend(key: KernelKey, q: torch.Tensor, v_dim: int, *inputs: torch.Tensor):
     """Allocate o [B, T, HQ, v_dim] (q's dtype) and lse [B, T, HQ] float32, launch key's kernel on
     (*inputs, o, lse) made contiguous, and return (o, lse)."""

@@ -31,7 +31,7 @@ from .buffers import KERNEL_DTYPES, empty
 from . import packing
 from .kernel_key import KernelKey
 from .launch import (arch_of, attend, attend_fake, check_tensor, contiguous, gate_key, gate_slots, kernel,
-                     kernel_key, launch, run_kernel, token_map)
+                     kernel_key, launch, pack_maps, run_kernel, token_map)
 from .lowering import lower_to_plan
 from .ops_backward import (backward_compression, backward_gate, backward_selection, backward_window,
                            compression_attention_bwd, gate_combine_bwd, selection_attention_bwd,
@@ -61,8 +61,8 @@ def compression_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Ten
     if k_cmp.shape[1] == 0:  # T < block: no compressed block exists yet, for any query
         return (q.new_zeros(B, T, HQ, v_cmp.shape[3]),
                 torch.full((B, T, HQ), float("-inf"), device=q.device))
-    return attend(key, q, v_cmp.shape[3], q, k_cmp, v_cmp, token_map("seq_start", seq_start, q),
-                  token_map("cmp_start", cmp_start, q))
+    return attend(key, q, v_cmp.shape[3], q, k_cmp, v_cmp, *pack_maps("compression_attention", q, seq_start,
+                                                                       cmp_start))
 
 
 @compression_attention.register_fake
@@ -82,6 +82,7 @@ def selection_topn(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, bloc
     H = k_cmp.shape[2]
     key = kernel_key("selection_topn", q, k_cmp, 0, scale, cmp_block=block, stride=stride, first_block=first_block,
                sel_block=sel_block, top_n=top_n, initial=initial, local=local)
+    maps = pack_maps("selection_topn", q, seq_start, cmp_start)
     if (seq_start is None) != (cu_seqlens is None):
         raise ValueError("selection_topn: a pack needs both seq_start / cmp_start and cu_seqlens (the tile table)")
     if k_cmp.shape[1] == 0 and cu_seqlens is None:
@@ -95,8 +96,7 @@ def selection_topn(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, bloc
         kern = kernel(key)
         tiles = topn_tile_starts(kern.key, T, cu_seqlens, q.device)
         k_cmp = k_cmp if k_cmp.shape[1] else k_cmp.new_zeros(B, 1, *k_cmp.shape[2:])   # (no row is read)
-        run_kernel(kern, contiguous(q), contiguous(k_cmp), contiguous(lse), token_map("seq_start", seq_start, q),
-                   token_map("cmp_start", cmp_start, q), tiles, idx, cnt)
+        run_kernel(kern, contiguous(q), contiguous(k_cmp), contiguous(lse), *maps, tiles, idx, cnt)
     return idx, cnt
 
 

@@ -17,7 +17,8 @@ import torch
 
 from . import packing
 from .buffers import empty
-from .launch import contiguous, gate_key, gate_slots, kernel, kernel_key, launch, run_kernel, token_map
+from .launch import (contiguous, gate_key, gate_slots, kernel, kernel_key, launch, pack_maps, run_kernel,
+                     token_map)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -67,7 +68,7 @@ def compression_attention_bwd(do: Optional[torch.Tensor], dlse: Optional[torch.T
         return _no_grads(q, k_cmp, v_cmp)
     params = dict(cmp_block=block, stride=stride, first_block=first_block)
     packed = seq_start is not None
-    seq_start, cmp_start = token_map("seq_start", seq_start, q), token_map("cmp_start", cmp_start, q)
+    seq_start, cmp_start = pack_maps("compression_attention_bwd", q, seq_start, cmp_start)
     dq, delta, (q, k_cmp, v_cmp, do, lse) = _dq_and_delta("compression_bwd_dq", params, q, k_cmp, v_cmp, o, lse,
                                                           do, dlse, scale, seq_start, cmp_start)
     # each compressed row's visible tokens (the dk/dv kernel walks them)

@@ -69,7 +69,8 @@ def test_a_pack_runs_one_launch_per_kernel(launched, monkeypatch):
     spec = NSASpec(compression=dict(block=32, stride=16, pool="mean"), dtype="float16")
     seen = {}
     real = launch.token_map
-    monkeypatch.setattr(ops, "token_map", lambda name, m, q: seen.setdefault(name, real(name, m, q)))
+    for module in (ops, launch):   # the ops' own maps, and those launch.pack_maps checks
+        monkeypatch.setattr(module, "token_map", lambda name, m, q: seen.setdefault(name, real(name, m, q)))
     lengths = [5, 300, 1, 64, 130]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     T = int(cu[-1])
@@ -118,6 +119,13 @@ def test_bad_packs_are_named_before_any_launch(launched):
         ops.window_attention(q, k, v, 64, -1.0, torch.zeros(1, T - 1, dtype=torch.int32))
     lse = torch.zeros(1, T, spec.heads)
     kc = torch.randn(1, 5, spec.kv_heads, spec.head_dim, dtype=dt)
+    zeros = torch.zeros(1, T, dtype=torch.int32)
     with pytest.raises(ValueError, match="a pack needs both seq_start / cmp_start and cu_seqlens"):
-        ops.selection_topn(q, kc, lse, 32, 16, 0, 64, 16, 1, 2, -1.0, torch.zeros(1, T, dtype=torch.int32))
+        ops.selection_topn(q, kc, lse, 32, 16, 0, 64, 16, 1, 2, -1.0, zeros, zeros)
+    with pytest.raises(ValueError, match="selection_topn: a pack needs both seq_start and cmp_start"):
+        ops.selection_topn(q, kc, lse, 32, 16, 0, 64, 16, 1, 2, -1.0, zeros, None, torch.tensor([0, T]))
+    with pytest.raises(ValueError, match=r"compression_attention: a pack needs both seq_start and cmp_start "
+                                         r"\(nsa_codegen.packing.packed_maps\), got only seq_start"):
+        ops.compression_attention(q, kc, torch.randn(1, 5, spec.kv_heads, spec.v_head_dim, dtype=dt), 32, 16, 0,
+                                  -1.0, zeros)
     assert launched == []
