@@ -14,7 +14,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import packing, reference
+from . import context_parallel, packing, reference
 from .spec import NSASpec, check_kernel_support, kernel_support
 
 
@@ -76,16 +76,28 @@ class NativeSparseAttention(nn.Module):
     deterministic (no atomics; selection's dk/dv sums its per-unit partials in a fixed order), so the
     kernel path always is; the reference on CUDA is not (its gather backward scatter-adds with atomics),
     so with deterministic=True the layer refuses to train through it.
+    cp_group: a torch.distributed group the sequence is split across (context parallelism,
+    `nsa_codegen.context_parallel`): x is then this rank's shard [B, T / cp, hidden] in layout
+    cp_layout ("zigzag" or "contiguous") and so is the output. Parameter gradients are this rank's
+    part: sum them over the group (as data parallelism does) for the whole sequence's gradient.
     """
 
     def __init__(self, hidden_size: int, spec: NSASpec, bias: bool = False, backend: str = "auto",
-                 deterministic: bool = False):
+                 deterministic: bool = False, cp_group=None, cp_layout: str = "zigzag"):
         super().__init__()
         if not isinstance(spec, NSASpec):
             raise TypeError(f"spec must be an NSASpec, got {type(spec).__name__}")
         if backend not in ("auto", "kernels", "reference"):
             raise ValueError(f"backend must be 'auto', 'kernels' or 'reference', got {backend!r}")
+        if cp_group is not None:
+            if backend == "kernels":
+                raise NotImplementedError("backend='kernels' with cp_group: the kernels take no query offset "
+                                          "yet, so context parallelism runs the reference (backend 'auto' or "
+                                          "'reference')")
+            if cp_layout not in context_parallel.LAYOUTS:
+                raise ValueError(f"cp_layout must be one of {context_parallel.LAYOUTS}, got {cp_layout!r}")
         self.spec, self.backend, self.deterministic = spec, backend, deterministic
+        self.cp_group, self.cp_layout = cp_group, cp_layout
         HQ, H, Dk, Dv = spec.heads, spec.kv_heads, spec.head_dim, spec.v_head_dim
         self.q_proj = nn.Linear(hidden_size, HQ * Dk, bias=bias)
         # Each branch owns its keys and values (paper Sec. 3.3): one fused projection per branch.
@@ -131,6 +143,8 @@ class NativeSparseAttention(nn.Module):
         g_cmp, g_slc, g_win = gates
         k, v = _main_kv(kv)
         k_cmp = v_cmp = k_win = v_win = None
+        if self.cp_group is not None:
+            return self.o_proj(self._attend_cp(q, gates, kv, cu_seqlens).reshape(B, T, spec.heads * spec.v_head_dim))
         if "cmp" in kv:
             k_cmp, v_cmp = self._compress(*kv["cmp"], cu_seqlens)
         if "win" in kv:
@@ -142,6 +156,26 @@ class NativeSparseAttention(nn.Module):
         o = attn(q, k, v, g_cmp, g_slc, g_win, spec, k_cmp=k_cmp, v_cmp=v_cmp, k_win=k_win, v_win=v_win,
                  cu_seqlens=cu_seqlens)
         return self.o_proj(o.reshape(B, T, spec.heads * spec.v_head_dim))
+
+    def _attend_cp(self, q, gates, kv, cu_seqlens):
+        """This rank's shard of the attention output, the sequence split across self.cp_group: the
+        compression branch's raw K/V are gathered and pooled whole (phi sees whole blocks, whichever
+        ranks hold their tokens)."""
+        if cu_seqlens is not None:
+            raise NotImplementedError("cu_seqlens with cp_group: packed batches are not split across ranks yet")
+        if self.deterministic and q.is_cuda and torch.is_grad_enabled():
+            raise RuntimeError("deterministic=True: context parallelism runs the reference, whose backward on "
+                               "CUDA is not deterministic (atomic scatter-add)")
+        k, v = _main_kv(kv)
+        k_cmp = v_cmp = k_win = v_win = None
+        if "cmp" in kv:
+            kc, vc = (context_parallel.gather_sequence(x, self.cp_group, self.cp_layout) for x in kv["cmp"])
+            k_cmp, v_cmp = self.k_phi(kc), self.v_phi(vc)
+        if "win" in kv:
+            k_win, v_win = kv["win"]
+        return context_parallel.nsa_context_parallel(q, k, v, *gates, self.spec, group=self.cp_group,
+                                                     layout=self.cp_layout, k_cmp=k_cmp, v_cmp=v_cmp,
+                                                     k_win=k_win, v_win=v_win)
 
     # ---- inference: prefill, then one step at a time against an NSAKVCache -----------------------
     def new_cache(self, batch_size: int, capacity: int, device=None, dtype=None):
@@ -167,6 +201,7 @@ class NativeSparseAttention(nn.Module):
     def prefill(self, x: torch.Tensor, cache, seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """The forward over x [B, T, hidden] (entry b's first seqlens[b] tokens are real, default all),
         writing every branch's K/V into `cache` (emptied first). Returns y [B, T, hidden]."""
+        self._no_cp("prefill")
         cache.reset()
         q, gates, kv = self._project(x)
         self._append(cache, kv, seqlens)
@@ -179,6 +214,7 @@ class NativeSparseAttention(nn.Module):
         (backend auto/kernels; all three branches on) and the reference otherwise."""
         from .decode import nsa_decode
         from .kv_cache import nsa_decode_reference
+        self._no_cp("decode")
         spec = self.spec
         q, gates, kv = self._project(x_new)
         B, s = q.shape[:2]
@@ -187,6 +223,11 @@ class NativeSparseAttention(nn.Module):
         fn = nsa_decode if use_kernels else nsa_decode_reference
         o = fn(q.to(cache.dtype), cache, *(g.to(cache.dtype) for g in gates), spec)
         return self.o_proj(o.to(x_new.dtype).reshape(B, s, spec.heads * spec.v_head_dim))
+
+    def _no_cp(self, what):
+        if self.cp_group is not None:
+            raise NotImplementedError(f"{what} with cp_group: serving with context parallelism is not built; "
+                                      f"use a layer without cp_group (same parameters) for inference")
 
     def _compress(self, k, v, cu_seqlens):
         if cu_seqlens is None:

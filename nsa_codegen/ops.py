@@ -28,7 +28,7 @@ import torch
 
 from . import reference
 from .buffers import KERNEL_DTYPES, empty
-from . import packing
+from . import context_parallel, packing
 from .kernel_key import KernelKey
 from .launch import (arch_of, attend, attend_fake, check_tensor, contiguous, gate_key, gate_slots, kernel,
                      kernel_key, launch, pack_maps, run_kernel, token_map)
@@ -205,14 +205,24 @@ def _check_against_spec(q, k, v, spec: NSASpec):
 
 
 def nsa_attention(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_cmp=None, k_win=None, v_win=None,
-                  block_indices=None, cu_seqlens=None, return_indices: bool = False):
+                  block_indices=None, cu_seqlens=None, return_indices: bool = False, cp_group=None,
+                  cp_layout: str = "zigzag"):
     """NSA forward on the GPU kernels; same contract as `nsa_codegen.reference.nsa_reference`.
 
     q [B, T, HQ, Dk], k [B, T, H, Dk], v [B, T, H, Dv], gates [B, T, HQ] -> o [B, T, HQ, Dv].
     k_cmp / v_cmp default to mean pooling of k / v; k_win / v_win default to k / v.
     cu_seqlens [S+1] with B == 1 packs S sequences (k_cmp / v_cmp, if given, pack each sequence's
     compressed rows back to back): a pack runs one launch per kernel, forward and backward.
+    cp_group: the sequence is split across this torch.distributed group (context parallelism): every
+    tensor is this rank's shard in layout cp_layout, k_cmp / v_cmp all rows of the whole sequence
+    (`nsa_codegen.context_parallel.nsa_context_parallel`; it runs the reference math so far).
     """
+    if cp_group is not None:
+        if cu_seqlens is not None or return_indices:
+            raise NotImplementedError("cp_group with cu_seqlens or return_indices is not supported yet")
+        return context_parallel.nsa_context_parallel(q, k, v, g_cmp, g_slc, g_win, spec, group=cp_group,
+                                                     layout=cp_layout, k_cmp=k_cmp, v_cmp=v_cmp, k_win=k_win,
+                                                     v_win=v_win, block_indices=block_indices)
     if not isinstance(spec, NSASpec):
         raise TypeError(f"spec must be an NSASpec, got {type(spec).__name__}")
     _check_against_spec(q, k, v, spec)

@@ -229,9 +229,11 @@ def _block_rows(x: torch.Tensor, sel_block: int) -> torch.Tensor:
     return x.view(B, NS, sel_block, H, D).permute(0, 3, 1, 2, 4).reshape(B * H * NS, sel_block * D)
 
 
-def selection_attention(q, k, v, block_indices, sel_block: int, scale: Optional[float] = None):
-    """q [B, T, HQ, Dk], k [B, T, H, Dk], v [B, T, H, Dv], block_indices [B, T, H, n] (-1 = none).
+def selection_attention(q, k, v, block_indices, sel_block: int, scale: Optional[float] = None,
+                        t_offset: int = 0):
+    """q [B, T, HQ, Dk], k [B, S, H, Dk], v [B, S, H, Dv], block_indices [B, T, H, n] (-1 = none).
 
+    Row i of q is query t = t_offset + i (S >= t_offset + T; S = T, t_offset = 0 for a whole sequence).
     Query t attends to keys s in the selected blocks with s <= t. Returns o [B, T, HQ, Dv], lse [B, T, HQ].
     """
     B, T, HQ, Dk = q.shape
@@ -239,7 +241,7 @@ def selection_attention(q, k, v, block_indices, sel_block: int, scale: Optional[
     G = _group(q, k)
     n = block_indices.shape[-1]
     sc = _scale(q, scale)
-    NS = num_selection_blocks(T, sel_block)
+    NS = num_selection_blocks(k.shape[1], sel_block)
     kb, vb = _block_rows(k, sel_block), _block_rows(v, sel_block)
     row0 = (torch.arange(B, device=q.device)[:, None, None, None] * H
             + torch.arange(H, device=q.device)[None, None, :, None]) * NS
@@ -255,7 +257,7 @@ def selection_attention(q, k, v, block_indices, sel_block: int, scale: Optional[
         ks = kb.index_select(0, rows).view(B, Tc, H, n * sel_block, Dk)
         vs = vb.index_select(0, rows).view(B, Tc, H, n * sel_block, Dv)
         pos = (idx[..., None] * sel_block + offs).flatten(-2)  # [B, Tc, H, n*l']
-        t = torch.arange(t0, t1, device=q.device)[None, :, None, None]
+        t = torch.arange(t0, t1, device=q.device)[None, :, None, None] + t_offset
         valid = (idx >= 0).repeat_interleave(sel_block, dim=-1) & (pos <= t)
         qc = q[:, t0:t1].view(B, Tc, H, G, Dk)
         s = _acc(qc @ ks.transpose(-1, -2)) * sc  # [B, Tc, H, G, n*l']
@@ -274,8 +276,9 @@ def _joined(out, lses, q, Dv):
     return torch.cat(out, 1), torch.cat(lses, 1)
 
 
-def window_attention(q, k, v, window: int, scale: Optional[float] = None):
-    """Sliding-window causal attention: query t sees keys (t - window, t]. Shapes as selection_attention."""
+def window_attention(q, k, v, window: int, scale: Optional[float] = None, t_offset: int = 0):
+    """Sliding-window causal attention: query t sees keys (t - window, t]. Shapes and t_offset as
+    selection_attention."""
     B, T, HQ, Dk = q.shape
     H, Dv = k.shape[2], v.shape[-1]
     G = _group(q, k)
@@ -286,15 +289,15 @@ def window_attention(q, k, v, window: int, scale: Optional[float] = None):
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
         Tc = t1 - t0
-        s0 = max(0, t0 - window + 1)
+        s0, s1 = max(0, t_offset + t0 - window + 1), t_offset + t1   # keys this chunk can see
         qc = q[:, t0:t1].view(B, Tc, H, G, Dk).permute(0, 2, 1, 3, 4).reshape(B, H, Tc * G, Dk)
-        kc = k[:, s0:t1].permute(0, 2, 3, 1)  # [B, H, Dk, S]
+        kc = k[:, s0:s1].permute(0, 2, 3, 1)  # [B, H, Dk, S]
         s = _acc(qc @ kc).view(B, H, Tc, G, -1) * sc
-        t = torch.arange(t0, t1, device=q.device)[:, None]
-        sp = torch.arange(s0, t1, device=q.device)[None, :]
+        t = torch.arange(t0, t1, device=q.device)[:, None] + t_offset
+        sp = torch.arange(s0, s1, device=q.device)[None, :]
         mask = (sp <= t) & (sp > t - window)
         p, lse = _masked_softmax(s, mask[None, None, :, None, :])
-        o = _weighted_values(p.to(v.dtype).view(B, H, Tc * G, -1), v[:, s0:t1].permute(0, 2, 1, 3))  # [B, H, Tc*G, Dv]
+        o = _weighted_values(p.to(v.dtype).view(B, H, Tc * G, -1), v[:, s0:s1].permute(0, 2, 1, 3))  # [B, H, Tc*G, Dv]
         out.append(o.view(B, H, Tc, G, Dv).permute(0, 2, 1, 3, 4).reshape(B, Tc, HQ, Dv))
         lses.append(lse.permute(0, 2, 1, 3).reshape(B, Tc, HQ))
     return _joined(out, lses, q, Dv)
@@ -308,22 +311,23 @@ def dense_causal_attention(q, k, v, scale: Optional[float] = None):
 # ------------------------------------------------------------------------------------------------
 # Compression branch + scoring + top-n, chunked so p_cmp never exists for the whole sequence
 # ------------------------------------------------------------------------------------------------
-def compression_and_selection(q, k_cmp, v_cmp, spec: NSASpec, T: int, need_indices: bool):
-    """Returns o_cmp [B, T, HQ, Dv], lse_cmp [B, T, HQ] and block indices [B, T, H, n] (or None)."""
+def compression_and_selection(q, k_cmp, v_cmp, spec: NSASpec, T: int, need_indices: bool, t_offset: int = 0):
+    """Returns o_cmp [B, Tq, HQ, Dv], lse_cmp [B, Tq, HQ] and block indices [B, Tq, H, n] (or None) of the
+    queries t_offset .. t_offset+Tq-1 (q [B, Tq, HQ, Dk]) of a sequence whose keys number T."""
     c, s = spec.compression, spec.selection
-    B, _, HQ, _ = q.shape
+    B, Tq, HQ, _ = q.shape
     N = k_cmp.shape[1]
-    step = _chunk_len(T, HQ * max(N, 1) + (num_selection_blocks(T, s.block) if s else 0) * spec.kv_heads * 4)
+    step = _chunk_len(Tq, HQ * max(N, 1) + (num_selection_blocks(T, s.block) if s else 0) * spec.kv_heads * 4)
     outs, lses, idxs = [], [], []
-    for t0 in range(0, T, step):
-        t1 = min(T, t0 + step)
+    for t0 in range(0, Tq, step):
+        t1 = min(Tq, t0 + step)
         o, lse, p = compression_attention(q[:, t0:t1], k_cmp, v_cmp, c.block, c.stride, c.first_block,
-                                          spec.softmax_scale, t_offset=t0, return_probs=True)
+                                          spec.softmax_scale, t_offset=t_offset + t0, return_probs=True)
         outs.append(o)
         lses.append(lse)
         if need_indices:
             sc = selection_scores(p, spec.kv_heads, T, c.block, c.stride, s.block, c.first_block)
-            idxs.append(select_top_n(sc, s.block, s.top_n, s.initial, s.local, t_offset=t0))
+            idxs.append(select_top_n(sc, s.block, s.top_n, s.initial, s.local, t_offset=t_offset + t0))
     return torch.cat(outs, 1), torch.cat(lses, 1), (torch.cat(idxs, 1) if need_indices else None)
 
 
@@ -361,7 +365,7 @@ def check_inputs(q, k, v, spec: NSASpec):
         raise ValueError(f"v must be [{B}, {T}, {spec.kv_heads}, {spec.v_head_dim}], got {list(v.shape)}")
 
 
-def _check_gates(q, spec: NSASpec, **gates):
+def check_gates(q, spec: NSASpec, **gates):
     """Each gate of a branch that is on must be a floating [B, T, HQ] tensor (off: ignored, may be None)."""
     on = {"g_cmp": spec.compression, "g_slc": spec.selection, "g_win": spec.window}
     for name, g in gates.items():
@@ -405,19 +409,35 @@ def nsa_reference(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
     Returns o [B, T, HQ, Dv], plus block indices [B, T, H, n] (-1 padded) with return_indices.
     """
     check_inputs(q, k, v, spec)
-    _check_gates(q, spec, g_cmp=g_cmp, g_slc=g_slc, g_win=g_win)
+    check_gates(q, spec, g_cmp=g_cmp, g_slc=g_slc, g_win=g_win)
     if cu_seqlens is not None:
         return run_packed(q, k, v, g_cmp, g_slc, g_win, spec, k_cmp, v_cmp, k_win, v_win, block_indices,
                        cu_seqlens, return_indices)
-    B, T = q.shape[:2]
-    c, s = spec.compression, spec.selection
-    if s is not None and block_indices is not None:
+    if spec.selection is not None and block_indices is not None:
         check_block_indices(block_indices, q, spec)
-    if T == 0:  # defined: an empty output (and empty block lists)
+    return nsa_reference_queries(q, k, v, g_cmp, g_slc, g_win, spec, k_cmp=k_cmp, v_cmp=v_cmp, k_win=k_win,
+                                 v_win=v_win, block_indices=block_indices, return_indices=return_indices)
+
+
+def nsa_reference_queries(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, t_offset: int = 0, k_cmp=None,
+                          v_cmp=None, k_win=None, v_win=None, block_indices=None, return_indices: bool = False):
+    """NSA forward of the queries t_offset .. t_offset+Tq-1 of one sequence (a shard of it, for
+    context parallelism): q [B, Tq, HQ, Dk] and gates [B, Tq, HQ] are those queries' rows; k [B, S, H, Dk],
+    v [B, S, H, Dv] and k_win / v_win are the sequence's first S = t_offset + Tq keys (the later ones no
+    query here can see); k_cmp / v_cmp [B, N(S), H, D] its compressed rows complete within them
+    (default: mean pooling of k / v); block_indices [B, Tq, H, n]. Inputs are not checked here (the
+    callers do). Returns o [B, Tq, HQ, Dv] (and the block indices with return_indices)."""
+    B, Tq = q.shape[:2]
+    S = k.shape[1]
+    if S != t_offset + Tq:
+        raise ValueError(f"queries {t_offset}..{t_offset + Tq - 1} need k / v of exactly {t_offset + Tq} "
+                         f"tokens, got {S}")
+    c, s = spec.compression, spec.selection
+    if Tq == 0:  # defined: an empty output (and empty block lists)
         out = q.new_zeros(B, 0, spec.heads, spec.v_head_dim)
         idx = q.new_zeros(B, 0, spec.kv_heads, s.top_n, dtype=torch.int32) if s is not None else None
         return (out, idx) if return_indices else out
-    out = torch.zeros(B, T, spec.heads, spec.v_head_dim, dtype=_acc(q[:0]).dtype, device=q.device)
+    out = torch.zeros(B, Tq, spec.heads, spec.v_head_dim, dtype=_acc(q[:0]).dtype, device=q.device)
     indices = None
     if s is not None and block_indices is None and c is None:
         raise ValueError("the compression branch is off, so selection needs explicit block_indices")
@@ -426,22 +446,22 @@ def nsa_reference(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
             k_cmp = compress(k, c.block, c.stride, c.first_block)
         if v_cmp is None:
             v_cmp = compress(v, c.block, c.stride, c.first_block)
-        N = num_compressed_blocks(T, c.block, c.stride, c.first_block)
+        N = num_compressed_blocks(S, c.block, c.stride, c.first_block)
         if k_cmp.shape[1] != N or v_cmp.shape[1] != N:
-            raise ValueError(f"k_cmp / v_cmp must have N = {N} compressed rows for T = {T}, "
+            raise ValueError(f"k_cmp / v_cmp must have N = {N} compressed rows for T = {S}, "
                              f"got {k_cmp.shape[1]} / {v_cmp.shape[1]}")
         need = s is not None and block_indices is None
-        o_cmp, _, indices = compression_and_selection(q, k_cmp, v_cmp, spec, T, need)
+        o_cmp, _, indices = compression_and_selection(q, k_cmp, v_cmp, spec, S, need, t_offset)
         out += g_cmp.unsqueeze(-1).to(out.dtype) * o_cmp.to(out.dtype)
     if s is not None:
         if block_indices is not None:
             indices = block_indices
-        o_slc, _ = selection_attention(q, k, v, indices, s.block, spec.softmax_scale)
+        o_slc, _ = selection_attention(q, k, v, indices, s.block, spec.softmax_scale, t_offset)
         out += g_slc.unsqueeze(-1).to(out.dtype) * o_slc.to(out.dtype)
     if spec.window is not None:
         kw = k if k_win is None else k_win
         vw = v if v_win is None else v_win
-        o_win, _ = window_attention(q, kw, vw, spec.window.size, spec.softmax_scale)
+        o_win, _ = window_attention(q, kw, vw, spec.window.size, spec.softmax_scale, t_offset)
         out += g_win.unsqueeze(-1).to(out.dtype) * o_win.to(out.dtype)
     out = out.to(q.dtype)
     return (out, indices) if return_indices else out
