@@ -14,6 +14,7 @@
 #   packs: tests/test_ops.py (packs in one launch included), the selection and pack backward tests,
 #          bench_packed.py, bench_paper.py --backward ($2: its --T); packsquick: the same in about 7 minutes;
 #          packsmini: the pack / tile tests, bench_packed.py and bench_paper.py --T 8192 (about 4.5 minutes)
+#   profile: benchmarks/profile_paper.py, the paper config's forward + backward per CUDA kernel ($2: its T)
 # Kernels: carry .gen (python benchmarks/prebuild.py, here on the CPU) and they load prebuilt, with
 # no compile on the GPU's clock; anything not prebuilt compiles there, slowly.
 set -uo pipefail
@@ -96,6 +97,10 @@ if [[ $what == tilesquick ]]; then   # the tiles pass on the paper config only, 
   [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
   date; timeout ${PAPER_LIMIT:-150} python3 benchmarks/bench_paper.py --out "$OUT" ${PAPER_ARGS---backward} --T ${2:-65536 8192} --rounds 4 --iters 5 2>&1 | tee "$OUT/paper_bench.log" | grep -v "^|" | tail -40
   date
+fi
+if [[ $what == profile ]]; then   # where a paper-config training step spends its time, per kernel (~1 min)
+  date; timeout 100 python3 benchmarks/profile_paper.py --out "$OUT" --T ${2:-65536} 2>&1 | tee "$OUT/profile.log" | tail -30
+  rc=${PIPESTATUS[0]}
 fi
 if [[ $what == decodetests ]]; then
   python3 -m pytest -q tests/test_kv_cache.py tests/test_decode.py tests/test_layer.py -m gpu 2>&1 | tee "$OUT/decodetests.log" | tail -30
