@@ -121,6 +121,7 @@ class NSAKVCache:
             self.v_cmp = torch.zeros(B, self.cap_cmp_phys, H, Dv, **z)
         else:
             self.k_cmp = self.v_cmp = None
+        self.device = self.kv_k.device   # "cuda" -> "cuda:0": what tensors on it report
         self.cache_seqlens = torch.zeros(B, dtype=torch.int32, device=self.device)
         self._lens = [0] * B          # host mirror of cache_seqlens
         # decode workspace (nsa_codegen.decode): q_len -> (Scores f16, ScoreMax f32), see decode_attention
@@ -147,6 +148,15 @@ class NSAKVCache:
     def lengths(self) -> list[int]:
         """Host copy of cache_seqlens."""
         return list(self._lens)
+
+    def entry(self, b: int) -> dict:
+        """Batch entry b's cache (views): k, v, k_win, v_win [1, L, H, D], k_cmp, v_cmp [1, N(L), H, D]
+        (None with the compression branch off)."""
+        L, n = self._lens[b], self.num_cmp_host[b]
+        return {"k": self.k[b:b + 1, :L], "v": self.v[b:b + 1, :L], "k_win": self.k_win[b:b + 1, :L],
+                "v_win": self.v_win[b:b + 1, :L],
+                "k_cmp": None if self.k_cmp is None else self.k_cmp[b:b + 1, :n],
+                "v_cmp": None if self.v_cmp is None else self.v_cmp[b:b + 1, :n]}
 
     @property
     def num_cmp(self) -> torch.Tensor:
@@ -328,7 +338,7 @@ class NSAKVCache:
 # ------------------------------------------------------------------------------------------------
 # Decode
 # ------------------------------------------------------------------------------------------------
-def check_step(q, cache: NSAKVCache, spec: Optional[NSASpec], gates, max_q_len: Optional[int] = None):
+def check_step(q, cache, spec: Optional[NSASpec], gates, max_q_len: Optional[int] = None):
     """Validate one decode step's q [B, ql, HQ, Dk] and gates [B, ql, HQ] against the cache (every
     entry holding >= ql tokens); returns (spec, gates in q's dtype)."""
     spec = spec or cache.spec
@@ -343,8 +353,8 @@ def check_step(q, cache: NSAKVCache, spec: Optional[NSASpec], gates, max_q_len: 
         raise ValueError(f"q_len must be in 1..{max_q_len or 'cached length'}, got {ql}")
     if HQ != spec.heads or Dk != spec.head_dim:
         raise ValueError(f"q must be [B, ql, {spec.heads}, {spec.head_dim}], got {list(q.shape)}")
-    if q.dtype != cache.dtype or q.device != cache.kv_k.device:
-        raise ValueError(f"q must be {cache.dtype} on {cache.kv_k.device}, got {q.dtype} on {q.device}")
+    if q.dtype != cache.dtype or q.device != cache.device:
+        raise ValueError(f"q must be {cache.dtype} on {cache.device}, got {q.dtype} on {q.device}")
     out = []
     for name, g in zip(("g_cmp", "g_slc", "g_win"), gates):
         if not isinstance(g, torch.Tensor) or tuple(g.shape) != (B, ql, HQ) or not g.is_floating_point():
@@ -356,12 +366,13 @@ def check_step(q, cache: NSAKVCache, spec: Optional[NSASpec], gates, max_q_len: 
     return spec, out
 
 
-def nsa_decode_reference(q: torch.Tensor, cache: NSAKVCache, g_cmp: torch.Tensor, g_slc: torch.Tensor,
+def nsa_decode_reference(q: torch.Tensor, cache, g_cmp: torch.Tensor, g_slc: torch.Tensor,
                          g_win: torch.Tensor, spec: Optional[NSASpec] = None, *,
                          block_indices: Optional[torch.Tensor] = None, return_selection: bool = False):
-    """What `nsa_decode` computes, by the reference: reference.nsa_reference over each entry's cached
-    sequence (cached compressed rows included), read at its last q_len positions. O(length) work per
-    step: the CPU path and the oracle, not a fast path. q [B, ql, HQ, Dk] -> o [B, ql, HQ, Dv].
+    """What `nsa_decode` computes, by the reference: each entry's last q_len positions of
+    reference.nsa_reference over its cached sequence (cached compressed rows included). The CPU path
+    and the oracle, not a fast path. q [B, ql, HQ, Dk] -> o [B, ql, HQ, Dv]. cache: an NSAKVCache or
+    a PagedNSAKVCache's batch (`cache.batch(slots)`).
 
     block_indices [B, ql, H, n]: attend over these blocks (a kernel's choice) instead of the
     reference's own top-n. return_selection: also return, per entry, the reference's own top-n
@@ -370,28 +381,15 @@ def nsa_decode_reference(q: torch.Tensor, cache: NSAKVCache, g_cmp: torch.Tensor
     B, ql, HQ, Dk = q.shape
     outs, sels = [], []
     for b, L in enumerate(cache.lengths):
-
-        def full(x):  # earlier positions' queries / gates do not affect the last ql outputs
-            out = x.new_zeros(1, L, *x.shape[2:])
-            out[:, L - ql:] = x[b:b + 1]
-            return out
-        n = cache.num_cmp_host[b]
-        kc = cache.k_cmp[b:b + 1, :n] if cache.k_cmp is not None else None
-        vc = cache.v_cmp[b:b + 1, :n] if cache.v_cmp is not None else None
-        args = (full(q), cache.k[b:b + 1, :L], cache.v[b:b + 1, :L], full(g_cmp), full(g_slc), full(g_win), spec)
-        kw = dict(k_cmp=kc, v_cmp=vc, k_win=cache.k_win[b:b + 1, :L], v_win=cache.v_win[b:b + 1, :L])
+        e = cache.entry(b)
+        args = (q[b:b + 1], e["k"], e["v"], g_cmp[b:b + 1], g_slc[b:b + 1], g_win[b:b + 1], spec)
+        kw = dict(t_offset=L - ql, k_cmp=e["k_cmp"], v_cmp=e["v_cmp"], k_win=e["k_win"], v_win=e["v_win"])
         if block_indices is None or return_selection:
-            o, idx = reference.nsa_reference(*args, return_indices=True, **kw)
+            o, idx = reference.nsa_reference_queries(*args, return_indices=True, **kw)
         if block_indices is not None:
-            # the given blocks at the last ql positions; earlier positions' outputs are not read
-            sub = torch.full((1, L, spec.kv_heads, block_indices.shape[-1]), -1, dtype=torch.int32,
-                             device=q.device)
-            sub[0, L - ql:] = block_indices[b].to(sub.dtype)
-            o = reference.nsa_reference(*args, block_indices=sub, **kw)
-        outs.append(o[:, L - ql:])
+            o = reference.nsa_reference_queries(*args, block_indices=block_indices[b:b + 1], **kw)
+        outs.append(o)
         if return_selection:
-            sels.append((idx[0, L - ql:], reference.block_keys(q[b:b + 1], kc, vc, spec, L, L - ql)[0]))
+            sels.append((idx[0], reference.block_keys(q[b:b + 1], e["k_cmp"], e["v_cmp"], spec, L, L - ql)[0]))
     o = torch.cat(outs, 0)
     return (o, sels) if return_selection else o
-
-
