@@ -189,6 +189,19 @@ class NativeSparseAttention(nn.Module):
                           separate_cmp=on_cmp, phi_k=compressor_phi(self.k_phi) if on_cmp else None,
                           phi_v=compressor_phi(self.v_phi) if on_cmp else None)
 
+    def new_paged_cache(self, num_pages: int, page_size: int = 64, max_seqs: int = 64, max_seq_len: int = 131072,
+                        device=None, dtype=None):
+        """A `PagedNSAKVCache` for this layer (the same branch K/V and phi as new_cache); pass
+        `cache.batch(slots)` to prefill / decode. Decode over pages runs the reference so far."""
+        from .kv_cache import compressor_phi
+        from .paged_kv_cache import PagedNSAKVCache
+        on_cmp = "cmp" in self.branches
+        return PagedNSAKVCache(self.spec, num_pages, page_size=page_size, max_seqs=max_seqs, max_seq_len=max_seq_len,
+                               device=device or self.q_proj.weight.device, dtype=dtype or getattr(torch, self.spec.dtype),
+                               separate_window="win" in self.branches and "slc" in self.branches,
+                               separate_cmp=on_cmp, phi_k=compressor_phi(self.k_phi) if on_cmp else None,
+                               phi_v=compressor_phi(self.v_phi) if on_cmp else None)
+
     def _append(self, cache, kv, seqlens=None):
         dt = cache.dtype
         k, v = _main_kv(kv)
@@ -200,7 +213,8 @@ class NativeSparseAttention(nn.Module):
     @torch.no_grad()
     def prefill(self, x: torch.Tensor, cache, seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """The forward over x [B, T, hidden] (entry b's first seqlens[b] tokens are real, default all),
-        writing every branch's K/V into `cache` (emptied first). Returns y [B, T, hidden]."""
+        writing every branch's K/V into `cache` (emptied first): an NSAKVCache, or the batch of a
+        paged cache (`paged.batch(slots)`). Returns y [B, T, hidden]."""
         self._no_cp("prefill")
         cache.reset()
         q, gates, kv = self._project(x)
@@ -218,8 +232,13 @@ class NativeSparseAttention(nn.Module):
         spec = self.spec
         q, gates, kv = self._project(x_new)
         B, s = q.shape[:2]
-        self._append(cache, kv)
         use_kernels = _attention_fn(q, self.backend, spec) is not reference.nsa_reference
+        from .paged_kv_cache import PagedBatch
+        if use_kernels and isinstance(cache, PagedBatch):   # the kernels read contiguous caches only
+            if self.backend == "kernels":
+                raise NotImplementedError("backend='kernels': the decode kernels do not read a paged cache yet")
+            use_kernels = False
+        self._append(cache, kv)   # after every check that can refuse the step: a refused step writes nothing
         fn = nsa_decode if use_kernels else nsa_decode_reference
         o = fn(q.to(cache.dtype), cache, *(g.to(cache.dtype) for g in gates), spec)
         return self.o_proj(o.to(x_new.dtype).reshape(B, s, spec.heads * spec.v_head_dim))

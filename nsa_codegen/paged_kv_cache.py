@@ -106,14 +106,19 @@ class PagedNSAKVCache:
 
     def free_sequence(self, slot: int) -> None:
         """Drop a sequence: its pages go back to the pool, its slot to the free slots."""
+        self.clear_sequence(slot)
+        del self._lens[slot], self._pages[slot], self._cmp_pages[slot]
+        self._free_slots.append(slot)
+
+    def clear_sequence(self, slot: int) -> None:
+        """Empty a sequence (length 0, its pages back to the pool); it keeps its slot."""
         slot = self._slot(slot)
-        self._free.extend(reversed(self._pages.pop(slot)))
-        self._free_cmp.extend(reversed(self._cmp_pages.pop(slot)))
-        del self._lens[slot]
+        self._free.extend(reversed(self._pages[slot]))
+        self._free_cmp.extend(reversed(self._cmp_pages[slot]))
+        self._pages[slot], self._cmp_pages[slot], self._lens[slot] = [], [], 0
         self.block_table[slot] = -1
         self.cmp_block_table[slot] = -1
         self.seqlens[slot] = 0
-        self._free_slots.append(slot)
 
     def _slot(self, slot) -> int:
         if isinstance(slot, bool) or not isinstance(slot, int) or slot not in self._lens:
@@ -248,13 +253,25 @@ class PagedNSAKVCache:
 
 
 class PagedBatch:
-    """Sequences of a PagedNSAKVCache as a decode batch: what `nsa_decode_reference` reads (the
-    same interface as NSAKVCache: spec, dtype, device, batch_size, lengths, entry(i))."""
+    """Sequences of a PagedNSAKVCache as one batch (entry i = slots[i]), with NSAKVCache's interface
+    where the layer and `nsa_decode_reference` use it: spec, dtype, device, batch_size, lengths,
+    entry(i), append, reset, separate_window / separate_cmp."""
 
     def __init__(self, cache: PagedNSAKVCache, slots: list[int]):
         self.cache, self.slots = cache, slots
         self.spec, self.dtype, self.device = cache.spec, cache.dtype, cache.device
+        self.separate_window, self.separate_cmp = cache.separate_window, cache.separate_cmp
         self.batch_size = len(slots)
+
+    def append(self, k_new, v_new, k_win_new=None, v_win_new=None, seqlens_new=None, *, k_cmp_new=None,
+               v_cmp_new=None) -> None:
+        self.cache.append(self.slots, k_new, v_new, k_win_new, v_win_new, seqlens_new, k_cmp_new=k_cmp_new,
+                          v_cmp_new=v_cmp_new)
+
+    def reset(self) -> None:
+        """Empty these sequences (their pages go back to the pool; they keep their slots)."""
+        for s in self.slots:
+            self.cache.clear_sequence(s)
 
     @property
     def lengths(self) -> list[int]:
