@@ -237,6 +237,11 @@ class NativeSparseAttention(nn.Module):
         if use_kernels and isinstance(cache, PagedBatch):   # the kernels read contiguous caches only
             if self.backend == "kernels":
                 raise NotImplementedError("backend='kernels': the decode kernels do not read a paged cache yet")
+            if "paged" not in _WARNED:
+                _WARNED.add("paged")
+                warnings.warn("NativeSparseAttention.decode: the decode kernels do not read a paged cache yet; "
+                              "running the PyTorch reference decode (slow; backend='kernels' makes this an error)",
+                              stacklevel=2)
             use_kernels = False
         self._append(cache, kv)   # after every check that can refuse the step: a refused step writes nothing
         fn = nsa_decode if use_kernels else nsa_decode_reference
