@@ -10,7 +10,7 @@ import hashlib
 import re
 from typing import Any
 
-from .kernel_key import KernelKey
+from .kernel_key import SHARED_MEMORY, KernelKey
 from .kinds import KINDS
 from .resources import template_module
 
@@ -26,6 +26,7 @@ def _problem_fields(key: KernelKey) -> dict[str, Any]:
     scale = key.scale if key.scale is not None else (key.head_dim or 1) ** -0.5
     fields = dict(heads_q=key.heads, heads_kv=key.kv_heads, head_dim_qk=key.head_dim, head_dim_v=key.v_head_dim,
                   dim_k=key.head_dim, dim_v=key.v_head_dim, scale=float(scale), dtype=key.dtype, **p)
+    fields["smem_block"], fields["smem_sm"] = SHARED_MEMORY[key.arch]
     if "sel_block" in p:
         fields["block"] = p["sel_block"]
     part = KINDS[key.kind].part

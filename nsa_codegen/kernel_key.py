@@ -16,6 +16,9 @@ from typing import Any, Mapping
 from .kinds import KINDS, kind as _kind_entry
 
 ARCHS = ("sm80", "sm90")
+# Shared memory per arch, bytes: (the most one program may use, opt-in; what one SM holds). sm80 is
+# the A100's (163 / 164 KiB): sm80 kernels are sized for it (sm86 / sm89 parts have 99 KiB).
+SHARED_MEMORY = {"sm80": (163 * 1024, 164 * 1024), "sm90": (227 * 1024, 228 * 1024)}
 DTYPE_TAGS = {"bfloat16": "bf16", "float16": "fp16"}
 
 

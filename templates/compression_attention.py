@@ -42,7 +42,6 @@ from ._problem import check_problem
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
-_SMEM_LIMIT = 227 * 1024
 
 
 @dataclass(frozen=True)
@@ -66,6 +65,9 @@ class CompressionAttentionConfig:
                                 # the pipeline pass adds a 128-thread TMA producer warpgroup
     num_stages: int = 2         # K/V smem pipeline depth
     fast_math: bool = False     # compile with TileLang's fast-math pass config (approximate exp2/log2/div)
+    # the arch's shared memory (codegen sets them from the key's arch; kernel_key.SHARED_MEMORY)
+    smem_block: int = 227 * 1024   # bytes one program may use (sm90; sm80: 163 KiB)
+    smem_sm: int = 228 * 1024      # bytes per SM (occupancy)
 
 
 def _smem_bytes(cfg, bn=None) -> int:
@@ -85,7 +87,7 @@ def _regs(cfg, bn) -> float:
 def _block_n(cfg) -> int:
     if cfg.block_N:
         return cfg.block_N
-    if _regs(cfg, 128) <= 200 and _smem_bytes(cfg, 128) <= _SMEM_LIMIT:
+    if _regs(cfg, 128) <= 200 and _smem_bytes(cfg, 128) <= cfg.smem_block:
         return 128
     return 64
 
@@ -116,8 +118,8 @@ def check_config(cfg) -> None:
     # accumulator registers per consumer thread: O (fp32) + S (fp32) + P (16 bit)
     if _regs(cfg, _block_n(cfg)) > 200:
         raise ValueError("block_M: accumulator tiles need too many registers for these threads")
-    if _smem_bytes(cfg) > _SMEM_LIMIT:
-        raise ValueError("block_N: shared memory (Q/O + pipelined K/V) exceeds 227 KiB")
+    if _smem_bytes(cfg) > cfg.smem_block:
+        raise ValueError(f"block_N: shared memory (Q/O + pipelined K/V) exceeds the arch's {cfg.smem_block // 1024} KiB")
 
 
 def build(cfg: CompressionAttentionConfig):

@@ -51,7 +51,6 @@ import tilelang.language as T
 from ._problem import check_problem
 
 _LOG2E = 1.4426950408889634
-_SMEM_LIMIT = 227 * 1024
 _MAX_REGS = 200  # fp32 accumulator/tile registers per consumer thread we allow
 
 
@@ -81,6 +80,9 @@ class CompressionAttentionBwdConfig:
                                 # 0 = auto: stride // 16 (so a program covers about as many
                                 # (row, token) pairs as at stride 16; l=d=64 has 4x fewer rows)
     fast_math: bool = False     # TileLang fast-math pass config (approximate exp2)
+    # the arch's shared memory (codegen sets them from the key's arch; kernel_key.SHARED_MEMORY)
+    smem_block: int = 227 * 1024   # bytes one program may use (sm90; sm80: 163 KiB)
+    smem_sm: int = 228 * 1024      # bytes per SM (occupancy)
 
 
 def _G(cfg) -> int:
@@ -104,7 +106,7 @@ def _dq_block_n(cfg) -> int:
     if cfg.dq_block_N:
         return cfg.dq_block_N
     for bn in (64, 32):
-        if _dq_regs(cfg, bn) <= _MAX_REGS and _dq_smem(cfg, bn) <= _SMEM_LIMIT:
+        if _dq_regs(cfg, bn) <= _MAX_REGS and _dq_smem(cfg, bn) <= cfg.smem_block:
             return bn
     return 16
 
@@ -156,8 +158,8 @@ def check_config(cfg) -> None:
         bn = _dq_block_n(cfg)
         if _dq_regs(cfg, bn) > _MAX_REGS:
             raise ValueError("dq_block_M: dQ/S/dP tiles need too many registers for dq_threads")
-        if _dq_smem(cfg, bn) > _SMEM_LIMIT:
-            raise ValueError("dq_num_stages: shared memory (Q, dO, dQ, pipelined K/V) exceeds 227 KiB")
+        if _dq_smem(cfg, bn) > cfg.smem_block:
+            raise ValueError(f"dq_num_stages: shared memory (Q, dO, dQ, pipelined K/V) exceeds the arch's {cfg.smem_block // 1024} KiB")
     else:
         if cfg.kv_threads not in (128, 256):
             raise ValueError("kv_threads must be 128 or 256")
@@ -174,8 +176,8 @@ def check_config(cfg) -> None:
             raise ValueError("kv_splits must be in [0, 16] (0 = auto)")
         if _kv_regs(cfg) > _MAX_REGS:
             raise ValueError("kv_block_N: dK/dV/S/dP tiles need too many registers for kv_threads")
-        if _kv_smem(cfg) > _SMEM_LIMIT:
-            raise ValueError("kv_num_stages: shared memory (K/V, pipelined Q/dO, P/dS) exceeds 227 KiB")
+        if _kv_smem(cfg) > cfg.smem_block:
+            raise ValueError(f"kv_num_stages: shared memory (K/V, pipelined Q/dO, P/dS) exceeds the arch's {cfg.smem_block // 1024} KiB")
 
 
 def build(cfg: CompressionAttentionBwdConfig):

@@ -72,7 +72,6 @@ import tilelang.language as T
 from ._problem import check_problem
 
 _LOG2E = 1.4426950408889634
-_SMEM_LIMIT = 227 * 1024
 _BIG = 1 << 30
 PARTS = ("cmp", "topn", "sparse", "combine")
 CMP_LOADS = ("cp_async", "tma")
@@ -112,6 +111,9 @@ class DecodeAttentionConfig:
     sparse_stages: int = 1      # must be 1, as cmp_stages with cp_async
     combine_threads: int = 128
     fast_math: bool = False
+    # the arch's shared memory (codegen sets them from the key's arch; kernel_key.SHARED_MEMORY)
+    smem_block: int = 227 * 1024   # bytes one program may use (sm90; sm80: 163 KiB)
+    smem_sm: int = 228 * 1024      # bytes per SM (occupancy)
     pdl: bool = False           # programmatic dependent launch (sm90): topn / sparse / combine launch
                                 # while their predecessor drains and wait (griddepcontrol.wait) only
                                 # before reading its outputs; the window programs of sparse never wait
@@ -223,8 +225,8 @@ def check_config(cfg) -> None:
             raise ValueError("cmp_block_N: accumulators need too many registers; lower it or raise cmp_threads")
         NBG = score_groups(cfg.cmp_block, cfg.stride, cfg.first_block, cfg.sel_block)[1]
         NE = (bn // SG) * (1 << (NBG - 1).bit_length())
-        if _smem_attn(MP, bn, Dk, Dv, cfg.cmp_stages, nt) + (NE + 32) * bn * 2 + MP * bn * 2 > _SMEM_LIMIT:
-            raise ValueError("cmp_stages: shared memory exceeds 227 KiB")
+        if _smem_attn(MP, bn, Dk, Dv, cfg.cmp_stages, nt) + (NE + 32) * bn * 2 + MP * bn * 2 > cfg.smem_block:
+            raise ValueError(f"cmp_stages: shared memory exceeds the arch's {cfg.smem_block // 1024} KiB")
     elif cfg.part == "topn":
         if cfg.topn_threads not in (64, 128, 256):
             raise ValueError("topn_threads: must be 64, 128 or 256")
@@ -245,8 +247,8 @@ def check_config(cfg) -> None:
             raise ValueError("sparse_threads: accumulators need too many registers")
         if _n_cand_max(cfg) > 8192:
             raise ValueError("max_seqlen: too many top-n candidates to merge; raise topn_threads")
-        if _smem_attn(MP, cfg.sel_block, Dk, Dv, cfg.sparse_stages, nt) + _n_cand_max(cfg) * 8 > _SMEM_LIMIT:
-            raise ValueError("sparse_stages: shared memory exceeds 227 KiB")
+        if _smem_attn(MP, cfg.sel_block, Dk, Dv, cfg.sparse_stages, nt) + _n_cand_max(cfg) * 8 > cfg.smem_block:
+            raise ValueError(f"sparse_stages: shared memory exceeds the arch's {cfg.smem_block // 1024} KiB")
     else:
         nt = cfg.combine_threads
         if nt not in (64, 128, 256):

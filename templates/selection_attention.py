@@ -43,8 +43,6 @@ import tilelang.language as T
 from ._problem import check_problem
 from ._token_tile import union_builder
 
-_SMEM_LIMIT = 227 * 1024
-
 
 @dataclasses.dataclass(frozen=True)
 class SelectionAttentionConfig:
@@ -62,6 +60,9 @@ class SelectionAttentionConfig:
     min_blocks_per_sm: int = 0 # __launch_bounds__ occupancy hint; 0 = as many as smem fits
     tile_tokens: int = 0       # tokens per program: 1 = per token; > 1 = token tile over the union;
                                # 0 = auto (64 // G tokens, 64 rows, when G >= 8; else per token)
+    # the arch's shared memory (codegen sets them from the key's arch; kernel_key.SHARED_MEMORY)
+    smem_block: int = 227 * 1024   # bytes one program may use (sm90; sm80: 163 KiB)
+    smem_sm: int = 228 * 1024      # bytes per SM (occupancy)
 
 
 def _tile_tokens(cfg):
@@ -109,8 +110,8 @@ def _min_blocks(cfg):
         # A 64-row WGMMA tile per warpgroup holds ~130 fp32 accumulators a thread: with the
         # producer warpgroup, two programs of 384 threads would cap them at 80 registers.
         return 1
-    # Auto: as many programs per SM as shared memory allows (228 KiB per SM).
-    return max(1, min(4, (228 * 1024) // _smem_bytes(cfg)))
+    # Auto: as many programs per SM as shared memory allows (smem_sm per SM).
+    return max(1, min(4, cfg.smem_sm // _smem_bytes(cfg)))
 
 
 def check_config(cfg) -> None:
@@ -143,8 +144,8 @@ def check_config(cfg) -> None:
         raise ValueError("num_stages: must be in 1..4")
     if not (0 <= cfg.min_blocks_per_sm <= 8):
         raise ValueError("min_blocks_per_sm: must be in 0..8")
-    if _smem_bytes(cfg) > _SMEM_LIMIT:
-        raise ValueError("num_stages: shared memory for block/head dims/num_stages exceeds 227 KiB")
+    if _smem_bytes(cfg) > cfg.smem_block:
+        raise ValueError(f"num_stages: shared memory for block/head dims/num_stages exceeds the arch's {cfg.smem_block // 1024} KiB")
 
 
 def _online_softmax(M, N, Dv, sc):

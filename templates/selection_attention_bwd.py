@@ -69,7 +69,6 @@ import tilelang.language as T
 from ._problem import check_problem
 from ._token_tile import union_builder
 
-_SMEM_LIMIT = 227 * 1024
 _PARTS = ("dq", "dkdv", "reduce")
 
 
@@ -95,6 +94,9 @@ class SelectionAttentionBwdConfig:
     min_blocks_per_sm: int = 0  # dq/dkdv __launch_bounds__ hint; 0 = auto
     tile_tokens: int = 1       # dq: tokens per program (1 = per token, > 1 = token tile over the
                                # union of their block lists, 0 = auto: 64 // G where G >= 8)
+    # the arch's shared memory (codegen sets them from the key's arch; kernel_key.SHARED_MEMORY)
+    smem_block: int = 227 * 1024   # bytes one program may use (sm90; sm80: 163 KiB)
+    smem_sm: int = 228 * 1024      # bytes per SM (occupancy)
 
 
 def _stages(cfg):
@@ -157,7 +159,7 @@ def _chunk_rows(cfg):
     if cfg.chunk_rows:
         return cfg.chunk_rows
     for r in (64, 32):
-        if 2 * (_kv_smem(cfg, r) + 1024) <= 228 * 1024:
+        if 2 * (_kv_smem(cfg, r) + 1024) <= cfg.smem_sm:
             return r
     return 32
 
@@ -200,7 +202,7 @@ def _smem_bytes(cfg):
 def _min_blocks(cfg):
     if cfg.min_blocks_per_sm:
         return cfg.min_blocks_per_sm
-    by_smem = (228 * 1024) // _smem_bytes(cfg)
+    by_smem = cfg.smem_sm // _smem_bytes(cfg)
     if cfg.part == "dkdv":
         # Two programs per SM cap registers at 128 (256 threads): fine for the
         # single-stage loop (~160 wanted, a few spilled words), heavy spills for
@@ -264,8 +266,8 @@ def check_config(cfg) -> None:
         if _kv_regs(cfg) > 192:
             raise ValueError("threads: fp32 accumulators need too many registers; raise threads "
                              "or lower chunk_rows")
-    if _smem_bytes(cfg) > _SMEM_LIMIT:
-        raise ValueError("num_stages: shared memory for these tiles/num_stages exceeds 227 KiB")
+    if _smem_bytes(cfg) > cfg.smem_block:
+        raise ValueError(f"num_stages: shared memory for these tiles/num_stages exceeds the arch's {cfg.smem_block // 1024} KiB")
 
 
 def pass_configs(cfg) -> dict:

@@ -77,6 +77,9 @@ class SelectionTopNConfig:
                                 # ignored by "sync" (nothing to pipeline)
     k_load: str = "sync"        # "sync" | "cp_async" | "tma"
     fast_math: bool = False     # compile with TileLang's fast-math pass config (approximate exp2)
+    # the arch's shared memory (codegen sets them from the key's arch; kernel_key.SHARED_MEMORY)
+    smem_block: int = 227 * 1024   # bytes one program may use (sm90; sm80: 163 KiB)
+    smem_sm: int = 228 * 1024      # bytes per SM (occupancy)
 
 
 def _derived(cfg):
@@ -162,8 +165,8 @@ def check_config(cfg) -> None:
         raise ValueError("num_stages must be 1 with k_load='cp_async' (tilelang 0.1.15 codegen fails for more)")
     if cfg.block_M * cfg.block_N / cfg.threads > 64:
         raise ValueError("block_N: score accumulator needs > 64 registers per thread")
-    if _smem_bytes(cfg) > 227 * 1024:
-        raise ValueError("block_M: shared memory (Q + K stages + P + merge) exceeds 227 KiB")
+    if _smem_bytes(cfg) > cfg.smem_block:
+        raise ValueError(f"block_M: shared memory (Q + K stages + P + merge) exceeds the arch's {cfg.smem_block // 1024} KiB")
 
 
 def build(cfg: SelectionTopNConfig):

@@ -27,8 +27,6 @@ import tilelang.language as T
 
 from ._problem import check_problem
 
-_SMEM_LIMIT = 227 * 1024  # max dynamic smem per block on sm90
-
 
 @dataclasses.dataclass(frozen=True)
 class WindowAttentionConfig:
@@ -45,6 +43,9 @@ class WindowAttentionConfig:
     fast_math: bool = True     # compile with TileLang's fast-math pass config (faster exp; ~20% at w=512)
     threads: int = 256         # consumer threads (multiple of 128 for WGMMA)
     num_stages: int = 2        # K/V smem ring depth
+    # the arch's shared memory (codegen sets them from the key's arch; kernel_key.SHARED_MEMORY)
+    smem_block: int = 227 * 1024   # bytes one program may use (sm90; sm80: 163 KiB)
+    smem_sm: int = 228 * 1024      # bytes per SM (occupancy)
 
 
 def _block_n(cfg, bn=None):
@@ -52,7 +53,7 @@ def _block_n(cfg, bn=None):
         bn = cfg.block_N
     if bn:
         return bn
-    return 128 if _smem_bytes(cfg, 128) <= _SMEM_LIMIT else 64
+    return 128 if _smem_bytes(cfg, 128) <= cfg.smem_block else 64
 
 
 def _smem_bytes(cfg, bn=None):
@@ -85,8 +86,8 @@ def check_config(cfg) -> None:
     regs = (cfg.block_M * (cfg.head_dim_v + _block_n(cfg))) // cfg.threads
     if regs > 160:
         raise ValueError("block_M: fp32 accumulators exceed register budget for these threads")
-    if _smem_bytes(cfg) > _SMEM_LIMIT:
-        raise ValueError("num_stages: shared memory for this block_M/block_N/num_stages exceeds 227 KiB")
+    if _smem_bytes(cfg) > cfg.smem_block:
+        raise ValueError(f"num_stages: shared memory for this block_M/block_N/num_stages exceeds the arch's {cfg.smem_block // 1024} KiB")
 
 
 def pass_configs(cfg) -> dict:

@@ -42,7 +42,6 @@ import tilelang.language as T
 from ._problem import check_problem
 
 _LOG2E = 1.4426950408889634
-_SMEM_LIMIT = 227 * 1024  # max dynamic smem per block on sm90
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +63,9 @@ class WindowAttentionBwdConfig:
                                # dkdv: block_N*2); on sm90 a 128-thread TMA producer is added
     num_stages: int = 2        # smem ring depth of the streamed (pipelined) tiles
     fast_math: bool = True     # compile with TileLang's fast-math pass config (ex2.approx)
+    # the arch's shared memory (codegen sets them from the key's arch; kernel_key.SHARED_MEMORY)
+    smem_block: int = 227 * 1024   # bytes one program may use (sm90; sm80: 163 KiB)
+    smem_sm: int = 228 * 1024      # bytes per SM (occupancy)
 
 
 def _tiles(cfg):
@@ -120,8 +122,8 @@ def check_config(cfg) -> None:
     if _regs(cfg) > 224:
         raise ValueError(f"{name_step}: accumulators need ~{_regs(cfg):.0f} registers per thread "
                          f"(> 224) at head_dim_qk={cfg.head_dim_qk}, head_dim_v={cfg.head_dim_v}")
-    if _smem_bytes(cfg) > _SMEM_LIMIT:
-        raise ValueError("num_stages: shared memory for these tiles/num_stages exceeds 227 KiB")
+    if _smem_bytes(cfg) > cfg.smem_block:
+        raise ValueError(f"num_stages: shared memory for these tiles/num_stages exceeds the arch's {cfg.smem_block // 1024} KiB")
 
 
 def pass_configs(cfg) -> dict:

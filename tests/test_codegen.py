@@ -112,3 +112,30 @@ def test_unknown_schedule_knob_is_named():
     key = lower_to_plan(PAPER).calls[0].key.with_schedule({"warp_size": 7})
     with pytest.raises(ValueError, match="warp_size"):
         template_config(key)
+
+
+def test_shared_memory_limit_is_the_arch_s():
+    """Every template sizes shared memory by the key's arch (kernel_key.SHARED_MEMORY): a schedule
+    that fits the H100's 227 KiB but not the A100's 163 KiB is accepted for sm90 and refused for sm80,
+    naming the limit; every config carries its arch's sizes."""
+    import dataclasses
+    from nsa_codegen.kernel_key import SHARED_MEMORY
+    from nsa_codegen.schedules import default_schedule
+    refused = set()
+    for call in lower_to_plan(PAPER, "sm90").all_calls:
+        k90 = call.key
+        k80 = dataclasses.replace(k90, arch="sm80")
+        for arch, key in (("sm90", k90), ("sm80", k80)):
+            cfg = template_config(key.with_schedule(default_schedule(k90)))
+            if hasattr(cfg, "smem_block"):
+                assert (cfg.smem_block, cfg.smem_sm) == SHARED_MEMORY[arch]
+        for knob in ("num_stages", "dq_num_stages", "kv_num_stages"):
+            sched = dict(default_schedule(k90))
+            if knob not in sched:
+                continue
+            for stages in (2, 3, 4):
+                sched[knob] = stages
+                if check_schedule(k90, sched) is None and (why := check_schedule(k80, sched)) is not None:
+                    assert "shared memory" in why and "163 KiB" in why, why
+                    refused.add(call.kind)
+    assert {"selection_fwd", "window_fwd", "compression_bwd_dq", "window_bwd_dq"} <= refused, refused
