@@ -41,6 +41,7 @@ import dataclasses
 import tilelang.language as T
 
 from ._problem import check_problem
+from ._online_softmax import online_softmax as _online_softmax
 from ._token_tile import union_builder
 
 
@@ -146,34 +147,6 @@ def check_config(cfg) -> None:
         raise ValueError("min_blocks_per_sm: must be in 0..8")
     if _smem_bytes(cfg) > cfg.smem_block:
         raise ValueError(f"num_stages: shared memory for block/head dims/num_stages exceeds the arch's {cfg.smem_block // 1024} KiB")
-
-
-def _online_softmax(M, N, Dv, sc):
-    """The online-softmax step both schedules run per K/V block: fold the block's logits acc_s
-    [M, N] (already masked with -inf) into the running max m, sum l and output acc_o [M, Dv], and
-    leave the block's probabilities in p for the P @ V product."""
-    ninf = -T.infinity("float32")
-
-    @T.macro
-    def step(acc_s, m, m_prev, alpha, ms, rsum, l, p, acc_o):
-        T.copy(m, m_prev)
-        T.reduce_max(acc_s, m, dim=1, clear=True)
-        for i in T.Parallel(M):
-            m[i] = T.max(m[i], m_prev[i])
-        # Rows stay at m = -inf until their first usable block; exponentiate against 0 then so no
-        # (-inf) - (-inf) = NaN appears. T.__exp is __expf (ex2.approx), fast even without fast-math.
-        for i in T.Parallel(M):
-            ms[i] = T.if_then_else(m[i] == ninf, 0, m[i] * sc)
-            alpha[i] = T.__exp(m_prev[i] * sc - ms[i])
-        for i, c in T.Parallel(M, N):
-            acc_s[i, c] = T.__exp(acc_s[i, c] * sc - ms[i])
-        T.reduce_sum(acc_s, rsum, dim=1)
-        for i in T.Parallel(M):
-            l[i] = l[i] * alpha[i] + rsum[i]
-        T.copy(acc_s, p)
-        for i, d in T.Parallel(M, Dv):
-            acc_o[i, d] *= alpha[i]
-    return step
 
 
 def build(cfg):

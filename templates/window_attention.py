@@ -25,6 +25,7 @@ import dataclasses
 
 import tilelang.language as T
 
+from ._online_softmax import online_softmax as _online_softmax
 from ._problem import check_problem
 
 
@@ -106,6 +107,7 @@ def build(cfg):
     acc = "float32"
     sc = float(cfg.scale)
     ninf = -T.infinity(acc)
+    online_softmax = _online_softmax(bm, bn, Dv, sc)
 
     B, S = T.dynamic("B, T")
 
@@ -163,26 +165,7 @@ def build(cfg):
                     acc_s[i, j] = T.if_then_else(
                         (kt * bn + j <= t0 + i) and (kt * bn + j >= lo[i]), acc_s[i, j], ninf)
 
-                T.copy(m, m_prev)
-                T.reduce_max(acc_s, m, dim=1, clear=True)
-                for i in T.Parallel(bm):
-                    m[i] = T.max(m[i], m_prev[i])
-                # A row can be fully masked in its first tiles (tile starts
-                # before its window): keep m = -inf but exponentiate against 0
-                # so no (-inf) - (-inf) = NaN appears.  T.__exp is __expf
-                # (ex2.approx), fast even when the caller doesn't enable
-                # fast-math.
-                for i in T.Parallel(bm):
-                    ms[i] = T.if_then_else(m[i] == ninf, 0, m[i] * sc)
-                    alpha[i] = T.__exp(m_prev[i] * sc - ms[i])
-                for i, j in T.Parallel(bm, bn):
-                    acc_s[i, j] = T.__exp(acc_s[i, j] * sc - ms[i])
-                T.reduce_sum(acc_s, rsum, dim=1)
-                for i in T.Parallel(bm):
-                    l[i] = l[i] * alpha[i] + rsum[i]
-                T.copy(acc_s, p)
-                for i, j in T.Parallel(bm, Dv):
-                    acc_o[i, j] *= alpha[i]
+                online_softmax(acc_s, m, m_prev, alpha, ms, rsum, l, p, acc_o)
                 T.copy(V[b, kt * bn:(kt + 1) * bn, h, :], V_s)
                 T.gemm(p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 
