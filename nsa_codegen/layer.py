@@ -158,24 +158,23 @@ class NativeSparseAttention(nn.Module):
         return self.o_proj(o.reshape(B, T, spec.heads * spec.v_head_dim))
 
     def _attend_cp(self, q, gates, kv, cu_seqlens):
-        """This rank's shard of the attention output, the sequence split across self.cp_group: the
-        compression branch's raw K/V are gathered and pooled whole (phi sees whole blocks, whichever
-        ranks hold their tokens)."""
+        """This rank's shard of the attention output, the sequence split across self.cp_group: each
+        rank pools the compressed rows that end in its chunks with this layer's phi, from the
+        compression branch's own K/V and an l - 1 token halo, and the rows are gathered."""
+        from .kv_cache import compressor_phi
         if cu_seqlens is not None:
             raise NotImplementedError("cu_seqlens with cp_group: packed batches are not split across ranks yet")
         if self.deterministic and q.is_cuda and torch.is_grad_enabled():
             raise RuntimeError("deterministic=True: context parallelism runs the reference, whose backward on "
                                "CUDA is not deterministic (atomic scatter-add)")
         k, v = _main_kv(kv)
-        k_cmp = v_cmp = k_win = v_win = None
+        extra = {}
         if "cmp" in kv:
-            kc, vc = (context_parallel.gather_sequence(x, self.cp_group, self.cp_layout) for x in kv["cmp"])
-            k_cmp, v_cmp = self.k_phi(kc), self.v_phi(vc)
+            extra.update(cmp_kv=kv["cmp"], phi=(compressor_phi(self.k_phi), compressor_phi(self.v_phi)))
         if "win" in kv:
-            k_win, v_win = kv["win"]
+            extra.update(k_win=kv["win"][0], v_win=kv["win"][1])
         return context_parallel.nsa_context_parallel(q, k, v, *gates, self.spec, group=self.cp_group,
-                                                     layout=self.cp_layout, k_cmp=k_cmp, v_cmp=v_cmp,
-                                                     k_win=k_win, v_win=v_win)
+                                                     layout=self.cp_layout, **extra)
 
     # ---- inference: prefill, then one step at a time against an NSAKVCache -----------------------
     def new_cache(self, batch_size: int, capacity: int, device=None, dtype=None):

@@ -420,18 +420,21 @@ def nsa_reference(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
 
 
 def nsa_reference_queries(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, t_offset: int = 0, k_cmp=None,
-                          v_cmp=None, k_win=None, v_win=None, block_indices=None, return_indices: bool = False):
+                          v_cmp=None, k_win=None, v_win=None, win_start: int = 0, block_indices=None,
+                          return_indices: bool = False):
     """NSA forward of the queries t_offset .. t_offset+Tq-1 of one sequence (a shard of it, for
     context parallelism): q [B, Tq, HQ, Dk] and gates [B, Tq, HQ] are those queries' rows; k [B, S, H, Dk],
-    v [B, S, H, Dv] and k_win / v_win are the sequence's first S = t_offset + Tq keys (the later ones no
-    query here can see); k_cmp / v_cmp [B, N(S), H, D] its compressed rows complete within them
-    (default: mean pooling of k / v); block_indices [B, Tq, H, n]. Inputs are not checked here (the
-    callers do). Returns o [B, Tq, HQ, Dv] (and the block indices with return_indices)."""
+    v [B, S, H, Dv] are the sequence's first S = t_offset + Tq keys (the later ones no query here can
+    see; None when the selection branch is off and k_cmp / v_cmp and k_win / v_win are given);
+    k_cmp / v_cmp [B, N(S), H, D] its compressed rows complete within them (default: mean pooling of
+    k / v); k_win / v_win (default k / v) its keys from position win_start to S - 1 (a window only
+    reads the last w); block_indices [B, Tq, H, n]. Inputs are not checked here (the callers do).
+    Returns o [B, Tq, HQ, Dv] (and the block indices with return_indices)."""
     B, Tq = q.shape[:2]
-    S = k.shape[1]
-    if S != t_offset + Tq:
-        raise ValueError(f"queries {t_offset}..{t_offset + Tq - 1} need k / v of exactly {t_offset + Tq} "
-                         f"tokens, got {S}")
+    S = t_offset + Tq
+    for name, x, want in (("k / v", k, S), ("k_win / v_win", k_win, S - win_start)):
+        if x is not None and x.shape[1] != want:
+            raise ValueError(f"queries {t_offset}..{S - 1} need {name} of exactly {want} tokens, got {x.shape[1]}")
     c, s = spec.compression, spec.selection
     if Tq == 0:  # defined: an empty output (and empty block lists)
         out = q.new_zeros(B, 0, spec.heads, spec.v_head_dim)
@@ -459,9 +462,8 @@ def nsa_reference_queries(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, t_offs
         o_slc, _ = selection_attention(q, k, v, indices, s.block, spec.softmax_scale, t_offset)
         out += g_slc.unsqueeze(-1).to(out.dtype) * o_slc.to(out.dtype)
     if spec.window is not None:
-        kw = k if k_win is None else k_win
-        vw = v if v_win is None else v_win
-        o_win, _ = window_attention(q, kw, vw, spec.window.size, spec.softmax_scale, t_offset)
+        kw, vw, start = (k, v, 0) if k_win is None else (k_win, v_win, win_start)
+        o_win, _ = window_attention(q, kw, vw, spec.window.size, spec.softmax_scale, t_offset - start)
         out += g_win.unsqueeze(-1).to(out.dtype) * o_win.to(out.dtype)
     out = out.to(q.dtype)
     return (out, indices) if return_indices else out

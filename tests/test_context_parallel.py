@@ -162,6 +162,20 @@ _CASES = [
 ]
 
 
+def _count_received_bytes():
+    """Patch cp._all_gather to count the bytes this rank receives, up to its first backward."""
+    state = {"first_forward": 0, "restore": cp._all_gather, "done": False}
+
+    def counting(x, group):
+        if not torch.is_grad_enabled() or state["done"]:
+            return state["restore"](x, group)
+        state["first_forward"] += (dist.get_world_size(group) - 1) * x.numel() * x.element_size()
+        return state["restore"](x, group)
+    cp._all_gather = counting
+    state["stop"] = lambda: state.update(done=True)
+    return state
+
+
 def _check_against_one_process(rank, world):
     group = dist.group.WORLD
     for i, (kw, B, Ts, layout) in enumerate(_CASES):
@@ -171,12 +185,19 @@ def _check_against_one_process(rank, world):
         want, idx = ref.nsa_reference(*(full[n] for n in _ORDER), spec, return_indices=True)
         (want * w).sum().backward()
         mine = {n: cp.shard(t, world, rank, layout) for n, t in x.items()}
+        received = _count_received_bytes()
         grads = []
         for _ in range(2):   # twice: bit-identical
             loc = {n: t.clone().requires_grad_() for n, t in mine.items()}
             out = nsa_attention(*(loc[n] for n in _ORDER), spec, cp_group=group, cp_layout=layout)
+            received["stop"]()
             (out * cp.shard(w, world, rank, layout)).sum().backward()
             grads.append({n: t.grad for n, t in loc.items()})
+        # What the forward received (the backward's gathers' gradients go back, not counted):
+        # what bytes_per_rank states for this spec
+        want_bytes = sum(cp.bytes_per_rank(spec, T, world, layout, itemsize=8, separate_branch_kv=False, batch=B).values())
+        assert received["first_forward"] == want_bytes, (received, want_bytes)
+        cp._all_gather = received["restore"]
         _close(out, cp.shard(want, world, rank, layout), f"case {i} o")
         for n in _ORDER:
             if n == "g_slc" and spec.selection is None or n == "g_win" and spec.window is None:
@@ -212,7 +233,12 @@ def _check_layer(rank, world):
     xs = x.clone().requires_grad_()
     (one(xs) * w).sum().backward()
     xl = cp.shard(x, world, rank, layout).clone().requires_grad_()
+    received = _count_received_bytes()
     y = split(xl)
+    received["stop"]()
+    cp._all_gather = received["restore"]
+    # each branch its own K/V: raw gather for selection, pooled rows + halos for compression, halos for the window
+    assert received["first_forward"] == sum(cp.bytes_per_rank(spec, T, world, layout, itemsize=8, batch=2).values())
     (y * cp.shard(w, world, rank, layout)).sum().backward()
     _close(y, cp.shard(one(x), world, rank, layout), "layer y")
     _close(xl.grad, cp.shard(xs.grad, world, rank, layout), "layer dx")
