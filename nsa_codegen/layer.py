@@ -189,9 +189,10 @@ class NativeSparseAttention(nn.Module):
                           phi_v=compressor_phi(self.v_phi) if on_cmp else None)
 
     def new_paged_cache(self, num_pages: int, page_size: int = 64, max_seqs: int = 64, max_seq_len: int = 131072,
-                        device=None, dtype=None):
-        """A `PagedNSAKVCache` for this layer (the same branch K/V and phi as new_cache); pass
-        `cache.batch(slots)` to prefill / decode. Decode over pages runs the reference so far."""
+                        device=None, dtype=None, kv_dtype=None):
+        """A `PagedNSAKVCache` for this layer (the same branch K/V and phi as new_cache; kv_dtype
+        torch.float8_e4m3fn stores fp8 pages); pass `cache.batch(slots)` to prefill / decode. Decode
+        over pages runs the reference so far."""
         from .kv_cache import compressor_phi
         from .paged_kv_cache import PagedNSAKVCache
         on_cmp = "cmp" in self.branches
@@ -199,7 +200,7 @@ class NativeSparseAttention(nn.Module):
                                device=device or self.q_proj.weight.device, dtype=dtype or getattr(torch, self.spec.dtype),
                                separate_window="win" in self.branches and "slc" in self.branches,
                                separate_cmp=on_cmp, phi_k=compressor_phi(self.k_phi) if on_cmp else None,
-                               phi_v=compressor_phi(self.v_phi) if on_cmp else None)
+                               phi_v=compressor_phi(self.v_phi) if on_cmp else None, kv_dtype=kv_dtype)
 
     def _append(self, cache, kv, seqlens=None):
         dt = cache.dtype

@@ -16,6 +16,13 @@ Pages are taken from a free list when a write first reaches them and return to i
 sequence is freed; the tables and lengths have host mirrors, so writes need no device sync.
 Pages are zero-filled once and rows past a length are never read.
 
+kv_dtype=torch.float8_e4m3fn stores every pool (raw and compressed K/V) in fp8 with one float32
+scale per KV head and tensor (`scales`: value = stored * scale), set from the first tokens written
+to that tensor (their absolute max x fp8_margin / 448) and fixed afterwards: later values beyond
+fp8_margin times that max saturate at +-448 x scale. Appends take and reads return the cache dtype;
+phi pools the dequantized tokens. The reference decode reads the dequantized values (the decode
+kernels read bf16 / fp16 contiguous caches only so far).
+
 `nsa_decode_reference(q, cache.batch(slots), g_cmp, g_slc, g_win)` is the decode step over the
 slots `slots` (one batch entry each, in that order), by the reference; the decode kernels read the
 contiguous `NSAKVCache` only so far.
@@ -30,6 +37,9 @@ from .buffers import KERNEL_DTYPES
 from .kv_cache import compressed_rows, mean_phi
 from .spec import NSASpec
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)   # 448
+
 
 class PagedNSAKVCache:
     """One layer's paged NSA cache (see the module docstring)."""
@@ -37,7 +47,8 @@ class PagedNSAKVCache:
     def __init__(self, spec: NSASpec, num_pages: int, *, page_size: int = 64, max_seqs: int = 64,
                  max_seq_len: int = 131072, num_cmp_pages: Optional[int] = None, device=None, dtype=None,
                  separate_window: bool = False, separate_cmp: bool = False,
-                 phi_k: Optional[Callable] = None, phi_v: Optional[Callable] = None):
+                 phi_k: Optional[Callable] = None, phi_v: Optional[Callable] = None,
+                 kv_dtype: Optional[torch.dtype] = None, fp8_margin: float = 2.0):
         if not isinstance(spec, NSASpec):
             raise TypeError(f"spec must be an NSASpec, got {type(spec).__name__}")
         for name, value in (("num_pages", num_pages), ("page_size", page_size), ("max_seqs", max_seqs),
@@ -47,6 +58,11 @@ class PagedNSAKVCache:
         dtype = dtype or getattr(torch, spec.dtype)
         if dtype not in KERNEL_DTYPES and dtype != torch.float32:
             raise ValueError(f"dtype must be float16 or bfloat16 (float32: the reference only), got {dtype}")
+        kv_dtype = kv_dtype or dtype
+        if kv_dtype not in (dtype, FP8):
+            raise ValueError(f"kv_dtype must be the cache dtype ({dtype}) or {FP8}, got {kv_dtype}")
+        if not (isinstance(fp8_margin, (int, float)) and fp8_margin >= 1):
+            raise ValueError(f"fp8_margin must be a number >= 1, got {fp8_margin!r}")
         if separate_window and spec.window is None:
             raise ValueError("separate_window=True but the spec's window branch is off")
         if separate_cmp and spec.compression is None:
@@ -55,12 +71,16 @@ class PagedNSAKVCache:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         c = spec.compression
         self.spec, self.dtype, self.device = spec, dtype, torch.device(device)
+        self.kv_dtype, self.fp8_margin = kv_dtype, float(fp8_margin)
+        # fp8: one float32 scale per KV head and stored tensor (value = stored * scale), set from the
+        # first tokens written to it (amax * fp8_margin / 448) and fixed after
+        self.scales: dict[str, torch.Tensor] = {}
         self.page_size, self.max_seqs, self.max_seq_len = page_size, max_seqs, max_seq_len
         self.separate_window, self.separate_cmp = bool(separate_window), bool(separate_cmp)
         self.phi_k, self.phi_v = phi_k or mean_phi, phi_v or mean_phi
         P, H, Dk, Dv = page_size, spec.kv_heads, spec.head_dim, spec.v_head_dim
         NB = 2 if self.separate_window else 1
-        z = dict(dtype=dtype, device=self.device)
+        z = dict(dtype=kv_dtype, device=self.device)
         self.kv_k = torch.zeros(num_pages, P, NB, H, Dk, **z)
         self.kv_v = torch.zeros(num_pages, P, NB, H, Dv, **z)
         self.cmp_k_raw = torch.zeros(num_pages, P, H, Dk, **z) if self.separate_cmp else None
@@ -185,20 +205,38 @@ class PagedNSAKVCache:
             jj = torch.tensor([r[1] for r in rows], device=self.device)
             flat = torch.tensor([r[2] for r in rows], device=self.device)
             NB = self.kv_k.shape[2]
-            self.kv_k.view(-1, NB, H, Dk)[flat, 0] = k_new[ii, jj]
-            self.kv_v.view(-1, NB, H, Dv)[flat, 0] = v_new[ii, jj]
+            self.kv_k.view(-1, NB, H, Dk)[flat, 0] = self._store("k", k_new[ii, jj])
+            self.kv_v.view(-1, NB, H, Dv)[flat, 0] = self._store("v", v_new[ii, jj])
             if self.separate_window:
-                self.kv_k.view(-1, NB, H, Dk)[flat, 1] = k_win_new[ii, jj]
-                self.kv_v.view(-1, NB, H, Dv)[flat, 1] = v_win_new[ii, jj]
+                self.kv_k.view(-1, NB, H, Dk)[flat, 1] = self._store("k_win", k_win_new[ii, jj])
+                self.kv_v.view(-1, NB, H, Dv)[flat, 1] = self._store("v_win", v_win_new[ii, jj])
             if self.separate_cmp:
-                self.cmp_k_raw.view(-1, H, Dk)[flat] = k_cmp_new[ii, jj]
-                self.cmp_v_raw.view(-1, H, Dv)[flat] = v_cmp_new[ii, jj]
+                self.cmp_k_raw.view(-1, H, Dk)[flat] = self._store("cmp_k_raw", k_cmp_new[ii, jj])
+                self.cmp_v_raw.view(-1, H, Dv)[flat] = self._store("cmp_v_raw", v_cmp_new[ii, jj])
         for sl, L in zip(slots, L1):
             self._lens[sl] = L
         self.seqlens[torch.tensor(slots, device=self.device, dtype=torch.long)] = torch.tensor(
             L1, dtype=torch.int32, device=self.device)
         if c is not None:
             self._compress(slots, L0, L1)
+
+    def _store(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x [..., H, D] in the cache dtype -> what the pool stores (fp8: x / scale per head, saturated)."""
+        if self.kv_dtype != FP8:
+            return x
+        if name not in self.scales:
+            amax = x.detach().float().abs().amax(dim=tuple(i for i in range(x.dim()) if i != x.dim() - 2))
+            self.scales[name] = (amax * self.fp8_margin / FP8_MAX).clamp_min(1e-12)
+        q = x.float() / self.scales[name][:, None]
+        return q.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+    def _load(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Stored rows [..., H, D] -> values in the cache dtype."""
+        if self.kv_dtype != FP8:
+            return x
+        scale = self.scales.get(name)
+        x = x.float() if scale is None else x.float() * scale[:, None]   # no scale: nothing was written
+        return x.to(self.dtype)
 
     def _grow(self, slot, pages, owned, free, table):
         while len(owned[slot]) < pages:
@@ -219,12 +257,17 @@ class PagedNSAKVCache:
                             for sl, r in jobs], device=self.device)                  # [jobs, l]
         dst = torch.tensor([self._cmp_pages[sl][r // P] * P + r % P for sl, r in jobs], device=self.device)
         NB = self.kv_k.shape[2]
-        src_k = self.cmp_k_raw.view(-1, H, self.spec.head_dim) if self.separate_cmp else \
-            self.kv_k.view(-1, NB, H, self.spec.head_dim)[:, 0]
-        src_v = self.cmp_v_raw.view(-1, H, self.spec.v_head_dim) if self.separate_cmp else \
-            self.kv_v.view(-1, NB, H, self.spec.v_head_dim)[:, 0]
-        self.k_cmp.view(-1, H, self.spec.head_dim)[dst] = self.phi_k(src_k[tok]).to(self.dtype)
-        self.v_cmp.view(-1, H, self.spec.v_head_dim)[dst] = self.phi_v(src_v[tok]).to(self.dtype)
+        if self.separate_cmp:
+            (nk, src_k), (nv, src_v) = (("cmp_k_raw", self.cmp_k_raw.view(-1, H, self.spec.head_dim)),
+                                        ("cmp_v_raw", self.cmp_v_raw.view(-1, H, self.spec.v_head_dim)))
+        else:
+            (nk, src_k), (nv, src_v) = (("k", self.kv_k.view(-1, NB, H, self.spec.head_dim)[:, 0]),
+                                        ("v", self.kv_v.view(-1, NB, H, self.spec.v_head_dim)[:, 0]))
+        # phi pools the stored (for fp8: dequantized) tokens, as a reader of the cache would see them
+        self.k_cmp.view(-1, H, self.spec.head_dim)[dst] = self._store(
+            "k_cmp", self.phi_k(self._load(nk, src_k[tok])).to(self.dtype))
+        self.v_cmp.view(-1, H, self.spec.v_head_dim)[dst] = self._store(
+            "v_cmp", self.phi_v(self._load(nv, src_v[tok])).to(self.dtype))
 
     # ---- reads ----------------------------------------------------------------------------------
     def sequence(self, slot: int) -> dict:
@@ -234,17 +277,18 @@ class PagedNSAKVCache:
         L, P = self._lens[slot], self.page_size
         pages = torch.tensor(self._pages[slot], dtype=torch.long, device=self.device)
 
-        def tokens(x):   # [pages, P, ...] -> [1, L, ...]
-            return x[pages].flatten(0, 1)[:L].unsqueeze(0)
-        out = {"k": tokens(self.kv_k[:, :, 0]), "v": tokens(self.kv_v[:, :, 0]),
-               "k_win": tokens(self.kv_k[:, :, -1]), "v_win": tokens(self.kv_v[:, :, -1]),
+        def tokens(x, name):   # [pages, P, ...] -> [1, L, ...] in the cache dtype
+            return self._load(name, x[pages].flatten(0, 1)[:L].unsqueeze(0))
+        win = "_win" if self.separate_window else ""
+        out = {"k": tokens(self.kv_k[:, :, 0], "k"), "v": tokens(self.kv_v[:, :, 0], "v"),
+               "k_win": tokens(self.kv_k[:, :, -1], "k" + win), "v_win": tokens(self.kv_v[:, :, -1], "v" + win),
                "k_cmp": None, "v_cmp": None}
         c = self.spec.compression
         if c is not None:
             n = compressed_rows(L, c)
             cp = torch.tensor(self._cmp_pages[slot], dtype=torch.long, device=self.device)
-            out["k_cmp"] = self.k_cmp[cp].flatten(0, 1)[:n].unsqueeze(0)
-            out["v_cmp"] = self.v_cmp[cp].flatten(0, 1)[:n].unsqueeze(0)
+            out["k_cmp"] = self._load("k_cmp", self.k_cmp[cp].flatten(0, 1)[:n].unsqueeze(0))
+            out["v_cmp"] = self._load("v_cmp", self.v_cmp[cp].flatten(0, 1)[:n].unsqueeze(0))
         return out
 
     def batch(self, slots: Sequence[int]) -> "PagedBatch":
