@@ -15,6 +15,7 @@
 #          bench_packed.py, bench_paper.py --backward ($2: its --T); packsquick: the same in about 7 minutes;
 #          packsmini: the pack / tile tests, bench_packed.py and bench_paper.py --T 8192 (about 4.5 minutes)
 #   profile: benchmarks/profile_paper.py, the paper config's forward + backward per CUDA kernel ($2: its T)
+#   recall: benchmarks/bench_recall.py (MQAR, NSA vs dense vs sliding window; $2: its args)
 # Kernels: carry .gen (python benchmarks/prebuild.py, here on the CPU) and they load prebuilt, with
 # no compile on the GPU's clock; anything not prebuilt compiles there, slowly.
 set -uo pipefail
@@ -100,6 +101,10 @@ if [[ $what == tilesquick ]]; then   # the tiles pass on the paper config only, 
 fi
 if [[ $what == profile ]]; then   # where a paper-config training step spends its time, per kernel (~1 min)
   date; timeout 100 python3 benchmarks/profile_paper.py --out "$OUT" --T ${2:-65536} 2>&1 | tee "$OUT/profile.log" | tail -30
+  rc=${PIPESTATUS[0]}
+fi
+if [[ $what == recall ]]; then   # learning quality: MQAR, NSA vs dense vs sliding window
+  python3 benchmarks/bench_recall.py --out "$OUT" ${2:-} 2>&1 | tee "$OUT/recall.log" | grep -v "^|" | tail -40
   rc=${PIPESTATUS[0]}
 fi
 if [[ $what == decodetests ]]; then
