@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from typing import Optional
 
 import torch
 import torch.distributed as dist

@@ -274,7 +274,7 @@ class PagedNSAKVCache:
         """One sequence's cache, gathered contiguous through its pages: k, v, k_win, v_win [1, L, H, D]
         and k_cmp, v_cmp [1, N(L), H, D] (None with the compression branch off)."""
         slot = self._slot(slot)
-        L, P = self._lens[slot], self.page_size
+        L = self._lens[slot]
         pages = torch.tensor(self._pages[slot], dtype=torch.long, device=self.device)
 
         def tokens(x, name):   # [pages, P, ...] -> [1, L, ...] in the cache dtype
