@@ -16,6 +16,8 @@
 #          packsmini: the pack / tile tests, bench_packed.py and bench_paper.py --T 8192 (about 4.5 minutes)
 #   profile: benchmarks/profile_paper.py, the paper config's forward + backward per CUDA kernel ($2: its T)
 #   recall: benchmarks/bench_recall.py (MQAR, NSA vs dense vs sliding window; $2: its args)
+#   sanitize: compute-sanitizer memcheck, racecheck and synccheck over benchmarks/sanitize_kernels.py
+#             (every kernel kind on small ragged shapes; prebuilt kernels)
 # Kernels: carry .gen (python benchmarks/prebuild.py, here on the CPU) and they load prebuilt, with
 # no compile on the GPU's clock; anything not prebuilt compiles there, slowly.
 set -uo pipefail
@@ -106,6 +108,13 @@ fi
 if [[ $what == recall ]]; then   # learning quality: MQAR, NSA vs dense vs sliding window
   python3 benchmarks/bench_recall.py --out "$OUT" ${2:-} 2>&1 | tee "$OUT/recall.log" | grep -v "^|" | tail -40
   rc=${PIPESTATUS[0]}
+fi
+if [[ $what == sanitize ]]; then   # every kernel kind under compute-sanitizer (Firecracker machines only)
+  for tool in memcheck racecheck synccheck; do
+    date; timeout 170 compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/sanitize_kernels.py \
+      > "$OUT/sanitize_$tool.log" 2>&1
+    r=$?; echo "$tool: exit $r"; tail -4 "$OUT/sanitize_$tool.log"; [ $r -ne 0 ] && rc=1
+  done
 fi
 if [[ $what == decodetests ]]; then
   python3 -m pytest -q tests/test_kv_cache.py tests/test_decode.py tests/test_layer.py -m gpu 2>&1 | tee "$OUT/decodetests.log" | tail -30
