@@ -290,6 +290,11 @@ def _bad_inputs(rank, world):
     # After all of that the group still works.
     out = nsa_attention(*(mine[n] for n in _ORDER), spec, cp_group=group)
     assert out.shape == mine["q"].shape[:3] + (spec.v_head_dim,)
+    # An empty sequence: empty shards in, empty shards out. An odd shard cannot be cut in two.
+    empty = {n: t[:, :0] for n, t in mine.items()}
+    assert nsa_attention(*(empty[n] for n in _ORDER), spec, cp_group=group).shape == (1, 0, 4, spec.v_head_dim)
+    odd = {n: t[:, :3] for n, t in mine.items()}
+    expect("divisible by", tensors=odd)
     # A process outside the group it passes.
     sub = dist.new_group([0, 1])
     if rank >= 2:
