@@ -16,6 +16,7 @@
 #          packsmini: the pack / tile tests, bench_packed.py and bench_paper.py --T 8192 (about 4.5 minutes)
 #   profile: benchmarks/profile_paper.py, the paper config's forward + backward per CUDA kernel ($2: its T)
 #   recall: benchmarks/bench_recall.py (MQAR, NSA vs dense vs sliding window; $2: its args)
+#   decodecold: benchmarks/bench_decode_cold.py (decode step on cold rotating caches vs SDPA backends; $2: its args)
 #   sanitize: compute-sanitizer memcheck, racecheck and synccheck over benchmarks/sanitize_kernels.py
 #             (every kernel kind on small ragged shapes; prebuilt kernels)
 # Kernels: carry .gen (python benchmarks/prebuild.py, here on the CPU) and they load prebuilt, with
@@ -107,6 +108,10 @@ if [[ $what == profile ]]; then   # where a paper-config training step spends it
 fi
 if [[ $what == recall ]]; then   # learning quality: MQAR, NSA vs dense vs sliding window
   python3 benchmarks/bench_recall.py --out "$OUT" ${2:-} 2>&1 | tee "$OUT/recall.log" | grep -v "^|" | tail -40
+  rc=${PIPESTATUS[0]}
+fi
+if [[ $what == decodecold ]]; then
+  timeout 300 python3 benchmarks/bench_decode_cold.py --out "$OUT" ${2:-} 2>&1 | tee "$OUT/decode_cold.log" | tail -20
   rc=${PIPESTATUS[0]}
 fi
 if [[ $what == sanitize ]]; then   # every kernel kind under compute-sanitizer (Firecracker machines only)
