@@ -124,9 +124,54 @@ def barriers_in_one_thread_branches(source: str) -> list[str]:
     return found
 
 
+_SPLIT = re.compile(r"^\s*if \(\(\(int\)threadIdx\.x\) (<|>=) (\d+)\) \{", re.M)
+_LET = re.compile(r"^\s*(?:(?:bool|int|int64_t|uint|float) )?(\w+) = ([^;]*);", re.M)
+
+
+def _block_end(source: str, i: int) -> int:
+    """The index just past the `}` closing the block whose `{` ends at i."""
+    depth = 1
+    while depth and i < len(source):
+        depth += {"{": 1, "}": -1}.get(source[i], 0)
+        i += 1
+    return i
+
+
+def thread_values_across_warp_split(source: str) -> list[str]:
+    """Values computed from threadIdx.x before a warp-specialized split (`if (threadIdx.x < N)`
+    producer / `else` consumer) and read inside the branch whose threads start at N. TileLang 0.1.15
+    remaps the thread index inside that branch (threadIdx.x - N) but not in a value it hoisted above
+    the split, so the two disagree: rows shifted by N / (threads per row), outputs unwritten or
+    written to the wrong rows (templates/selection_topn.py's row test did this)."""
+    found = []
+    for m in _SPLIT.finditer(source):
+        before = source[:m.start()]
+        tainted: set[str] = set()
+        for let in _LET.finditer(before):
+            rhs = let.group(2)
+            if "threadIdx.x" in rhs or any(re.search(rf"\b{re.escape(t)}\b", rhs) for t in tainted):
+                tainted.add(let.group(1))
+        then_end = _block_end(source, m.end())
+        if m.group(1) == "<":   # the else branch holds threads >= N
+            rest = source[then_end:]
+            e = re.match(r"\s*else \{", rest)
+            if not e:
+                continue
+            start = then_end + e.end()
+            shifted = source[start:_block_end(source, start)]
+        else:
+            shifted = source[m.end():then_end]
+        for name in sorted(tainted):
+            if re.search(rf"\b{re.escape(name)}\b", shifted):
+                found.append(f"`{name}` (computed from threadIdx.x above `{m.group(0).strip()}`, read by the "
+                             f"threads >= {m.group(2)})")
+    return found
+
+
 def compile_kernel(key: KernelKey, target: dict | str | None = None):
     """TileLang-compile key's kernel for its arch (or an explicit target). Returns the JITKernel.
-    Raises if the generated CUDA would deadlock (barriers_in_one_thread_branches)."""
+    Raises if the generated CUDA would deadlock (barriers_in_one_thread_branches) or reads thread
+    values in the wrong numbering (thread_values_across_warp_split)."""
     import tilelang
 
     func, pass_configs = build_prim_func(key)
@@ -135,10 +180,15 @@ def compile_kernel(key: KernelKey, target: dict | str | None = None):
         jit = tilelang.compile(func, target=target, pass_configs=pass_configs)
     except Exception as e:
         raise RuntimeError(f"compiling {key} for {target} failed: {type(e).__name__}: {e}") from e
-    hangs = barriers_in_one_thread_branches(jit.get_kernel_source())
+    src = jit.get_kernel_source()
+    hangs = barriers_in_one_thread_branches(src)
     if hangs:
         raise RuntimeError(f"compiling {key} for {target}: the generated CUDA would hang, a barrier "
                            f"only one thread reaches: {'; '.join(hangs[:3])}")
+    shifted = thread_values_across_warp_split(src)
+    if shifted:
+        raise RuntimeError(f"compiling {key} for {target}: the generated CUDA reads thread-index values "
+                           f"across a warp-specialized split, in the wrong thread numbering: {'; '.join(shifted[:3])}")
     return jit
 
 

@@ -205,6 +205,14 @@ def build(cfg: SelectionTopNConfig):
             e = e + P_s[g * BT + b, x]
         return e
 
+    def token_of_tile(TileStart, SeqStart, bx, bz, t_row, s0):
+        # Whether a thread's row is a token of the tile's sequence. Written out where it is tested,
+        # never bound to a name in the kernel: TileLang hoists such a binding (it reads memory) above
+        # the warp-specialized split, where the consumer threads' index is not yet remapped
+        # (threadIdx.x - 128), and the rows came out shifted by 8 (H100, 2026-12-07);
+        # codegen.thread_values_across_warp_split rejects such code.
+        return (TileStart[bx] >= 0) & (t_row < Tn) & (SeqStart[bz, T.min(t_row, Tn - 1)] == s0)
+
     def better(sa, ia, sb, ib):
         # strict total order: higher score first, lower block index on ties
         return (sa > sb) | ((sa == sb) & (ia < ib))
@@ -255,8 +263,8 @@ def build(cfg: SelectionTopNConfig):
             s0 = SeqStart[bz, t0]
             c0 = CmpStart[bz, t0]
             t_row = t0 + row
-            row_ok = live & (t_row < Tn) & (SeqStart[bz, T.min(t_row, Tn - 1)] == s0)
             jt = (t_row - s0) // lp          # newest selection block visible to t_row
+
 
             # Q tile, head-major rows: row g*BT + b <-> (token t0+b, head by*G+g)
             for g in T.unroll(G):
@@ -355,7 +363,7 @@ def build(cfg: SelectionTopNConfig):
 
             # emit ascending indices: entry e goes to position rank(e) among
             # keys (index, or BIG+e for empty slots, which sort last as -1)
-            if row_ok:
+            if token_of_tile(TileStart, SeqStart, bx, bz, t_row, s0):
                 for q in T.unroll((n + TPR - 1) // TPR):
                     if lane + q * TPR < n:
                         ci = M_i[row * TPR, lane + q * TPR]

@@ -6,7 +6,7 @@ import pytest
 
 from nsa_codegen import CompressionBranch, NSASpec, SelectionBranch, WindowBranch
 from nsa_codegen.codegen import (_nvdisasm, barriers_in_one_thread_branches, build_prim_func, check_schedule,
-                                 compile_kernel, disassemble, template_config)
+                                 compile_kernel, disassemble, template_config, thread_values_across_warp_split)
 from nsa_codegen.lowering import lower_to_plan
 from nsa_codegen.schedules import resolve_schedule
 
@@ -78,6 +78,27 @@ def test_barrier_in_a_one_thread_branch_is_found():
     if (((int)threadIdx.x) == 0) { Num_s[0] = c; }
     __syncthreads();"""
     assert barriers_in_one_thread_branches(fine) == []
+
+
+def test_thread_values_across_a_warp_split_are_found():
+    """The top-n's shifted rows on the H100 (2026-12-07): a row test computed from threadIdx.x above
+    the producer / consumer split and read by the consumers, whose index TileLang remaps (- 128). A
+    value the consumers compute themselves, or one only the producer reads, is fine."""
+    bad = """
+  int condval_1;
+  if ((0 <= (((int)threadIdx.x) >> 4) + t0)) { condval_1 = SeqStart[(((int)threadIdx.x) >> 4) + t0]; } else { condval_1 = 0; }
+  bool row_ok = ((live & (((((int)threadIdx.x) >> 4) + t0) < T)) & (condval_1 == s0));
+  int nk = max(T, 1);
+  if (((int)threadIdx.x) < 128) {
+    if (row_ok) { x = nk; }
+  } else {
+    if (row_ok) { BlockIndices[(((int)threadIdx.x) >> 4) - 8] = nk; }
+  }"""
+    found = thread_values_across_warp_split(bad)
+    assert len(found) == 1 and "`row_ok`" in found[0] and ">= 128" in found[0], found
+    fine = bad.replace("if (row_ok) { BlockIndices", "if ((((int)threadIdx.x) >> 4) - 8 + t0 < T) { BlockIndices")
+    assert thread_values_across_warp_split(fine) == []
+    assert thread_values_across_warp_split(bad.replace("< 128", ">= 128")) != []   # consumers in the then-branch
 
 
 @needs_nvcc
