@@ -102,6 +102,13 @@ if [[ $what == tilesquick ]]; then   # the tiles pass on the paper config only, 
   date; timeout ${PAPER_LIMIT:-150} python3 benchmarks/bench_paper.py --out "$OUT" ${PAPER_ARGS---backward} --T ${2:-65536 8192} --rounds 4 --iters 5 2>&1 | tee "$OUT/paper_bench.log" | grep -v "^|" | tail -40
   date
 fi
+if [[ $what == topnfix ]]; then   # the top-n row fix: its tests, the pack benchmark's pack vs loop, bench_paper's checks (~3.5 min)
+  date; timeout 100 python3 -m pytest -q -x tests/test_ops.py -k "topn or pack or cu_seqlens" 2>&1 | tee "$OUT/ops_tests.log" | tail -6
+  rc=${PIPESTATUS[0]}
+  date; timeout 60 python3 benchmarks/bench_packed.py --out "$OUT" --workloads docs64 --rounds 3 --iters 3 2>&1 | tee "$OUT/packed_bench.log" | grep -v "^|" | tail -8
+  date; timeout 50 python3 benchmarks/bench_paper.py --out "$OUT" --T 8192 --rounds 3 --iters 4 --no-kernels 2>&1 | tee "$OUT/paper_bench.log" | grep -v "^|" | grep "T=\|check\|Error"
+  date
+fi
 if [[ $what == profile ]]; then   # where a paper-config training step spends its time, per kernel (~1 min)
   date; timeout 100 python3 benchmarks/profile_paper.py --out "$OUT" --T ${2:-65536} 2>&1 | tee "$OUT/profile.log" | tail -30
   rc=${PIPESTATUS[0]}
