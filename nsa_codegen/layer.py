@@ -134,7 +134,11 @@ class NativeSparseAttention(nn.Module):
         g = torch.sigmoid(self.gate(x)).view(B, T, 3, spec.heads)
         return q, (g[:, :, 0], g[:, :, 1], g[:, :, 2]), {b: self._kv(x, b) for b in self.branches}
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+        """cu_seqlens: a tensor, or a `packing.Pack` shared by every layer of the model (checked and
+        counted once, instead of once a layer)."""
+        if cu_seqlens is not None and not isinstance(cu_seqlens, packing.Pack) and self.cp_group is None:
+            cu_seqlens = packing.Pack(cu_seqlens, x.shape[1])
         return self._attend(*self._project(x), cu_seqlens)
 
     def _attend(self, q, gates, kv, cu_seqlens=None):
@@ -256,13 +260,12 @@ class NativeSparseAttention(nn.Module):
     def _compress(self, k, v, cu_seqlens):
         if cu_seqlens is None:
             return self.k_phi(k), self.v_phi(v)
-        # Packed sequences: every sequence's blocks pooled in one call, rows packed in order (one
-        # host sync: the row count).
+        # Packed sequences: every sequence's blocks pooled in one call, rows packed in order (the
+        # row count from the Pack: counted once for all layers that share it).
         c = self.spec.compression
-        packing.check_cu_seqlens(cu_seqlens, k.shape[1])
-        cu = cu_seqlens.to(k.device)
-        rows = int(packing.compressed_offsets(cu, c.block, c.stride, c.first_block)[-1])
-        return self.k_phi.forward_packed(k, cu, rows), self.v_phi.forward_packed(v, cu, rows)
+        pack = cu_seqlens.to(k.device)
+        rows = pack.rows(c)
+        return self.k_phi.forward_packed(k, pack.cu_seqlens, rows), self.v_phi.forward_packed(v, pack.cu_seqlens, rows)
 
 
 def _main_kv(kv: dict):

@@ -212,7 +212,8 @@ def nsa_attention(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
     q [B, T, HQ, Dk], k [B, T, H, Dk], v [B, T, H, Dv], gates [B, T, HQ] -> o [B, T, HQ, Dv].
     k_cmp / v_cmp default to mean pooling of k / v; k_win / v_win default to k / v.
     cu_seqlens [S+1] with B == 1 packs S sequences (k_cmp / v_cmp, if given, pack each sequence's
-    compressed rows back to back): a pack runs one launch per kernel, forward and backward.
+    compressed rows back to back): a pack runs one launch per kernel, forward and backward. A
+    `packing.Pack` in its place is checked and counted once for every call (every layer) that shares it.
     cp_group: the sequence is split across this torch.distributed group (context parallelism): every
     tensor is this rank's shard in layout cp_layout, k_cmp / v_cmp all rows of the whole sequence
     (`nsa_codegen.context_parallel.nsa_context_parallel`; it runs the reference math so far).
@@ -228,15 +229,23 @@ def nsa_attention(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
     _check_against_spec(q, k, v, spec)
     B, T = q.shape[:2]
     c, s = spec.compression, spec.selection
+    pack = None
     if cu_seqlens is not None:
         if B != 1:
             raise ValueError(f"with cu_seqlens, q must be packed as [1, total, HQ, D], got batch {B}")
-        if torch.compiler.is_compiling():
-            packing.check_cu_seqlens_type(cu_seqlens)   # (the values need a host sync)
+        if isinstance(cu_seqlens, packing.Pack):   # checked and counted once, shared by the layers
+            if cu_seqlens.total != T:
+                raise ValueError(f"the Pack covers {cu_seqlens.total} tokens, q has {T}")
+            pack = cu_seqlens.to(q.device)
+            cu_seqlens = pack.cu_seqlens
+            maps = pack.maps(c)
         else:
-            packing.check_cu_seqlens(cu_seqlens, T)
-        cu_seqlens = cu_seqlens.to(q.device)
-        maps = packing.packed_maps(cu_seqlens, T, c)
+            if torch.compiler.is_compiling():
+                packing.check_cu_seqlens_type(cu_seqlens)   # (the values need a host sync)
+            else:
+                packing.check_cu_seqlens(cu_seqlens, T)
+            cu_seqlens = cu_seqlens.to(q.device)
+            maps = packing.packed_maps(cu_seqlens, T, c)
     else:
         maps = {"seq_start": None, "cmp_start": None}   # an unpacked batch: the ops pass zeros
     if s is not None and block_indices is not None:
@@ -246,7 +255,8 @@ def nsa_attention(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
     env = {"q": q, "k": k, "v": v, "k_win": k if k_win is None else k_win, "v_win": v if v_win is None else v_win,
            "block_indices": None if block_indices is None else block_indices.to(torch.int32), **maps}
     if c is not None:
-        env["k_cmp"], env["v_cmp"] = _compressed(k, v, k_cmp, v_cmp, c, cu_seqlens)
+        env["k_cmp"], env["v_cmp"] = _compressed(k, v, k_cmp, v_cmp, c, cu_seqlens,
+                                                 None if pack is None else pack.rows(c))
     for gate, _ in plan.combine:
         env[gate] = _gate(gate, {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}[gate], q)
     for call in plan.calls:
@@ -260,15 +270,17 @@ def nsa_attention(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
     return (out, env["block_indices"]) if return_indices else out
 
 
-def _compressed(k, v, k_cmp, v_cmp, c, cu_seqlens):
-    """(k_cmp, v_cmp): given, checked against the row count, or mean-pooled from k / v."""
+def _compressed(k, v, k_cmp, v_cmp, c, cu_seqlens, rows=None):
+    """(k_cmp, v_cmp): given, checked against the row count, or mean-pooled from k / v. rows: a
+    Pack's row count (else counted here, one host sync for a pack)."""
     T = k.shape[1]
     if cu_seqlens is None:
         N = reference.num_compressed_blocks(T, c.block, c.stride, c.first_block)
     else:
         # The row count of a pack is data-dependent: one host sync (torch.compile graphs break here
         # unless k_cmp / v_cmp come given).
-        N = int(packing.compressed_offsets(cu_seqlens, c.block, c.stride, c.first_block)[-1])
+        N = rows if rows is not None else int(packing.compressed_offsets(cu_seqlens, c.block, c.stride,
+                                                                          c.first_block)[-1])
     if k_cmp is None or v_cmp is None:
         pool = (lambda x: reference.compress(x, c.block, c.stride, c.first_block)) if cu_seqlens is None else \
             (lambda x: packing.compress_packed(x, cu_seqlens, c.block, c.stride, c.first_block, N))

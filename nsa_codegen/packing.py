@@ -35,6 +35,64 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
         raise ValueError(f"cu_seqlens must rise from 0 to total tokens {total}, got {cu_seqlens.tolist()}")
 
 
+class Pack:
+    """A checked pack: cu_seqlens validated once, and per compression branch its row count and the
+    token maps computed once, so every layer of a model can share one (nsa_attention and the layer
+    take a Pack wherever they take cu_seqlens) instead of each validating and counting again (two
+    host syncs a layer). `Pack.from_lengths` builds one from host lengths with no sync at all."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, total: int | None = None, *, lengths: list[int] | None = None):
+        check_cu_seqlens_type(cu_seqlens)
+        if total is None:
+            total = int(cu_seqlens[-1])
+        if lengths is None:
+            check_cu_seqlens(cu_seqlens, total)   # the one host sync
+        self.cu_seqlens, self.total, self.lengths = cu_seqlens, int(total), lengths
+        self._rows: dict = {}
+        self._maps: dict = {}
+
+    @classmethod
+    def from_lengths(cls, lengths, device=None) -> "Pack":
+        """The pack of sequences of these (host) lengths, back to back."""
+        lens = [int(x) for x in lengths]
+        if not lens or any(x < 0 for x in lens):
+            raise ValueError(f"lengths must be one or more ints >= 0, got {lengths}")
+        cu = [0]
+        for x in lens:
+            cu.append(cu[-1] + x)
+        return cls(torch.tensor(cu, dtype=torch.int32, device=device), cu[-1], lengths=lens)
+
+    def to(self, device) -> "Pack":
+        """The same pack with cu_seqlens on `device` (its counts carried over, its maps not)."""
+        if self.cu_seqlens.device == torch.device(device):
+            return self
+        new = Pack(self.cu_seqlens.to(device), self.total, lengths=self.lengths or [])
+        new.lengths, new._rows = self.lengths, dict(self._rows)
+        return new
+
+    @staticmethod
+    def _key(c):
+        return None if c is None else (c.block, c.stride, c.first_block)
+
+    def rows(self, c) -> int:
+        """The pack's compressed rows under compression branch c (sum over its sequences)."""
+        key = self._key(c)
+        if key not in self._rows:
+            if self.lengths is not None:   # host arithmetic: compressed_offsets' count, no sync
+                self._rows[key] = sum(max(0, (L - c.block) // c.stride + 1 - c.first_block) if L >= c.block else 0
+                                      for L in self.lengths)
+            else:
+                self._rows[key] = int(compressed_offsets(self.cu_seqlens, c.block, c.stride, c.first_block)[-1])
+        return self._rows[key]
+
+    def maps(self, c=None) -> dict[str, torch.Tensor]:
+        """packed_maps of this pack under compression branch c (device tensors, computed once)."""
+        key = self._key(c)
+        if key not in self._maps:
+            self._maps[key] = packed_maps(self.cu_seqlens, self.total, c)
+        return self._maps[key]
+
+
 def sequence_of_token(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """[total] int64: the sequence each token belongs to (empty sequences own no token)."""
     t = torch.arange(total, device=cu_seqlens.device)

@@ -410,6 +410,8 @@ def nsa_reference(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
     """
     check_inputs(q, k, v, spec)
     check_gates(q, spec, g_cmp=g_cmp, g_slc=g_slc, g_win=g_win)
+    if isinstance(cu_seqlens, packing.Pack):
+        cu_seqlens = cu_seqlens.cu_seqlens
     if cu_seqlens is not None:
         return run_packed(q, k, v, g_cmp, g_slc, g_win, spec, k_cmp, v_cmp, k_win, v_win, block_indices,
                        cu_seqlens, return_indices)

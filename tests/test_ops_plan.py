@@ -129,3 +129,33 @@ def test_bad_packs_are_named_before_any_launch(launched):
         ops.compression_attention(q, kc, torch.randn(1, 5, spec.kv_heads, spec.v_head_dim, dtype=dt), 32, 16, 0,
                                   -1.0, zeros)
     assert launched == []
+
+
+def test_a_shared_pack_is_checked_and_counted_once(launched, monkeypatch):
+    """A packing.Pack built from host lengths needs no host sync in nsa_attention: no value check and
+    no row count (both would sync on a GPU); it launches what cu_seqlens does, and two calls (two
+    layers) reuse its maps."""
+    from nsa_codegen import packing
+    spec = NSASpec(compression=dict(block=32, stride=16, pool="mean"), dtype="float16")
+    lengths = [5, 300, 1, 64, 130]
+    pack = packing.Pack.from_lengths(lengths)
+    T = pack.total
+    dt = torch.float16
+    q = torch.randn(1, T, spec.heads, spec.head_dim, dtype=dt)
+    k = torch.randn(1, T, spec.kv_heads, spec.head_dim, dtype=dt)
+    v = torch.randn(1, T, spec.kv_heads, spec.v_head_dim, dtype=dt)
+    gates = [torch.rand(1, T, spec.heads, dtype=dt) for _ in range(3)]
+
+    def no_sync(*a, **kw):
+        raise AssertionError("a host sync the Pack should have saved")
+    monkeypatch.setattr(packing, "check_cu_seqlens", no_sync)
+    with torch.no_grad():
+        ops.nsa_attention(q, k, v, *gates, spec, cu_seqlens=pack)
+        maps = dict(pack._maps)
+        ops.nsa_attention(q, k, v, *gates, spec, cu_seqlens=pack)
+    plan = lower_to_plan(spec, "sm90")
+    assert launched == [c.key for c in plan.calls] * 2
+    assert pack.rows(spec.compression) == sum(max(0, (n - 32) // 16 + 1) if n >= 32 else 0 for n in lengths)
+    assert all(pack._maps[key] is maps[key] for key in maps)   # computed once, reused
+    with pytest.raises(ValueError, match="covers"):
+        ops.nsa_attention(q[:, :-1], k[:, :-1], v[:, :-1], *(g[:, :-1] for g in gates), spec, cu_seqlens=pack)

@@ -73,3 +73,21 @@ def test_compressed_row_spans_are_each_rows_visible_tokens(lengths):
     assert list(zip(first.tolist(), end.tolist())) == want
     first, end = packing.compressed_row_spans(100, 5, l, d, f)       # a batch: one sequence per row
     assert first.tolist() == [(f + c) * d + l - 1 for c in range(5)] and end.tolist() == [100] * 5
+
+
+def test_pack_checks_once_and_counts_like_the_offsets():
+    from nsa_codegen.packing import Pack, compressed_offsets, packed_maps
+    from nsa_codegen.spec import CompressionBranch
+    c = CompressionBranch(32, 16, "mean", 1)
+    lengths = [0, 5, 300, 1, 64, 130, 32]
+    a = Pack.from_lengths(lengths)
+    b = Pack(a.cu_seqlens.long(), a.total)
+    assert a.total == b.total == sum(lengths)
+    assert a.rows(c) == b.rows(c) == int(compressed_offsets(a.cu_seqlens, 32, 16, 1)[-1])
+    want = packed_maps(a.cu_seqlens, a.total, c)
+    for key in want:
+        assert torch.equal(a.maps(c)[key], want[key]) and a.maps(c)[key] is a.maps(c)[key]
+    with pytest.raises(ValueError, match="rise from 0"):
+        Pack(torch.tensor([0, 5, 3]), 3)
+    with pytest.raises(ValueError, match="lengths"):
+        Pack.from_lengths([3, -1])
