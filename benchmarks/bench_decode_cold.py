@@ -30,39 +30,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import HBM_TBPS, PAPER, capture_graph, random_paper_cache  # noqa: E402
 from bench_forward import run_info  # noqa: E402
 from timing import Rounds, say  # noqa: E402
 
 from nsa_codegen.decode import nsa_decode, nsa_decode_bytes  # noqa: E402
-from nsa_codegen.kv_cache import NSAKVCache  # noqa: E402
-from nsa_codegen.spec import NSASpec  # noqa: E402
-
-PAPER = NSASpec(heads=64, kv_heads=4, head_dim=128, dtype="float16",
-                compression=dict(block=32, stride=16, pool="mean"),
-                selection=dict(block=64, top_n=16, initial=1, local=2), window=dict(size=512))
-HBM_TBPS = 3.35
 
 
 def random_cache(B, L):
-    c = NSAKVCache(PAPER, B, L, device="cuda", dtype=torch.float16)
-    for t in (c.kv_k, c.kv_v, c.k_cmp, c.v_cmp):
-        t.normal_()
+    """A random paper-config cache of B entries at length L."""
+    c = random_paper_cache(B, L)
     c.set_lengths([L] * B)
     return c
 
 
 def graphed(fn):
-    """A CUDA graph of fn (captured after a warm-up on a side stream); its replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
+    """fn captured in a CUDA graph (bench_decode.capture_graph): its replay."""
+    return capture_graph(fn).replay
 
 
 def rotate(fns):

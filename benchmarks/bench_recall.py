@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_tiny import Block, warmup_cosine  # noqa: E402
+
 from nsa_codegen import NativeSparseAttention, NSASpec  # noqa: E402
 
 
@@ -63,17 +65,6 @@ class DenseAttention(nn.Module):
         k, v = (t.transpose(1, 2).expand(B, self.heads, T, self.head_dim) for t in (k, v))
         o = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
-
-
-class Block(nn.Module):
-    def __init__(self, hidden, attn):
-        super().__init__()
-        self.n1, self.n2, self.attn = nn.LayerNorm(hidden), nn.LayerNorm(hidden), attn
-        self.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden))
-
-    def forward(self, x):
-        x = x + self.attn(self.n1(x))
-        return x + self.mlp(self.n2(x))
 
 
 class RecallModel(nn.Module):
@@ -122,8 +113,7 @@ def train_one(kind, T, seed, args, device):
                         args.heads, args.head_dim, args.dtype, args.window).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     steps = args.steps
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    sched = warmup_cosine(opt, steps)
     gen = torch.Generator().manual_seed(1000 * seed + T)
     amp = device == "cuda"
     losses, t0 = [], time.time()

@@ -35,10 +35,13 @@ from nsa_codegen import CompressionBranch, NativeSparseAttention, NSASpec, Selec
 
 
 class Block(nn.Module):
-    def __init__(self, hidden: int, spec: NSASpec, backend: str):
+    """A pre-norm transformer block around an attention module x [B, T, hidden] -> [B, T, hidden]
+    (also benchmarks/bench_recall.py's, with dense or sliding-window attention in its place)."""
+
+    def __init__(self, hidden: int, attn: nn.Module):
         super().__init__()
         self.n1, self.n2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
-        self.attn = NativeSparseAttention(hidden, spec, backend=backend)
+        self.attn = attn
         self.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden))
 
     def forward(self, x):
@@ -53,7 +56,8 @@ class RecallModel(nn.Module):
         super().__init__()
         self.key_emb = nn.Embedding(tokens, hidden)
         self.val_emb = nn.Embedding(values + 2, hidden)
-        self.blocks = nn.ModuleList(Block(hidden, spec, backend) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(hidden, NativeSparseAttention(hidden, spec, backend=backend))
+                                    for _ in range(layers))
         self.norm = nn.LayerNorm(hidden)
         self.head = nn.Linear(hidden, values)
 
@@ -82,11 +86,15 @@ def make_batch(gen, batch, seq_len, kinds, filler, values, device):
     return tok_ids.to(device), val_ids.to(device), torch.gather(targets, 1, order).to(device)
 
 
+def warmup_cosine(opt, steps: int):
+    """Linear warm-up over 50 steps, then cosine decay to 10% at the last step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+
+
 def run(model, batches, steps, lr, autocast_dtype, queries, log_every=25, label=""):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    # linear warm-up over 50 steps, then cosine decay to 10% at the last step
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    sched = warmup_cosine(opt, steps)
     losses, accs, t0 = [], [], time.time()
     for step in range(steps):
         key_ids, val_ids, targets = batches(step)

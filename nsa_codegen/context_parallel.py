@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from . import reference
+from .kv_cache import mean_phi
 from .spec import NSASpec
 
 LAYOUTS = ("zigzag", "contiguous")
@@ -344,7 +345,7 @@ def nsa_context_parallel(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, group, 
         if K is not None and cmp_kv is None and phi is None:
             k_cmp, v_cmp = (reference.compress(x, c.block, c.stride, c.first_block) for x in (K, V))
         else:
-            phi_k, phi_v = phi or (_mean_phi, _mean_phi)
+            phi_k, phi_v = phi or (mean_phi, mean_phi)
             k_cmp = _compressed_rows(src_k, phi_k, group, layout, T, c)
             v_cmp = _compressed_rows(src_v, phi_v, group, layout, T, c)
     wins = None
@@ -367,11 +368,6 @@ def nsa_context_parallel(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, group, 
             q[:, rows], None if K is None else K[:, :b], None if V is None else V[:, :b],
             *(None if g is None else g[:, rows] for g in (g_cmp, g_slc, g_win)), spec, **kwargs))
     return torch.cat(outs, 1)
-
-
-def _mean_phi(blocks):
-    """[..., l, H, D] -> [..., H, D]: the mean pool of reference.compress."""
-    return blocks.mean(dim=-3)
 
 
 def _check_extras(q, spec, T, k_cmp, v_cmp, k_win, v_win, block_indices, names=("k_win", "v_win")):
