@@ -198,12 +198,17 @@ class PagedNSAKVCache:
             self._grow(sl, -(-L // P), self._pages, self._free, self.block_table)
             if c is not None:
                 self._grow(sl, -(-compressed_rows(L, c) // P), self._cmp_pages, self._free_cmp, self.cmp_block_table)
-        # Token rows: flat index page * P + offset of each new token; dropped tokens go nowhere.
-        rows = [(i, j, self._flat(sl, L0[i] + j)) for i, sl in enumerate(slots) for j in range(n_host[i])]
-        if rows:
-            ii = torch.tensor([r[0] for r in rows], device=self.device)
-            jj = torch.tensor([r[1] for r in rows], device=self.device)
-            flat = torch.tensor([r[2] for r in rows], device=self.device)
+        # Token rows: flat index page * P + offset of each new token (device arithmetic, one slice of
+        # the page list per sequence); dropped tokens go nowhere.
+        ii, jj, flat = [], [], []
+        for i, (sl, a, n) in enumerate(zip(slots, L0, n_host)):
+            if n:
+                j = torch.arange(n, device=self.device)
+                ii.append(torch.full_like(j, i))
+                jj.append(j)
+                flat.append(self._flat(self._pages[sl], a + j))
+        if flat:
+            ii, jj, flat = torch.cat(ii), torch.cat(jj), torch.cat(flat)
             NB = self.kv_k.shape[2]
             self.kv_k.view(-1, NB, H, Dk)[flat, 0] = self._store("k", k_new[ii, jj])
             self.kv_v.view(-1, NB, H, Dv)[flat, 0] = self._store("v", v_new[ii, jj])
@@ -244,18 +249,24 @@ class PagedNSAKVCache:
             table[slot, len(owned[slot])] = p
             owned[slot].append(p)
 
-    def _flat(self, slot: int, pos: int) -> int:
-        return self._pages[slot][pos // self.page_size] * self.page_size + pos % self.page_size
+    def _flat(self, pages: list[int], pos: torch.Tensor) -> torch.Tensor:
+        """Flat pool rows (page * P + offset) of positions pos (int64) through a sequence's pages."""
+        table = torch.tensor(pages, dtype=torch.long, device=self.device)
+        return table[pos // self.page_size] * self.page_size + pos % self.page_size
 
     def _compress(self, slots, L0, L1) -> None:
         """phi over the blocks each sequence completed (rows N(L0) .. N(L1) - 1), read through its pages."""
-        c, P, H = self.spec.compression, self.page_size, self.spec.kv_heads
-        jobs = [(sl, r) for sl, a, b in zip(slots, L0, L1) for r in range(compressed_rows(a, c), compressed_rows(b, c))]
-        if not jobs:
+        c, H = self.spec.compression, self.spec.kv_heads
+        tok, dst = [], []
+        for sl, a, b in zip(slots, L0, L1):
+            r = torch.arange(compressed_rows(a, c), compressed_rows(b, c), device=self.device)
+            if r.numel():
+                first = (r + c.first_block) * c.stride
+                tok.append(self._flat(self._pages[sl], first[:, None] + torch.arange(c.block, device=self.device)))
+                dst.append(self._flat(self._cmp_pages[sl], r))
+        if not tok:
             return
-        tok = torch.tensor([[self._flat(sl, (r + c.first_block) * c.stride + i) for i in range(c.block)]
-                            for sl, r in jobs], device=self.device)                  # [jobs, l]
-        dst = torch.tensor([self._cmp_pages[sl][r // P] * P + r % P for sl, r in jobs], device=self.device)
+        tok, dst = torch.cat(tok), torch.cat(dst)                                # [rows, l], [rows]
         NB = self.kv_k.shape[2]
         if self.separate_cmp:
             (nk, src_k), (nv, src_v) = (("cmp_k_raw", self.cmp_k_raw.view(-1, H, self.spec.head_dim)),
