@@ -217,18 +217,16 @@ def build(cfg: CompressionAttentionConfig):
                 T.copy(V_cmp[bz, c_lo + kt * BN:c_lo + (kt + 1) * BN, by, :], V_s)
                 T.gemm(acc_p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 
-            # empty rows: l_sum == 0 -> O = 0, LSE = -inf (no division by zero)
+            # empty rows: l_sum == 0 -> O = 0, LSE = -inf (no division by zero). The test is
+            # `== 0`, not `> 0`: a NaN the row can see leaves l_sum NaN, and it must reach O.
             for i, k in T.Parallel(BM, Dv):
-                acc_o[i, k] = T.if_then_else(l_sum[i] > 0, acc_o[i, k] / l_sum[i], 0)
+                acc_o[i, k] = T.if_then_else(l_sum[i] == 0, 0, acc_o[i, k] / l_sum[i])
             T.copy(acc_o, O_s)
             for g in T.unroll(G):
                 T.copy(O_s[g * BT:(g + 1) * BT, :], O[bz, t0:t0 + BT, by * G + g, :], disable_tma=True)
             for i in T.Parallel(BM):
                 if t0 + i % BT < Tn:
                     LSE[bz, t0 + i % BT, by * G + i // BT] = T.if_then_else(
-                        l_sum[i] > 0,
-                        (T.log2(l_sum[i]) + m_cur[i] * scale2) * _LN2,
-                        -T.infinity(acc),
-                    )
+                        l_sum[i] == 0, -T.infinity(acc), (T.log2(l_sum[i]) + m_cur[i] * scale2) * _LN2)
 
     return main

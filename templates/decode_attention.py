@@ -407,10 +407,10 @@ def _build_cmp(cfg):
                 T.pdl_trigger()
             for r, k in T.Parallel(MP, Dv):
                 if r < MR:
-                    O_part[b, h, sid, r, k] = T.if_then_else(lsum[r] > 0, acc_o[r, k] / lsum[r], 0)
+                    O_part[b, h, sid, r, k] = T.if_then_else(lsum[r] == 0, 0, acc_o[r, k] / lsum[r])
             for r in T.Parallel(MP):
                 if r < MR:
-                    L_part[b, h, sid, r] = T.if_then_else(lsum[r] > 0, T.log2(lsum[r]) + m[r] * sc2, ninf)
+                    L_part[b, h, sid, r] = T.if_then_else(lsum[r] == 0, ninf, T.log2(lsum[r]) + m[r] * sc2)
 
     return nsa_decode_cmp
 
@@ -512,7 +512,7 @@ def _build_topn(cfg):
                     for u in T.unroll(4):
                         sm = sm + T.if_then_else(Lp_s[tx, s4 * 4 + u] == ninf, 0,
                                                  T.exp2(Lp_s[tx, s4 * 4 + u] - mx))
-                lse_s[tx] = T.if_then_else(sm > 0, mx + T.log2(sm), ninf)
+                lse_s[tx] = T.if_then_else(sm == 0, ninf, mx + T.log2(sm))
             T.sync_threads()
 
             # 2. per-group factors (one exp2 per group and head, not per score), then the group-
@@ -755,17 +755,17 @@ def _build_sparse(cfg):
             if sid < SS:
                 for r, k in T.Parallel(MP, Dv):
                     if r < MR:
-                        O_slc[b, h, sid, r, k] = T.if_then_else(lsum[r] > 0, acc_o[r, k] / lsum[r], 0)
+                        O_slc[b, h, sid, r, k] = T.if_then_else(lsum[r] == 0, 0, acc_o[r, k] / lsum[r])
                 for r in T.Parallel(MP):
                     if r < MR:
-                        L_slc[b, h, sid, r] = T.if_then_else(lsum[r] > 0, T.log2(lsum[r]) + m[r] * sc2, ninf)
+                        L_slc[b, h, sid, r] = T.if_then_else(lsum[r] == 0, ninf, T.log2(lsum[r]) + m[r] * sc2)
             else:
                 for r, k in T.Parallel(MP, Dv):
                     if r < MR:
-                        O_win[b, h, sid - SS, r, k] = T.if_then_else(lsum[r] > 0, acc_o[r, k] / lsum[r], 0)
+                        O_win[b, h, sid - SS, r, k] = T.if_then_else(lsum[r] == 0, 0, acc_o[r, k] / lsum[r])
                 for r in T.Parallel(MP):
                     if r < MR:
-                        L_win[b, h, sid - SS, r] = T.if_then_else(lsum[r] > 0, T.log2(lsum[r]) + m[r] * sc2, ninf)
+                        L_win[b, h, sid - SS, r] = T.if_then_else(lsum[r] == 0, ninf, T.log2(lsum[r]) + m[r] * sc2)
 
     return nsa_decode_sparse
 
@@ -908,7 +908,7 @@ def _build_combine(cfg):
                     for e in T.unroll(LN):
                         sc = sc + ML_s[br, e, 1] * T.exp2(ML_s[br, e, 0] - mu)
                         wt = wt + A_s[br, e, tx] * T.exp2(ML_s[br, e, 0] - mu)
-                    tot = tot + T.if_then_else(sc > 0, gate[br] * wt / sc, 0)
+                    tot = tot + T.if_then_else(sc == 0, 0, gate[br] * wt / sc)
                 O[b, qi, hq, tx] = T.cast(tot, dtype)
 
     return nsa_decode_combine

@@ -241,15 +241,15 @@ def _build_per_token(cfg):
                 T.copy(V[b, r0:r0 + BS, h, :], V_s, annotations=copy_ann)
                 T.gemm(p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 
-            # No usable slot leaves l == 0: write o = 0, lse = -inf.
+            # No usable slot leaves l == 0: write o = 0, lse = -inf. (`== 0`, not `> 0`: a NaN the
+            # row sees makes l NaN, and it must reach o, as in the reference.)
             for i, d in T.Parallel(M, Dv):
-                acc_o[i, d] = T.if_then_else(l[i] > 0, acc_o[i, d] / l[i], 0)
+                acc_o[i, d] = T.if_then_else(l[i] == 0, 0, acc_o[i, d] / l[i])
             T.copy(acc_o, O_s)
             T.copy(O_s[0:G, :], O[b, t, h * G:(h + 1) * G, :])
             for i in T.Parallel(M):
                 if i < G:
-                    LSE[b, t, h * G + i] = T.if_then_else(
-                        l[i] > 0, m[i] * cfg.scale + T.log(l[i]), ninf)
+                    LSE[b, t, h * G + i] = T.if_then_else(l[i] == 0, ninf, m[i] * cfg.scale + T.log(l[i]))
 
     return selection_attention_fwd
 
@@ -343,14 +343,13 @@ def _build_token_tile(cfg):
                 T.gemm(p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 
             for i, d in T.Parallel(M, Dv):
-                acc_o[i, d] = T.if_then_else(l[i] > 0, acc_o[i, d] / l[i], 0)
+                acc_o[i, d] = T.if_then_else(l[i] == 0, 0, acc_o[i, d] / l[i])
             T.copy(acc_o, O_s)
             for i, d in T.Parallel(M, Dv):
                 if t0 + i // G < S:
                     O[b, t0 + i // G, h * G + i % G, d] = O_s[i, d]
             for i in T.Parallel(M):
                 if t0 + i // G < S:
-                    LSE[b, t0 + i // G, h * G + i % G] = T.if_then_else(
-                        l[i] > 0, m[i] * cfg.scale + T.log(l[i]), ninf)
+                    LSE[b, t0 + i // G, h * G + i % G] = T.if_then_else(l[i] == 0, ninf, m[i] * cfg.scale + T.log(l[i]))
 
     return selection_attention_fwd

@@ -169,14 +169,14 @@ def build(cfg):
                 T.copy(V[b, kt * bn:(kt + 1) * bn, h, :], V_s)
                 T.gemm(p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 
-            # Every in-range row has >= 1 key (itself), but guard l == 0 anyway.
+            # Every in-range row has >= 1 key (itself), but guard l == 0 anyway (`== 0`: a NaN the
+            # row sees leaves l NaN, which must reach o).
             for i, j in T.Parallel(bm, Dv):
-                acc_o[i, j] = T.if_then_else(l[i] > 0, acc_o[i, j] / l[i], 0)
+                acc_o[i, j] = T.if_then_else(l[i] == 0, 0, acc_o[i, j] / l[i])
             T.copy(acc_o, O_s)
             T.copy(O_s, O[b, t0:t0 + bm, hq, :])
             for i in T.Parallel(bm):
                 if t0 + i < S:
-                    LSE[b, t0 + i, hq] = T.if_then_else(
-                        l[i] > 0, m[i] * cfg.scale + T.log(l[i]), ninf)
+                    LSE[b, t0 + i, hq] = T.if_then_else(l[i] == 0, ninf, m[i] * cfg.scale + T.log(l[i]))
 
     return window_attention_fwd
