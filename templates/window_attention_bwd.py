@@ -224,7 +224,7 @@ def _build_dq(cfg):
                 # the band mask replaces the logits outside it (a NaN key there stays out of S)
                 for i, j in T.Parallel(bm, bn):
                     acc_s[i, j] = T.if_then_else(
-                        (kt * bn + j <= t0 + i) and (kt * bn + j >= lo[i]), acc_s[i, j], ninf)
+                        (kt * bn + j <= t0 + i) & (kt * bn + j >= lo[i]), acc_s[i, j], ninf)
                 T.copy(V[b, kt * bn:(kt + 1) * bn, h, :], V_s)
                 T.gemm(dO_s, V_s, acc_dp, transpose_B=True, policy=T.GemmWarpPolicy.FullRow,
                        clear_accum=True)
@@ -307,10 +307,11 @@ def _build_dkdv(cfg):
                 # the row index is clamped so they stay in bounds.
                 # Key s0+i is visible to query q0+j iff 0 <= (q0+j) - (s0+i) < W and the key is not
                 # before the query's sequence (then, s <= t, both are in one sequence).
+                # Written as two compares joined by `&` (four `and`-ed ones compiled to branches).
                 for i, j in T.Parallel(bn, bm):
                     acc_st[i, j] = T.if_then_else(
-                        (q0 + j >= s0 + i) and (q0 + j < s0 + i + W) and (q0 + j < S)
-                        and (SeqStart[b, T.min(q0 + j, S - 1)] <= s0 + i),
+                        (s0 + i <= T.if_then_else(q0 + j < S, q0 + j, -1))
+                        & (s0 + i >= T.max(q0 + j - W + 1, SeqStart[b, T.min(q0 + j, S - 1)])),
                         T.if_then_else(LSE[b, T.min(q0 + j, S - 1), hq] > ninf,
                                        LSE[b, T.min(q0 + j, S - 1), hq] * neg_inv_sc, ninf),
                         ninf)
