@@ -493,8 +493,12 @@ def _build_dq_tile(cfg):
                 # dQ += dS K over K with its non-finite values zeroed: a NaN/Inf key in a block only
                 # other tokens chose would otherwise reach a row through 0 * NaN in the MMA. A row
                 # that did choose it already has dS = NaN from S, as in the reference.
-                for r, d in T.Parallel(BS, Dk):
-                    Kf_s[r, d] = T.if_then_else(T.isfinite(T.cast(K_s[r, d], acc)), K_s[r, d], T.cast(0, dtype))
+                # 8 rows at a time: one T.Parallel over the whole block unrolled into ~96 live values
+                # a thread and spilled 3.3 KB (917 local loads per block, 4x slower on the H100).
+                for r8 in T.serial(BS // 8):
+                    for r, d in T.Parallel(8, Dk):
+                        Kf_s[r8 * 8 + r, d] = T.if_then_else(T.isfinite(T.cast(K_s[r8 * 8 + r, d], acc)),
+                                                             K_s[r8 * 8 + r, d], T.cast(0, dtype))
                 T.gemm(ds, Kf_s, acc_dq, policy=T.GemmWarpPolicy.FullRow)
 
             for i, d in T.Parallel(M, Dk):
