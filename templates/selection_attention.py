@@ -334,10 +334,13 @@ def _build_token_tile(cfg):
                 T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
                 # The bias, and the causal mask that bites only in the block holding a token. Masked
                 # logits are replaced (not added to), so a NaN/Inf key in a block only the tile's other
-                # tokens chose, or after the token, never reaches its row.
+                # tokens chose, or after the token, never reaches its row. (The causal test is written
+                # doubled on purpose: as `Blk_s[it] + cc <= t0 + i // G` TVM's simplifier puts the
+                # thread's column offsets first, nvcc hoists them as 32 loop invariants and spills
+                # them inside the loop (37 vs 28 spill stores; the tile ran 21% slower on the H100).)
                 for i, cc in T.Parallel(M, BS):
                     acc_s[i, cc] = T.if_then_else(
-                        (Blk_s[it] + cc <= t0 + i // G) & (Bias_s[it, i // G] > ninf),
+                        (Blk_s[it] * 2 + cc * 2 <= (t0 + i // G) * 2) & (Bias_s[it, i // G] > ninf),
                         acc_s[i, cc] + Bias_s[it, i // G], ninf)
 
                 online_softmax(acc_s, m, m_prev, alpha, ms, rsum, l, p, acc_o)
