@@ -233,11 +233,12 @@ def _build_per_token(cfg):
                 # into two branches per copied row, 34% slower on the H100).
                 r0 = s0 + T.min(T.max(j, 0), (t - s0) // BS) * BS
                 T.copy(K[b, r0:r0 + BS, h, :], K_s, annotations=copy_ann)
-                # Causal mask only bites in the block holding t; folding it into
-                # the accumulator init costs nothing extra.
+                # The causal mask (it bites only in the block holding t) replaces the logits after
+                # the product, not -inf added to them: a NaN key after t in t's block (a later token,
+                # or a packed neighbour's) would make -inf + NaN = NaN (found by the pack NaN test).
+                T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
                 for i, c in T.Parallel(M, BS):
-                    acc_s[i, c] = T.if_then_else(ok and (r0 + c <= t), 0, ninf)
-                T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                    acc_s[i, c] = T.if_then_else(ok & (r0 + c <= t), acc_s[i, c], ninf)
 
                 online_softmax(acc_s, m, m_prev, alpha, ms, rsum, l, p, acc_o)
                 T.copy(V[b, r0:r0 + BS, h, :], V_s, annotations=copy_ann)
