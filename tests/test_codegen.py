@@ -160,3 +160,45 @@ def test_shared_memory_limit_is_the_arch_s():
                     assert "shared memory" in why and "163 KiB" in why, why
                     refused.add(call.kind)
     assert {"selection_fwd", "window_fwd", "compression_bwd_dq", "window_bwd_dq"} <= refused, refused
+
+
+def sass_counts(sass: str) -> dict:
+    """Instruction counts by opcode (BRA, LDL, STL ...) in a disassembly."""
+    counts = {}
+    for op in re.findall(r"^\s+/\*[0-9a-f]{4,6}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)", sass, re.M):
+        counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
+# SASS budgets of the paper config's hot kernels (default knobs but the ones named): branches and
+# local-memory accesses (spills). Each bound sits between the fixed code and a regression that cost
+# time on the H100 (2026-12-07, a3fce66 vs f2eba11 on one machine): a select nvcc turned into two
+# branches per copied row (per-token selection: 162 branches, 35.2 vs 26.7 ms at 64k), and-ed masks
+# (compression dK/dV: 165), hoisted and spilled column offsets (token tile: 55 local accesses, 32.1
+# vs 26.0 ms), an unrolled copy (dq tile: 1760). Fixed code: 45 / 40 / 107 branches; 37 / 22 local.
+SASS_BUDGETS = [
+    ("selection_fwd", {"tile_tokens": 1}, {"BRA": 80, "LDL+STL": 16}),
+    ("selection_fwd", {"tile_tokens": 0}, {"LDL+STL": 46}),
+    ("selection_bwd_dq", {"tile_tokens": 1}, {"BRA": 80, "LDL+STL": 16}),
+    ("selection_bwd_dq", {"tile_tokens": 0}, {"LDL+STL": 46}),
+    ("compression_bwd_dkdv", {}, {"BRA": 135}),
+]
+
+
+@needs_nvcc
+@pytest.mark.compile
+@pytest.mark.skipif(_nvdisasm() is None, reason="nvdisasm not found")
+@pytest.mark.parametrize("kind,knobs,budget", SASS_BUDGETS, ids=[f"{k}-{v}" for k, v, _ in SASS_BUDGETS])
+def test_hot_kernels_stay_within_their_sass_budget(kind, knobs, budget, tmp_path, monkeypatch):
+    """Branches and spills of the paper config's hot kernels stay within the budgets above: a change
+    that makes nvcc branch per copied row or spill in the main loop fails here, on the CPU, instead
+    of showing up as a slower benchmark on the GPU."""
+    from nsa_codegen.schedules import default_schedule
+    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
+    spec = NSASpec(compression=CompressionBranch(32, 16, "mean"), dtype="float16")
+    call = next(c for c in lower_to_plan(spec).all_calls if c.kind == kind)
+    key = call.key.with_schedule({**default_schedule(call.key), **knobs})
+    counts = sass_counts(disassemble(compile_kernel(key)))
+    for what, limit in budget.items():
+        got = sum(counts.get(op, 0) for op in what.split("+"))
+        assert got <= limit, f"{key}: {got} {what} instructions in its SASS, budget {limit}"
