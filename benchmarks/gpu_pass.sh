@@ -19,6 +19,9 @@
 #   decodecold: benchmarks/bench_decode_cold.py (decode step on cold rotating caches vs SDPA backends; $2: its args)
 #   sanitize: compute-sanitizer memcheck, racecheck and synccheck over benchmarks/sanitize_kernels.py
 #             (every kernel kind on small ragged shapes; prebuilt kernels)
+#   ab: bench_paper.py of an older commit (.ab/baseline.tar.xz from benchmarks/make_baseline.py REV:
+#       its source and its own prebuilt kernels), then of this tree, on the same machine ($2: their
+#       args; default --backward --T 8192 65536 --rounds 3 --iters 4); carry .ab
 # Kernels: carry .gen (python benchmarks/prebuild.py, here on the CPU) and they load prebuilt, with
 # no compile on the GPU's clock; anything not prebuilt compiles there, slowly.
 set -uo pipefail
@@ -127,6 +130,21 @@ if [[ $what == sanitize ]]; then   # every kernel kind under compute-sanitizer (
       > "$OUT/sanitize_$tool.log" 2>&1
     r=$?; echo "$tool: exit $r"; tail -4 "$OUT/sanitize_$tool.log"; [ $r -ne 0 ] && rc=1
   done
+fi
+if [[ $what == ab ]]; then   # the same benchmark on an older commit and on this tree, one machine
+  mkdir -p /tmp/baseline && tar -C /tmp/baseline -xJf .ab/baseline.tar.xz
+  rev=$(cat /tmp/baseline/REV)
+  args=${2:---backward --T 8192 65536 --rounds 3 --iters 4}
+  mkdir -p "$OUT/baseline"
+  date; echo "baseline $rev"
+  (cd /tmp/baseline/src && PYTHONPATH=/tmp/site:/tmp/baseline/src NSA_CODEGEN_GENERATED_DIR=/tmp/baseline/gen \
+    NSA_CODEGEN_CACHE_DIR=/tmp/nsacache_baseline NSA_GIT_SHA=$rev NSA_GIT_DIRTY=0 \
+    timeout 240 python3 benchmarks/bench_paper.py --out "$OUT/baseline" $args) 2>&1 | tee "$OUT/ab_baseline.log" | grep "T="
+  rc=${PIPESTATUS[0]}
+  date; echo "this tree"
+  timeout 240 python3 benchmarks/bench_paper.py --out "$OUT" $args 2>&1 | tee "$OUT/ab_head.log" | grep "T="
+  [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
+  date
 fi
 if [[ $what == decodetests ]]; then
   python3 -m pytest -q tests/test_kv_cache.py tests/test_decode.py tests/test_layer.py -m gpu 2>&1 | tee "$OUT/decodetests.log" | tail -30
