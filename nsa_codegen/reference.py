@@ -410,8 +410,6 @@ def nsa_reference(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
     """
     check_inputs(q, k, v, spec)
     check_gates(q, spec, g_cmp=g_cmp, g_slc=g_slc, g_win=g_win)
-    if isinstance(cu_seqlens, packing.Pack):
-        cu_seqlens = cu_seqlens.cu_seqlens
     if cu_seqlens is not None:
         return run_packed(q, k, v, g_cmp, g_slc, g_win, spec, k_cmp, v_cmp, k_win, v_win, block_indices,
                        cu_seqlens, return_indices)
@@ -473,11 +471,23 @@ def nsa_reference_queries(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, t_offs
 
 def run_packed(q, k, v, g_cmp, g_slc, g_win, spec, k_cmp, v_cmp, k_win, v_win, block_indices, cu_seqlens,
                return_indices):
-    """Run nsa_reference on each sequence of a cu_seqlens-packed batch."""
+    """Run nsa_reference on each sequence of a packed batch: cu_seqlens a tensor (checked here, one
+    host sync) or a packing.Pack (checked when it was made; one from host lengths needs no sync, so
+    torch.compile traces it without a graph break, specializing on the lengths)."""
     if q.shape[0] != 1:
         raise ValueError(f"with cu_seqlens, q must be packed as [1, total, HQ, D], got batch {q.shape[0]}")
-    packing.check_cu_seqlens(cu_seqlens, q.shape[1])
-    bounds = [int(x) for x in cu_seqlens.tolist()]
+    if isinstance(cu_seqlens, packing.Pack):
+        if cu_seqlens.total != q.shape[1]:
+            raise ValueError(f"the pack holds {cu_seqlens.total} tokens, q has {q.shape[1]}")
+        if cu_seqlens.lengths is not None:
+            bounds = [0]
+            for n in cu_seqlens.lengths:
+                bounds.append(bounds[-1] + n)
+        else:
+            bounds = [int(x) for x in cu_seqlens.cu_seqlens.tolist()]
+    else:
+        packing.check_cu_seqlens(cu_seqlens, q.shape[1])
+        bounds = [int(x) for x in cu_seqlens.tolist()]
     c = spec.compression
     outs, idxs, cmp_at = [], [], 0
 

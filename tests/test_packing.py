@@ -91,3 +91,31 @@ def test_pack_checks_once_and_counts_like_the_offsets():
         Pack(torch.tensor([0, 5, 3]), 3)
     with pytest.raises(ValueError, match="lengths"):
         Pack.from_lengths([3, -1])
+
+
+def test_reference_takes_a_pack_without_checking_it_again(monkeypatch):
+    """The reference over a Pack made from host lengths equals it over the tensor and reads no
+    device value (the pack was checked when it was made); a pack of another length is refused."""
+    from nsa_codegen import NSASpec
+    from nsa_codegen.packing import Pack
+    from nsa_codegen.spec import CompressionBranch, SelectionBranch, WindowBranch
+    spec = NSASpec(heads=4, kv_heads=2, head_dim=16, v_head_dim=16, dtype="float32",
+                   compression=CompressionBranch(16, 8, "mean"), selection=SelectionBranch(16, 4, 1, 1),
+                   window=WindowBranch(32))
+    lengths = [50, 0, 100, 7]
+    g = torch.Generator().manual_seed(3)
+    T = sum(lengths)
+    q, k, v = (torch.randn(1, T, h, 16, generator=g) for h in (4, 2, 2))
+    gates = [torch.rand(1, T, 4, generator=g) for _ in range(3)]
+    want = ref.nsa_reference(q, k, v, *gates, spec, cu_seqlens=_cu(lengths))
+    pack = Pack.from_lengths(lengths)
+
+    def no_sync(*a, **k):
+        raise AssertionError("the reference checked a Pack again")
+
+    monkeypatch.setattr(packing, "check_cu_seqlens", no_sync)
+    monkeypatch.setattr(torch.Tensor, "tolist", no_sync)
+    assert torch.equal(ref.nsa_reference(q, k, v, *gates, spec, cu_seqlens=pack), want)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="pack holds"):
+        ref.nsa_reference(q[:, :-1], k[:, :-1], v[:, :-1], *[x[:, :-1] for x in gates], spec, cu_seqlens=pack)
