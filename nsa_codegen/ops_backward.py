@@ -185,8 +185,14 @@ def selection_attention_bwd(do: Optional[torch.Tensor], dlse: Optional[torch.Ten
     bi = contiguous(block_indices.to(torch.int32))
     packed = seq_start is not None
     seq_start = token_map("seq_start", seq_start, q)
-    dq, delta, (q, k, v, do, lse) = _dq_and_delta("selection_bwd_dq", params, q, k, v, o, lse, do, dlse, scale, bi,
-                                                  seq_start)
+    # The dq kernels take K with its non-finite values zeroed: dQ += dS K would carry a NaN key that a
+    # row must not see (dS = 0 there: a block only its tile's other tokens chose, a key after t in t's
+    # block) into the row as 0 * NaN in the tensor cores. A row that does see such a key still gets
+    # NaN (its forward lse is NaN, so P is), as in the reference. dk / dv read K itself.
+    k_dq = torch.nan_to_num(k, nan=0.0, posinf=0.0, neginf=0.0)
+    dq, delta, (q, _, v, do, lse) = _dq_and_delta("selection_bwd_dq", params, q, k_dq, v, o, lse, do, dlse, scale,
+                                                  bi, seq_start)
+    k = contiguous(k)
     tok_idx, unit_block, unit_start, unit_end, block_unit_start, row0, row_end = selection_block_units(
         bi, T, sel_block, seq_start=seq_start if packed else None)
     U = unit_block.shape[0]

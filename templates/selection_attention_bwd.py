@@ -21,9 +21,11 @@ Layouts (contiguous, row-major); B, T (and P, U, NBU, NBG below) dynamic:
       tokens, kv head h, batch b), M = BT * G rows (64 or 128: WGMMA on sm90); the union of
       the tile's block lists forms in shared memory (templates/_token_tile.py) and each union
       block is loaded once (TMA) for all BT tokens; rows whose token did not choose a block get
-      dS = 0 there (the logit is replaced, and dQ += dS K reads K with non-finite values zeroed,
-      so a NaN key only other tokens chose never enters it), a block listed c > 1 times weighs
-      c-fold as in the reference.
+      dS = 0 there (the logit is replaced), a block listed c > 1 times weighs c-fold as in the
+      reference.  Both schedules take K with its non-finite values zeroed (the op passes it): in
+      dQ += dS K a NaN key a row must not see (a block only other tokens chose, a key after t in
+      t's block) would reach it through 0 * NaN in the MMA; a row that does see it still gets NaN,
+      through its forward lse (NaN), as in the reference.
   part "dkdv"   (Q, K, V, dO, LSE, Delta, TokIdx [P] int32, UnitBlock [U] int32,
                  UnitStart [U] int32, UnitEnd [U] int32, BlockRow0 [NBG] int32, BlockRowEnd [NBG] int32,
                  PartK [U, block, Dk] f32 (out), PartV [U, block, Dv] f32 (out))
@@ -150,8 +152,7 @@ def _dq_smem(cfg):
     do = m * cfg.head_dim_v * e
     ds = 0 if _dq_ds_in_regs(cfg) else m * cfg.block * e
     kv = _stages(cfg) * cfg.block * (cfg.head_dim_qk + cfg.head_dim_v) * e
-    kf = 0 if bt == 1 else cfg.block * cfg.head_dim_qk * e   # the token tile's finite-K copy
-    return q + do + ds + kv + kf + union + 8 * m + 1024
+    return q + do + ds + kv + union + 8 * m + 1024
 
 
 # ---------------------------------------------------------------- dkdv
@@ -426,7 +427,6 @@ def _build_dq_tile(cfg):
             dO_s = T.alloc_shared([M, Dv], dtype)
             K_s = T.alloc_shared([BS, Dk], dtype)
             V_s = T.alloc_shared([BS, Dv], dtype)
-            Kf_s = T.alloc_shared([BS, Dk], dtype)
             lse_s = T.alloc_shared([M], acc)
             delta_s = T.alloc_shared([M], acc)
             Ent_s = T.alloc_shared([E], "int32")
@@ -490,16 +490,8 @@ def _build_dq_tile(cfg):
                         (Blk_s[it] + cc <= t0 + i // G) & (Bias_s[it, i // G] > ninf),
                         T.__exp((acc_s[i, cc] + Bias_s[it, i // G]) * sc - lse_s[i]) * (acc_dp[i, cc] - delta_s[i]),
                         0)
-                # dQ += dS K over K with its non-finite values zeroed: a NaN/Inf key in a block only
-                # other tokens chose would otherwise reach a row through 0 * NaN in the MMA. A row
-                # that did choose it already has dS = NaN from S, as in the reference.
-                # 8 rows at a time: one T.Parallel over the whole block unrolled into ~96 live values
-                # a thread and spilled 3.3 KB (917 local loads per block, 4x slower on the H100).
-                for r8 in T.serial(BS // 8):
-                    for r, d in T.Parallel(8, Dk):
-                        Kf_s[r8 * 8 + r, d] = T.if_then_else(T.isfinite(T.cast(K_s[r8 * 8 + r, d], acc)),
-                                                             K_s[r8 * 8 + r, d], T.cast(0, dtype))
-                T.gemm(ds, Kf_s, acc_dq, policy=T.GemmWarpPolicy.FullRow)
+                # (K comes with its non-finite values zeroed: see the module docstring.)
+                T.gemm(ds, K_s, acc_dq, policy=T.GemmWarpPolicy.FullRow)
 
             for i, d in T.Parallel(M, Dk):
                 if t0 + i // G < S:

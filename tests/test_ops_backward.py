@@ -251,6 +251,42 @@ def test_selection_dq_schedules(name, spec, B, T, kind, tile_tokens):
 
 
 @gpu
+@pytest.mark.parametrize("tile_tokens", [1, 0], ids=["token", "tile"])
+def test_selection_nan_key_after_a_token_stays_out_of_its_output_and_dq(tile_tokens):
+    """A NaN key after token t in t's own block (a later token's) reaches neither t's output nor its
+    dq, under either selection schedule (forward and dq); the token that owns the key gets NaN."""
+    from nsa_codegen import ops
+    from nsa_codegen.cache import load_scheduled, use_kernel
+    from nsa_codegen.launch import kernel_key
+    from nsa_codegen.schedules import default_schedule
+    name, spec, B, T = BWD_MATRIX[-2]   # the paper config
+    T = 512
+    s = spec.selection
+    q, k, v, _ = make_inputs(spec, 1, T, seed=35)
+    idx = torch.full((1, T, spec.kv_heads, s.top_n), -1, dtype=torch.int32, device="cuda")
+    t = torch.arange(T, device="cuda")
+    idx[..., 0] = (t // s.block)[None, :, None]            # every token: its own block only
+    poisoned = k.clone()
+    last = t[t % s.block == s.block - 1]
+    poisoned[:, last] = float("nan")                       # the last key of every block
+    fwd = kernel_key("selection_fwd", q, k, v.shape[3], -1.0, sel_block=s.block, top_n=s.top_n)
+    fwd_kernel = load_scheduled(fwd.with_schedule({**default_schedule(fwd), "tile_tokens": tile_tokens}))
+    dq_problem, dq_kernel = _selection_dq_kernel(q, k, v, s, tile_tokens)
+    do = torch.randn(1, T, spec.heads, spec.v_head_dim, device="cuda").to(q.dtype)
+    leaf = q.detach().requires_grad_()
+    with use_kernel(fwd, fwd_kernel), use_kernel(dq_problem, dq_kernel):
+        o, _ = ops.selection_attention(leaf, poisoned, v, idx, s.block, -1.0)
+        (dq,) = torch.autograd.grad((o.float() * do.float()).sum(), leaf)
+    before = t % s.block != s.block - 1
+    assert not torch.isnan(o[:, before]).any(), f"{fwd_kernel.key}: a later token's NaN key reached an output"
+    assert not torch.isnan(dq[:, before]).any(), f"{dq_kernel.key}: a later token's NaN key reached dq"
+    assert torch.isnan(o[:, ~before]).all(), "the token that owns the NaN key should see it"
+    o_hi, _ = ref.selection_attention(*(x.float() for x in (q, k, v)), idx, s.block, spec.softmax_scale)
+    err = rel_err(o[:, before], o_hi[:, before])
+    assert err < 1e-2, f"{fwd_kernel.key}: relative error {err:.2e} before the NaN keys"
+
+
+@gpu
 def test_selection_dq_token_tile_masks_what_a_token_did_not_choose():
     """dq: a NaN key in a block only the tile's other tokens chose never reaches a token's dq."""
     from nsa_codegen import ops
