@@ -15,6 +15,7 @@ install of nsa_codegen is kept out of the import system, so nothing resolves to 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tarfile
@@ -60,7 +61,7 @@ def main():
         for v in VARIANTS:
             cmd += ["--variant", v]
         print(f"building {sha}'s kernels ({', '.join(args.config)}) ...", flush=True)
-        done = subprocess.run(cmd, cwd=src, env={**__import__("os").environ,
+        done = subprocess.run(cmd, cwd=src, env={**os.environ,
                                                  "NSA_CODEGEN_CACHE_DIR": str(Path(tmp) / "cache")})
         if done.returncode:
             sys.exit(f"building {sha}'s kernels failed (exit {done.returncode})")

@@ -14,6 +14,8 @@ it outside torch.compile only (`check_cu_seqlens_type` there).
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -57,10 +59,15 @@ class Pack:
         lens = [int(x) for x in lengths]
         if not lens or any(x < 0 for x in lens):
             raise ValueError(f"lengths must be one or more ints >= 0, got {lengths}")
-        cu = [0]
-        for x in lens:
-            cu.append(cu[-1] + x)
+        cu = [0, *itertools.accumulate(lens)]
         return cls(torch.tensor(cu, dtype=torch.int32, device=device), cu[-1], lengths=lens)
+
+    def bounds(self) -> list[int]:
+        """The host offsets [0, ..., total] of the sequences: from the lengths (no device read) where
+        the pack was made from them, else cu_seqlens read once (it was checked when the pack was made)."""
+        if self.lengths is not None:
+            return [0, *itertools.accumulate(self.lengths)]
+        return [int(x) for x in self.cu_seqlens.tolist()]
 
     def to(self, device) -> "Pack":
         """The same pack with cu_seqlens on `device` (its counts carried over, its maps not)."""

@@ -479,12 +479,7 @@ def run_packed(q, k, v, g_cmp, g_slc, g_win, spec, k_cmp, v_cmp, k_win, v_win, b
     if isinstance(cu_seqlens, packing.Pack):
         if cu_seqlens.total != q.shape[1]:
             raise ValueError(f"the pack holds {cu_seqlens.total} tokens, q has {q.shape[1]}")
-        if cu_seqlens.lengths is not None:
-            bounds = [0]
-            for n in cu_seqlens.lengths:
-                bounds.append(bounds[-1] + n)
-        else:
-            bounds = [int(x) for x in cu_seqlens.cu_seqlens.tolist()]
+        bounds = cu_seqlens.bounds()
     else:
         packing.check_cu_seqlens(cu_seqlens, q.shape[1])
         bounds = [int(x) for x in cu_seqlens.tolist()]

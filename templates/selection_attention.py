@@ -223,8 +223,9 @@ def _build_per_token(cfg):
             # Static trip count over all top_n slots.  An unusable slot (pad -1
             # or a block starting after t) still runs, but loads a valid block
             # (block 0 for a pad, the one holding t for a later block: both
-            # L2-hot) and is fully masked, so it adds nothing.  This keeps the loop free of data-dependent control flow
-            # (TileLang's pipeliner needs a uniform body).
+            # L2-hot) and is fully masked, so it adds nothing.  This keeps the
+            # loop free of data-dependent control flow (TileLang's pipeliner
+            # needs a uniform body).
             s0 = SeqStart[b, t]
             for it in T.Pipelined(NSEL, num_stages=cfg.num_stages):
                 j = BlockIndices[b, t, h, it]

@@ -1,4 +1,5 @@
 """benchmarks/make_baseline.py: a commit's source and its own prebuilt kernels, packed for an A/B run."""
+import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,7 @@ def test_baseline_holds_the_commit_and_kernels_built_from_its_own_templates(tmp_
     sha = _head()
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_baseline.py"), "HEAD", "--config",
                     "examples/window512_fp16.yaml", "--out", str(tmp_path), "-j", "2"], cwd=ROOT, check=True,
-                   env={**__import__("os").environ, "TILELANG_CACHE_DIR": str(tmp_path / "tl")})
+                   env={**os.environ, "TILELANG_CACHE_DIR": str(tmp_path / "tl")})
     with tarfile.open(tmp_path / "baseline.tar.xz") as tar:
         names = tar.getnames()
         assert tar.extractfile("REV").read().decode().strip() == sha

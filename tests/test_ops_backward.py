@@ -250,6 +250,18 @@ def test_selection_dq_schedules(name, spec, B, T, kind, tile_tokens):
         assert_grad_close(f"{kernel.key}/{kind}/{what}", a, h, l)
 
 
+def _own_block_lists(T, seed):
+    """The paper config's inputs at length T and block lists in which every token chose only its
+    own block: (spec, q, k, v, idx [1, T, H, n], t = arange(T))."""
+    spec = BWD_MATRIX[-2][1]   # the paper config
+    s = spec.selection
+    q, k, v, _ = make_inputs(spec, 1, T, seed=seed)
+    idx = torch.full((1, T, spec.kv_heads, s.top_n), -1, dtype=torch.int32, device="cuda")
+    t = torch.arange(T, device="cuda")
+    idx[..., 0] = (t // s.block)[None, :, None]
+    return spec, q, k, v, idx, t
+
+
 @gpu
 @pytest.mark.parametrize("tile_tokens", [1, 0], ids=["token", "tile"])
 def test_selection_nan_key_after_a_token_stays_out_of_its_output_and_dq(tile_tokens):
@@ -259,20 +271,15 @@ def test_selection_nan_key_after_a_token_stays_out_of_its_output_and_dq(tile_tok
     from nsa_codegen.cache import load_scheduled, use_kernel
     from nsa_codegen.launch import kernel_key
     from nsa_codegen.schedules import default_schedule
-    name, spec, B, T = BWD_MATRIX[-2]   # the paper config
-    T = 512
+    spec, q, k, v, idx, t = _own_block_lists(512, seed=35)   # every token: its own block only
     s = spec.selection
-    q, k, v, _ = make_inputs(spec, 1, T, seed=35)
-    idx = torch.full((1, T, spec.kv_heads, s.top_n), -1, dtype=torch.int32, device="cuda")
-    t = torch.arange(T, device="cuda")
-    idx[..., 0] = (t // s.block)[None, :, None]            # every token: its own block only
     poisoned = k.clone()
     last = t[t % s.block == s.block - 1]
     poisoned[:, last] = float("nan")                       # the last key of every block
     fwd = kernel_key("selection_fwd", q, k, v.shape[3], -1.0, sel_block=s.block, top_n=s.top_n)
     fwd_kernel = load_scheduled(fwd.with_schedule({**default_schedule(fwd), "tile_tokens": tile_tokens}))
     dq_problem, dq_kernel = _selection_dq_kernel(q, k, v, s, tile_tokens)
-    do = torch.randn(1, T, spec.heads, spec.v_head_dim, device="cuda").to(q.dtype)
+    do = torch.randn(*q.shape[:3], spec.v_head_dim, device="cuda").to(q.dtype)
     leaf = q.detach().requires_grad_()
     with use_kernel(fwd, fwd_kernel), use_kernel(dq_problem, dq_kernel):
         o, _ = ops.selection_attention(leaf, poisoned, v, idx, s.block, -1.0)
@@ -291,18 +298,13 @@ def test_selection_dq_token_tile_masks_what_a_token_did_not_choose():
     """dq: a NaN key in a block only the tile's other tokens chose never reaches a token's dq."""
     from nsa_codegen import ops
     from nsa_codegen.cache import use_kernel
-    name, spec, B, T = BWD_MATRIX[-2]   # the paper config
-    T = 1024
+    spec, q, k, v, idx, t = _own_block_lists(1024, seed=34)  # every token: its own block
     s = spec.selection
-    q, k, v, _ = make_inputs(spec, 1, T, seed=34)
-    idx = torch.full((1, T, spec.kv_heads, s.top_n), -1, dtype=torch.int32, device="cuda")
-    t = torch.arange(T, device="cuda")
-    idx[..., 0] = (t // s.block)[None, :, None]            # every token: its own block
     idx[:, 1::2, :, 1] = 3                                  # odd tokens also block 3
     poisoned = k.clone()
     poisoned[:, 3 * s.block:4 * s.block] = float("nan")    # ... whose keys are NaN
     problem, kernel = _selection_dq_kernel(q, k, v, s, 0)
-    do = torch.randn(1, T, spec.heads, spec.v_head_dim, device="cuda").to(q.dtype)
+    do = torch.randn(*q.shape[:3], spec.v_head_dim, device="cuda").to(q.dtype)
     leaf = q.detach().requires_grad_()
     with use_kernel(problem, kernel):
         o, _ = ops.selection_attention(leaf, poisoned, v, idx, s.block, -1.0)
