@@ -9,12 +9,13 @@ TVM-FFI with no compiler) every forward kernel of the GPU test matrix (tests/tes
 benchmarks' configs, with the selection schedules the tests and bench_selection.py run as variants,
 the backward kernels of the selection dq tests and of bench_paper.py (both dq schedules), and the
 decode kernels of tests/test_decode.py,
-into <out>/generated/, and packs it as <out>/generated.tar.xz. benchmarks/gpu_pass.sh unpacks it
+into <out>/generated/, and packs those kernels (not older builds left there) as <out>/generated.tar.xz. benchmarks/gpu_pass.sh unpacks it
 and points NSA_CODEGEN_GENERATED_DIR at it. Keep <out> out of git and carry it to the device.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +106,19 @@ def main():
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         print(f"FAILED {r.key}: {r.error[:300]}")
-    subprocess.run(["tar", "-C", str(out / "generated"), "-cJf", str(out / "generated.tar.xz"), "."], check=True)
+    # Pack this run's kernels only: the folder keeps every earlier build (stale schedules, their
+    # TileLang cache entries) and the device takes at most 64 MiB with the TileLang bundle.
+    gen = out / "generated"
+    wanted = {r.key for r in results if r.status != "failed"}
+    members = []
+    for meta_path in sorted(gen.glob("*/*/meta.json")):
+        meta = json.loads(meta_path.read_text())
+        if meta["key"] in wanted:
+            arch_dir = meta_path.parent.parent
+            members += [meta_path.parent.relative_to(gen), (arch_dir / meta["artifact"]).relative_to(gen)]
+    listing = out / "generated.files"
+    listing.write_text("".join(f"./{m}\n" for m in members))
+    subprocess.run(["tar", "-C", str(gen), "-cJf", str(out / "generated.tar.xz"), "-T", str(listing)], check=True)
     print(f"{len(results)} kernel builds ({len(failed)} failed); packed {out / 'generated.tar.xz'} "
           f"({(out / 'generated.tar.xz').stat().st_size / 1e6:.1f} MB)")
     return 1 if failed else 0
