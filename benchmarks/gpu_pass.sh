@@ -19,8 +19,8 @@
 #   decodecold: benchmarks/bench_decode_cold.py (decode step on cold rotating caches vs SDPA backends; $2: its args)
 #   sanitize: compute-sanitizer memcheck, racecheck and synccheck over benchmarks/sanitize_kernels.py
 #             (every kernel kind on small ragged shapes; prebuilt kernels)
-#   pending: what 2026-12-07 left unrun on the GPU, in one pass (about 7 minutes): the selection / pack /
-#            NaN forward tests, the selection dq and NaN-key backward tests, the decode GPU tests (the
+#   pending: what 2026-12-07 left unrun on the GPU, in one pass (about 8 minutes): the selection / pack /
+#            NaN / window forward tests, the selection dq, NaN-key and window backward tests, the decode GPU tests (the
 #            epilogue's l == 0), then bench_paper.py --backward at 8k and 64k (the dq tile without its copy)
 #   ab: bench_paper.py of an older commit (.ab/baseline.tar.xz from benchmarks/make_baseline.py REV:
 #       its source and its own prebuilt kernels), then of this tree, on the same machine ($2: their
@@ -135,9 +135,9 @@ if [[ $what == sanitize ]]; then   # every kernel kind under compute-sanitizer (
   done
 fi
 if [[ $what == pending ]]; then
-  date; timeout 100 python3 -m pytest -q tests/test_ops.py -k "pack or schedules or selection or nan" 2>&1 | tee "$OUT/ops_tests.log" | tail -4
+  date; timeout 100 python3 -m pytest -q tests/test_ops.py -k "pack or schedules or selection or nan or window" 2>&1 | tee "$OUT/ops_tests.log" | tail -4
   rc=${PIPESTATUS[0]}
-  date; timeout 100 python3 -m pytest -q tests/test_ops_backward.py -k "selection_dq or nan_key" 2>&1 | tee "$OUT/bwd_tests.log" | tail -4
+  date; timeout 200 python3 -m pytest -q tests/test_ops_backward.py -k "selection_dq or nan_key or win or window" 2>&1 | tee "$OUT/bwd_tests.log" | tail -4
   [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
   date; timeout 90 python3 -m pytest -q tests/test_decode.py -m gpu 2>&1 | tee "$OUT/decode_tests.log" | tail -4
   [ ${PIPESTATUS[0]} -ne 0 ] && rc=1

@@ -7,7 +7,7 @@ does not carry over (its key holds the parsed target, which differs on a machine
 this builds with `nsa_codegen.build` (the artifacts `nsa-codegen build` writes, opened through
 TVM-FFI with no compiler) every forward kernel of the GPU test matrix (tests/test_ops.py) and of the
 benchmarks' configs, with the selection schedules the tests and bench_selection.py run as variants,
-the backward kernels of the selection dq tests and of bench_paper.py (both dq schedules), and the
+the backward kernels of the backward tests and of bench_paper.py (both dq schedules), and the
 decode kernels of tests/test_decode.py,
 into <out>/generated/, and packs those kernels (not older builds left there) as <out>/generated.tar.xz. benchmarks/gpu_pass.sh unpacks it
 and points NSA_CODEGEN_GENERATED_DIR at it. Keep <out> out of git and carry it to the device.
@@ -33,11 +33,14 @@ DQ_VARIANTS = [{"tile_tokens": 0}, {"tile_tokens": 1}]
 
 
 def backward_specs():
-    """Specs whose backward kernels a GPU pass runs: the selection dq tests' (tests/test_ops_backward.py
-    DQ_SPECS) and the paper config of bench_paper.py, in both dtypes."""
+    """Specs whose backward kernels a GPU pass runs: the backward tests' (tests/test_ops_backward.py:
+    its matrix and layer specs, whose fixture compiles them all) and the paper config of
+    bench_paper.py, in both dtypes."""
     from bench_paper import paper_spec
-    from tests.test_ops_backward import DQ_SPECS
-    out = {f"bwd_{name}": spec for name, spec, _, _ in DQ_SPECS}
+    from tests.test_ops_backward import BF16_LAYER_SPEC, BWD_MATRIX, LAYER_SPECS
+    out = {f"bwd_{name}": spec for name, spec, _, _ in BWD_MATRIX}
+    out.update({f"layer_{name}": spec for name, spec in LAYER_SPECS})
+    out["layer_bf16"] = BF16_LAYER_SPEC
     out.update({f"paper_{dt}": paper_spec(dt) for dt in ("bfloat16", "float16")})
     return out
 
