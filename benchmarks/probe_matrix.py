@@ -26,7 +26,7 @@ from nsa_codegen.lowering import lower_to_plan  # noqa: E402
 from nsa_codegen.resources import template_module  # noqa: E402
 from nsa_codegen.schedules import default_schedule  # noqa: E402
 
-CELLS = ["G=6", "G=12", "G=64", "Dk=32,Dv=32", "Dk=80,Dv=80", "Dk=96,Dv=96", "Dk=160,Dv=96", "Dk=128,Dv=32"]
+CELLS = ["G=5", "G=10", "Dk=32,Dv=32", "Dk=80,Dv=80", "Dk=96,Dv=96", "Dk=160,Dv=96", "Dk=128,Dv=32"]
 
 
 def lift_support():

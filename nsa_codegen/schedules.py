@@ -38,16 +38,19 @@ def default_schedule(key: KernelKey) -> dict[str, Any]:
 
 
 def search_space(key: KernelKey) -> Iterator[dict[str, Any]]:
-    """Every schedule of the kind's space (cartesian product), the default first."""
+    """Every schedule of the kind's space (cartesian product), the default first, then by how many
+    knobs differ from it (so a problem the default cannot run falls back to its nearest variant)."""
     entry = load_arch(key.arch)["kernels"][key.kind]
     default = dict(entry["default"])
     yield default
     space = entry.get("space", {})
     names = sorted(space)
+    cands = []
     for values in itertools.product(*(space[n] for n in names)):
         cand = {**default, **dict(zip(names, values))}
-        if cand != default:
-            yield cand
+        if cand != default and cand not in cands:
+            cands.append(cand)
+    yield from sorted(cands, key=lambda c: sum(c[k] != default[k] for k in c))
 
 
 def in_search_space(arch: str, kind: str, schedule: dict[str, Any]) -> bool:

@@ -5,7 +5,7 @@ Validation only: it shapes no generated code, so codegen leaves it out of build 
 """
 import math
 
-GROUPS = (1, 2, 4, 8, 16, 32)
+GROUPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 HEAD_DIMS = (64, 128, 192, 256)
 V_HEAD_DIMS = (64, 128)
 
@@ -20,7 +20,7 @@ def check_problem(cfg, dk: str = "head_dim_qk", dv: str | None = "head_dim_v", p
     if cfg.heads_kv < 1 or cfg.heads_q % cfg.heads_kv != 0:
         raise ValueError("heads_q: must be a positive multiple of heads_kv")
     if cfg.heads_q // cfg.heads_kv not in GROUPS:
-        raise ValueError("heads_q: group size heads_q/heads_kv must be in {1,2,4,8,16,32}")
+        raise ValueError(f"heads_q: group size heads_q/heads_kv must be one of {GROUPS}")
     if getattr(cfg, dk) not in HEAD_DIMS:
         raise ValueError(f"{dk}: must be one of 64, 128, 192, 256")
     if dv is not None and getattr(cfg, dv) not in V_HEAD_DIMS:

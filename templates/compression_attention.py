@@ -20,7 +20,9 @@ logits are replaced, so a NaN in another sequence's rows never reaches it).
 
 GQA: the G = HQ // H query heads that share a KV head are packed into the M
 dimension of the tile, head-major: tile row r <-> (token t0 + r % BT,
-query head h*G + r // BT) with BT = block_M // G tokens per program.
+query head h*G + r // BT) with BT = block_M // G tokens per program.  When G does
+not divide block_M (G = 6, 12, ...) the last block_M - BT*G rows are padding: zero
+queries that see no row and are never stored.
 One program handles block_M // G consecutive tokens of one KV head, so each
 K/V tile is fetched once for all G heads and the causal loop bound is tight.
 K/V tiles come in by TMA; the pipeline pass warp-specializes the loop (an extra
@@ -109,8 +111,8 @@ def check_config(cfg) -> None:
         raise ValueError("threads must be 128, 256 or 384 (one wgmma warpgroup per 64 rows)")
     if cfg.block_M % (64 * (cfg.threads // 128)) != 0 or cfg.block_M > 256:
         raise ValueError("block_M must be a multiple of 64*threads/128 and <= 256")
-    if cfg.block_M % G != 0:
-        raise ValueError("block_M must be a multiple of G = heads_q // heads_kv")
+    if G > cfg.block_M:
+        raise ValueError("block_M must be >= G = heads_q // heads_kv (one token's heads per tile)")
     if cfg.block_N != 0 and (cfg.block_N % 16 != 0 or not (16 <= cfg.block_N <= 256)):
         raise ValueError("block_N must be 0 (auto) or a multiple of 16 in [16, 256]")
     if cfg.num_stages < 1 or cfg.num_stages > 4:
@@ -131,6 +133,7 @@ def build(cfg: CompressionAttentionConfig):
     l, d, f = cfg.cmp_block, cfg.stride, cfg.first_block
     BM, BN = cfg.block_M, _block_n(cfg)
     BT = BM // G                     # tokens per program
+    RG = BT * G                      # rows in use; rows RG.. (when G does not divide BM) are padding
     dtype = cfg.dtype
     acc = "float32"
     scale2 = float(cfg.scale) * _LOG2E   # softmax in base 2: exp(x*s) = exp2(x*s*log2e)
@@ -173,6 +176,9 @@ def build(cfg: CompressionAttentionConfig):
             for g in T.unroll(G):
                 T.copy(Q[bz, t0:t0 + BT, by * G + g, :], Q_s[g * BT:(g + 1) * BT, :], disable_tma=True,
                        coalesced_width=8)
+            if RG < BM:
+                for i, k in T.Parallel(BM - RG, Dk):
+                    Q_s[RG + i, k] = T.cast(0, dtype)
 
             T.fill(acc_o, 0)
             T.fill(l_sum, 0)
@@ -183,6 +189,8 @@ def build(cfg: CompressionAttentionConfig):
                 c_first[i] = CmpStart[bz, T.min(t0 + i % BT, Tn - 1)]
                 c_end[i] = T.min(c_first[i] + T.max(
                     T.min(t0 + i % BT, Tn - 1) - SeqStart[bz, T.min(t0 + i % BT, Tn - 1)] + off, 0) // d, N)
+                if RG < BM:
+                    c_end[i] = T.if_then_else(i < RG, c_end[i], c_first[i])   # padding rows see nothing
 
             # Only the rows from the first token's sequence start to the last (valid) token's newest
             # visible one (both rise along a pack).
@@ -225,7 +233,7 @@ def build(cfg: CompressionAttentionConfig):
             for g in T.unroll(G):
                 T.copy(O_s[g * BT:(g + 1) * BT, :], O[bz, t0:t0 + BT, by * G + g, :], disable_tma=True)
             for i in T.Parallel(BM):
-                if t0 + i % BT < Tn:
+                if t0 + i % BT < Tn if RG == BM else (t0 + i % BT < Tn) & (i < RG):
                     LSE[bz, t0 + i % BT, by * G + i // BT] = T.if_then_else(
                         l_sum[i] == 0, -T.infinity(acc), (T.log2(l_sum[i]) + m_cur[i] * scale2) * _LN2)
 

@@ -26,7 +26,7 @@ row-major); B, the cache capacities CAP / CAPC and every split / chunk count are
     O_win/L_win[B, H, SW, MR(, Dv)]  float32  window partials
     G_cmp/G_slc/G_win [B, ql, HQ]    dtype    gates
     O          [B, ql, HQ, Dv]       dtype    output
-Row r = i * G + g of a tile (MR = G * ql real rows, padded to MP = max(16, ...)) is query i,
+Row r = i * G + g of a tile (MR = G * ql real rows, padded to MP, see _rows) is query i,
 query head h * G + g of KV head h.  Rows of the caches at or beyond L_b are never used but
 must be finite (the cache zero-fills them): masked probabilities are 0 and 0 * NaN is NaN.
 
@@ -122,7 +122,10 @@ class DecodeAttentionConfig:
 def _rows(cfg):
     G = cfg.heads_q // cfg.heads_kv
     MR = G * cfg.q_len
-    MP = max(16, (MR + 15) // 16 * 16)
+    # Padded to 16-row MMA slabs, and to a power of two of them up to 8 (then whole 128-row
+    # groups): the warps split the rows evenly only then (48 rows over 4 warps has no layout).
+    slabs = -(-MR // 16)
+    MP = 16 * (1 << (slabs - 1).bit_length() if slabs <= 8 else -(-slabs // 8) * 8)
     return G, MR, MP
 
 

@@ -16,7 +16,7 @@ s <= t of each selected block.  No visible key at all -> o = 0, lse = -inf.
 Two schedules, picked by the `tile_tokens` knob:
 
 tile_tokens = 1 (per token): one program per (token t, kv head h, batch b).  The G = HQ/H query
-heads of the group form the M dimension of the GEMMs (padded to 16 rows, the
+heads of the group form the M dimension of the GEMMs (padded to whole 16-row slabs, the
 mma.sync minimum; padded rows are zero queries and are never stored), so each
 selected K/V block is read once for the whole group.  The main loop walks the
 top_n slots with a static trip count as a `num_stages`-deep cp.async software
@@ -69,17 +69,18 @@ class SelectionAttentionConfig:
 def _tile_tokens(cfg):
     if cfg.tile_tokens:
         return cfg.tile_tokens
-    # Auto: a 64-row tile where the group is large enough (G >= 8: 8 tokens at most) and the
-    # schedule can run it; per token otherwise.
+    # Auto: a 64-row tile where the group is large enough (G >= 8: 8 tokens at most), fills it
+    # (G | 64) and the schedule can run it; per token otherwise.
     G = cfg.heads_q // cfg.heads_kv
-    if G >= 8 and cfg.threads >= 128 and (64 // G) * cfg.top_n <= 4 * cfg.threads:
+    if G >= 8 and 64 % G == 0 and cfg.threads >= 128 and (64 // G) * cfg.top_n <= 4 * cfg.threads:
         return 64 // G
     return 1
 
 
 def _rows(cfg):
     G = cfg.heads_q // cfg.heads_kv
-    return max(16, G) if _tile_tokens(cfg) == 1 else _tile_tokens(cfg) * G
+    # per token: the group padded to whole 16-row MMA slabs (G = 6 -> 16, 24 -> 32)
+    return -(-G // 16) * 16 if _tile_tokens(cfg) == 1 else _tile_tokens(cfg) * G
 
 
 def _entries(cfg):

@@ -126,14 +126,15 @@ def _dq_tile_tokens(cfg):
     if cfg.tile_tokens:
         return cfg.tile_tokens
     G = _group(cfg)
-    if G >= 8 and _threads(cfg) >= 128 and (64 // G) * cfg.top_n <= 4 * _threads(cfg):
+    if G >= 8 and 64 % G == 0 and _threads(cfg) >= 128 and (64 // G) * cfg.top_n <= 4 * _threads(cfg):
         return 64 // G
     return 1
 
 
 def _dq_rows(cfg):
     bt = _dq_tile_tokens(cfg)
-    return max(16, _group(cfg)) if bt == 1 else bt * _group(cfg)
+    # per token: the group padded to whole 16-row MMA slabs (G = 6 -> 16, 24 -> 32)
+    return -(-_group(cfg) // 16) * 16 if bt == 1 else bt * _group(cfg)
 
 
 def _dq_ds_in_regs(cfg):

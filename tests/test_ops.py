@@ -33,6 +33,14 @@ MATRIX = [
     ("g32", NSASpec(heads=32, kv_heads=1, head_dim=128, v_head_dim=128, compression=CompressionBranch(32, 16, "mean"),
                     selection=SelectionBranch(64, 16, 1, 2), window=WindowBranch(512)), 1, 2049),
     ("tiny_T", NSASpec(compression=CompressionBranch(32, 16, "mean")), 2, 17),
+    # Groups that divide no 64-row MMA tile: compression pads its tile, top-n and compression dq
+    # take 192 rows, selection runs per token. The seed's odd group (48 heads over 8 KV heads) and
+    # the paper's dims over 4 KV heads.
+    ("g6_h48", NSASpec(heads=48, kv_heads=8, head_dim=128, v_head_dim=128, dtype="float16",
+                       compression=CompressionBranch(32, 16, "mean")), 1, 1100),
+    ("g12_paper", NSASpec(heads=48, kv_heads=4, compression=CompressionBranch(32, 16, "mean")), 1, 1300),
+    ("g64", NSASpec(heads=64, kv_heads=1, head_dim=64, v_head_dim=64, dtype="float16",
+                    compression=CompressionBranch(32, 16, "mean"), window=WindowBranch(256)), 1, 900),
 ]
 IDS = [m[0] for m in MATRIX]
 

@@ -24,8 +24,8 @@ def test_lifted_checks_lower_cells_the_matrix_refuses(monkeypatch):
                        (problem, ("HEAD_DIMS", "V_HEAD_DIMS", "GROUPS"))):
         for name in names:   # restored after the test
             monkeypatch.setattr(mod, name, getattr(mod, name))
-    cell = probe.cell_spec("G=6,Dk=80,Dv=96")
-    assert (cell.group, cell.head_dim, cell.v_head_dim) == (6, 80, 96)
+    cell = probe.cell_spec("G=5,Dk=80,Dv=96")
+    assert (cell.group, cell.head_dim, cell.v_head_dim) == (5, 80, 96)
     with pytest.raises(spec_mod.KernelSupportError, match="group"):
         lower_to_plan(cell, "sm90")
     probe.lift_support()

@@ -75,7 +75,7 @@ BAD = [
 
 # (field named in the kernel-support error, overrides): valid NSA the kernels do not cover
 BEYOND_KERNELS = [
-    ("group", dict(heads=64, kv_heads=1)),
+    ("group", dict(heads=40, kv_heads=8)),
     ("head_dim", dict(head_dim=96)),
     ("v_head_dim", dict(v_head_dim=256)),
     ("dtype", dict(dtype="float32")),
