@@ -277,10 +277,14 @@ def _compressed(k, v, k_cmp, v_cmp, c, cu_seqlens, rows=None):
     if cu_seqlens is None:
         N = reference.num_compressed_blocks(T, c.block, c.stride, c.first_block)
     else:
-        # The row count of a pack is data-dependent: one host sync (torch.compile graphs break here
-        # unless k_cmp / v_cmp come given).
-        N = rows if rows is not None else int(packing.compressed_offsets(cu_seqlens, c.block, c.stride,
-                                                                          c.first_block)[-1])
+        # The row count of a pack is data-dependent: one host sync, or under torch.compile a bound
+        # (packing.rows_bound; the rows past the pack's own are zero and no token sees them).
+        if rows is not None:
+            N = rows
+        elif torch.compiler.is_compiling():
+            N = packing.rows_bound(T, c)
+        else:
+            N = int(packing.compressed_offsets(cu_seqlens, c.block, c.stride, c.first_block)[-1])
     if k_cmp is None or v_cmp is None:
         pool = (lambda x: reference.compress(x, c.block, c.stride, c.first_block)) if cu_seqlens is None else \
             (lambda x: packing.compress_packed(x, cu_seqlens, c.block, c.stride, c.first_block, N))

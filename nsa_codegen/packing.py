@@ -47,8 +47,8 @@ class Pack:
         check_cu_seqlens_type(cu_seqlens)
         if total is None:
             total = int(cu_seqlens[-1])
-        if lengths is None:
-            check_cu_seqlens(cu_seqlens, total)   # the one host sync
+        if lengths is None and not torch.compiler.is_compiling():
+            check_cu_seqlens(cu_seqlens, total)   # the one host sync (not under torch.compile: no sync there)
         self.cu_seqlens, self.total, self.lengths = cu_seqlens, int(total), lengths
         self._rows: dict = {}
         self._maps: dict = {}
@@ -82,9 +82,14 @@ class Pack:
         return None if c is None else (c.block, c.stride, c.first_block)
 
     def rows(self, c) -> int:
-        """The pack's compressed rows under compression branch c (sum over its sequences)."""
+        """The pack's compressed rows under compression branch c (sum over its sequences). Under
+        torch.compile, for a pack made from cu_seqlens alone, a bound instead (rows_bound: no sync,
+        so no graph break, and the same for every pack of this many tokens, so no recompile); the
+        rows past the pack's own are zero and no token sees them."""
         key = self._key(c)
         if key not in self._rows:
+            if self.lengths is None and torch.compiler.is_compiling():
+                return rows_bound(self.total, c)
             if self.lengths is not None:   # host arithmetic: compressed_offsets' count, no sync
                 self._rows[key] = sum(max(0, (L - c.block) // c.stride + 1 - c.first_block) if L >= c.block else 0
                                       for L in self.lengths)
@@ -98,6 +103,13 @@ class Pack:
         if key not in self._maps:
             self._maps[key] = packed_maps(self.cu_seqlens, self.total, c)
         return self._maps[key]
+
+
+def rows_bound(total: int, c) -> int:
+    """An upper bound of a pack's compressed rows that needs only its token count: total // stride (a
+    sequence of L >= block tokens has (L - block) // stride + 1 - first_block <= L // stride rows, as
+    block >= stride; a shorter one has none)."""
+    return total // c.stride
 
 
 def sequence_of_token(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -170,14 +182,17 @@ def gather_blocks(x: torch.Tensor, cu_seqlens: torch.Tensor, block: int, stride:
                   rows: int) -> torch.Tensor:
     """Each packed sequence's compressed blocks: x [1, total, H, D] -> [1, rows, H, l, D], sequence
     i's rows from compressed_offsets(...)[i]; row r of sequence i holds its tokens
-    [(f + c) * d, (f + c) * d + l), c = r - offset_i (rows: the total, from the caller). No host sync
-    given rows."""
+    [(f + c) * d, (f + c) * d + l), c = r - offset_i (rows: the total, from the caller, or more, as
+    rows_bound: the rows past the pack's own are zero). No host sync given rows."""
     cmp_cu = compressed_offsets(cu_seqlens, block, stride, first_block)
     r = torch.arange(rows, device=x.device)
-    seq = torch.searchsorted(cmp_cu[1:], r, right=True)
+    seq = torch.searchsorted(cmp_cu[1:], r, right=True).clamp_max(cmp_cu.numel() - 2)
     first_token = cu_seqlens.long()[seq] + (first_block + r - cmp_cu[seq]) * stride       # [rows]
     idx = first_token[:, None] + torch.arange(block, device=x.device)[None]                # [rows, l]
+    idx = idx.clamp(0, max(x.shape[1] - 1, 0))   # rows past the pack's own read a real token ...
     blocks = x[0].index_select(0, idx.reshape(-1)).reshape(rows, block, *x.shape[2:])     # [rows, l, H, D]
+    own = (r < cmp_cu[-1]).view(rows, *([1] * (blocks.dim() - 1)))
+    blocks = torch.where(own, blocks, torch.zeros((), dtype=blocks.dtype, device=blocks.device))  # ... zeroed
     return blocks.transpose(1, 2)[None]
 
 

@@ -119,3 +119,56 @@ def test_reference_takes_a_pack_without_checking_it_again(monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ValueError, match="pack holds"):
         ref.nsa_reference(q[:, :-1], k[:, :-1], v[:, :-1], *[x[:, :-1] for x in gates], spec, cu_seqlens=pack)
+
+
+@pytest.mark.parametrize("lengths", LENGTHS + [[40, 0, 100, 3, 64], [15, 17, 31, 33]], ids=str)
+@pytest.mark.parametrize("block,stride,first", [(32, 16, 0), (16, 8, 1), (16, 16, 0), (64, 32, 2)])
+def test_rows_bound_pads_rows_no_token_sees(lengths, block, stride, first):
+    """torch.compile's row count (rows_bound, from the token count alone) covers the pack's rows; the
+    rows past them pool to zero and their visible span is empty, so nothing reads them."""
+    cu = _cu(lengths)
+    T = int(cu[-1])
+    c = type("C", (), dict(block=block, stride=stride, first_block=first))
+    N = int(packing.compressed_offsets(cu, block, stride, first)[-1])
+    bound = packing.rows_bound(T, c)
+    assert bound >= N
+    x = torch.randn(1, T, 2, 8)
+    x[0, -1] = float("nan")   # a NaN in the last token must not reach a padding row
+    got = packing.compress_packed(x, cu, block, stride, first, bound)
+    assert got.shape[1] == bound
+    torch.testing.assert_close(got[:, :N], packing.compress_packed(x, cu, block, stride, first, N), equal_nan=True)
+    assert torch.equal(got[:, N:], torch.zeros_like(got[:, N:]))
+    maps = packing.packed_maps(cu, T, c)
+    row_first, row_end = packing.compressed_row_spans(T, bound, block, stride, first, maps["seq_start"],
+                                                      maps["cmp_start"])
+    assert (row_first[N:] >= row_end[N:]).all()
+
+
+def test_a_pack_traces_whole_under_torch_compile():
+    """Pack, its maps, rows, tile table and pooling trace as one graph (fullgraph: no host sync), and a
+    second pack of as many tokens and sequences runs without recompiling."""
+    from nsa_codegen.spec import CompressionBranch
+    c = CompressionBranch(32, 16, "mean", 1)
+
+    def pooled(x, cu):
+        pack = packing.Pack(cu, x.shape[1])
+        rows = pack.rows(c)
+        maps = pack.maps(c)
+        k_cmp = packing.compress_packed(x, pack.cu_seqlens, c.block, c.stride, c.first_block, rows)
+        first, end = packing.compressed_row_spans(x.shape[1], rows, c.block, c.stride, c.first_block,
+                                                  maps["seq_start"], maps["cmp_start"])
+        return k_cmp, first, end, packing.tile_starts(x.shape[1], 4, pack.cu_seqlens)
+
+    torch._dynamo.reset()
+    fn = torch.compile(pooled, fullgraph=True, backend="eager", dynamic=False)
+    x = torch.randn(1, 300, 2, 8)
+    for lengths in ([100, 150, 50], [3, 290, 7]):
+        cu = _cu(lengths)
+        k_cmp, first, end, tiles = fn(x, cu)
+        N = int(packing.compressed_offsets(cu, 32, 16, 1)[-1])
+        torch.testing.assert_close(k_cmp[:, :N], packing.compress_packed(x, cu, 32, 16, 1, N))
+        assert (first[N:] >= end[N:]).all() and torch.equal(tiles, packing.tile_starts(300, 4, cu))
+        if lengths == [3, 290, 7]:
+            break
+        torch.compiler.set_stance("fail_on_recompile")
+    torch.compiler.set_stance("default")
