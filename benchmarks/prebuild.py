@@ -49,8 +49,9 @@ def specs():
     from bench_forward import bench_specs
     from bench_selection import CONFIGS
     from nsa_codegen import CompressionBranch, NSASpec
-    from tests.test_ops import MATRIX
+    from tests.test_ops import MATRIX, WINDOW_SIZES, window_size_spec
     out = {name: spec for name, spec, _, _ in MATRIX}
+    out.update({f"window{w}": window_size_spec(w) for w in WINDOW_SIZES})
     for dt in ("bfloat16", "float16"):
         for name, (dk, dv) in CONFIGS.items():
             out[f"sel_{name}_{dt}"] = NSASpec(head_dim=dk, v_head_dim=dv, dtype=dt,

@@ -30,7 +30,7 @@ SUPPORTED_GROUPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 SUPPORTED_CMP_BLOCKS = (16, 32, 64)
 SUPPORTED_SEL_BLOCKS = (32, 64, 128)
 MAX_TOP_N = 32
-WINDOW_RANGE = (64, 1024)  # a window is 0 (off) or in this closed range
+WINDOW_RANGE = (1, 4096)  # a window is 0 (off) or in this closed range (4096: the decode kernels' bound)
 
 
 class SpecError(ValueError):

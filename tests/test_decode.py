@@ -56,11 +56,13 @@ DECODE_CASES = [
     ("g1_d64_fp16_q8", NSASpec(heads=4, kv_heads=4, head_dim=64, v_head_dim=64, dtype="float16",
                                compression=CompressionBranch(16, 16, "mean"), selection=SelectionBranch(32, 8, 1, 2),
                                window=WindowBranch(64)), 8, [9, 333, 1000], 3, False),
-    # groups padded to a power of two of 16-row slabs: 48 -> 64 rows (q_len 1), 6 x 8 -> 64 (q_len 8)
+    # groups padded to a power of two of 16-row slabs: 48 -> 64 rows (q_len 1), 6 x 8 -> 64 (q_len 8,
+    # with a window of 24, shorter than a tile and off the 64-multiples)
     ("g48_d64_fp16_q1", NSASpec(heads=48, kv_heads=1, head_dim=64, v_head_dim=64, dtype="float16",
                                 compression=CompressionBranch(32, 16, "mean"), window=WindowBranch(256)), 1,
      [37, 700, 2000], 3, False),
-    ("g6_d128_bf16_q8", NSASpec(heads=48, kv_heads=8, head_dim=128, v_head_dim=128, dtype="bfloat16"), 8,
+    ("g6_d128_bf16_q8", NSASpec(heads=48, kv_heads=8, head_dim=128, v_head_dim=128, dtype="bfloat16",
+                                window=WindowBranch(24)), 8,
      [9, 333, 1000], 3, False),
 ]
 

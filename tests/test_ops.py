@@ -41,6 +41,9 @@ MATRIX = [
     ("g12_paper", NSASpec(heads=48, kv_heads=4, compression=CompressionBranch(32, 16, "mean")), 1, 1300),
     ("g64", NSASpec(heads=64, kv_heads=1, head_dim=64, v_head_dim=64, dtype="float16",
                     compression=CompressionBranch(32, 16, "mean"), window=WindowBranch(256)), 1, 900),
+    # a window shorter than a key tile and off the 64-multiples
+    ("win16", NSASpec(heads=16, kv_heads=4, head_dim=128, v_head_dim=128, dtype="float16",
+                      compression=CompressionBranch(32, 16, "mean"), window=WindowBranch(16)), 2, 700),
 ]
 IDS = [m[0] for m in MATRIX]
 
@@ -252,6 +255,28 @@ def test_window_attention(name, spec, B, T):
     o_lo, _ = ref.window_attention(q, k, v, w)
     assert_close_to_reference(name, o, o_hi, o_lo)
     assert_lse_close(name, lse, lse_hi)
+
+
+def window_size_spec(w):
+    return NSASpec(heads=16, kv_heads=2, head_dim=128, v_head_dim=64, dtype="bfloat16",
+                   compression=CompressionBranch(32, 16, "mean"), window=WindowBranch(w))
+
+
+WINDOW_SIZES = [1, 16, 48, 2048]
+
+
+@pytest.mark.parametrize("w", WINDOW_SIZES)
+def test_window_sizes_match_reference(w):
+    """Windows off the 64-multiples and beyond 1024: a token alone (w = 1), shorter than a tile, longer
+    than the sequence's tiles."""
+    from nsa_codegen import ops
+    spec = window_size_spec(w)
+    q, k, v, _ = make_inputs(spec, 2, 1500, seed=41)
+    o, lse = ops.window_attention(q, k, v, w, -1.0)
+    o_hi, lse_hi = ref.window_attention(*f32(q, k, v), w)
+    o_lo, _ = ref.window_attention(q, k, v, w)
+    assert_close_to_reference(f"w={w}", o, o_hi, o_lo)
+    assert_lse_close(f"w={w}", lse, lse_hi)
 
 
 @pytest.mark.parametrize("name,spec,B,T", MATRIX, ids=IDS)

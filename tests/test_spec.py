@@ -82,8 +82,8 @@ BEYOND_KERNELS = [
     ("compression.block", dict(compression=dict(block=48, stride=16))),
     ("selection.block", dict(selection=dict(block=48))),
     ("selection.top_n", dict(selection=dict(top_n=33))),
-    ("window.size", dict(window=dict(size=32))),
-    ("window.size", dict(window=dict(size=2048))),
+    ("window.size", dict(window=dict(size=5000))),
+    ("window.size", dict(window=dict(size=8192))),
 ]
 
 
