@@ -135,9 +135,9 @@ if [[ $what == sanitize ]]; then   # every kernel kind under compute-sanitizer (
   done
 fi
 if [[ $what == pending ]]; then
-  date; timeout 160 python3 -m pytest -q tests/test_ops.py -k "pack or schedules or selection or nan or window or g6_h48 or g12_paper or g64 or win16 or window_sizes" 2>&1 | tee "$OUT/ops_tests.log" | tail -15
+  date; timeout 160 python3 -m pytest -q tests/test_ops.py -k "pack or schedules or selection or nan or window or g6_h48 or g12_paper or g64 or win16 or window_sizes or seed_l256" 2>&1 | tee "$OUT/ops_tests.log" | tail -15
   rc=${PIPESTATUS[0]}
-  date; timeout 200 python3 -m pytest -q tests/test_ops_backward.py -k "selection_dq or nan_key or win or window or g6_h48 or g12_paper or g64 or win16 or compiled_packed" 2>&1 | tee "$OUT/bwd_tests.log" | tail -15
+  date; timeout 200 python3 -m pytest -q tests/test_ops_backward.py -k "selection_dq or nan_key or win or window or g6_h48 or g12_paper or g64 or win16 or seed_l256 or compiled_packed" 2>&1 | tee "$OUT/bwd_tests.log" | tail -15
   [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
   date; timeout 120 python3 -m pytest -q tests/test_decode.py -m gpu 2>&1 | tee "$OUT/decode_tests.log" | tail -10
   [ ${PIPESTATUS[0]} -ne 0 ] && rc=1

@@ -183,8 +183,8 @@ def check_config(cfg) -> None:
     G = cfg.heads_q // cfg.heads_kv
     if cfg.stride < 1 or cfg.cmp_block % cfg.stride:
         raise ValueError("stride: must divide cmp_block")
-    if cfg.cmp_block not in (16, 32, 64):
-        raise ValueError("cmp_block: must be 16, 32 or 64")
+    if cfg.cmp_block not in (16, 32, 64, 128, 256):
+        raise ValueError("cmp_block: must be 16, 32, 64, 128 or 256")
     if cfg.first_block < 0:
         raise ValueError("first_block: must be >= 0")
     if cfg.sel_block not in (32, 64, 128) or cfg.sel_block % cfg.stride:

@@ -20,7 +20,9 @@ WINDOW_ONLY = NSASpec(heads=8, kv_heads=2, head_dim=64, v_head_dim=64, dtype="fl
 
 def test_default_build_set_covers_the_issue_configs():
     specs = default_build_set()
-    assert {"paper_bf16", "paper_fp16", "paper_d128_bf16", "fla_fp16", "g1_bf16", "g4_fp16"} <= set(specs)
+    assert {"paper_bf16", "paper_fp16", "paper_d128_bf16", "fla_fp16", "g1_bf16", "g4_fp16", "seed_l256_bf16",
+            "g6_bf16"} <= set(specs)
+    assert specs["seed_l256_bf16"].compression.block == 256 and specs["g6_bf16"].group == 6
     assert specs["paper_bf16"].head_dim == 192 and specs["g1_fp16"].group == 1 and specs["g4_bf16"].group == 4
     keys = plan_keys(specs, "sm90")
     assert len({str(k) for k, _ in keys}) == len(keys) >= 20

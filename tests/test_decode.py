@@ -61,6 +61,10 @@ DECODE_CASES = [
     ("g48_d64_fp16_q1", NSASpec(heads=48, kv_heads=1, head_dim=64, v_head_dim=64, dtype="float16",
                                 compression=CompressionBranch(32, 16, "mean"), window=WindowBranch(256)), 1,
      [37, 700, 2000], 3, False),
+    # the seed article's long-context compression (block 256, stride 128)
+    ("seed_l256_bf16_q1", NSASpec(head_dim=128, v_head_dim=128, dtype="bfloat16",
+                                  compression=CompressionBranch(256, 128, "mean"),
+                                  selection=SelectionBranch(128, 16, 1, 2)), 1, [37, 700, 3001], 3, False),
     ("g6_d128_bf16_q8", NSASpec(heads=48, kv_heads=8, head_dim=128, v_head_dim=128, dtype="bfloat16",
                                 window=WindowBranch(24)), 8,
      [9, 333, 1000], 3, False),

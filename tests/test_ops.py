@@ -41,6 +41,9 @@ MATRIX = [
     ("g12_paper", NSASpec(heads=48, kv_heads=4, compression=CompressionBranch(32, 16, "mean")), 1, 1300),
     ("g64", NSASpec(heads=64, kv_heads=1, head_dim=64, v_head_dim=64, dtype="float16",
                     compression=CompressionBranch(32, 16, "mean"), window=WindowBranch(256)), 1, 900),
+    # the seed article's long-context compression: block 256, stride 128 (selection blocks of 128)
+    ("seed_l256", NSASpec(head_dim=128, v_head_dim=128, compression=CompressionBranch(256, 128, "mean"),
+                          selection=SelectionBranch(128, 16, 1, 2)), 1, 3000),
     # a window shorter than a key tile and off the 64-multiples
     ("win16", NSASpec(heads=16, kv_heads=4, head_dim=128, v_head_dim=128, dtype="float16",
                       compression=CompressionBranch(32, 16, "mean"), window=WindowBranch(16)), 2, 700),
