@@ -115,7 +115,8 @@ def rows_bound(total: int, c) -> int:
 def sequence_of_token(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """[total] int64: the sequence each token belongs to (empty sequences own no token)."""
     t = torch.arange(total, device=cu_seqlens.device)
-    return torch.searchsorted(cu_seqlens.long()[1:], t, right=True)
+    # (over all of cu, minus 1: cu[0] = 0 <= t; Inductor fails to lower searchsorted over a slice)
+    return torch.searchsorted(cu_seqlens.long(), t, right=True) - 1
 
 
 def compressed_offsets(cu_seqlens: torch.Tensor, block: int, stride: int, first_block: int) -> torch.Tensor:
@@ -186,7 +187,7 @@ def gather_blocks(x: torch.Tensor, cu_seqlens: torch.Tensor, block: int, stride:
     rows_bound: the rows past the pack's own are zero). No host sync given rows."""
     cmp_cu = compressed_offsets(cu_seqlens, block, stride, first_block)
     r = torch.arange(rows, device=x.device)
-    seq = torch.searchsorted(cmp_cu[1:], r, right=True).clamp_max(cmp_cu.numel() - 2)
+    seq = (torch.searchsorted(cmp_cu, r, right=True) - 1).clamp_max(cmp_cu.numel() - 2)   # (as sequence_of_token)
     first_token = cu_seqlens.long()[seq] + (first_block + r - cmp_cu[seq]) * stride       # [rows]
     idx = first_token[:, None] + torch.arange(block, device=x.device)[None]                # [rows, l]
     idx = idx.clamp(0, max(x.shape[1] - 1, 0))   # rows past the pack's own read a real token ...

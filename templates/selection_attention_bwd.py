@@ -520,7 +520,14 @@ def _build_dkdv(cfg):
 
     # Chunk ci: entries p0 + ci*C .. (+C); row r <-> (entry p0 + ci*C + r // G,
     # query head h*G + r % G).  Entries past p1 repeat entry p1-1 (loads stay
-    # in bounds) and are masked out, so a chunk past the unit's end adds 0.
+    # in bounds) and are masked out, so a chunk past the unit's end adds 0. When G
+    # does not divide R, rows C*G.. would repeat the next chunk's first entry: masked.
+    def live(ci, p0, p1, k0, i, r, tok_s):
+        # (a Python helper, written out where it is used: bound to a name in the kernel it would
+        # become a let, and change the code of the groups that need no row mask)
+        both = T.And(p0 + ci * C + r // G < p1, k0 + i <= tok_s[r])
+        return T.And(both, r < C * G) if R % G else both
+
     @T.macro
     def chunk(ci, b, h, k0, p0, p1, Q, dO, LSE, Delta, TokIdx, K_s, V_s, Qc, dOc, tok_s, lse_s,
               delta_s, acc_st, acc_dpt, pt, dst, acc_dk, acc_dv):
@@ -539,9 +546,7 @@ def _build_dkdv(cfg):
         T.clear(acc_dpt)
         T.gemm(V_s, dOc, acc_dpt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
         for i, r in T.Parallel(BS, R):
-            acc_st[i, r] = T.if_then_else(
-                (p0 + ci * C + r // G < p1) and (k0 + i <= tok_s[r]),
-                T.__exp(acc_st[i, r] * sc - lse_s[r]), 0)
+            acc_st[i, r] = T.if_then_else(live(ci, p0, p1, k0, i, r, tok_s), T.__exp(acc_st[i, r] * sc - lse_s[r]), 0)
             pt[i, r] = acc_st[i, r]
         T.gemm(pt, dOc, acc_dv, policy=T.GemmWarpPolicy.FullRow)
         for i, r in T.Parallel(BS, R):
