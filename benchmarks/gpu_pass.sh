@@ -22,6 +22,7 @@
 #   pending: what 2026-12-07 left unrun on the GPU, in one pass (about 8 minutes): the selection / pack /
 #            NaN / window forward tests, the selection dq, NaN-key and window backward tests, the decode GPU tests (the
 #            epilogue's l == 0), then bench_paper.py --backward at 8k and 64k (the dq tile without its copy)
+#   pytest: python3 -m pytest -q $2 [-k "$PYTEST_K"] (any GPU tests, with the prebuilt kernels)
 #   ab: bench_paper.py of an older commit (.ab/baseline.tar.xz from benchmarks/make_baseline.py REV:
 #       its source and its own prebuilt kernels), then of this tree, on the same machine ($2: their
 #       args; default --backward --T 8192 65536 --rounds 3 --iters 4); carry .ab
@@ -143,6 +144,10 @@ if [[ $what == pending ]]; then
   [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
   date; timeout 120 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T 8192 65536 --rounds 3 --iters 4 2>&1 | tee "$OUT/paper_bench.log" | grep "T=\|check"
   date
+fi
+if [[ $what == pytest ]]; then   # any GPU tests: $2 = pytest arguments
+  date; timeout 300 python3 -m pytest -q $2 ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/pytest.log" | tail -15
+  rc=${PIPESTATUS[0]}
 fi
 if [[ $what == ab ]]; then   # the same benchmark on an older commit and on this tree, one machine
   mkdir -p /tmp/baseline && tar -C /tmp/baseline -xJf .ab/baseline.tar.xz
