@@ -9,8 +9,10 @@ The kernels that take a pack read, per token t:
 An unpacked batch [B, T] is the same with 0 everywhere (the ops' default, launch.token_map).
 
 Everything here is device tensor arithmetic: no host sync (torch.compile and CUDA graphs can
-capture it). `check_cu_seqlens` validates the values, which needs one sync; nsa_attention calls
-it outside torch.compile only (`check_cu_seqlens_type` there).
+capture it). `check_cu_seqlens` validates the values, which needs one sync; nsa_attention and Pack
+call it outside torch.compile only (`check_cu_seqlens_type` there). The one count that needs the
+values, the pack's compressed rows, is replaced under torch.compile by `rows_bound` (from the token
+count alone), with zero rows past the pack's own that no token sees.
 """
 from __future__ import annotations
 
