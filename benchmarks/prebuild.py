@@ -8,9 +8,9 @@ this builds with `nsa_codegen.build` (the artifacts `nsa-codegen build` writes, 
 TVM-FFI with no compiler) every forward kernel of the GPU test matrix (tests/test_ops.py) and of the
 benchmarks' configs, with the selection schedules the tests and bench_selection.py run as variants,
 the backward kernels of the backward tests and of bench_paper.py (both dq schedules), and the
-decode kernels of tests/test_decode.py,
-into <out>/generated/, and packs those kernels (not older builds left there) as <out>/generated.tar.xz. benchmarks/gpu_pass.sh unpacks it
-and points NSA_CODEGEN_GENERATED_DIR at it. Keep <out> out of git and carry it to the device.
+decode kernels of tests/test_decode.py, into <out>/generated/, and packs those kernels (not older
+builds left there) as <out>/generated.tar.xz. benchmarks/gpu_pass.sh unpacks it and points
+NSA_CODEGEN_GENERATED_DIR at it. Keep <out> out of git and carry it to the device.
 """
 from __future__ import annotations
 

@@ -236,16 +236,12 @@ def nsa_attention(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
         if isinstance(cu_seqlens, packing.Pack):   # checked and counted once, shared by the layers
             if cu_seqlens.total != T:
                 raise ValueError(f"the Pack covers {cu_seqlens.total} tokens, q has {T}")
-            pack = cu_seqlens.to(q.device)
-            cu_seqlens = pack.cu_seqlens
-            maps = pack.maps(c)
-        else:
-            if torch.compiler.is_compiling():
-                packing.check_cu_seqlens_type(cu_seqlens)   # (the values need a host sync)
-            else:
-                packing.check_cu_seqlens(cu_seqlens, T)
-            cu_seqlens = cu_seqlens.to(q.device)
-            maps = packing.packed_maps(cu_seqlens, T, c)
+            pack = cu_seqlens
+        else:   # checked here (one host sync; under torch.compile the type only), counted by the Pack
+            pack = packing.Pack(cu_seqlens, T)
+        pack = pack.to(q.device)
+        cu_seqlens = pack.cu_seqlens
+        maps = pack.maps(c)
     else:
         maps = {"seq_start": None, "cmp_start": None}   # an unpacked batch: the ops pass zeros
     if s is not None and block_indices is not None:
@@ -271,20 +267,11 @@ def nsa_attention(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
 
 
 def _compressed(k, v, k_cmp, v_cmp, c, cu_seqlens, rows=None):
-    """(k_cmp, v_cmp): given, checked against the row count, or mean-pooled from k / v. rows: a
-    Pack's row count (else counted here, one host sync for a pack)."""
+    """(k_cmp, v_cmp): given, checked against the row count, or mean-pooled from k / v. rows: the
+    pack's row count (Pack.rows: counted once, or packing.rows_bound under torch.compile); unused
+    for a batch."""
     T = k.shape[1]
-    if cu_seqlens is None:
-        N = reference.num_compressed_blocks(T, c.block, c.stride, c.first_block)
-    else:
-        # The row count of a pack is data-dependent: one host sync, or under torch.compile a bound
-        # (packing.rows_bound; the rows past the pack's own are zero and no token sees them).
-        if rows is not None:
-            N = rows
-        elif torch.compiler.is_compiling():
-            N = packing.rows_bound(T, c)
-        else:
-            N = int(packing.compressed_offsets(cu_seqlens, c.block, c.stride, c.first_block)[-1])
+    N = reference.num_compressed_blocks(T, c.block, c.stride, c.first_block) if cu_seqlens is None else rows
     if k_cmp is None or v_cmp is None:
         pool = (lambda x: reference.compress(x, c.block, c.stride, c.first_block)) if cu_seqlens is None else \
             (lambda x: packing.compress_packed(x, cu_seqlens, c.block, c.stride, c.first_block, N))

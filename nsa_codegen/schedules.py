@@ -45,12 +45,8 @@ def search_space(key: KernelKey) -> Iterator[dict[str, Any]]:
     yield default
     space = entry.get("space", {})
     names = sorted(space)
-    cands = []
-    for values in itertools.product(*(space[n] for n in names)):
-        cand = {**default, **dict(zip(names, values))}
-        if cand != default and cand not in cands:
-            cands.append(cand)
-    yield from sorted(cands, key=lambda c: sum(c[k] != default[k] for k in c))
+    cands = [{**default, **dict(zip(names, values))} for values in itertools.product(*(space[n] for n in names))]
+    yield from sorted((c for c in cands if c != default), key=lambda c: sum(c[k] != default[k] for k in c))
 
 
 def in_search_space(arch: str, kind: str, schedule: dict[str, Any]) -> bool:
