@@ -15,10 +15,13 @@ interquartile range over all launches):
                       the resolved one is not repeated
   k:<kernel>[...]     each kernel of the plan alone, on the inputs the forward gave it
 With --backward, fwd+bwd cases (o.backward(do), all inputs require grad): dense_cudnn_d128_fb,
-ours_fb[...], and k:selection_bwd[...], k:compression_bwd, k:window_bwd.
+ours_fb[...], and k:selection_bwd[...], k:compression_bwd[...], k:window_bwd[...]. The backward
+configurations cmp_regs / cmp_async (compression dk/dv: P^T, dS^T as register operands; async
+WGMMA) and win_async (window dk/dv, async WGMMA) add ours_fb[...] and their kernel's case only.
 Before timing, every configuration is checked against nsa_codegen.reference: the forward at T=4096
-and (--backward) the selection branch's dq, dk, dv at T=2048, fp32, on the block lists the kernels
-chose. Writes <out>/<date>-<gpu>-paper.{json,md}.
+and (--backward) the dq, dk, dv of the selection branch at T=2048 (fp32, on the block lists the
+kernels chose), of the compression branch at T=4096 and of the window branch at T=2048. A
+configuration that fails its check is not timed. Writes <out>/<date>-<gpu>-paper.{json,md}.
 """
 from __future__ import annotations
 
@@ -44,7 +47,15 @@ from nsa_codegen.lowering import arch_of_capability, lower_to_plan  # noqa: E402
 HQ, H, DK, DV = 64, 4, 192, 128
 # Schedule configurations beside the resolved one: knobs per kernel kind.
 CONFIGS = {"tile": {"selection_fwd": {"tile_tokens": 0}, "selection_bwd_dq": {"tile_tokens": 0}},
-           "token": {"selection_fwd": {"tile_tokens": 1}, "selection_bwd_dq": {"tile_tokens": 1}}}
+           "token": {"selection_fwd": {"tile_tokens": 1}, "selection_bwd_dq": {"tile_tokens": 1}},
+           # compression dk/dv: P^T / dS^T as register operands (128 rows, 64 per warpgroup), then
+           # also with async WGMMA (tests/test_ops_backward.py CMP_DKDV_SCHEDULES)
+           "cmp_regs": {"compression_bwd_dkdv": {"kv_block_N": 128, "kv_block_M": 32, "kv_threads": 256,
+                                                 "kv_num_stages": 2, "kv_regs": True}},
+           "cmp_async": {"compression_bwd_dkdv": {"kv_block_N": 128, "kv_block_M": 32, "kv_threads": 256,
+                                                  "kv_num_stages": 2, "kv_regs": True, "kv_async": True}},
+           "win_async": {"window_bwd_dkdv": {"async_mma": True}}}
+CONFIG_KINDS = sorted({kind for per_kind in CONFIGS.values() for kind in per_kind})
 
 
 def paper_spec(dtype: str) -> NSASpec:
@@ -66,26 +77,33 @@ def inputs(T, dt, seed, grad=False):
 class Config:
     """One schedule configuration: per kind, the kernel ops get (the resolved one where not forced)."""
 
-    def __init__(self, name, kernels):
+    def __init__(self, name, kernels, resolved=None):
         self.name, self.kernels = name, kernels  # {problem: CompiledKernel}
+        self.resolved = resolved or kernels
 
     @contextlib.contextmanager
     def use(self, backward=True):
         with contextlib.ExitStack() as stack:
             for problem, kern in self.kernels.items():
-                if backward or problem.kind == "selection_fwd":
+                if backward or "_bwd" not in problem.kind:
                     stack.enter_context(use_kernel(problem, kern))
             yield
 
     def schedules(self):
         return {p.kind: str(k.key) for p, k in self.kernels.items()}
 
+    def changes(self, prefix):
+        """Whether this configuration runs a kernel other than the resolved one for a kind starting
+        with prefix (the resolved configuration: always); other cases would time the same kernels."""
+        return self.name == "resolved" or any(p.kind.startswith(prefix) and k is not self.resolved[p]
+                                              for p, k in self.kernels.items())
+
 
 def configurations(spec, backward):
     """[Config]: the resolved schedules first, then each of CONFIGS that differs from them."""
     plan = lower_to_plan(spec, arch_of_capability(*torch.cuda.get_device_capability()))
     calls = plan.calls + (plan.backward if backward else ())
-    problems = {c.kind: c.key for c in calls if c.kind in ("selection_fwd", "selection_bwd_dq")}
+    problems = {c.kind: c.key for c in calls if c.kind in CONFIG_KINDS}
     resolved = {p: get_kernel(p) for p in problems.values()}
     out = [Config("resolved", resolved)]
     for name, per_kind in CONFIGS.items():
@@ -99,7 +117,7 @@ def configurations(spec, backward):
                 kernels = None
                 break
         if kernels and any(kernels[p] is not resolved[p] for p in resolved):
-            out.append(Config(name, kernels))
+            out.append(Config(name, kernels, resolved))
     for c in out:
         say(f"config {c.name}: {c.schedules()}")
     return out
@@ -122,32 +140,62 @@ def check(spec, dt, configs, backward):
         low = ref.nsa_reference(q, k, v, *g, spec, block_indices=idx)
         res = dict(rel_err=rel(o, want), ref_own_err=rel(low, want), nan=bool(torch.isnan(o).any()))
         if backward:
-            res.update(_check_selection_grads(spec, dt, cfg))
+            for part in (_check_selection_grads, _check_compression_grads, _check_window_grads):
+                r = part(spec, dt, cfg)
+                res["nan"] = res["nan"] or r.pop("nan")
+                res.update(r)
         out[cfg.name] = res
         say(f"check {cfg.name}: {res}")
     return out
 
 
+def _grad_errs(prefix, cfg, xs, kern, oracle, do):
+    """Relative errors of kern's gradients (under cfg) against the fp32 oracle's, and the oracle's own
+    in the dtype: {prefix + "dq_rel_err": .., ..., "nan": ..}."""
+    def grads(fn, leaves):
+        leaves = [x.detach().requires_grad_() for x in leaves]
+        o, _ = fn(*leaves)
+        return torch.autograd.grad((o.float() * do.float()).sum(), leaves)
+    with cfg.use():
+        got = grads(kern, xs)
+    hi, lo = grads(oracle, [x.float() for x in xs]), grads(oracle, xs)
+    res = {"nan": False}
+    for name, a, h, l in zip(("dq", "dk", "dv"), got, hi, lo):
+        res[f"{prefix}{name}_rel_err"], res[f"{prefix}{name}_ref_own_err"] = rel(a, h), rel(l, h)
+        res["nan"] = res["nan"] or bool(torch.isnan(a).any())
+    return res
+
+
 def _check_selection_grads(spec, dt, cfg):
+    """The selection branch's q, k, v gradients at T=2048, on the lists the forward chose."""
     s = spec.selection
     q, k, v, g = inputs(2048, dt, seed=8)
     with cfg.use(backward=False):
         _, idx = nsa_attention(q, k, v, *g, spec, return_indices=True)
     do = torch.randn(1, 2048, HQ, DV, device="cuda").to(dt)
+    return _grad_errs("", cfg, (q, k, v), lambda *x: ops.selection_attention(*x, idx, s.block, -1.0),
+                      lambda *x: ref.selection_attention(*x, idx, s.block), do)
 
-    def grads(fn, xs):
-        leaves = [x.detach().requires_grad_() for x in xs]
-        o, _ = fn(*leaves)
-        return torch.autograd.grad((o.float() * do.float()).sum(), leaves)
-    with cfg.use():
-        got = grads(lambda *x: ops.selection_attention(*x, idx, s.block, -1.0), (q, k, v))
-    hi = grads(lambda *x: ref.selection_attention(*x, idx, s.block), [x.float() for x in (q, k, v)])
-    lo = grads(lambda *x: ref.selection_attention(*x, idx, s.block), (q, k, v))
-    res = {}
-    for name, a, h, l in zip(("dq", "dk", "dv"), got, hi, lo):
-        res[f"{name}_rel_err"], res[f"{name}_ref_own_err"] = rel(a, h), rel(l, h)
-        res["nan"] = res.get("nan", False) or bool(torch.isnan(a).any())
-    return res
+
+def _check_compression_grads(spec, dt, cfg):
+    """The compression branch's q, k_cmp, v_cmp gradients at T=4096 (its 128-row tiles then have
+    interior and edge steps)."""
+    c = spec.compression
+    q, k, v, _ = inputs(4096, dt, seed=9)
+    kc, vc = ref.compress(k, c.block, c.stride, c.first_block), ref.compress(v, c.block, c.stride, c.first_block)
+    do = torch.randn(1, 4096, HQ, DV, device="cuda").to(dt)
+    return _grad_errs("cmp_", cfg, (q, kc, vc),
+                      lambda *x: ops.compression_attention(*x, c.block, c.stride, c.first_block, -1.0),
+                      lambda *x: ref.compression_attention(*x, c.block, c.stride, c.first_block), do)
+
+
+def _check_window_grads(spec, dt, cfg):
+    """The window branch's q, k, v gradients at T=2048."""
+    w = spec.window.size
+    q, k, v, _ = inputs(2048, dt, seed=10)
+    do = torch.randn(1, 2048, HQ, DV, device="cuda").to(dt)
+    return _grad_errs("win_", cfg, (q, k, v), lambda *x: ops.window_attention(*x, w, -1.0),
+                      lambda *x: ref.window_attention(*x, w), do)
 
 
 def _fp32(spec):
@@ -203,6 +251,8 @@ def kernel_cases(spec, q, k, v, g, configs, backward):
         "k:gate_combine": lambda: ops.gate_combine(o_c, g[0], o_s, g[1], o_w, g[2], H),
     }
     for cfg in configs:
+        if not cfg.changes("selection_fwd"):
+            continue
         def run(cfg=cfg):
             with cfg.use(backward=False):
                 return ops.selection_attention(q, k, v, idx, s.block, -1.0)
@@ -210,14 +260,25 @@ def kernel_cases(spec, q, k, v, g, configs, backward):
     if backward:
         do = torch.randn_like(o_s)
         dlse = torch.randn_like(lse_s)
-        cases["k:compression_bwd"] = lambda: ops.compression_attention_bwd(
-            do, dlse, q, kc, vc, o_c, lse_c, c.block, c.stride, c.first_block, -1.0)
-        cases["k:window_bwd"] = lambda: ops.window_attention_bwd(do, dlse, q, k, v, o_w, lse_w, w.size, -1.0)
         for cfg in configs:
+            def run_win(cfg=cfg):
+                with cfg.use():
+                    return ops.window_attention_bwd(do, dlse, q, k, v, o_w, lse_w, w.size, -1.0)
+            if cfg.changes("window_bwd"):
+                cases["k:window_bwd" + ("" if cfg.name == "resolved" else f"[{cfg.name}]")] = run_win
+
+            def run_cmp(cfg=cfg):
+                with cfg.use():
+                    return ops.compression_attention_bwd(do, dlse, q, kc, vc, o_c, lse_c, c.block, c.stride,
+                                                         c.first_block, -1.0)
+            if cfg.changes("compression_bwd"):
+                cases["k:compression_bwd" + ("" if cfg.name == "resolved" else f"[{cfg.name}]")] = run_cmp
+
             def run_bwd(cfg=cfg):
                 with cfg.use():
                     return ops.selection_attention_bwd(do, dlse, q, k, v, o_s, lse_s, idx, s.block, -1.0)
-            cases[f"k:selection_bwd[{cfg.name}]"] = run_bwd
+            if cfg.changes("selection_bwd"):
+                cases[f"k:selection_bwd[{cfg.name}]"] = run_bwd
     return cases, idx
 
 
@@ -248,6 +309,8 @@ def main():
         q, k, v, g = inputs(T, dt, seed=T)
         cases = {"dense_cudnn_d128": dense(q, k, v, 128), "dense_cudnn_paper": dense(q, k, v, DK)}
         for cfg in configs:
+            if not cfg.changes("selection_fwd"):
+                continue
             def run(cfg=cfg):
                 with cfg.use(backward=False):
                     return nsa_attention(q, k, v, *g, spec)

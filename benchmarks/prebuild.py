@@ -32,6 +32,18 @@ SELECTION_VARIANTS = [{"tile_tokens": 0}, {"tile_tokens": 1}, {"tile_tokens": 8,
 DQ_VARIANTS = [{"tile_tokens": 0}, {"tile_tokens": 1}]
 
 
+def dkdv_variants():
+    """{kind: [schedule overrides]}: the compression / window dk/dv schedules the backward GPU tests
+    and bench_paper.py --backward run besides the resolved ones."""
+    from bench_paper import CONFIGS
+    from tests.test_ops_backward import CMP_DKDV_SCHEDULES, WIN_DKDV_SCHEDULES
+    out = {}
+    for kind, tests in (("compression_bwd_dkdv", CMP_DKDV_SCHEDULES), ("window_bwd_dkdv", WIN_DKDV_SCHEDULES)):
+        vs = [v for v in tests.values() if v] + [c[kind] for c in CONFIGS.values() if kind in c]
+        out[kind] = [dict(t) for t in dict.fromkeys(tuple(sorted(v.items())) for v in vs)]
+    return out
+
+
 def backward_specs():
     """Specs whose backward kernels a GPU pass runs: the backward tests' (tests/test_ops_backward.py:
     its matrix and layer specs, whose fixture compiles them all) and the paper config of
@@ -107,6 +119,17 @@ def main():
         for var in DQ_VARIANTS:
             results += build(backward_specs(), "sm90", out / "generated", jobs=args.jobs, backward=True,
                              decode=False, variants={"selection_bwd_dq": [var]})
+        for kind, vs in dkdv_variants().items():
+            for var in vs:   # for the specs whose problem takes it (registers: not at Dk = 256)
+                names = {}
+                for name, spec in backward_specs().items():
+                    try:
+                        plan_keys({name: spec}, "sm90", backward=True, decode=False, variants={kind: [var]})
+                        names[name] = spec
+                    except ValueError:
+                        pass
+                results += build(names, "sm90", out / "generated", jobs=args.jobs, backward=True,
+                                 decode=False, variants={kind: [var]})
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         print(f"FAILED {r.key}: {r.error[:300]}")

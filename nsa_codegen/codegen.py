@@ -168,10 +168,35 @@ def thread_values_across_warp_split(source: str) -> list[str]:
     return found
 
 
+_WGMMA_EVENT = re.compile(r"warpgroup_commit_batch\(\)|(?:warpgroup_wait|wait_wgmma)<(\d+)>\(\)|"
+                          r"mbarrier\[[^\]]+\]\.arrive\(\)")
+
+
+def stages_freed_under_async_mma(source: str) -> list[str]:
+    """The lines of `source` (generated CUDA) where a consumer frees a pipeline stage (a plain
+    mbarrier arrive) while a WGMMA batch it committed may still be running: the producer may then
+    refill the shared memory that WGMMA is reading. TileLang frees a stage after the last statement
+    that reads it, which is the issue of an async `T.wgmma_gemm`, not its completion; the templates
+    end each step with a synchronous gemm (a full wait) to prevent that. Scans in program order,
+    counting committed batches down at each wait<N>."""
+    found, pending = [], 0
+    for m in _WGMMA_EVENT.finditer(source):
+        text = m.group(0)
+        if text.startswith("warpgroup_commit"):
+            pending += 1
+        elif m.group(1) is not None:
+            pending = min(pending, int(m.group(1)))
+        elif pending:
+            line = source.count("\n", 0, m.start()) + 1
+            found.append(f"line {line}: {text} with {pending} WGMMA batch(es) not waited for")
+    return found
+
+
 def compile_kernel(key: KernelKey, target: dict | str | None = None):
     """TileLang-compile key's kernel for its arch (or an explicit target). Returns the JITKernel.
-    Raises if the generated CUDA would deadlock (barriers_in_one_thread_branches) or reads thread
-    values in the wrong numbering (thread_values_across_warp_split)."""
+    Raises if the generated CUDA would deadlock (barriers_in_one_thread_branches), free a pipeline
+    stage under a running WGMMA (stages_freed_under_async_mma) or read thread values in the wrong
+    numbering (thread_values_across_warp_split)."""
     import tilelang
 
     func, pass_configs = build_prim_func(key)
@@ -185,6 +210,10 @@ def compile_kernel(key: KernelKey, target: dict | str | None = None):
     if hangs:
         raise RuntimeError(f"compiling {key} for {target}: the generated CUDA would hang, a barrier "
                            f"only one thread reaches: {'; '.join(hangs[:3])}")
+    early = stages_freed_under_async_mma(src)
+    if early:
+        raise RuntimeError(f"compiling {key} for {target}: the generated CUDA frees a pipeline stage while an async "
+                           f"WGMMA may still read it: {'; '.join(early[:3])}")
     shifted = thread_values_across_warp_split(src)
     if shifted:
         raise RuntimeError(f"compiling {key} for {target}: the generated CUDA reads thread-index values "

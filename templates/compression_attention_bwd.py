@@ -52,6 +52,7 @@ from ._problem import check_problem
 
 _LOG2E = 1.4426950408889634
 _MAX_REGS = 200  # fp32 accumulator/tile registers per consumer thread we allow
+_MAX_REGS_RS = 216  # the same with P^T / dS^T in registers (kv_regs): no smem tiles to stage them
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,11 @@ class CompressionAttentionBwdConfig:
     kv_splits: int = 0          # programs per row tile, each over its own share of the tokens;
                                 # 0 = auto: stride // 16 (so a program covers about as many
                                 # (row, token) pairs as at stride 16; l=d=64 has 4x fewer rows)
+    kv_regs: bool = False       # P^T / dS^T stay in registers as the A operand of dV/dK += .. (no
+                                # smem round trip, no barrier between the warpgroups); needs each
+                                # warpgroup to own 64 rows: kv_block_N = 64 * kv_threads / 128
+    kv_async: bool = False      # issue S^T and dP^T (then dV and dK) back to back as async WGMMA and
+                                # overlap P = exp2(..) with dP^T and dS^T with dV (needs kv_regs)
     fast_math: bool = False     # TileLang fast-math pass config (approximate exp2)
     # the arch's shared memory (codegen sets them from the key's arch; kernel_key.SHARED_MEMORY)
     smem_block: int = 227 * 1024   # bytes one program may use (sm90; sm80: 163 KiB)
@@ -112,9 +118,9 @@ def _dq_block_n(cfg) -> int:
 
 
 def _kv_regs(cfg) -> float:
-    # dK, dV (fp32) + S^T, dP^T (fp32)
+    # dK, dV (fp32) + S^T, dP^T (fp32) (+ P^T, dS^T in 16 bit with kv_regs)
     bn, bm = cfg.kv_block_N, cfg.kv_block_M
-    return bn * (cfg.dim_k + cfg.dim_v + 2 * bm) / cfg.kv_threads
+    return bn * (cfg.dim_k + cfg.dim_v + (3 if cfg.kv_regs else 2) * bm) / cfg.kv_threads
 
 
 def _kv_smem(cfg) -> int:
@@ -122,7 +128,7 @@ def _kv_smem(cfg) -> int:
     bn, bm = cfg.kv_block_N, cfg.kv_block_M
     kv = bn * (cfg.dim_k + cfg.dim_v) * e
     qdo = bm * (cfg.dim_k + cfg.dim_v) * e * cfg.kv_num_stages
-    pds = 2 * bn * bm * e
+    pds = 0 if cfg.kv_regs else 2 * bn * bm * e
     return kv + qdo + pds + 1024
 
 
@@ -174,7 +180,11 @@ def check_config(cfg) -> None:
             raise ValueError("kv_num_stages must be in [1, 4]")
         if not 0 <= cfg.kv_splits <= 16:
             raise ValueError("kv_splits must be in [0, 16] (0 = auto)")
-        if _kv_regs(cfg) > _MAX_REGS:
+        if cfg.kv_regs and cfg.kv_block_N != 64 * nw:
+            raise ValueError("kv_regs: each warpgroup must own 64 rows (kv_block_N = 64 * kv_threads / 128)")
+        if cfg.kv_async and not cfg.kv_regs:
+            raise ValueError("kv_async needs kv_regs (P^T / dS^T in registers)")
+        if _kv_regs(cfg) > (_MAX_REGS_RS if cfg.kv_regs else _MAX_REGS):
             raise ValueError("kv_block_N: dK/dV/S/dP tiles need too many registers for kv_threads")
         if _kv_smem(cfg) > cfg.smem_block:
             raise ValueError(f"kv_num_stages: shared memory (K/V, pipelined Q/dO, P/dS) exceeds the arch's {cfg.smem_block // 1024} KiB")
@@ -217,8 +227,14 @@ def _build_dq(cfg):
         Delta: T.Tensor([B, Tn, HQ], acc),
     ):
         with T.Kernel(T.ceildiv(Tn, BT), H, B, threads=cfg.dq_threads) as (bx, by, bz):
-            Q_s = T.alloc_shared([BM, Dk], dtype)
-            dO_s = T.alloc_shared([BM, Dv], dtype)
+            if cfg.kv_async:
+                # One pipelined buffer for Q | dO: the pipeline frees a stage after its last
+                # reader, and that must be a synchronous gemm (dK below), not an async one that
+                # may still be reading when the producer refills the stage.
+                QdO_s = T.alloc_shared([BM, Dk + Dv], dtype)
+            else:
+                Q_s = T.alloc_shared([BM, Dk], dtype)
+                dO_s = T.alloc_shared([BM, Dv], dtype)
             K_s = T.alloc_shared([BN, Dk], dtype)
             V_s = T.alloc_shared([BN, Dv], dtype)
             X_s = T.alloc_shared([BM, DX], dtype)   # O tile, later the dQ staging tile
@@ -322,10 +338,20 @@ def _build_dkdv(cfg):
         with T.Kernel(H, B, T.ceildiv(N, BN) * S, threads=cfg.kv_threads) as (bx, by, bzs):
             K_s = T.alloc_shared([BN, Dk], dtype)
             V_s = T.alloc_shared([BN, Dv], dtype)
-            Q_s = T.alloc_shared([BM, Dk], dtype)
-            dO_s = T.alloc_shared([BM, Dv], dtype)
-            P_s = T.alloc_shared([BN, BM], dtype)
-            dS_s = T.alloc_shared([BN, BM], dtype)
+            if cfg.kv_async:
+                # One pipelined buffer for Q | dO: the pipeline frees a stage after its last
+                # reader, and that must be a synchronous gemm (dK below), not an async one that
+                # may still be reading when the producer refills the stage.
+                QdO_s = T.alloc_shared([BM, Dk + Dv], dtype)
+            else:
+                Q_s = T.alloc_shared([BM, Dk], dtype)
+                dO_s = T.alloc_shared([BM, Dv], dtype)
+            if cfg.kv_regs:   # P^T, dS^T: the A operands of dV / dK += .., in registers or in smem
+                P_x = T.alloc_fragment([BN, BM], dtype)
+                dS_x = T.alloc_fragment([BN, BM], dtype)
+            else:
+                P_x = T.alloc_shared([BN, BM], dtype)
+                dS_x = T.alloc_shared([BN, BM], dtype)
             lse_v = T.alloc_fragment([BM], acc)
             dlt_v = T.alloc_fragment([BM], acc)
             acc_st = T.alloc_fragment([BN, BM], acc)
@@ -360,37 +386,71 @@ def _build_dkdv(cfg):
             T.fill(acc_dk, 0)
             T.fill(acc_dv, 0)
 
+            # A step is interior when all its tokens see all the tile's rows: past the last row's
+            # first token (rows complete in order) and before the first row's end (ends rise with
+            # the row; in this split).  Rows past N see nothing, but their dK/dV are never written,
+            # so they need no mask.  Only the other steps pay for the mask.
+            first_all = RowFirst[T.min(c0 + BN, N) - 1]
+            end_all = T.min(RowEnd[c0], t_hi)
+
             for it in T.Pipelined(n_tb * G, num_stages=cfg.kv_num_stages):
                 # token blocks from the end backwards, the G heads of the group innermost
                 t0 = t_lo + (n_tb - 1 - it // G) * BM
                 hq = bx * G + it % G
-                T.copy(Q[by, t0:t0 + BM, hq, :], Q_s)
-                T.copy(dO[by, t0:t0 + BM, hq, :], dO_s)
+                if cfg.kv_async:
+                    T.copy(Q[by, t0:t0 + BM, hq, :], QdO_s[:, 0:Dk])
+                    T.copy(dO[by, t0:t0 + BM, hq, :], QdO_s[:, Dk:Dk + Dv])
+                else:
+                    T.copy(Q[by, t0:t0 + BM, hq, :], Q_s)
+                    T.copy(dO[by, t0:t0 + BM, hq, :], dO_s)
                 # LSE / Delta for the BM columns: read by the consumer straight into registers
                 # (issued before the gemms so their latency hides behind them); the index is
                 # clamped in bounds and padded columns are masked below
                 for j in T.Parallel(BM):
-                    lse_v[j] = LSE[by, T.min(t0 + j, Tn - 1), hq]
+                    lse_v[j] = LSE[by, T.min(t0 + j, Tn - 1), hq] * _LOG2E
                     dlt_v[j] = Delta[by, T.min(t0 + j, Tn - 1), hq]
                 T.clear(acc_st)
-                T.gemm(K_s, Q_s, acc_st, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                 T.clear(acc_dpt)
-                T.gemm(V_s, dO_s, acc_dpt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                # visible: token t0+j in [row_first, row_end) of row c0+i.
-                # select (never multiply): masked / lse=-inf entries give P = 0, not NaN
-                for i, j in T.Parallel(BN, BM):
-                    P_s[i, j] = T.if_then_else(
-                        (row_first[i] <= t0 + j) & (t0 + j < row_end[i]),
-                        T.exp2(acc_st[i, j] * scale2 - lse_v[j] * _LOG2E),
-                        0,
-                    )
-                    dS_s[i, j] = T.if_then_else(
-                        (row_first[i] <= t0 + j) & (t0 + j < row_end[i]),
-                        T.exp2(acc_st[i, j] * scale2 - lse_v[j] * _LOG2E) * (acc_dpt[i, j] - dlt_v[j]),
-                        0,
-                    )
-                T.gemm(P_s, dO_s, acc_dv, policy=T.GemmWarpPolicy.FullRow)
-                T.gemm(dS_s, Q_s, acc_dk, policy=T.GemmWarpPolicy.FullRow)
+                if cfg.kv_async:
+                    T.wgmma_gemm(K_s, QdO_s[:, 0:Dk], acc_st, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                    T.wgmma_gemm(V_s, QdO_s[:, Dk:Dk + Dv], acc_dpt, transpose_B=True,
+                                 policy=T.GemmWarpPolicy.FullRow)
+                    T.wait_wgmma(1)
+                else:
+                    T.gemm(K_s, Q_s, acc_st, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                    T.gemm(V_s, dO_s, acc_dpt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                # visible: token t0+j in [row_first, row_end) of row c0+i.  Masked entries are
+                # selected (never multiplied) to 0: a NaN/Inf of a token a row cannot see (its lse
+                # or Delta) never reaches that row's dK/dV
+                interior = (t0 >= first_all) & (t0 + BM <= end_all)
+                if interior:
+                    for i, j in T.Parallel(BN, BM):
+                        acc_st[i, j] = T.exp2(acc_st[i, j] * scale2 - lse_v[j])
+                else:
+                    for i, j in T.Parallel(BN, BM):
+                        acc_st[i, j] = T.if_then_else(
+                            (row_first[i] <= t0 + j) & (t0 + j < row_end[i]),
+                            T.exp2(acc_st[i, j] * scale2 - lse_v[j]), 0)
+                T.copy(acc_st, P_x)
+                if cfg.kv_async:
+                    # dV queues behind dP^T; wait for dP^T only, dS^T then overlaps dV
+                    T.wgmma_gemm(P_x, QdO_s[:, Dk:Dk + Dv], acc_dv, policy=T.GemmWarpPolicy.FullRow)
+                    T.wait_wgmma(1)
+                else:
+                    T.gemm(P_x, dO_s, acc_dv, policy=T.GemmWarpPolicy.FullRow)
+                if interior:
+                    for i, j in T.Parallel(BN, BM):
+                        dS_x[i, j] = acc_st[i, j] * (acc_dpt[i, j] - dlt_v[j])
+                else:
+                    for i, j in T.Parallel(BN, BM):
+                        dS_x[i, j] = T.if_then_else(
+                            (row_first[i] <= t0 + j) & (t0 + j < row_end[i]),
+                            acc_st[i, j] * (acc_dpt[i, j] - dlt_v[j]), 0)
+                # synchronous (waits for dV too), so the stage is free once it returns
+                if cfg.kv_async:
+                    T.gemm(dS_x, QdO_s[:, 0:Dk], acc_dk, policy=T.GemmWarpPolicy.FullRow)
+                else:
+                    T.gemm(dS_x, Q_s, acc_dk, policy=T.GemmWarpPolicy.FullRow)
 
             for i, k in T.Parallel(BN, Dk):
                 if c0 + i < N:

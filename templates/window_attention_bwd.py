@@ -63,6 +63,8 @@ class WindowAttentionBwdConfig:
                                # dkdv: block_N*2); on sm90 a 128-thread TMA producer is added
     num_stages: int = 2        # smem ring depth of the streamed (pipelined) tiles
     fast_math: bool = True     # compile with TileLang's fast-math pass config (ex2.approx)
+    async_mma: bool = False    # dkdv: issue S^T with dP^T (then dV) as async WGMMA, overlapping
+                               # P^T = exp2(..) with dP^T and dS^T with dV (sm90)
     # the arch's shared memory (codegen sets them from the key's arch; kernel_key.SHARED_MEMORY)
     smem_block: int = 227 * 1024   # bytes one program may use (sm90; sm80: 163 KiB)
     smem_sm: int = 228 * 1024      # bytes per SM (occupancy)
@@ -118,6 +120,8 @@ def check_config(cfg) -> None:
                          "(one 128-thread warpgroup per 64 rows)")
     if not (1 <= cfg.num_stages <= 4):
         raise ValueError("num_stages: must be in 1..4")
+    if cfg.async_mma and cfg.part != "dkdv":
+        raise ValueError("async_mma: only the dkdv part has an async WGMMA schedule")
     # sm90 consumers get 240 registers (setmaxnreg); leave room for addresses and indices.
     if _regs(cfg) > 224:
         raise ValueError(f"{name_step}: accumulators need ~{_regs(cfg):.0f} registers per thread "
@@ -272,8 +276,13 @@ def _build_dkdv(cfg):
         with T.Kernel(T.ceildiv(S, bn), H, B, threads=cfg.threads) as (nt, h, b):
             K_s = T.alloc_shared([bn, Dk], dtype)
             V_s = T.alloc_shared([bn, Dv], dtype)
-            Q_s = T.alloc_shared([bm, Dk], dtype)
-            dO_s = T.alloc_shared([bm, Dv], dtype)
+            if cfg.async_mma:
+                # One pipelined buffer for Q | dO: the pipeline frees a stage after its last
+                # reader, which must be the synchronous dK gemm, not an async one still reading.
+                QdO_s = T.alloc_shared([bm, Dk + Dv], dtype)
+            else:
+                Q_s = T.alloc_shared([bm, Dk], dtype)
+                dO_s = T.alloc_shared([bm, Dv], dtype)
             dK_s = T.alloc_shared([bn, Dk], dtype)
             dV_s = T.alloc_shared([bn, Dv], dtype)
             acc_st = T.alloc_fragment([bn, bm], acc)
@@ -297,8 +306,12 @@ def _build_dkdv(cfg):
             for it in T.Pipelined(G * n_q, num_stages=cfg.num_stages):
                 hq = h * G + it % G
                 q0 = (q_lo + it // G) * bm
-                T.copy(Q[b, q0:q0 + bm, hq, :], Q_s)
-                T.copy(dO[b, q0:q0 + bm, hq, :], dO_s)
+                if cfg.async_mma:
+                    T.copy(Q[b, q0:q0 + bm, hq, :], QdO_s[:, 0:Dk])
+                    T.copy(dO[b, q0:q0 + bm, hq, :], QdO_s[:, Dk:Dk + Dv])
+                else:
+                    T.copy(Q[b, q0:q0 + bm, hq, :], Q_s)
+                    T.copy(dO[b, q0:q0 + bm, hq, :], dO_s)
                 # LSE and Delta are per query (= per column here).  Rather than keeping
                 # them in registers (16 + 16 per thread), fold them into the accumulator
                 # inits:  S^T acc = -LSE/scale (-inf where hidden), so P^T = exp2(acc *
@@ -316,15 +329,28 @@ def _build_dkdv(cfg):
                                        LSE[b, T.min(q0 + j, S - 1), hq] * neg_inv_sc, ninf),
                         ninf)
                     acc_dpt[i, j] = T.if_then_else(q0 + j < S, -Delta[b, T.min(q0 + j, S - 1), hq], 0)
-                T.gemm(K_s, Q_s, acc_st, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                T.gemm(V_s, dO_s, acc_dpt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                if cfg.async_mma:
+                    T.wgmma_gemm(K_s, QdO_s[:, 0:Dk], acc_st, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                    T.wgmma_gemm(V_s, QdO_s[:, Dk:Dk + Dv], acc_dpt, transpose_B=True,
+                                 policy=T.GemmWarpPolicy.FullRow)
+                    T.wait_wgmma(1)   # S^T done; dP^T runs on
+                else:
+                    T.gemm(K_s, Q_s, acc_st, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                    T.gemm(V_s, dO_s, acc_dpt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                 for i, j in T.Parallel(bn, bm):
                     acc_st[i, j] = T.exp2(acc_st[i, j] * sc2)
                 T.copy(acc_st, pt)
-                T.gemm(pt, dO_s, acc_dv, policy=T.GemmWarpPolicy.FullRow)
+                if cfg.async_mma:
+                    T.wgmma_gemm(pt, QdO_s[:, Dk:Dk + Dv], acc_dv, policy=T.GemmWarpPolicy.FullRow)
+                    T.wait_wgmma(1)   # dP^T done; dV runs on
+                else:
+                    T.gemm(pt, dO_s, acc_dv, policy=T.GemmWarpPolicy.FullRow)
                 for i, j in T.Parallel(bn, bm):
                     dst[i, j] = acc_st[i, j] * acc_dpt[i, j]
-                T.gemm(dst, Q_s, acc_dk, policy=T.GemmWarpPolicy.FullRow)
+                if cfg.async_mma:   # synchronous: waits for dV too, so the stage is free after it
+                    T.gemm(dst, QdO_s[:, 0:Dk], acc_dk, policy=T.GemmWarpPolicy.FullRow)
+                else:
+                    T.gemm(dst, Q_s, acc_dk, policy=T.GemmWarpPolicy.FullRow)
 
             for i, d in T.Parallel(bn, Dk):
                 acc_dk[i, d] = acc_dk[i, d] * sc

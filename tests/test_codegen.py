@@ -6,7 +6,8 @@ import pytest
 
 from nsa_codegen import CompressionBranch, NSASpec, SelectionBranch, WindowBranch
 from nsa_codegen.codegen import (_nvdisasm, barriers_in_one_thread_branches, build_prim_func, check_schedule,
-                                 compile_kernel, disassemble, template_config, thread_values_across_warp_split)
+                                 compile_kernel, disassemble, stages_freed_under_async_mma, template_config,
+                                 thread_values_across_warp_split)
 from nsa_codegen.lowering import lower_to_plan
 from nsa_codegen.schedules import resolve_schedule
 
@@ -115,6 +116,42 @@ def test_selection_schedules_compile(kind, tile_tokens, mma, tmp_path, monkeypat
     kernel = compile_kernel(key)
     if _nvdisasm():
         assert mma in disassemble(kernel), f"{key}: no {mma} in its SASS"
+
+
+def test_stage_freed_under_a_running_wgmma_is_found():
+    """A stage freed after an async WGMMA's issue but before its wait is reported; one freed after a
+    full wait (or after waits that leave nothing pending) is not."""
+    issue = "tl::warpgroup_arrive();\n wgmma(..);\n tl::warpgroup_commit_batch();\n"
+    free = "mbarrier[((it & 1) + 2)].arrive();\n"
+    assert stages_freed_under_async_mma(issue + issue + "tl::wait_wgmma<1>();\n" + free) != []
+    assert stages_freed_under_async_mma(issue + free) != []
+    assert stages_freed_under_async_mma(issue + issue + "tl::wait_wgmma<1>();\n" + issue +
+                                        "tl::warpgroup_wait<0>();\n" + free) == []
+    assert stages_freed_under_async_mma("mbarrier[0].arrive_and_expect_tx(64);\n" + issue) == []
+
+
+ASYNC_SCHEDULES = [("compression_bwd_dkdv", {"kv_block_N": 128, "kv_block_M": 32, "kv_num_stages": 2,
+                                             "kv_regs": True, "kv_async": True}),
+                   ("window_bwd_dkdv", {"async_mma": True})]
+
+
+@needs_nvcc
+@pytest.mark.compile
+@pytest.mark.parametrize("kind,knobs", ASYNC_SCHEDULES, ids=[k for k, _ in ASYNC_SCHEDULES])
+def test_async_wgmma_schedules_compile(kind, knobs, tmp_path, monkeypatch):
+    """The dk/dv schedules with async WGMMA compile for sm_90a with their waits where the template
+    puts them (S^T and dP^T in flight together, then one behind dV), no stage freed under a running
+    WGMMA (compile_kernel checks) and no spills."""
+    from nsa_codegen.schedules import default_schedule
+    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
+    spec = NSASpec(compression=CompressionBranch(32, 16, "mean"), dtype="float16")
+    call = next(c for c in lower_to_plan(spec).all_calls if c.kind == kind)
+    kernel = compile_kernel(call.key.with_schedule({**default_schedule(call.key), **knobs}))
+    src = kernel.get_kernel_source()
+    assert src.count("wait_wgmma<1>") == 2, f"{kernel.key}: expected two partial WGMMA waits"
+    if _nvdisasm():
+        counts = sass_counts(disassemble(kernel))
+        assert counts.get("HGMMA") and not counts.get("LDL", 0) + counts.get("STL", 0), counts
 
 
 def test_configs_carry_the_spec_and_schedule():

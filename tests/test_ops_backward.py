@@ -250,6 +250,121 @@ def test_selection_dq_schedules(name, spec, B, T, kind, tile_tokens):
         assert_grad_close(f"{kernel.key}/{kind}/{what}", a, h, l)
 
 
+# Compression dk/dv schedules: the default (P^T / dS^T through shared memory), P^T / dS^T as register
+# operands with 64 rows per warpgroup, and the same with async WGMMA (S^T and dP^T issued together).
+CMP_DKDV_SCHEDULES = {
+    "smem": {},
+    "regs": {"kv_block_N": 128, "kv_block_M": 32, "kv_threads": 256, "kv_num_stages": 2, "kv_regs": True},
+    "async": {"kv_block_N": 128, "kv_block_M": 32, "kv_threads": 256, "kv_num_stages": 2, "kv_regs": True,
+              "kv_async": True},
+}
+# Long enough that 128-row tiles have interior steps (tokens that see every row of the tile).
+_CMP_T = {"paper_bf16_T2000": 4500, "fla_cfg": 9000, "g8_d64": 2600, "g12_paper": 4500, "tiny_T": 17}
+CMP_SPECS = [(n, s, B, _CMP_T[n]) for n, s, B, _ in BWD_MATRIX if n in _CMP_T]
+
+
+def _compression_dkdv_kernel(q, kc, v_dim, c, schedule):
+    """(dkdv problem key, the dkdv kernel of that schedule)."""
+    from nsa_codegen.cache import load_scheduled
+    from nsa_codegen.launch import kernel_key
+    from nsa_codegen.schedules import default_schedule
+    problem = kernel_key("compression_bwd_dkdv", q, kc, v_dim, -1.0, cmp_block=c.block, stride=c.stride,
+                         first_block=c.first_block)
+    return problem, load_scheduled(problem.with_schedule({**default_schedule(problem), **schedule}))
+
+
+@gpu
+@pytest.mark.parametrize("sched", list(CMP_DKDV_SCHEDULES))
+@pytest.mark.parametrize("name,spec,B,T", CMP_SPECS, ids=[m[0] for m in CMP_SPECS])
+def test_compression_dkdv_schedules(name, spec, B, T, sched):
+    """Each compression dk/dv schedule, through the op's backward, against the reference's autograd
+    (interior steps unmasked, edge steps masked: T spans many row tiles); twice, bit-identical."""
+    from nsa_codegen import ops
+    from nsa_codegen.cache import use_kernel
+    c = spec.compression
+    q, k, v, _ = make_inputs(spec, B, T, seed=41)
+    kc, vc = ref.compress(k, c.block, c.stride, c.first_block), ref.compress(v, c.block, c.stride, c.first_block)
+    g = torch.Generator(device="cuda").manual_seed(42)
+    do = torch.randn(B, T, spec.heads, spec.v_head_dim, generator=g, device="cuda").to(q.dtype)
+    dlse = torch.randn(B, T, spec.heads, generator=g, device="cuda")
+    problem, kernel = _compression_dkdv_kernel(q, kc, spec.v_head_dim, c, CMP_DKDV_SCHEDULES[sched])
+    kern = lambda q_, k_, v_: ops.compression_attention(q_, k_, v_, c.block, c.stride, c.first_block, -1.0)  # noqa: E731
+    with use_kernel(problem, kernel):
+        got = _grads(kern, (q, kc, vc), do, dlse)
+        again = _grads(kern, (q, kc, vc), do, dlse)
+    assert all(torch.equal(a, b) for a, b in zip(got, again)), f"{kernel.key}: gradients changed between runs"
+    oracle = lambda q_, k_, v_: ref.compression_attention(q_, k_, v_, c.block, c.stride, c.first_block,  # noqa: E731
+                                                          spec.softmax_scale)
+    hi = _grads(oracle, f32(q, kc, vc), do.float(), dlse)
+    lo = _grads(oracle, (q, kc, vc), do, dlse)
+    for what, a, h, l in zip(("dq", "dk_cmp", "dv_cmp"), got, hi, lo):
+        assert_grad_close(f"{kernel.key}/{what}", a, h, l)
+
+
+@gpu
+@pytest.mark.parametrize("sched", list(CMP_DKDV_SCHEDULES))
+def test_compression_dkdv_schedules_on_a_pack(sched, precompiled):
+    """Each compression dk/dv schedule on a pack (row tiles straddle sequences, so no step of theirs
+    is interior): q, k, v gradients of the whole NSA equal the reference's per sequence."""
+    from nsa_codegen import nsa_attention
+    from nsa_codegen.cache import use_kernel
+    name, spec, _, _ = MATRIX[3]
+    c = spec.compression
+    lens = [700, 1, 1333, 64]
+    q, k, v, gates = make_inputs(spec, 1, sum(lens), seed=43)
+    cu = torch.tensor([0, 700, 701, 2034, 2098], device="cuda", dtype=torch.int32)
+    do = torch.randn_like(q[..., :spec.v_head_dim])
+    with torch.no_grad():
+        _, idx = nsa_attention(q, k, v, *gates, spec, cu_seqlens=cu, return_indices=True)
+    kc = ref.compress(k, c.block, c.stride, c.first_block)
+    problem, kernel = _compression_dkdv_kernel(q, kc, spec.v_head_dim, c, CMP_DKDV_SCHEDULES[sched])
+
+    def grads(fn, xs, do_):
+        leaves = [x.detach().requires_grad_() for x in xs]
+        return torch.autograd.grad((fn(*leaves) * do_).float().sum(), leaves)
+    with use_kernel(problem, kernel):
+        got = grads(lambda *xs: nsa_attention(*xs, spec, cu_seqlens=cu), (q, k, v, *gates), do)
+    oracle = lambda *xs: ref.nsa_reference(*xs, spec, block_indices=idx, cu_seqlens=cu)  # noqa: E731
+    hi = grads(oracle, f32(q, k, v, *gates), do.float())
+    lo = grads(oracle, (q, k, v, *gates), do)
+    for what, a, h, l in zip(("dq", "dk", "dv"), got, hi, lo):
+        assert_grad_close(f"{kernel.key}/{name}/pack/{what}", a, h, l)
+
+
+# Window dk/dv schedules: synchronous WGMMA (default) and async (S^T with dP^T, dV with dS^T).
+WIN_DKDV_SCHEDULES = {"sync": {}, "async": {"async_mma": True}}
+WIN_SPECS = [m for m in BWD_MATRIX if m[0] in ("paper_bf16_T2000", "g1_small", "g8_d64", "g32", "tiny_T")]
+
+
+@gpu
+@pytest.mark.parametrize("sched", list(WIN_DKDV_SCHEDULES))
+@pytest.mark.parametrize("name,spec,B,T", WIN_SPECS, ids=[m[0] for m in WIN_SPECS])
+def test_window_dkdv_schedules(name, spec, B, T, sched):
+    """Each window dk/dv schedule, through the op's backward, against the reference's autograd;
+    twice, bit-identical."""
+    from nsa_codegen import ops
+    from nsa_codegen.cache import load_scheduled, use_kernel
+    from nsa_codegen.launch import kernel_key
+    from nsa_codegen.schedules import default_schedule
+    w = spec.window.size
+    q, k, v, _ = make_inputs(spec, B, T, seed=44)
+    g = torch.Generator(device="cuda").manual_seed(45)
+    do = torch.randn(B, T, spec.heads, spec.v_head_dim, generator=g, device="cuda").to(q.dtype)
+    dlse = torch.randn(B, T, spec.heads, generator=g, device="cuda")
+    problem = kernel_key("window_bwd_dkdv", q, k, spec.v_head_dim, -1.0, window=w)
+    kernel = load_scheduled(problem.with_schedule({**default_schedule(problem), **WIN_DKDV_SCHEDULES[sched]}))
+    kern = lambda q_, k_, v_: ops.window_attention(q_, k_, v_, w, -1.0)  # noqa: E731
+    with use_kernel(problem, kernel):
+        got = _grads(kern, (q, k, v), do, dlse)
+        again = _grads(kern, (q, k, v), do, dlse)
+    assert all(torch.equal(a, b) for a, b in zip(got, again)), f"{kernel.key}: gradients changed between runs"
+    oracle = lambda q_, k_, v_: ref.window_attention(q_, k_, v_, w, spec.softmax_scale)  # noqa: E731
+    hi = _grads(oracle, f32(q, k, v), do.float(), dlse)
+    lo = _grads(oracle, (q, k, v), do, dlse)
+    for what, a, h, l in zip(("dq", "dk", "dv"), got, hi, lo):
+        assert_grad_close(f"{kernel.key}/{what}", a, h, l)
+
+
 def _own_block_lists(T, seed):
     """The paper config's inputs at length T and block lists in which every token chose only its
     own block: (spec, q, k, v, idx [1, T, H, n], t = arange(T))."""
