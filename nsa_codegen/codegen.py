@@ -221,6 +221,30 @@ def compile_kernel(key: KernelKey, target: dict | str | None = None):
     return jit
 
 
+def ptxas_report(jit_kernel, arch: str = "sm_90a") -> str:
+    """ptxas's verbose report (registers, spills, and its notes such as C7517: a warpgroup.wait it
+    injected because registers of an in-flight WGMMA are touched, i.e. async WGMMA serialized) for
+    a compiled kernel's CUDA source, recompiled with nvcc for `arch` (CPU only; nvcc needed)."""
+    import os
+    import subprocess
+    import tempfile
+    import tilelang
+    root = os.path.dirname(tilelang.__file__)
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "kernel.cu")
+        with open(src, "w") as f:
+            f.write(jit_kernel.get_kernel_source())
+        num = arch.split("_")[1]
+        cmd = ["nvcc", f"-gencode=arch=compute_{num},code={arch}", "-std=c++20", "-O3", "-cubin",
+               f"-I{root}/src", f"-I{root}/3rdparty/cutlass/include", "-Xptxas", "-v", src,
+               "-o", os.path.join(d, "kernel.cubin")]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"nvcc failed on {jit_kernel.key if hasattr(jit_kernel, 'key') else 'the kernel'}: "
+                           f"{out.stderr[-2000:]}")
+    return out.stderr
+
+
 def _nvdisasm() -> str | None:
     import shutil
     found = shutil.which("nvdisasm")

@@ -409,14 +409,17 @@ def _build_dkdv(cfg):
                 for j in T.Parallel(BM):
                     lse_v[j] = LSE[by, T.min(t0 + j, Tn - 1), hq] * _LOG2E
                     dlt_v[j] = Delta[by, T.min(t0 + j, Tn - 1), hq]
-                T.clear(acc_st)
-                T.clear(acc_dpt)
                 if cfg.kv_async:
-                    T.wgmma_gemm(K_s, QdO_s[:, 0:Dk], acc_st, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                    T.wgmma_gemm(V_s, QdO_s[:, Dk:Dk + Dv], acc_dpt, transpose_B=True,
+                    # clear_accum, not a fill: register writes between the two issues make ptxas
+                    # wait for the first before the second (C7517)
+                    T.wgmma_gemm(K_s, QdO_s[:, 0:Dk], acc_st, transpose_B=True, clear_accum=True,
+                                 policy=T.GemmWarpPolicy.FullRow)
+                    T.wgmma_gemm(V_s, QdO_s[:, Dk:Dk + Dv], acc_dpt, transpose_B=True, clear_accum=True,
                                  policy=T.GemmWarpPolicy.FullRow)
                     T.wait_wgmma(1)
                 else:
+                    T.clear(acc_st)
+                    T.clear(acc_dpt)
                     T.gemm(K_s, Q_s, acc_st, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                     T.gemm(V_s, dO_s, acc_dpt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                 # visible: token t0+j in [row_first, row_end) of row c0+i.  Masked entries are

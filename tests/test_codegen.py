@@ -6,7 +6,8 @@ import pytest
 
 from nsa_codegen import CompressionBranch, NSASpec, SelectionBranch, WindowBranch
 from nsa_codegen.codegen import (_nvdisasm, barriers_in_one_thread_branches, build_prim_func, check_schedule,
-                                 compile_kernel, disassemble, stages_freed_under_async_mma, template_config,
+                                 compile_kernel, disassemble, ptxas_report, stages_freed_under_async_mma,
+                                 template_config,
                                  thread_values_across_warp_split)
 from nsa_codegen.lowering import lower_to_plan
 from nsa_codegen.schedules import resolve_schedule
@@ -141,7 +142,7 @@ ASYNC_SCHEDULES = [("compression_bwd_dkdv", {"kv_block_N": 128, "kv_block_M": 32
 def test_async_wgmma_schedules_compile(kind, knobs, tmp_path, monkeypatch):
     """The dk/dv schedules with async WGMMA compile for sm_90a with their waits where the template
     puts them (S^T and dP^T in flight together, then one behind dV), no stage freed under a running
-    WGMMA (compile_kernel checks) and no spills."""
+    WGMMA (compile_kernel checks), no wait ptxas had to inject and no spills."""
     from nsa_codegen.schedules import default_schedule
     monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
     spec = NSASpec(compression=CompressionBranch(32, 16, "mean"), dtype="float16")
@@ -149,6 +150,9 @@ def test_async_wgmma_schedules_compile(kind, knobs, tmp_path, monkeypatch):
     kernel = compile_kernel(call.key.with_schedule({**default_schedule(call.key), **knobs}))
     src = kernel.get_kernel_source()
     assert src.count("wait_wgmma<1>") == 2, f"{kernel.key}: expected two partial WGMMA waits"
+    # ptxas serializes async WGMMA (and says so, C7517) when code touches an in-flight batch's registers
+    report = ptxas_report(kernel)
+    assert "C7517" not in report and "spill" in report, f"{kernel.key}: {report}"
     if _nvdisasm():
         counts = sass_counts(disassemble(kernel))
         assert counts.get("HGMMA") and not counts.get("LDL", 0) + counts.get("STL", 0), counts
