@@ -75,14 +75,15 @@ def specs():
 
 def decode_keys():
     """The decode kernels of the decode GPU tests (tests/test_decode.py DECODE_CASES: q_len 1, 2 and 8,
-    a separate window), each with the schedule the step will resolve."""
+    a separate window; PAGED_CASES: paged caches), each with the schedule the step will resolve."""
     from nsa_codegen.codegen import check_schedule
     from nsa_codegen.lowering import lower_decode
     from nsa_codegen.schedules import resolve_schedule
-    from test_decode import DECODE_CASES
+    from test_decode import DECODE_CASES, PAGED_CASES
+    cases = [(case, 0) for case in DECODE_CASES] + PAGED_CASES
     out = []
-    for _, spec, ql, lens0, steps, sep in DECODE_CASES:
-        for c in lower_decode(spec, "sm90", ql, sep, max(lens0) + steps * ql + 5):
+    for (_, spec, ql, lens0, steps, sep), page in cases:
+        for c in lower_decode(spec, "sm90", ql, sep, max(lens0) + steps * ql + 5, page_size=page):
             sched, source = resolve_schedule(c.key, lambda sc, p=c.key: check_schedule(p, sc))
             out.append((c.key.with_schedule(sched), source))
     return list(dict.fromkeys(out))

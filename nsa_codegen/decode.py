@@ -1,4 +1,5 @@
-"""One NSA decode step on the GPU kernels: `nsa_decode` over an `NSAKVCache`.
+"""One NSA decode step on the GPU kernels: `nsa_decode` over an `NSAKVCache` or a batch of a
+`PagedNSAKVCache` (`cache.batch(slots)`: the kernels read its pools through the block tables).
 
 `nsa_decode(q, cache, g_cmp, g_slc, g_win, spec)`: q [B, ql, HQ, Dk] are the queries of the last
 ql cached tokens (positions L_b - ql .. L_b - 1; append first); returns o [B, ql, HQ, Dv] equal
@@ -29,27 +30,41 @@ def _arch_of(device: torch.device) -> str:
 
 
 def decode_kernels(spec: NSASpec, q_len: int, *, separate_window: bool = False, capacity: int = 1 << 16,
-                   arch: Optional[str] = None) -> dict:
+                   arch: Optional[str] = None, page_size: int = 0) -> dict:
     """part ("cmp" | "topn" | "sparse" | "combine") -> CompiledKernel of one decode step, through the
     same lowering, schedules (tuned, else default), prebuilt generated/ kernels and disk cache as the
-    forward. arch: the current GPU's unless given."""
+    forward. arch: the current GPU's unless given; page_size > 0: over a paged cache."""
     from .lowering import decode_seqlen_bucket
     return _decode_kernels(spec, int(q_len), bool(separate_window), decode_seqlen_bucket(capacity),
-                           arch or _arch_of(torch.device("cuda")))
+                           arch or _arch_of(torch.device("cuda")), int(page_size))
 
 
 @functools.lru_cache(maxsize=None)  # a decode step looks its kernels up once per (spec, shape), not per call
-def _decode_kernels(spec, q_len, separate_window, max_seqlen, arch):
+def _decode_kernels(spec, q_len, separate_window, max_seqlen, arch, page_size=0):
     from .cache import get_kernel
     from .lowering import lower_decode
-    calls = lower_decode(spec, arch, q_len, separate_window, max_seqlen)
-    return {c.kind[len("decode_"):]: get_kernel(c.key) for c in calls}
+    calls = lower_decode(spec, arch, q_len, separate_window, max_seqlen, page_size=page_size)
+    return {c.kind[len("decode_"):].removesuffix("_paged"): get_kernel(c.key) for c in calls}
 
 
 def clear_decode_kernels() -> None:
     """Forget the decode kernels looked up so far (tuning swaps a candidate in; the next step
     looks its kernels up again)."""
     _decode_kernels.cache_clear()
+
+
+def paged_decode_unsupported(batch) -> Optional[str]:
+    """Why the decode kernels cannot read this PagedNSAKVCache batch, or None: they read float16 /
+    bfloat16 pools of 16..256-token pages (a power of 2) that divide or are divided by the selection
+    block."""
+    c = batch.cache
+    if c.kv_dtype != c.dtype:
+        return f"the decode kernels read {c.dtype} pools; this cache stores {c.kv_dtype}"
+    P, lp = c.page_size, c.spec.selection.block if c.spec.selection else 0
+    if P not in (16, 32, 64, 128, 256) or (lp and lp % P and P % lp):
+        return (f"the decode kernels read pages of 16, 32, 64, 128 or 256 tokens dividing or divided by the "
+                f"selection block {lp}; this cache's pages hold {P}")
+    return None
 
 
 def _splits(B, H, spec, q_len, max_len, sms, cmp_block_N, num_splits):
@@ -116,14 +131,19 @@ def nsa_decode(q: torch.Tensor, cache: NSAKVCache, g_cmp: torch.Tensor, g_slc: t
     number of batch parts run as concurrent kernel chains (_batch_parts).  No host sync; safe
     to capture in a CUDA graph (the parts fork from and join the current stream).
     """
+    from .paged_kv_cache import PagedBatch
     spec, gates = check_step(q, cache, spec, (g_cmp, g_slc, g_win), max_q_len=8)
     if cache.dtype not in _DTYPES:
         raise ValueError(f"nsa_decode runs the kernels, which need a float16 / bfloat16 cache, got {cache.dtype} "
                          f"(nsa_decode_reference runs any)")
+    paged = isinstance(cache, PagedBatch)
+    why = paged_decode_unsupported(cache) if paged else None
+    if why:
+        raise ValueError(f"nsa_decode: {why} (nsa_decode_reference reads it)")
     B, ql, HQ, Dk = q.shape
     gates = [g.contiguous() for g in gates]
     kern = decode_kernels(spec, ql, separate_window=cache.separate_window, capacity=cache.capacity,
-                          arch=_arch_of(q.device))
+                          arch=_arch_of(q.device), page_size=cache.page_size if paged else 0)
     dev = q.device
     H, Dv, n = spec.kv_heads, spec.v_head_dim, spec.selection.top_n
     G = HQ // H
@@ -137,7 +157,9 @@ def nsa_decode(q: torch.Tensor, cache: NSAKVCache, g_cmp: torch.Tensor, g_slc: t
         c = spec.compression
         sg, nbg, _ = template_module("decode_attention").score_groups(c.block, c.stride, c.first_block,
                                                                       spec.selection.block)
-        cg = -(-cache.cap_cmp_phys // sg)
+        # groups of the compressed rows a cmp kernel may write: its capacity (paged: table x page)
+        cap_cmp = cache.cache.cmp_block_table.shape[1] * cache.page_size if paged else cache.cap_cmp_phys
+        cg = -(-cap_cmp // sg)
         ws_scores = cache.decode_workspaces[ql] = (_ws((B, ql, cg, nbg, HQ), torch.float16, dev),
                                          _ws((B, ql, cg, HQ), f32, dev))
     scores, score_max = ws_scores
@@ -152,7 +174,8 @@ def nsa_decode(q: torch.Tensor, cache: NSAKVCache, g_cmp: torch.Tensor, g_slc: t
     o_slc, l_slc = _ws((B, H, ss, MR, Dv), f32, dev), _ws((B, H, ss, MR), f32, dev)
     o_win, l_win = _ws((B, H, sw, MR, Dv), f32, dev), _ws((B, H, sw, MR), f32, dev)
     out = _ws((B, ql, HQ, Dv), q.dtype, dev)
-    lens = cache.cache_seqlens
+    tables = cache.kernel_tables() if paged else {"cache_seqlens": cache.cache_seqlens}
+    lens = tables["cache_seqlens"]
     # each batch part on its own stream, on its slice of every buffer.  The workspaces come from the
     # current stream's pool and stay referenced until after the join below, so nothing reuses them
     # while a part still runs
@@ -163,17 +186,24 @@ def nsa_decode(q: torch.Tensor, cache: NSAKVCache, g_cmp: torch.Tensor, g_slc: t
         s.wait_stream(main)     # the appends / prefill before this step
     # Every tensor of the step under the registry's argument names (nsa_codegen.kinds): each kernel's
     # launch takes its args in registry order, each sliced to the batch part.
-    env = {"q": q, "k_cmp": cache.k_cmp, "v_cmp": cache.v_cmp, "kv_k": cache.kv_k, "kv_v": cache.kv_v,
-           "cache_seqlens": lens, "scores": scores, "score_max": score_max, "o_cmp_part": o_cmp,
+    env = {"q": q, "cache_seqlens": lens, "scores": scores, "score_max": score_max, "o_cmp_part": o_cmp,
            "lse_cmp_part": l_cmp, "candidate_scores": cand_s, "candidate_blocks": cand_i, "block_indices": idx,
            "o_slc_part": o_slc, "lse_slc_part": l_slc, "o_win_part": o_win, "lse_win_part": l_win,
            "g_cmp": gates[0], "g_slc": gates[1], "g_win": gates[2], "o": out}
-    launches = [(k, KINDS[f"decode_{part}"].args) for part, k in kern.items()]  # in the plan's order
+    if paged:   # one pool of pages for all entries (never sliced per part) and the tables
+        pc = cache.cache
+        pools = {"kv_k_pool": pc.kv_k, "kv_v_pool": pc.kv_v, "k_cmp_pool": pc.k_cmp, "v_cmp_pool": pc.v_cmp}
+        env.update(tables)
+        env.update(pools)
+    else:
+        pools = {}
+        env.update(k_cmp=cache.k_cmp, v_cmp=cache.v_cmp, kv_k=cache.kv_k, kv_v=cache.kv_v)
+    launches = [(k, KINDS[k.key.kind].args) for k in kern.values()]  # in the plan's order
     for (b0, b1), stream in zip(parts, streams):
         r = slice(b0, b1)
         with torch.cuda.stream(stream):
             for k, names in launches:
-                k(*[env[n][r] for n in names])
+                k(*[env[n] if n in pools else env[n][r] for n in names])
     for s in streams[1:]:
         main.wait_stream(s)
     return (out, idx) if return_indices else out

@@ -134,6 +134,14 @@ _ALL = (
     KernelKind("decode_sparse", _DECODE, "decode_attention", "DecodeAttentionConfig", "sparse",
                ("q", "kv_k", "kv_v", "cache_seqlens", "candidate_scores", "candidate_blocks"),
                ("block_indices", "o_slc_part", "lse_slc_part", "o_win_part", "lse_win_part"), tuned_by="op"),
+    # The same cmp / sparse kernels over a paged cache (PagedNSAKVCache): pools of page_size rows; the
+    # sequence lengths with each entry's block table after them ([B, 1 + pages]; templates say why).
+    KernelKind("decode_cmp_paged", _DECODE + (("page_size", "pg"),), "decode_attention", "DecodeAttentionConfig",
+               "cmp", ("q", "k_cmp_pool", "v_cmp_pool", "seqlens_cmp_table"),
+               ("scores", "score_max", "o_cmp_part", "lse_cmp_part"), tuned_by="op"),
+    KernelKind("decode_sparse_paged", _DECODE + (("page_size", "pg"),), "decode_attention", "DecodeAttentionConfig",
+               "sparse", ("q", "kv_k_pool", "kv_v_pool", "seqlens_table", "candidate_scores", "candidate_blocks"),
+               ("block_indices", "o_slc_part", "lse_slc_part", "o_win_part", "lse_win_part"), tuned_by="op"),
     KernelKind("decode_combine", _DECODE, "decode_attention", "DecodeAttentionConfig", "combine",
                ("o_cmp_part", "lse_cmp_part", "o_slc_part", "lse_slc_part", "o_win_part", "lse_win_part",
                 "g_cmp", "g_slc", "g_win"), ("o",), tuned_by="op"),

@@ -230,7 +230,7 @@ class NativeSparseAttention(nn.Module):
         """x_new [B, s, hidden] (s = 1..8 new tokens per entry, appended to `cache`) -> y [B, s, hidden],
         equal to the full forward's output at those positions. Runs `nsa_decode`'s kernels on CUDA
         (backend auto/kernels; all three branches on) and the reference otherwise."""
-        from .decode import nsa_decode
+        from .decode import nsa_decode, paged_decode_unsupported
         from .kv_cache import nsa_decode_reference
         self._no_cp("decode")
         spec = self.spec
@@ -238,14 +238,14 @@ class NativeSparseAttention(nn.Module):
         B, s = q.shape[:2]
         use_kernels = _attention_fn(q, self.backend, spec) is not reference.nsa_reference
         from .paged_kv_cache import PagedBatch
-        if use_kernels and isinstance(cache, PagedBatch):   # the kernels read contiguous caches only
+        why = paged_decode_unsupported(cache) if use_kernels and isinstance(cache, PagedBatch) else None
+        if why:   # an fp8 pool, or pages the kernels do not take
             if self.backend == "kernels":
-                raise NotImplementedError("backend='kernels': the decode kernels do not read a paged cache yet")
-            if "paged" not in _WARNED:
-                _WARNED.add("paged")
-                warnings.warn("NativeSparseAttention.decode: the decode kernels do not read a paged cache yet; "
-                              "running the PyTorch reference decode (slow; backend='kernels' makes this an error)",
-                              stacklevel=2)
+                raise NotImplementedError(f"backend='kernels': {why}")
+            if why not in _WARNED:
+                _WARNED.add(why)
+                warnings.warn(f"NativeSparseAttention.decode: {why}; running the PyTorch reference decode (slow; "
+                              "backend='kernels' makes this an error)", stacklevel=2)
             use_kernels = False
         self._append(cache, kv)   # after every check that can refuse the step: a refused step writes nothing
         fn = nsa_decode if use_kernels else nsa_decode_reference

@@ -62,8 +62,9 @@ class KernelPlan:
     combine: tuple[tuple[str, str], ...]
     # The backward's kernels, in launch order (the top-n selection is not differentiated).
     backward: tuple[KernelCall, ...] = ()
-    # One decode step of one new token per sequence against a KV cache of up to 128k tokens
-    # (`lower_decode` gives other q_len / cache bounds); empty unless all three branches are on.
+    # One decode step of one new token per sequence against a KV cache of up to 128k tokens, and the
+    # cmp / sparse kernels of the same step over a paged cache of DECODE_PAGE_SIZE-token pages
+    # (`lower_decode` gives other q_len / cache bounds / pages); empty unless all three branches are on.
     decode: tuple[KernelCall, ...] = ()
 
     @property
@@ -119,11 +120,17 @@ def lower_to_plan(spec: NSASpec, arch: str = "sm90", explicit_indices: bool = Fa
     branches = ".".join(o.split("_")[1] for _, o in combine)
     key = KernelKey.make(kind="gate_combine", **{**common, "head_dim": 0, "scale": None}, branches=branches)
     calls.append(KernelCall("gate_combine", key, tuple(x for pair in combine for x in (pair[1], pair[0])), ("o",)))
-    decode = lower_decode(spec, arch) if c is not None and s is not None and spec.window is not None else ()
+    decode = ()
+    if c is not None and s is not None and spec.window is not None:
+        paged = tuple(x for x in lower_decode(spec, arch, page_size=DECODE_PAGE_SIZE) if x.kind.endswith("_paged"))
+        decode = lower_decode(spec, arch) + paged
     return KernelPlan(spec, arch, tuple(calls), tuple(combine), _lower_backward(calls), decode)
 
 
 DECODE_MIN_SEQLEN = 1 << 17
+
+
+DECODE_PAGE_SIZE = 64   # PagedNSAKVCache's default page: the one the plan (and the AOT build) includes
 
 
 def decode_seqlen_bucket(capacity: int) -> int:
@@ -133,10 +140,11 @@ def decode_seqlen_bucket(capacity: int) -> int:
 
 
 def lower_decode(spec: NSASpec, arch: str = "sm90", q_len: int = 1, separate_window: bool = False,
-                 capacity: int = DECODE_MIN_SEQLEN) -> tuple[KernelCall, ...]:
+                 capacity: int = DECODE_MIN_SEQLEN, page_size: int = 0) -> tuple[KernelCall, ...]:
     """The kernels of one decode step (q_len new queries per sequence) against an `NSAKVCache` of up to
     `capacity` tokens: split-KV compression attention (+ scores for top-n), chunked top-n, split-KV
-    selection + window, and the combine with the gates. Needs all three branches."""
+    selection + window, and the combine with the gates. Needs all three branches. page_size > 0: a
+    `PagedNSAKVCache` of such pages (its cmp and sparse kernels read the pools through block tables)."""
     arch = normalize_arch(arch)
     check_kernel_support(spec)
     c, s, w = spec.compression, spec.selection, spec.window
@@ -150,6 +158,21 @@ def lower_decode(spec: NSASpec, arch: str = "sm90", q_len: int = 1, separate_win
         window=w.size, q_len=int(q_len), separate_window=int(bool(separate_window)),
         max_seqlen=decode_seqlen_bucket(capacity))
     kv = ("kv_k", "kv_v")
+    if page_size:
+        paged = dict(problem.param, page_size=int(page_size))
+        cmp_key = KernelKey.make(kind="decode_cmp_paged", **_key_fields(spec, arch), **paged)
+        sparse_key = KernelKey.make(kind="decode_sparse_paged", **_key_fields(spec, arch), **paged)
+        return (
+            KernelCall("decode_cmp_paged", cmp_key, KINDS["decode_cmp_paged"].inputs,
+                       KINDS["decode_cmp_paged"].outputs),
+            KernelCall("decode_topn", replace(problem, kind="decode_topn"),
+                       ("scores", "score_max", "lse_cmp_part", "cache_seqlens"),
+                       ("candidate_scores", "candidate_blocks")),
+            KernelCall("decode_sparse_paged", sparse_key, KINDS["decode_sparse_paged"].inputs,
+                       KINDS["decode_sparse_paged"].outputs),
+            KernelCall("decode_combine", replace(problem, kind="decode_combine"),
+                       KINDS["decode_combine"].inputs, ("o",)),
+        )
     return (
         KernelCall("decode_cmp", problem, ("q", "k_cmp", "v_cmp", "cache_seqlens"),
                    ("scores", "score_max", "o_cmp_part", "lse_cmp_part")),

@@ -14,18 +14,20 @@ Storage (page_size P tokens a page, sequences numbered by slot 0 .. max_seqs-1):
   seqlens         [max_seqs] int32: tokens per slot (0 for a free slot)
 Pages are taken from a free list when a write first reaches them and return to it when the
 sequence is freed; the tables and lengths have host mirrors, so writes need no device sync.
-Pages are zero-filled once and rows past a length are never read.
+Every pool has one page more than it hands out (index num_pages / num_cmp_pages, kept zero: what
+the decode kernels read for a table entry with no page), and a page handed out again is zeroed
+first, so the rows past a sequence's length are zero.
 
 kv_dtype=torch.float8_e4m3fn stores every pool (raw and compressed K/V) in fp8 with one float32
 scale per KV head and tensor (`scales`: value = stored * scale), set from the first tokens written
 to that tensor (their absolute max x fp8_margin / 448) and fixed afterwards: later values beyond
 fp8_margin times that max saturate at +-448 x scale. Appends take and reads return the cache dtype;
 phi pools the dequantized tokens. The reference decode reads the dequantized values (the decode
-kernels read bf16 / fp16 contiguous caches only so far).
+kernels read float16 / bfloat16 pools only so far).
 
-`nsa_decode_reference(q, cache.batch(slots), g_cmp, g_slc, g_win)` is the decode step over the
-slots `slots` (one batch entry each, in that order), by the reference; the decode kernels read the
-contiguous `NSAKVCache` only so far.
+`nsa_decode(q, cache.batch(slots), g_cmp, g_slc, g_win)` is the decode step over the slots `slots`
+(one batch entry each, in that order) on the GPU kernels, which read the pools through the block
+tables; `nsa_decode_reference` the same by the reference.
 """
 from __future__ import annotations
 
@@ -81,16 +83,20 @@ class PagedNSAKVCache:
         P, H, Dk, Dv = page_size, spec.kv_heads, spec.head_dim, spec.v_head_dim
         NB = 2 if self.separate_window else 1
         z = dict(dtype=kv_dtype, device=self.device)
-        self.kv_k = torch.zeros(num_pages, P, NB, H, Dk, **z)
-        self.kv_v = torch.zeros(num_pages, P, NB, H, Dv, **z)
-        self.cmp_k_raw = torch.zeros(num_pages, P, H, Dk, **z) if self.separate_cmp else None
-        self.cmp_v_raw = torch.zeros(num_pages, P, H, Dv, **z) if self.separate_cmp else None
+        # Each pool holds one page more than it hands out: its last page, kept zero, is what the decode
+        # kernels read for a table entry with no page (templates/decode_attention.py).
+        self.num_pages = num_pages
+        self.kv_k = torch.zeros(num_pages + 1, P, NB, H, Dk, **z)
+        self.kv_v = torch.zeros(num_pages + 1, P, NB, H, Dv, **z)
+        self.cmp_k_raw = torch.zeros(num_pages + 1, P, H, Dk, **z) if self.separate_cmp else None
+        self.cmp_v_raw = torch.zeros(num_pages + 1, P, H, Dv, **z) if self.separate_cmp else None
         self.max_pages = -(-max_seq_len // P)
         self.max_cmp_pages = -(-max(compressed_rows(max_seq_len, c), 1) // P) if c is not None else 0
         if num_cmp_pages is None:   # enough for the pool's tokens, plus one partial page per sequence
             num_cmp_pages = (-(-num_pages * P // c.stride // P) + max_seqs) if c is not None else 0
-        self.k_cmp = torch.zeros(num_cmp_pages, P, H, Dk, **z) if c is not None else None
-        self.v_cmp = torch.zeros(num_cmp_pages, P, H, Dv, **z) if c is not None else None
+        self.num_cmp_pages = num_cmp_pages
+        self.k_cmp = torch.zeros(num_cmp_pages + 1, P, H, Dk, **z) if c is not None else None
+        self.v_cmp = torch.zeros(num_cmp_pages + 1, P, H, Dv, **z) if c is not None else None
         self.block_table = torch.full((max_seqs, self.max_pages), -1, dtype=torch.int32, device=self.device)
         self.cmp_block_table = torch.full((max_seqs, max(self.max_cmp_pages, 1)), -1, dtype=torch.int32,
                                           device=self.device)
@@ -102,6 +108,10 @@ class PagedNSAKVCache:
         self._cmp_pages: dict[int, list[int]] = {}
         self._lens: dict[int, int] = {}
         self._free_slots = list(range(max_seqs - 1, -1, -1))
+        # pages handed out before: zeroed when handed out again, so rows past a length are zero (a
+        # kernel's masked rows are multiplied by 0, and 0 * NaN left by an earlier sequence is NaN)
+        self._used: set[int] = set()
+        self._used_cmp: set[int] = set()
 
     # ---- sequences ------------------------------------------------------------------------------
     @property
@@ -194,10 +204,16 @@ class PagedNSAKVCache:
         if need > len(self._free) or need_cmp > len(self._free_cmp):
             raise RuntimeError(f"out of pages: this append needs {need} token pages ({len(self._free)} free) and "
                                f"{need_cmp} compressed-row pages ({len(self._free_cmp)} free); free a sequence")
+        reused, reused_cmp = [], []
         for sl, L in zip(slots, L1):
-            self._grow(sl, -(-L // P), self._pages, self._free, self.block_table)
+            reused += self._grow(sl, -(-L // P), self._pages, self._free, self.block_table, self._used)
             if c is not None:
-                self._grow(sl, -(-compressed_rows(L, c) // P), self._cmp_pages, self._free_cmp, self.cmp_block_table)
+                reused_cmp += self._grow(sl, -(-compressed_rows(L, c) // P), self._cmp_pages, self._free_cmp,
+                                         self.cmp_block_table, self._used_cmp)
+        for pool, pages in ((self.kv_k, reused), (self.kv_v, reused), (self.cmp_k_raw, reused),
+                            (self.cmp_v_raw, reused), (self.k_cmp, reused_cmp), (self.v_cmp, reused_cmp)):
+            if pool is not None and pages:
+                pool[torch.tensor(pages, device=self.device)] = 0
         # Token rows: flat index page * P + offset of each new token (device arithmetic, one slice of
         # the page list per sequence); dropped tokens go nowhere.
         ii, jj, flat = [], [], []
@@ -243,11 +259,17 @@ class PagedNSAKVCache:
         x = x.float() if scale is None else x.float() * scale[:, None]   # no scale: nothing was written
         return x.to(self.dtype)
 
-    def _grow(self, slot, pages, owned, free, table):
+    def _grow(self, slot, pages, owned, free, table, used) -> list[int]:
+        """Give slot pages up to `pages`; returns those that were handed out before (to zero)."""
+        reused = []
         while len(owned[slot]) < pages:
             p = free.pop()
             table[slot, len(owned[slot])] = p
             owned[slot].append(p)
+            if p in used:
+                reused.append(p)
+            used.add(p)
+        return reused
 
     def _flat(self, pages: list[int], pos: torch.Tensor) -> torch.Tensor:
         """Flat pool rows (page * P + offset) of positions pos (int64) through a sequence's pages."""
@@ -317,6 +339,19 @@ class PagedBatch:
         self.spec, self.dtype, self.device = cache.spec, cache.dtype, cache.device
         self.separate_window, self.separate_cmp = cache.separate_window, cache.separate_cmp
         self.batch_size = len(slots)
+        self.page_size, self.capacity = cache.page_size, cache.max_seq_len
+        self.slot_index = torch.tensor(slots, dtype=torch.long, device=cache.device)
+        self.decode_workspaces: dict = {}   # nsa_decode's per-q_len scratch, as NSAKVCache's
+
+    def kernel_tables(self) -> dict:
+        """What the decode kernels read for this batch (device gathers, no host sync): cache_seqlens
+        [B], and the lengths with each entry's block table after them, seqlens_table [B, 1 + pages] /
+        seqlens_cmp_table [B, 1 + compressed-row pages] (templates/decode_attention.py)."""
+        c = self.cache
+        lens = c.seqlens[self.slot_index]
+        return {"cache_seqlens": lens,
+                "seqlens_table": torch.cat([lens[:, None], c.block_table[self.slot_index]], 1),
+                "seqlens_cmp_table": torch.cat([lens[:, None], c.cmp_block_table[self.slot_index]], 1)}
 
     def append(self, k_new, v_new, k_win_new=None, v_win_new=None, seqlens_new=None, *, k_cmp_new=None,
                v_cmp_new=None) -> None:

@@ -324,9 +324,17 @@ def _decode_workload(key: KernelKey, B: int, lengths: list[int], seed: int):
 
     def rn(*s):
         return torch.randn(*s, generator=g, device="cuda").to(dt)
-    cache = NSAKVCache(spec, B, T0, device="cuda", dtype=dt, separate_window=sep)
-    cache.prefill(rn(B, T0, H, Dk), rn(B, T0, H, Dv), *( (rn(B, T0, H, Dk), rn(B, T0, H, Dv)) if sep else ()),
-                  seqlens=lengths)
+    kv = (rn(B, T0, H, Dk), rn(B, T0, H, Dv), *((rn(B, T0, H, Dk), rn(B, T0, H, Dv)) if sep else ()))
+    if p.get("page_size"):   # the paged kinds: a PagedNSAKVCache of those pages, one slot per entry
+        from .paged_kv_cache import PagedNSAKVCache
+        P = p["page_size"]
+        pool = PagedNSAKVCache(spec, sum(-(-L // P) for L in lengths) + B, page_size=P, max_seqs=B,
+                               max_seq_len=T0, device="cuda", dtype=dt, separate_window=sep)
+        cache = pool.batch([pool.add_sequence() for _ in range(B)])
+        cache.append(*kv, seqlens_new=lengths)
+    else:
+        cache = NSAKVCache(spec, B, T0, device="cuda", dtype=dt, separate_window=sep)
+        cache.prefill(*kv, seqlens=lengths)
     q = rn(B, ql, HQ, Dk)
     gates = [torch.sigmoid(torch.randn(B, ql, HQ, generator=g, device="cuda")).to(dt) for _ in range(3)]
 

@@ -30,6 +30,19 @@ Row r = i * G + g of a tile (MR = G * ql real rows, padded to MP, see _rows) is 
 query head h * G + g of KV head h.  Rows of the caches at or beyond L_b are never used but
 must be finite (the cache zero-fills them): masked probabilities are 0 and 0 * NaN is NaN.
 
+Paged caches (page_size P > 0; PagedNSAKVCache's pools), cmp and sparse parts only:
+    K_cmp / V_cmp   [NPC, P, H, Dk / Dv]       compressed-row pool (cmp)
+    KV_K / KV_V     [NP, P, NB, H, Dk / Dv]    token pool (sparse)
+    SeqLens         [B, 1 + MPT]  int32        column 0: L_b; columns 1..: the entry's block table
+                                               (the cmp part: its compressed rows', the sparse part:
+                                               its tokens'); row j lives at page table[j // P],
+                                               offset j % P
+The table rides in SeqLens so the contiguous kernels keep their exact signature and code (and their
+tuning records).  A table entry < 0 (no page) reads the pool's last page, which the cache keeps zero
+and never hands out.  Every tile is aligned to its size (window tiles start at ws rounded down to
+sel_block; the extra keys are masked), so a tile lies in one page where its size divides P, else
+spans size / P whole pages.
+
 Parts (all deterministic, no atomics):
   cmp     grid (SC, H, B): split-KV over the compressed rows visible to the last query,
           N(L) = max(L - l - f*d + d, 0) // d rows, in SC contiguous chunks of block_N-row tiles;
@@ -97,6 +110,8 @@ class DecodeAttentionConfig:
     q_len: int = 1              # new queries per sequence (1..8)
     separate_window: bool = False  # NB = 2: the window branch has its own K/V (cache slot 1)
     max_seqlen: int = 131072    # bound on the cache length; sizes the candidate merge (NC <= this / (l'*CB))
+    page_size: int = 0          # 0: contiguous caches; P > 0: the cmp / sparse parts read paged pools
+                                # through block tables ("Paged caches" above)
     part: str = "cmp"           # "cmp" | "topn" | "sparse" | "combine"
     # schedule
     cmp_block_N: int = 64       # compressed rows per tile
@@ -201,6 +216,11 @@ def check_config(cfg) -> None:
         raise ValueError("q_len: must be in 1..8")
     if cfg.max_seqlen < 1:
         raise ValueError("max_seqlen: must be >= 1")
+    P = cfg.page_size
+    if P and (P not in (16, 32, 64, 128, 256) or (cfg.sel_block % P and P % cfg.sel_block)):
+        raise ValueError("page_size: must be 0 (contiguous) or 16..256 (a power of 2) dividing or divided by sel_block")
+    if P and cfg.part == "cmp" and cfg.cmp_block_N % P and P % cfg.cmp_block_N:
+        raise ValueError(f"cmp_block_N: must divide or be a multiple of page_size {P}")
     _, MR, MP = _rows(cfg)
     if MP > 256:
         raise ValueError("q_len: (heads_q / heads_kv) * q_len must be <= 256")
@@ -267,6 +287,22 @@ def build(cfg: DecodeAttentionConfig):
             "combine": _build_combine}[cfg.part](cfg)
 
 
+def _seqlens_shape(cfg, B, MPT):
+    """SeqLens' shape: [B], or [B, 1 + MPT] with the block table (paged)."""
+    return [B, 1 + MPT] if cfg.page_size else [B]
+
+
+def _seqlen(cfg, SeqLens, b):
+    return SeqLens[b, 0] if cfg.page_size else SeqLens[b]
+
+
+def _page(SeqLens, b, j, NP):
+    """The pool page of entry b's page slot j (from its table in SeqLens[b, 1:], j clamped to it);
+    the pool's last page (zero, never handed out) where the entry is < 0."""
+    jj = T.min(j, SeqLens.shape[1] - 2) + 1
+    return T.if_then_else(SeqLens[b, jj] >= 0, SeqLens[b, jj], NP - 1)
+
+
 def _nvis(t, l, d, f, cap):
     """Compressed rows visible to query t: c with (f+c)*d + l - 1 <= t, clamped to cap."""
     return T.min(T.max(t + (d - l - f * d + 1), 0) // d, cap)
@@ -303,14 +339,21 @@ def _build_cmp(cfg):
     NBP = -(-NE // (8 * warps_n)) * 8 * warps_n
     own_p16 = dtype != "float16" or p_regs      # else acc_p is already an fp16 shared tile
 
-    B, CAPC, CG, SC = T.dynamic("B, CAPC, CG, SC")
+    P = cfg.page_size
+    if P:   # pools of P-row pages; the table in SeqLens[:, 1:], MPC pages, MPC * P rows at most
+        B, NPC, MPC, CG, SC = T.dynamic("B, NPC, MPC, CG, SC")
+        CAPC = MPC * P
+        k_shape, v_shape = [NPC, P, H, Dk], [NPC, P, H, Dv]
+    else:
+        B, CAPC, CG, SC = T.dynamic("B, CAPC, CG, SC")
+        k_shape, v_shape, MPC = [B, CAPC, H, Dk], [B, CAPC, H, Dv], None
 
     @T.prim_func
     def nsa_decode_cmp(
         Q: T.Tensor([B, ql, HQ, Dk], dtype),
-        K_cmp: T.Tensor([B, CAPC, H, Dk], dtype),
-        V_cmp: T.Tensor([B, CAPC, H, Dv], dtype),
-        SeqLens: T.Tensor([B], "int32"),
+        K_cmp: T.Tensor(k_shape, dtype),
+        V_cmp: T.Tensor(v_shape, dtype),
+        SeqLens: T.Tensor(_seqlens_shape(cfg, B, MPC), "int32"),
         Scores: T.Tensor([B, ql, CG, NBG, HQ], "float16"),
         ScoreMax: T.Tensor([B, ql, CG, HQ], acc),
         O_part: T.Tensor([B, H, SC, MR, Dv], acc),
@@ -342,7 +385,7 @@ def _build_cmp(cfg):
             c_end = T.alloc_var("int32")
             chunk = T.alloc_var("int32")
 
-            seq = SeqLens[b]
+            seq = _seqlen(cfg, SeqLens, b)
             # rows visible to the last query; SC contiguous tile-aligned chunks
             chunk = T.ceildiv(T.ceildiv(_nvis(seq - 1, l, d, f, CAPC), SC), BN) * BN
             c_beg = sid * chunk
@@ -366,7 +409,15 @@ def _build_cmp(cfg):
                 nv[r] = T.if_then_else(r < MR, T.min(_nvis(seq - ql + r // G, l, d, f, CAPC), c_end), 0)
 
             for kt in T.Pipelined(T.ceildiv(T.max(c_end - c_beg, 0), BN), num_stages=cfg.cmp_stages):
-                T.copy(K_cmp[b, c_beg + kt * BN:c_beg + (kt + 1) * BN, h, :], K_s, **load)
+                if not P:
+                    T.copy(K_cmp[b, c_beg + kt * BN:c_beg + (kt + 1) * BN, h, :], K_s, **load)
+                elif BN <= P:
+                    T.copy(K_cmp[_page(SeqLens, b, (c_beg + kt * BN) // P, NPC),
+                                 (c_beg + kt * BN) % P:(c_beg + kt * BN) % P + BN, h, :], K_s, **load)
+                else:
+                    for j in T.unroll(BN // P):
+                        T.copy(K_cmp[_page(SeqLens, b, (c_beg + kt * BN) // P + j, NPC), 0:P, h, :],
+                               K_s[j * P:(j + 1) * P, :], **load)
                 T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
                 # select (not add): rows past the length may hold anything finite or not
                 for r, j in T.Parallel(MP, BN):
@@ -400,7 +451,15 @@ def _build_cmp(cfg):
                         ScoreMax[b, r // G, (c_beg + kt * BN) // SG + gl, h * G + r % G] = m_use[r] * sc2
                 for r, k in T.Parallel(MP, Dv):
                     acc_o[r, k] *= alpha[r]
-                T.copy(V_cmp[b, c_beg + kt * BN:c_beg + (kt + 1) * BN, h, :], V_s, **load)
+                if not P:
+                    T.copy(V_cmp[b, c_beg + kt * BN:c_beg + (kt + 1) * BN, h, :], V_s, **load)
+                elif BN <= P:
+                    T.copy(V_cmp[_page(SeqLens, b, (c_beg + kt * BN) // P, NPC),
+                                 (c_beg + kt * BN) % P:(c_beg + kt * BN) % P + BN, h, :], V_s, **load)
+                else:
+                    for j in T.unroll(BN // P):
+                        T.copy(V_cmp[_page(SeqLens, b, (c_beg + kt * BN) // P + j, NPC), 0:P, h, :],
+                               V_s[j * P:(j + 1) * P, :], **load)
                 T.gemm(acc_p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 
             if cfg.pdl:
@@ -586,7 +645,13 @@ def _build_sparse(cfg):
     ninf = -T.infinity(acc)
     p_regs = _p_in_regs(MP, NT)
 
-    B, CAP, NC, SS, SW = T.dynamic("B, CAP, NC, SS, SW")
+    P = cfg.page_size
+    if P:   # the token pool of P-row pages; the table in SeqLens[:, 1:] (MPG pages)
+        B, NPG, MPG, NC, SS, SW = T.dynamic("B, NPG, MPG, NC, SS, SW")
+        k_shape, v_shape = [NPG, P, NB, H, Dk], [NPG, P, NB, H, Dv]
+    else:
+        B, CAP, NC, SS, SW = T.dynamic("B, CAP, NC, SS, SW")
+        k_shape, v_shape, MPG = [B, CAP, NB, H, Dk], [B, CAP, NB, H, Dv], None
 
     def tile_start(qsel, Sel_l, ws, ta, kt):
         # first key of tile kt: a selected block (selection program) or a window tile.  The
@@ -600,9 +665,9 @@ def _build_sparse(cfg):
     @T.prim_func
     def nsa_decode_sparse(
         Q: T.Tensor([B, ql, HQ, Dk], dtype),
-        KV_K: T.Tensor([B, CAP, NB, H, Dk], dtype),
-        KV_V: T.Tensor([B, CAP, NB, H, Dv], dtype),
-        SeqLens: T.Tensor([B], "int32"),
+        KV_K: T.Tensor(k_shape, dtype),
+        KV_V: T.Tensor(v_shape, dtype),
+        SeqLens: T.Tensor(_seqlens_shape(cfg, B, MPG), "int32"),
         CandS: T.Tensor([B, ql, H, NC, n], acc),
         CandI: T.Tensor([B, ql, H, NC, n], "int32"),
         BlockIdx: T.Tensor([B, ql, H, n], "int32"),
@@ -649,8 +714,10 @@ def _build_sparse(cfg):
             per = T.alloc_var("int32")
 
             tx = T.get_thread_binding()
-            seq = SeqLens[b]
+            seq = _seqlen(cfg, SeqLens, b)
             ws = T.max(seq - ql - win + 1, 0)
+            if P:   # window tiles aligned to sel_block (so to pages); the keys before ws are masked
+                ws = ws // lp * lp
             qsel = -1
             t_sel = 0
             ta = 0
@@ -725,8 +792,17 @@ def _build_sparse(cfg):
 
             for kt in T.Pipelined(ntiles, num_stages=cfg.sparse_stages):
                 # first key of the tile: a selected block, or a window tile
-                T.copy(KV_K[b, tile_start(qsel, Sel_l, ws, ta, kt):tile_start(qsel, Sel_l, ws, ta, kt) + lp,
-                            slot(qsel), h, :], K_s, disable_tma=True)
+                if not P:
+                    T.copy(KV_K[b, tile_start(qsel, Sel_l, ws, ta, kt):tile_start(qsel, Sel_l, ws, ta, kt) + lp,
+                                slot(qsel), h, :], K_s, disable_tma=True)
+                elif lp <= P:
+                    T.copy(KV_K[_page(SeqLens, b, tile_start(qsel, Sel_l, ws, ta, kt) // P, NPG),
+                                tile_start(qsel, Sel_l, ws, ta, kt) % P:tile_start(qsel, Sel_l, ws, ta, kt) % P + lp,
+                                slot(qsel), h, :], K_s, disable_tma=True)
+                else:
+                    for j in T.unroll(lp // P):
+                        T.copy(KV_K[_page(SeqLens, b, tile_start(qsel, Sel_l, ws, ta, kt) // P + j, NPG), 0:P,
+                                    slot(qsel), h, :], K_s[j * P:(j + 1) * P, :], disable_tma=True)
                 T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
                 for r, c in T.Parallel(MP, lp):
                     acc_s[r, c] = T.if_then_else(
@@ -749,8 +825,17 @@ def _build_sparse(cfg):
                 T.copy(acc_s, acc_p)
                 for r, k in T.Parallel(MP, Dv):
                     acc_o[r, k] *= alpha[r]
-                T.copy(KV_V[b, tile_start(qsel, Sel_l, ws, ta, kt):tile_start(qsel, Sel_l, ws, ta, kt) + lp,
-                            slot(qsel), h, :], V_s, disable_tma=True)
+                if not P:
+                    T.copy(KV_V[b, tile_start(qsel, Sel_l, ws, ta, kt):tile_start(qsel, Sel_l, ws, ta, kt) + lp,
+                                slot(qsel), h, :], V_s, disable_tma=True)
+                elif lp <= P:
+                    T.copy(KV_V[_page(SeqLens, b, tile_start(qsel, Sel_l, ws, ta, kt) // P, NPG),
+                                tile_start(qsel, Sel_l, ws, ta, kt) % P:tile_start(qsel, Sel_l, ws, ta, kt) % P + lp,
+                                slot(qsel), h, :], V_s, disable_tma=True)
+                else:
+                    for j in T.unroll(lp // P):
+                        T.copy(KV_V[_page(SeqLens, b, tile_start(qsel, Sel_l, ws, ta, kt) // P + j, NPG), 0:P,
+                                    slot(qsel), h, :], V_s[j * P:(j + 1) * P, :], disable_tma=True)
                 T.gemm(acc_p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 
             if cfg.pdl:

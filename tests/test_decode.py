@@ -185,6 +185,84 @@ def test_decode_batch_parts_and_graph_replay_equal_one_launch_chain(decode_compi
     assert torch.equal(o_graph, want_o)
 
 
+# Paged decode: page sizes below (several pages a tile), at and above the selection block (64).
+PAGED_CASES = [(c, P) for c in (DECODE_CASES[0], DECODE_CASES[1]) for P in (16, 64, 128)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case,page_size", PAGED_CASES, ids=[f"{c[0]}-pg{P}" for c, P in PAGED_CASES])
+def test_paged_decode_equals_the_contiguous_decode_and_the_reference(case, page_size):
+    """nsa_decode over a PagedNSAKVCache batch (slots out of order, pages of a freed NaN-filled
+    sequence reused) picks the contiguous cache's blocks and its output equals the reference's on
+    them (1e-2, at most 2x the reference's own error in the dtype), step after step; more than 4
+    batch parts too (the pools are shared, the tables sliced)."""
+    from nsa_codegen.decode import nsa_decode
+    from nsa_codegen.kv_cache import nsa_decode_reference
+    from nsa_codegen.paged_kv_cache import PagedNSAKVCache
+    from test_ops import rel_err
+    name, spec, ql, lens0, steps, sep = case
+    g = torch.Generator(device="cuda").manual_seed(13)
+    dt = getattr(torch, spec.dtype)
+    B, HQ, H, Dk, Dv = len(lens0), spec.heads, spec.kv_heads, spec.head_dim, spec.v_head_dim
+    Tm = max(lens0) + steps * ql
+
+    def rn(*shape):
+        return torch.randn(*shape, generator=g, device="cuda").to(dt)
+    k, v = rn(B, Tm, H, Dk), rn(B, Tm, H, Dv)
+    kw, vw = (rn(B, Tm, H, Dk), rn(B, Tm, H, Dv)) if sep else (None, None)
+    contig = NSAKVCache(spec, B, Tm + 5, device="cuda", dtype=dt, separate_window=sep)
+    pool = PagedNSAKVCache(spec, num_pages=2 * B * (-(-Tm // page_size)) + 8, page_size=page_size, max_seqs=B + 1,
+                           max_seq_len=Tm + 5, device="cuda", dtype=dt, separate_window=sep)
+    junk = pool.add_sequence()   # fill pages with NaN, then free them: the real sequences reuse them
+    nan = torch.full((1, 3 * page_size + 5, H, Dk), float("nan"), device="cuda", dtype=dt)
+    pool.append([junk], nan, nan[..., :Dv], *((nan, nan[..., :Dv]) if sep else ()))
+    pool.free_sequence(junk)
+    slots = [pool.add_sequence() for _ in range(B)][::-1]   # entry i = slots[i], not slot i
+    batch = pool.batch(slots)
+    T0 = max(lens0)
+    pre = (k[:, :T0], v[:, :T0], *((kw[:, :T0], vw[:, :T0]) if sep else ()))
+    contig.prefill(*pre, seqlens=lens0)
+    batch.append(*pre, seqlens_new=lens0)
+    lens = list(lens0)
+    bi = torch.arange(B, device="cuda")[:, None]
+    for step in range(steps):
+        pos = torch.tensor(lens, device="cuda")[:, None] + torch.arange(ql, device="cuda")[None]
+        new = (k[bi, pos], v[bi, pos], *((kw[bi, pos], vw[bi, pos]) if sep else ()))
+        contig.append(*new)
+        batch.append(*new)
+        lens = [L + ql for L in lens]
+        q = rn(B, ql, HQ, Dk)
+        gates = [torch.sigmoid(rn(B, ql, HQ).float()).to(dt) for _ in range(3)]
+        _, want_idx = nsa_decode(q, contig, *gates, return_indices=True)
+        o, idx = nsa_decode(q, batch, *gates, return_indices=True, num_parts=min(B, 3) if step % 2 else None)
+        assert not torch.isnan(o).any(), f"step {step}: NaN in the paged output (a reused page's NaN, or unwritten)"
+        assert torch.equal(idx, want_idx), f"step {step}: the paged step chose other blocks than the contiguous one"
+        hi = nsa_decode_reference(q.float(), _fp32_view(batch), *(x.float() for x in gates), _fp32(spec),
+                                  block_indices=idx)
+        lo = nsa_decode_reference(q, batch, *gates, block_indices=idx)
+        err, err_lo = rel_err(o, hi), rel_err(lo, hi)
+        assert err < 1e-2 and err <= 2 * err_lo + 1e-6, f"step {step}: relative error {err:.2e} (reference {err_lo:.2e})"
+
+
+def _fp32(spec):
+    d = spec.to_dict()
+    d["dtype"] = "float32"
+    return NSASpec.from_dict(d)
+
+
+class _fp32_view:
+    """A paged batch read in float32 (the reference's high-precision run)."""
+
+    def __init__(self, batch):
+        self.b = batch
+        self.spec, self.dtype, self.device = _fp32(batch.spec), torch.float32, batch.device
+        self.batch_size, self.lengths = batch.batch_size, batch.lengths
+        self.separate_window, self.separate_cmp = batch.separate_window, batch.separate_cmp
+
+    def entry(self, i):
+        return {n: (None if t is None else t.float()) for n, t in self.b.entry(i).items()}
+
+
 @pytest.mark.parametrize("L", [1, 63, 64, 65, 500, 700, 4096, 65536])
 @pytest.mark.parametrize("local,window", [(2, 512), (0, 512), (2, 0), (3, 64)])
 def test_decode_bytes_count_each_row_once(L, local, window):

@@ -79,8 +79,13 @@ def test_decode_plan_names_its_four_kernels():
     assert [c.kind for c in calls] == ["decode_cmp", "decode_topn", "decode_sparse", "decode_combine"]
     assert str(calls[0].key) == "sm90/decode_cmp/fp16/dk128_dv128/h4_g16/l32_d16_f0_bs64_n16_i1_loc2_w512_q2_sw1_ms262144"
     assert decode_seqlen_bucket(1) == decode_seqlen_bucket(131072) == 131072
-    # the forward plan carries the one-token decode step for 128k caches
-    assert lower_to_plan(spec).decode == lower_decode(spec)
+    # the forward plan carries the one-token decode step for 128k caches, and its cmp / sparse
+    # kernels over a paged cache of the default pages
+    paged = lower_decode(spec, page_size=64)
+    assert [c.kind for c in paged] == ["decode_cmp_paged", "decode_topn", "decode_sparse_paged", "decode_combine"]
+    assert str(paged[0].key).endswith("_q1_sw0_ms131072_pg64")
+    assert paged[1].key == lower_decode(spec)[1].key   # top-n and combine read no cache: shared
+    assert lower_to_plan(spec).decode == lower_decode(spec) + (paged[0], paged[2])
     with pytest.raises(ValueError, match="q_len"):
         lower_decode(spec, q_len=9)
     with pytest.raises(ValueError, match="all three branches"):

@@ -237,3 +237,42 @@ def test_fp8_pages_store_e4m3_with_per_head_scales():
     assert torch.isfinite(last).all() and last.abs().max() <= 448 * scale.max() + 1e-6
     with pytest.raises(ValueError, match="kv_dtype"):
         PagedNSAKVCache(spec, 4, device="cpu", kv_dtype=torch.int8)
+
+
+def test_pools_keep_a_zero_page_and_reused_pages_come_back_zero():
+    """Each pool has a page more than it hands out (its last, which stays zero: the decode kernels read
+    it for table entries with no page), and a page handed out again is zeroed first, so rows past a
+    sequence's length read zero, never an earlier sequence's values (NaN included)."""
+    P = 16
+    cache = PagedNSAKVCache(SPEC, num_pages=6, page_size=P, max_seqs=2, max_seq_len=96, device="cpu")
+    assert cache.kv_k.shape[0] == 7 and cache.k_cmp.shape[0] == cache.num_cmp_pages + 1
+    a = cache.add_sequence()
+    nan_k, nan_v = torch.full((1, 90, 2, 32), float("nan")), torch.full((1, 90, 2, 16), float("nan"))
+    cache.append([a], nan_k, nan_v)
+    assert cache.free_pages == 0                       # all six pages handed out, the zero page not
+    assert torch.isnan(cache.kv_k[:6]).any() and not cache.kv_k[6].any() and not cache.k_cmp[-1].any()
+    cache.free_sequence(a)
+    b = cache.add_sequence()
+    seq = _stream(3, 1, 40)[0]
+    _append(cache, [b], [seq], [0], 40, [37])
+    _check_sequence(cache, b, seq, 37)
+    pages = cache.block_table[b, :3].tolist()
+    rows = cache.kv_k[pages].flatten(0, 1)[:, 0]      # the sequence's three pages, row by row
+    assert not torch.isnan(cache.kv_k[pages]).any() and not rows[37:].any()
+    cmp_rows = cache.k_cmp[cache.cmp_block_table[b, 0]]
+    assert not torch.isnan(cmp_rows).any()
+    assert not cache.kv_k[6].any() and not cache.k_cmp[-1].any()
+
+
+def test_kernel_tables_gather_the_batch_s_lengths_and_block_tables():
+    cache = PagedNSAKVCache(SPEC, num_pages=20, page_size=16, max_seqs=3, max_seq_len=160, device="cpu")
+    slots = [cache.add_sequence() for _ in range(3)]
+    seqs = _stream(4, 3, 100)
+    _append(cache, slots, seqs, [0, 0, 0], 100, [100, 5, 37])
+    batch = cache.batch([slots[2], slots[0]])
+    t = batch.kernel_tables()
+    assert t["cache_seqlens"].tolist() == [37, 100]
+    assert t["seqlens_table"][:, 0].tolist() == [37, 100]
+    assert torch.equal(t["seqlens_table"][:, 1:], cache.block_table[[slots[2], slots[0]]])
+    assert torch.equal(t["seqlens_cmp_table"][:, 1:], cache.cmp_block_table[[slots[2], slots[0]]])
+    assert t["seqlens_table"].dtype == torch.int32 and t["seqlens_table"].is_contiguous()
