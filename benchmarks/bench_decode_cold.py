@@ -10,7 +10,9 @@ For each (batch B, context L):
     every timed launch reads the next copy (cold: its bytes are not in L2). `nsa_warm` replays one
     copy (its bytes stay in L2) for comparison;
   - cases, interleaved round by round, each launch timed by CUDA events (benchmarks/timing.py):
-    `nsa` (nsa_decode, one CUDA graph per copy), `nsa_warm`, and the dense peers over the same
+    `nsa` (nsa_decode, one CUDA graph per copy), `nsa_warm`, `nsa_paged` (the same sequences in a
+    PagedNSAKVCache of --paged-token pages handed out shuffled, checked against `nsa` first: same
+    blocks, outputs within 1e-2), and the dense peers over the same
     copies' K/V: SDPA pinned to each backend that runs it (flash, efficient, cuDNN; GQA through
     enable_gqa, no copies of K/V), graphed the same way;
   - bytes, counted once: NSA's unique rows (decode.nsa_decode_bytes), dense B x L x H x (Dk + Dv) x 2;
@@ -42,6 +44,29 @@ def random_cache(B, L):
     c = random_paper_cache(B, L)
     c.set_lengths([L] * B)
     return c
+
+
+def paged_copy(c, L, page_size=64, seed=0):
+    """The same sequences as cache c (B entries at length L) in a PagedNSAKVCache of page_size-token
+    pages handed out in a shuffled order (pages of one sequence are not adjacent, as in a server),
+    as a batch of its B slots."""
+    from nsa_codegen.paged_kv_cache import PagedNSAKVCache
+    B = c.batch_size
+    per = -(-L // page_size)
+    pool = PagedNSAKVCache(PAPER, B * per + 1, page_size=page_size, max_seqs=B, max_seq_len=L + 256,
+                           device=c.device, dtype=c.dtype)
+    g = torch.Generator().manual_seed(seed)
+    pool._free = [pool._free[i] for i in torch.randperm(len(pool._free), generator=g).tolist()]
+    batch = pool.batch([pool.add_sequence() for _ in range(B)])
+    batch.append(c.kv_k[:, :L, 0], c.kv_v[:, :L, 0])
+    # the random caches' compressed rows are random too, not phi of their tokens: copy them over
+    N = c.num_cmp_host[0]
+    H = PAPER.kv_heads
+    for i, slot in enumerate(batch.slots):
+        rows = pool._flat(pool._cmp_pages[slot], torch.arange(N, device=c.device))
+        pool.k_cmp.view(-1, H, PAPER.head_dim)[rows] = c.k_cmp[i, :N]
+        pool.v_cmp.view(-1, H, PAPER.v_head_dim)[rows] = c.v_cmp[i, :N]
+    return batch
 
 
 def graphed(fn):
@@ -86,6 +111,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--mem-gib", type=float, default=40.0, help="memory for the cache copies of one (B, L)")
+    ap.add_argument("--paged", type=int, default=64, help="also time the step over a paged copy of the caches "
+                    "with pages of this many tokens (0: off)")
+    ap.add_argument("--paged-copies", type=int, default=0, help="paged copies (default: as many as the caches)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     from torch.nn.attention import SDPBackend
@@ -94,7 +122,8 @@ def main(argv=None):
     rows = []
     for L in args.contexts:
         for B in args.batches:
-            n, step_bytes = copies_needed(B, L, l2, args.mem_gib * 2 ** 30)
+            # with paged copies beside them, each set gets half the memory
+            n, step_bytes = copies_needed(B, L, l2, args.mem_gib * 2 ** 30 / (2 if args.paged else 1))
             say(f"B={B} L={L}: {n} cache copies ({n * step_bytes / 2 ** 20:.0f} MiB read per rotation, L2 "
                 f"{l2 / 2 ** 20:.0f} MiB)")
             caches = [random_cache(B, L) for _ in range(n)]
@@ -105,6 +134,17 @@ def main(argv=None):
             dense_bytes = B * L * PAPER.kv_heads * (PAPER.head_dim + PAPER.v_head_dim) * 2
             r.add("nsa", rotate(nsa), bytes=B * nsa_decode_bytes(PAPER, L), copies=n)
             r.add("nsa_warm", nsa[0], bytes=B * nsa_decode_bytes(PAPER, L), copies=1)
+            if args.paged:   # the same sequences in paged pools (64-token pages, shuffled)
+                paged = [paged_copy(c, L, args.paged, seed=i) for i, c in enumerate(caches[:args.paged_copies or n])]
+                o_c, i_c = nsa_decode(q, caches[0], *gs, return_indices=True)
+                o_p, i_p = nsa_decode(q, paged[0], *gs, return_indices=True)
+                same = torch.equal(i_c, i_p)
+                diff = ((o_p.float() - o_c.float()).norm() / o_c.float().norm()).item()
+                say(f"paged vs contiguous: same blocks {same}, output relative difference {diff:.2e}")
+                if not same or diff > 1e-2:
+                    raise SystemExit(f"paged decode differs from contiguous (blocks equal: {same}, rel {diff:.2e})")
+                r.add("nsa_paged", rotate([graphed(lambda c=c: nsa_decode(q, c, *gs)) for c in paged]),
+                      bytes=B * nsa_decode_bytes(PAPER, L), copies=len(paged))
             for name, be in (("sdpa_flash", SDPBackend.FLASH_ATTENTION),
                              ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION),
                              ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
@@ -123,6 +163,7 @@ def main(argv=None):
                 rows.append(row)
                 say(f"B={B} L={L} {row['case']}: {row.get('ms')} ms")
             del caches, nsa
+            paged = None
             torch.cuda.empty_cache()
     save(args, rows)
 

@@ -23,8 +23,9 @@
 #            NaN / window / new-cell forward tests, every backward test (the G = 6 / 12 dk/dv fix and the
 #            compiled packed step of da97536 have not run), the decode GPU tests, then bench_paper.py
 #            --backward at 8k and 64k
-#   asyncmma: every backward test (with the compression / window dk/dv schedule tests), then
-#            bench_paper.py --backward ($2: its --T; default 8192 65536) with 5 rounds x 4 launches
+#   asyncmma: bench_paper.py --backward ($2: its --T; default 8192 65536; 5 rounds x 4 launches), every
+#            backward test (with the compression / window dk/dv schedule tests), the decode GPU tests
+#            (paged decode included)
 #   pytest: python3 -m pytest -q $2 [-k "$PYTEST_K"] (any GPU tests, with the prebuilt kernels)
 #   ab: bench_paper.py of an older commit (.ab/baseline.tar.xz from benchmarks/make_baseline.py REV:
 #       its source and its own prebuilt kernels), then of this tree, on the same machine ($2: their
@@ -148,10 +149,12 @@ if [[ $what == pending ]]; then
   date; timeout 120 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T 8192 65536 --rounds 3 --iters 4 2>&1 | tee "$OUT/paper_bench.log" | grep "T=\|check"
   date
 fi
-if [[ $what == asyncmma ]]; then   # every backward test (the async dK/dV schedules, da97536's fixes), then the paper config
-  date; timeout 300 python3 -m pytest -q tests/test_ops_backward.py 2>&1 | tee "$OUT/bwd_tests.log" | tail -15
+if [[ $what == asyncmma ]]; then   # the paper config (async dK/dV configurations), every backward test, the decode tests (paged)
+  date; timeout 200 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T ${2:-8192 65536} --rounds 5 --iters 4 2>&1 | tee "$OUT/paper_bench.log" | grep "T=\|check\|not timed"
+  date; timeout 250 python3 -m pytest -q tests/test_ops_backward.py 2>&1 | tee "$OUT/bwd_tests.log" | tail -15
   rc=${PIPESTATUS[0]}
-  date; timeout 240 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T ${2:-8192 65536} --rounds 5 --iters 4 2>&1 | tee "$OUT/paper_bench.log" | grep "T=\|check\|not timed"
+  date; timeout 90 python3 -m pytest -q tests/test_decode.py -m gpu 2>&1 | tee "$OUT/decode_tests.log" | tail -8
+  [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
   date
 fi
 if [[ $what == pytest ]]; then   # any GPU tests: $2 = pytest arguments
