@@ -2,6 +2,7 @@
 per-kernel breakdown, and with the selection forward run by each of its schedules.
 
     python benchmarks/bench_paper.py [--T 8192 32768 65536] [--dtype float16] [--backward] [--out DIR]
+        [--configs NAME ...]
 
 Spec: HQ=64, H=4 (G=16), Dk=192, Dv=128, compression l=32 d=16 (mean), selection l'=64 n=16
 (1 forced initial + 2 local), window 512; B=1. Cases at each T, timed interleaved (--rounds rounds,
@@ -16,8 +17,8 @@ interquartile range over all launches):
   k:<kernel>[...]     each kernel of the plan alone, on the inputs the forward gave it
 With --backward, fwd+bwd cases (o.backward(do), all inputs require grad): dense_cudnn_d128_fb,
 ours_fb[...], and k:selection_bwd[...], k:compression_bwd[...], k:window_bwd[...]. The backward
-configurations cmp_regs / cmp_async (compression dk/dv: P^T, dS^T as register operands; async
-WGMMA) and win_async (window dk/dv, async WGMMA) add ours_fb[...] and their kernel's case only.
+configurations cmp_regs / cmp_async / cmp_async_s8 (compression dk/dv: P^T, dS^T as register
+operands; async WGMMA; with 8 token splits) and win_async (window dk/dv, async WGMMA) add ours_fb[...] and their kernel's case only.
 Before timing, every configuration is checked against nsa_codegen.reference: the forward at T=4096
 and (--backward) the dq, dk, dv of the selection branch at T=2048 (fp32, on the block lists the
 kernels chose), of the compression branch at T=4096 and of the window branch at T=2048. A
@@ -54,6 +55,9 @@ CONFIGS = {"tile": {"selection_fwd": {"tile_tokens": 0}, "selection_bwd_dq": {"t
                                                  "kv_num_stages": 2, "kv_regs": True}},
            "cmp_async": {"compression_bwd_dkdv": {"kv_block_N": 128, "kv_block_M": 32, "kv_threads": 256,
                                                   "kv_num_stages": 2, "kv_regs": True, "kv_async": True}},
+           "cmp_async_s8": {"compression_bwd_dkdv": {"kv_block_N": 128, "kv_block_M": 32, "kv_threads": 256,
+                                                     "kv_num_stages": 2, "kv_regs": True, "kv_async": True,
+                                                     "kv_splits": 8}},
            "win_async": {"window_bwd_dkdv": {"async_mma": True}}}
 CONFIG_KINDS = sorted({kind for per_kind in CONFIGS.values() for kind in per_kind})
 
@@ -99,14 +103,17 @@ class Config:
                                               for p, k in self.kernels.items())
 
 
-def configurations(spec, backward):
-    """[Config]: the resolved schedules first, then each of CONFIGS that differs from them."""
+def configurations(spec, backward, names=None):
+    """[Config]: the resolved schedules first, then each of CONFIGS (or of `names`) that differs from
+    them."""
     plan = lower_to_plan(spec, arch_of_capability(*torch.cuda.get_device_capability()))
     calls = plan.calls + (plan.backward if backward else ())
     problems = {c.kind: c.key for c in calls if c.kind in CONFIG_KINDS}
     resolved = {p: get_kernel(p) for p in problems.values()}
     out = [Config("resolved", resolved)]
     for name, per_kind in CONFIGS.items():
+        if names is not None and name not in names:
+            continue
         kernels = {}
         for p, k in resolved.items():
             sched = {**dict(k.key.schedule), **per_kind.get(p.kind, {})}
@@ -290,11 +297,13 @@ def main():
     ap.add_argument("--iters", type=int, default=4)
     ap.add_argument("--backward", action="store_true")
     ap.add_argument("--no-kernels", action="store_true", help="skip the per-kernel breakdown")
+    ap.add_argument("--configs", nargs="*", default=None, choices=sorted(CONFIGS),
+                    help="the configurations besides the resolved one (default: all)")
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     args = ap.parse_args()
     dt = getattr(torch, args.dtype)
     spec = paper_spec(args.dtype)
-    configs = configurations(spec, args.backward)
+    configs = configurations(spec, args.backward, args.configs)
     checks = check(spec, dt, configs, args.backward)
 
     def fails(c):

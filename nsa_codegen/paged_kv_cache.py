@@ -87,6 +87,7 @@ class PagedNSAKVCache:
         # kernels read for a table entry with no page (templates/decode_attention.py).
         self.num_pages = num_pages
         self.kv_k = torch.zeros(num_pages + 1, P, NB, H, Dk, **z)
+        self.device = z["device"] = self.kv_k.device   # "cuda" -> "cuda:0": what tensors on it report
         self.kv_v = torch.zeros(num_pages + 1, P, NB, H, Dv, **z)
         self.cmp_k_raw = torch.zeros(num_pages + 1, P, H, Dk, **z) if self.separate_cmp else None
         self.cmp_v_raw = torch.zeros(num_pages + 1, P, H, Dv, **z) if self.separate_cmp else None
