@@ -17,8 +17,8 @@ interquartile range over all launches):
   k:<kernel>[...]     each kernel of the plan alone, on the inputs the forward gave it
 With --backward, fwd+bwd cases (o.backward(do), all inputs require grad): dense_cudnn_d128_fb,
 ours_fb[...], and k:selection_bwd[...], k:compression_bwd[...], k:window_bwd[...]. The backward
-configurations cmp_regs / cmp_async / cmp_async_s8 (compression dk/dv: P^T, dS^T as register
-operands; async WGMMA; with 8 token splits) and win_async (window dk/dv, async WGMMA) add ours_fb[...] and their kernel's case only.
+configurations cmp_regs / cmp_async / cmp_async_s8 / _s16 (compression dk/dv: P^T, dS^T as register
+operands; async WGMMA; with 8 / 16 token splits) and win_async (window dk/dv, async WGMMA) add ours_fb[...] and their kernel's case only.
 Before timing, every configuration is checked against nsa_codegen.reference: the forward at T=4096
 and (--backward) the dq, dk, dv of the selection branch at T=2048 (fp32, on the block lists the
 kernels chose), of the compression branch at T=4096 and of the window branch at T=2048. A
@@ -58,6 +58,9 @@ CONFIGS = {"tile": {"selection_fwd": {"tile_tokens": 0}, "selection_bwd_dq": {"t
            "cmp_async_s8": {"compression_bwd_dkdv": {"kv_block_N": 128, "kv_block_M": 32, "kv_threads": 256,
                                                      "kv_num_stages": 2, "kv_regs": True, "kv_async": True,
                                                      "kv_splits": 8}},
+           "cmp_async_s16": {"compression_bwd_dkdv": {"kv_block_N": 128, "kv_block_M": 32, "kv_threads": 256,
+                                                      "kv_num_stages": 2, "kv_regs": True, "kv_async": True,
+                                                      "kv_splits": 16}},
            "win_async": {"window_bwd_dkdv": {"async_mma": True}}}
 CONFIG_KINDS = sorted({kind for per_kind in CONFIGS.values() for kind in per_kind})
 

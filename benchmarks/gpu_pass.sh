@@ -160,7 +160,7 @@ if [[ $what == asyncmma ]]; then   # the paper config (async dK/dV configuration
   date
 fi
 if [[ $what == round2 ]]; then   # compression dK/dV splits, paged decode, the backward tests the asyncmma pass left unrun, paged cold decode
-  date; timeout 150 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T 8192 65536 --rounds 5 --iters 4 --configs cmp_async cmp_async_s8 2>&1 | tee "$OUT/paper_bench.log" | grep "T=\|not timed"
+  date; timeout 150 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T 8192 65536 --rounds 5 --iters 4 --configs cmp_async cmp_async_s8 cmp_async_s16 2>&1 | tee "$OUT/paper_bench.log" | grep "T=\|not timed"
   date; timeout 60 python3 -m pytest -q tests/test_decode.py -m gpu -k paged 2>&1 | tee "$OUT/decode_tests.log" | tail -8
   rc=${PIPESTATUS[0]}
   date; timeout 200 python3 -m pytest -q tests/test_ops_backward.py -k "compiled_packed or block_units or gradients_of_a_pack or packs_block_map" 2>&1 | tee "$OUT/bwd_tail.log" | tail -8
