@@ -17,8 +17,8 @@ interquartile range over all launches):
   k:<kernel>[...]     each kernel of the plan alone, on the inputs the forward gave it
 With --backward, fwd+bwd cases (o.backward(do), all inputs require grad): dense_cudnn_d128_fb,
 ours_fb[...], and k:selection_bwd[...], k:compression_bwd[...], k:window_bwd[...]. The backward
-configurations cmp_regs / cmp_async / cmp_async_s8 / _s16 (compression dk/dv: P^T, dS^T as register
-operands; async WGMMA; with 8 / 16 token splits) and win_async (window dk/dv, async WGMMA) add ours_fb[...] and their kernel's case only.
+configurations cmp_smem / cmp_regs / cmp_async / cmp_async_s8 (compression dk/dv: the earlier smem
+schedule; registers without async WGMMA; async with 4 / 8 token splits) and win_async (window dk/dv, async WGMMA) add ours_fb[...] and their kernel's case only.
 Before timing, every configuration is checked against nsa_codegen.reference: the forward at T=4096
 and (--backward) the dq, dk, dv of the selection branch at T=2048 (fp32, on the block lists the
 kernels chose), of the compression branch at T=4096 and of the window branch at T=2048. A
@@ -49,18 +49,15 @@ HQ, H, DK, DV = 64, 4, 192, 128
 # Schedule configurations beside the resolved one: knobs per kernel kind.
 CONFIGS = {"tile": {"selection_fwd": {"tile_tokens": 0}, "selection_bwd_dq": {"tile_tokens": 0}},
            "token": {"selection_fwd": {"tile_tokens": 1}, "selection_bwd_dq": {"tile_tokens": 1}},
-           # compression dk/dv: P^T / dS^T as register operands (128 rows, 64 per warpgroup), then
-           # also with async WGMMA (tests/test_ops_backward.py CMP_DKDV_SCHEDULES)
-           "cmp_regs": {"compression_bwd_dkdv": {"kv_block_N": 128, "kv_block_M": 32, "kv_threads": 256,
-                                                 "kv_num_stages": 2, "kv_regs": True}},
-           "cmp_async": {"compression_bwd_dkdv": {"kv_block_N": 128, "kv_block_M": 32, "kv_threads": 256,
-                                                  "kv_num_stages": 2, "kv_regs": True, "kv_async": True}},
-           "cmp_async_s8": {"compression_bwd_dkdv": {"kv_block_N": 128, "kv_block_M": 32, "kv_threads": 256,
-                                                     "kv_num_stages": 2, "kv_regs": True, "kv_async": True,
-                                                     "kv_splits": 8}},
-           "cmp_async_s16": {"compression_bwd_dkdv": {"kv_block_N": 128, "kv_block_M": 32, "kv_threads": 256,
-                                                      "kv_num_stages": 2, "kv_regs": True, "kv_async": True,
-                                                      "kv_splits": 16}},
+           # compression dk/dv (the default: P^T / dS^T as register operands, 128 rows, async WGMMA, 16
+           # token splits): the earlier default (smem P^T / dS^T, 64 rows, 4 splits), registers without
+           # async WGMMA, async with 4 / 8 splits (tests/test_ops_backward.py CMP_DKDV_SCHEDULES)
+           "cmp_smem": {"compression_bwd_dkdv": {"kv_block_N": 64, "kv_block_M": 128, "kv_threads": 256,
+                                                 "kv_num_stages": 1, "kv_regs": False, "kv_async": False,
+                                                 "kv_splits": 4}},
+           "cmp_regs": {"compression_bwd_dkdv": {"kv_regs": True, "kv_async": False, "kv_splits": 4}},
+           "cmp_async": {"compression_bwd_dkdv": {"kv_splits": 4}},
+           "cmp_async_s8": {"compression_bwd_dkdv": {"kv_splits": 8}},
            "win_async": {"window_bwd_dkdv": {"async_mma": True}}}
 CONFIG_KINDS = sorted({kind for per_kind in CONFIGS.values() for kind in per_kind})
 

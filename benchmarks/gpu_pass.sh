@@ -28,6 +28,8 @@
 #            (paged decode included)
 #   round2: bench_paper.py --backward --configs cmp_async cmp_async_s8, the paged decode tests, the backward
 #          tests after test_compiled_training_step, bench_decode_cold.py (B 1, 16 at 64k, paged beside)
+#   round3: the backward tests of the compression branch, packs and the layer (not torch.compile), then
+#          bench_paper.py --backward --configs cmp_smem (the compression dK/dV default against the earlier one)
 #   pytest: python3 -m pytest -q $2 [-k "$PYTEST_K"] (any GPU tests, with the prebuilt kernels)
 #   ab: bench_paper.py of an older commit (.ab/baseline.tar.xz from benchmarks/make_baseline.py REV:
 #       its source and its own prebuilt kernels), then of this tree, on the same machine ($2: their
@@ -160,12 +162,18 @@ if [[ $what == asyncmma ]]; then   # the paper config (async dK/dV configuration
   date
 fi
 if [[ $what == round2 ]]; then   # compression dK/dV splits, paged decode, the backward tests the asyncmma pass left unrun, paged cold decode
-  date; timeout 150 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T 8192 65536 --rounds 5 --iters 4 --configs cmp_async cmp_async_s8 cmp_async_s16 2>&1 | tee "$OUT/paper_bench.log" | grep "T=\|not timed"
+  date; timeout 150 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T 8192 65536 --rounds 5 --iters 4 --configs cmp_async cmp_async_s8 2>&1 | tee "$OUT/paper_bench.log" | grep "T=\|not timed"
   date; timeout 60 python3 -m pytest -q tests/test_decode.py -m gpu -k paged 2>&1 | tee "$OUT/decode_tests.log" | tail -8
   rc=${PIPESTATUS[0]}
   date; timeout 200 python3 -m pytest -q tests/test_ops_backward.py -k "compiled_packed or block_units or gradients_of_a_pack or packs_block_map" 2>&1 | tee "$OUT/bwd_tail.log" | tail -8
   [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
   date; timeout 150 python3 benchmarks/bench_decode_cold.py --out "$OUT" --contexts 65536 --batches 1 16 --rounds 5 --iters 8 2>&1 | tee "$OUT/decode_cold.log" | tail -14
+  date
+fi
+if [[ $what == round3 ]]; then   # the compression dK/dV default (async, 16 splits) through the backward tests, then against the smem schedule
+  date; timeout 240 python3 -m pytest -q tests/test_ops_backward.py -k "not compiled and (cmp or compression or nsa_attention_gradients or pack or block_units or layer or bit_identical)" 2>&1 | tee "$OUT/bwd_tests.log" | tail -8
+  rc=${PIPESTATUS[0]}
+  date; timeout 150 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T 8192 65536 --rounds 5 --iters 4 --configs cmp_smem 2>&1 | tee "$OUT/paper_bench.log" | grep "T=\|not timed"
   date
 fi
 if [[ $what == pytest ]]; then   # any GPU tests: $2 = pytest arguments

@@ -184,6 +184,10 @@ def check_config(cfg) -> None:
             raise ValueError("kv_regs: each warpgroup must own 64 rows (kv_block_N = 64 * kv_threads / 128)")
         if cfg.kv_async and not cfg.kv_regs:
             raise ValueError("kv_async needs kv_regs (P^T / dS^T in registers)")
+        if not cfg.kv_regs and splits(cfg) > 4:
+            # TileLang 0.1.15's ThreadSync fails to lower the smem P^T / dS^T path then ("a required
+            # shared-memory sync inside a divergent region with 4 participating threads")
+            raise ValueError("kv_splits: at most 4 with P^T / dS^T in shared memory (kv_regs false)")
         if _kv_regs(cfg) > (_MAX_REGS_RS if cfg.kv_regs else _MAX_REGS):
             raise ValueError("kv_block_N: dK/dV/S/dP tiles need too many registers for kv_threads")
         if _kv_smem(cfg) > cfg.smem_block:

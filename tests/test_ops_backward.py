@@ -250,13 +250,15 @@ def test_selection_dq_schedules(name, spec, B, T, kind, tile_tokens):
         assert_grad_close(f"{kernel.key}/{kind}/{what}", a, h, l)
 
 
-# Compression dk/dv schedules: the default (P^T / dS^T through shared memory), P^T / dS^T as register
-# operands with 64 rows per warpgroup, and the same with async WGMMA (S^T and dP^T issued together).
+# Compression dk/dv schedules: the default (P^T / dS^T as register operands, 64 rows per warpgroup, async
+# WGMMA, 16 token splits), the same without async WGMMA, and the earlier default (P^T / dS^T through
+# shared memory, 64 rows, 128 tokens a step, 4 splits).
 CMP_DKDV_SCHEDULES = {
-    "smem": {},
-    "regs": {"kv_block_N": 128, "kv_block_M": 32, "kv_threads": 256, "kv_num_stages": 2, "kv_regs": True},
-    "async": {"kv_block_N": 128, "kv_block_M": 32, "kv_threads": 256, "kv_num_stages": 2, "kv_regs": True,
-              "kv_async": True},
+    "default": {},
+    "regs": {"kv_block_N": 128, "kv_block_M": 32, "kv_threads": 256, "kv_num_stages": 2, "kv_regs": True,
+             "kv_async": False, "kv_splits": 4},
+    "smem": {"kv_block_N": 64, "kv_block_M": 128, "kv_threads": 256, "kv_num_stages": 1, "kv_regs": False,
+             "kv_async": False, "kv_splits": 4},
 }
 # Long enough that 128-row tiles have interior steps (tokens that see every row of the tile).
 _CMP_T = {"paper_bf16_T2000": 4500, "fla_cfg": 9000, "g8_d64": 2600, "g12_paper": 4500, "tiny_T": 17}
