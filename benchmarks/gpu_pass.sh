@@ -30,6 +30,7 @@
 #          tests after test_compiled_training_step, bench_decode_cold.py (B 1, 16 at 64k, paged beside)
 #   round3: the backward tests of the compression branch, packs and the layer (not torch.compile), then
 #          bench_paper.py --backward --configs cmp_smem (the compression dK/dV default against the earlier one)
+#   round3min: round3 in about 4 minutes (the compression backward tests; the A/B without per-kernel cases)
 #   pytest: python3 -m pytest -q $2 [-k "$PYTEST_K"] (any GPU tests, with the prebuilt kernels)
 #   ab: bench_paper.py of an older commit (.ab/baseline.tar.xz from benchmarks/make_baseline.py REV:
 #       its source and its own prebuilt kernels), then of this tree, on the same machine ($2: their
@@ -174,6 +175,12 @@ if [[ $what == round3 ]]; then   # the compression dK/dV default (async, 16 spli
   date; timeout 240 python3 -m pytest -q tests/test_ops_backward.py -k "not compiled and (cmp or compression or nsa_attention_gradients or pack or block_units or layer or bit_identical)" 2>&1 | tee "$OUT/bwd_tests.log" | tail -8
   rc=${PIPESTATUS[0]}
   date; timeout 150 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T 8192 65536 --rounds 5 --iters 4 --configs cmp_smem 2>&1 | tee "$OUT/paper_bench.log" | grep "T=\|not timed"
+  date
+fi
+if [[ $what == round3min ]]; then   # round3 in about 4 minutes: the compression backward tests (Dk = 256's fallback included), then the A/B
+  date; timeout 100 python3 -m pytest -q tests/test_ops_backward.py -k "(cmp and not compiled) or compression_dkdv_schedules" 2>&1 | tee "$OUT/bwd_tests.log" | tail -6
+  rc=${PIPESTATUS[0]}
+  date; timeout 120 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T 8192 65536 --rounds 5 --iters 4 --no-kernels --configs cmp_smem 2>&1 | tee "$OUT/paper_bench.log" | grep "T=\|not timed"
   date
 fi
 if [[ $what == pytest ]]; then   # any GPU tests: $2 = pytest arguments
