@@ -30,10 +30,11 @@ def test_default_build_set_covers_the_issue_configs():
     kinds = {k.kind for k, _ in keys}
     assert {"selection_bwd_dkdv", "compression_bwd_dq", "window_bwd_dkdv", "gate_combine_bwd"} <= kinds
     assert not any("_bwd" in k.kind for k, _ in plan_keys(specs, "sm90", backward=False, decode=False))
-    # and the one-token decode kernels of every spec with all three branches
+    # and the one-token decode kernels of every spec with all three branches: the four of a contiguous
+    # cache and the cmp / sparse kernels over 64-token pages
     decode = [k for k, _ in plan_keys(specs, "sm90") if k.kind.startswith("decode_")]
-    assert len(decode) == 4 * sum(s.compression is not None and s.selection is not None and s.window is not None
-                                  for s in specs.values())
+    full = sum(s.compression is not None and s.selection is not None and s.window is not None for s in specs.values())
+    assert len(decode) == 6 * full and sum(k.kind.endswith("_paged") for k in decode) == 2 * full
     assert not any(k.kind.startswith("decode_") for k, _ in plan_keys(specs, "sm90", decode=False))
 
 
