@@ -157,35 +157,14 @@ def lower_decode(spec: NSASpec, arch: str = "sm90", q_len: int = 1, separate_win
         first_block=c.first_block, sel_block=s.block, top_n=s.top_n, initial=s.initial, local=s.local,
         window=w.size, q_len=int(q_len), separate_window=int(bool(separate_window)),
         max_seqlen=decode_seqlen_bucket(capacity))
-    kv = ("kv_k", "kv_v")
-    if page_size:
-        paged = dict(problem.param, page_size=int(page_size))
-        cmp_key = KernelKey.make(kind="decode_cmp_paged", **_key_fields(spec, arch), **paged)
-        sparse_key = KernelKey.make(kind="decode_sparse_paged", **_key_fields(spec, arch), **paged)
-        return (
-            KernelCall("decode_cmp_paged", cmp_key, KINDS["decode_cmp_paged"].inputs,
-                       KINDS["decode_cmp_paged"].outputs),
-            KernelCall("decode_topn", replace(problem, kind="decode_topn"),
-                       ("scores", "score_max", "lse_cmp_part", "cache_seqlens"),
-                       ("candidate_scores", "candidate_blocks")),
-            KernelCall("decode_sparse_paged", sparse_key, KINDS["decode_sparse_paged"].inputs,
-                       KINDS["decode_sparse_paged"].outputs),
-            KernelCall("decode_combine", replace(problem, kind="decode_combine"),
-                       KINDS["decode_combine"].inputs, ("o",)),
-        )
-    return (
-        KernelCall("decode_cmp", problem, ("q", "k_cmp", "v_cmp", "cache_seqlens"),
-                   ("scores", "score_max", "o_cmp_part", "lse_cmp_part")),
-        KernelCall("decode_topn", replace(problem, kind="decode_topn"),
-                   ("scores", "score_max", "lse_cmp_part", "cache_seqlens"),
-                   ("candidate_scores", "candidate_blocks")),
-        KernelCall("decode_sparse", replace(problem, kind="decode_sparse"),
-                   ("q",) + kv + ("cache_seqlens", "candidate_scores", "candidate_blocks"),
-                   ("block_indices", "o_slc_part", "lse_slc_part", "o_win_part", "lse_win_part")),
-        KernelCall("decode_combine", replace(problem, kind="decode_combine"),
-                   ("o_cmp_part", "lse_cmp_part", "o_slc_part", "lse_slc_part", "o_win_part", "lse_win_part",
-                    "g_cmp", "g_slc", "g_win"), ("o",)),
-    )
+    paged = dict(problem.param, page_size=int(page_size))
+
+    def call(kind):   # arguments as the registry lists them; the paged kinds add the page size
+        key = (KernelKey.make(kind=kind, **_key_fields(spec, arch), **paged) if kind.endswith("_paged")
+               else replace(problem, kind=kind))
+        return KernelCall(kind, key, KINDS[kind].inputs, KINDS[kind].outputs)
+    pg = "_paged" if page_size else ""
+    return tuple(call(k) for k in (f"decode_cmp{pg}", "decode_topn", f"decode_sparse{pg}", "decode_combine"))
 
 
 def _lower_backward(calls: list[KernelCall]) -> tuple[KernelCall, ...]:
