@@ -56,6 +56,20 @@ def _grads(fn, inputs, do, dlse):
     return torch.autograd.grad(loss, leaves)
 
 
+def _assert_schedule_grads(problem, kernel, kern, oracle, inputs, do, dlse, names, label):
+    """The op's gradients with `kernel` swapped in for `problem`: twice bit-identical, and each (names)
+    against the fp32 oracle's autograd (assert_grad_close, labelled label/<name>)."""
+    from nsa_codegen.cache import use_kernel
+    with use_kernel(problem, kernel):
+        got = _grads(kern, inputs, do, dlse)
+        again = _grads(kern, inputs, do, dlse)
+    assert all(torch.equal(a, b) for a, b in zip(got, again)), f"{kernel.key}: gradients changed between runs"
+    hi = _grads(oracle, f32(*inputs), do.float(), dlse)
+    lo = _grads(oracle, inputs, do, dlse)
+    for what, a, h, l in zip(names, got, hi, lo):
+        assert_grad_close(f"{label}/{what}", a, h, l)
+
+
 def _branch_cases():
     for name, spec, B, T in BWD_MATRIX:
         for branch in ("cmp", "slc", "win"):
@@ -180,30 +194,43 @@ BF16_LAYER_SPEC = NSASpec(heads=16, kv_heads=4, head_dim=64, v_head_dim=64, dtyp
                           window=WindowBranch(64))
 
 
+def _pack_case(lens, seed):
+    """MATRIX[3]'s spec and inputs on a pack of sequences of `lens`: (name, spec, (q, k, v, *gates),
+    cu_seqlens, do, the block lists the kernels' forward chose)."""
+    from nsa_codegen import nsa_attention
+    name, spec, _, _ = MATRIX[3]
+    q, k, v, gates = make_inputs(spec, 1, sum(lens), seed=seed)
+    cu = torch.tensor([0] + [sum(lens[:i + 1]) for i in range(len(lens))], device="cuda", dtype=torch.int32)
+    do = torch.randn_like(q[..., :spec.v_head_dim])
+    with torch.no_grad():
+        _, idx = nsa_attention(q, k, v, *gates, spec, cu_seqlens=cu, return_indices=True)
+    return name, spec, (q, k, v, *gates), cu, do, idx
+
+
+def _pack_grads(fn, xs, do):
+    leaves = [x.detach().requires_grad_() for x in xs]
+    return torch.autograd.grad((fn(*leaves) * do).float().sum(), leaves)
+
+
+def _assert_pack_grads_match_the_reference(label, spec, xs, cu, do, idx, got):
+    """got (the gradients of q, k, v and the gates) against the reference's autograd per sequence."""
+    oracle = lambda *ys: ref.nsa_reference(*ys, spec, block_indices=idx, cu_seqlens=cu)  # noqa: E731
+    hi = _pack_grads(oracle, f32(*xs), do.float())
+    lo = _pack_grads(oracle, xs, do)
+    for what, p, h, l in zip(("dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_win"), got, hi, lo):
+        assert_grad_close(f"{label}/pack/{what}", p, h, l)
+
+
 @gpu
 def test_cu_seqlens_gradients_match_the_reference_per_sequence(precompiled):
     """A pack trains in one launch per kernel: the gradients of q, k, v and the gates match the
     reference's autograd on each sequence alone (on the kernels' own selection), twice bit-identical."""
     from nsa_codegen import nsa_attention
-    name, spec, _, _ = MATRIX[3]
-    lens = [300, 1, 517, 64]
-    q, k, v, gates = make_inputs(spec, 1, sum(lens), seed=25)
-    cu = torch.tensor([0, 300, 301, 818, 882], device="cuda", dtype=torch.int32)
-    do = torch.randn_like(q[..., :spec.v_head_dim])
-    with torch.no_grad():
-        _, idx = nsa_attention(q, k, v, *gates, spec, cu_seqlens=cu, return_indices=True)
-
-    def grads(fn, xs, do_):
-        leaves = [x.detach().requires_grad_() for x in xs]
-        return torch.autograd.grad((fn(*leaves) * do_).float().sum(), leaves)
-    kern = lambda *xs: nsa_attention(*xs, spec, cu_seqlens=cu)  # noqa: E731
-    packed = grads(kern, (q, k, v, *gates), do)
-    assert all(torch.equal(a, b) for a, b in zip(packed, grads(kern, (q, k, v, *gates), do)))
-    oracle = lambda *xs: ref.nsa_reference(*xs, spec, block_indices=idx, cu_seqlens=cu)  # noqa: E731
-    hi = grads(oracle, f32(q, k, v, *gates), do.float())
-    lo = grads(oracle, (q, k, v, *gates), do)
-    for what, p, h, l in zip(("dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_win"), packed, hi, lo):
-        assert_grad_close(f"{name}/pack/{what}", p, h, l)
+    name, spec, xs, cu, do, idx = _pack_case([300, 1, 517, 64], seed=25)
+    kern = lambda *ys: nsa_attention(*ys, spec, cu_seqlens=cu)  # noqa: E731
+    packed = _pack_grads(kern, xs, do)
+    assert all(torch.equal(a, b) for a, b in zip(packed, _pack_grads(kern, xs, do)))
+    _assert_pack_grads_match_the_reference(name, spec, xs, cu, do, idx, packed)
 
 
 # Selection dq schedules: 1 = per token, 0 = auto (a token tile where G >= 8).
@@ -229,7 +256,6 @@ def test_selection_dq_schedules(name, spec, B, T, kind, tile_tokens):
     lists with and without locality and on hostile ones (repeats, pads, future blocks, tokens with
     nothing usable); NaN-poisoned gradients; twice, bit-identical."""
     from nsa_codegen import ops
-    from nsa_codegen.cache import use_kernel
     from test_ops import selection_lists
     s = spec.selection
     q, k, v, _ = make_inputs(spec, B, T, seed=31)
@@ -239,15 +265,9 @@ def test_selection_dq_schedules(name, spec, B, T, kind, tile_tokens):
     dlse = torch.randn(B, T, spec.heads, generator=g, device="cuda")
     problem, kernel = _selection_dq_kernel(q, k, v, s, tile_tokens)
     kern = lambda q_, k_, v_: ops.selection_attention(q_, k_, v_, idx, s.block, -1.0)  # noqa: E731
-    with use_kernel(problem, kernel):
-        got = _grads(kern, (q, k, v), do, dlse)
-        again = _grads(kern, (q, k, v), do, dlse)
-    assert all(torch.equal(a, b) for a, b in zip(got, again)), f"{kernel.key}: gradients changed between runs"
     oracle = lambda q_, k_, v_: ref.selection_attention(q_, k_, v_, idx, s.block, spec.softmax_scale)  # noqa: E731
-    hi = _grads(oracle, f32(q, k, v), do.float(), dlse)
-    lo = _grads(oracle, (q, k, v), do, dlse)
-    for what, a, h, l in zip(("dq", "dk", "dv"), got, hi, lo):
-        assert_grad_close(f"{kernel.key}/{kind}/{what}", a, h, l)
+    _assert_schedule_grads(problem, kernel, kern, oracle, (q, k, v), do, dlse, ("dq", "dk", "dv"),
+                           f"{kernel.key}/{kind}")
 
 
 # Compression dk/dv schedules: the default (P^T / dS^T as register operands, 64 rows per warpgroup, async
@@ -282,7 +302,6 @@ def test_compression_dkdv_schedules(name, spec, B, T, sched):
     """Each compression dk/dv schedule, through the op's backward, against the reference's autograd
     (interior steps unmasked, edge steps masked: T spans many row tiles); twice, bit-identical."""
     from nsa_codegen import ops
-    from nsa_codegen.cache import use_kernel
     c = spec.compression
     q, k, v, _ = make_inputs(spec, B, T, seed=41)
     kc, vc = ref.compress(k, c.block, c.stride, c.first_block), ref.compress(v, c.block, c.stride, c.first_block)
@@ -291,46 +310,26 @@ def test_compression_dkdv_schedules(name, spec, B, T, sched):
     dlse = torch.randn(B, T, spec.heads, generator=g, device="cuda")
     problem, kernel = _compression_dkdv_kernel(q, kc, spec.v_head_dim, c, CMP_DKDV_SCHEDULES[sched])
     kern = lambda q_, k_, v_: ops.compression_attention(q_, k_, v_, c.block, c.stride, c.first_block, -1.0)  # noqa: E731
-    with use_kernel(problem, kernel):
-        got = _grads(kern, (q, kc, vc), do, dlse)
-        again = _grads(kern, (q, kc, vc), do, dlse)
-    assert all(torch.equal(a, b) for a, b in zip(got, again)), f"{kernel.key}: gradients changed between runs"
     oracle = lambda q_, k_, v_: ref.compression_attention(q_, k_, v_, c.block, c.stride, c.first_block,  # noqa: E731
                                                           spec.softmax_scale)
-    hi = _grads(oracle, f32(q, kc, vc), do.float(), dlse)
-    lo = _grads(oracle, (q, kc, vc), do, dlse)
-    for what, a, h, l in zip(("dq", "dk_cmp", "dv_cmp"), got, hi, lo):
-        assert_grad_close(f"{kernel.key}/{what}", a, h, l)
+    _assert_schedule_grads(problem, kernel, kern, oracle, (q, kc, vc), do, dlse, ("dq", "dk_cmp", "dv_cmp"),
+                           str(kernel.key))
 
 
 @gpu
 @pytest.mark.parametrize("sched", list(CMP_DKDV_SCHEDULES))
 def test_compression_dkdv_schedules_on_a_pack(sched, precompiled):
     """Each compression dk/dv schedule on a pack (row tiles straddle sequences, so no step of theirs
-    is interior): q, k, v gradients of the whole NSA equal the reference's per sequence."""
+    is interior): the gradients of the whole NSA equal the reference's per sequence."""
     from nsa_codegen import nsa_attention
     from nsa_codegen.cache import use_kernel
-    name, spec, _, _ = MATRIX[3]
+    name, spec, xs, cu, do, idx = _pack_case([700, 1, 1333, 64], seed=43)
     c = spec.compression
-    lens = [700, 1, 1333, 64]
-    q, k, v, gates = make_inputs(spec, 1, sum(lens), seed=43)
-    cu = torch.tensor([0, 700, 701, 2034, 2098], device="cuda", dtype=torch.int32)
-    do = torch.randn_like(q[..., :spec.v_head_dim])
-    with torch.no_grad():
-        _, idx = nsa_attention(q, k, v, *gates, spec, cu_seqlens=cu, return_indices=True)
-    kc = ref.compress(k, c.block, c.stride, c.first_block)
-    problem, kernel = _compression_dkdv_kernel(q, kc, spec.v_head_dim, c, CMP_DKDV_SCHEDULES[sched])
-
-    def grads(fn, xs, do_):
-        leaves = [x.detach().requires_grad_() for x in xs]
-        return torch.autograd.grad((fn(*leaves) * do_).float().sum(), leaves)
+    kc = ref.compress(xs[1], c.block, c.stride, c.first_block)
+    problem, kernel = _compression_dkdv_kernel(xs[0], kc, spec.v_head_dim, c, CMP_DKDV_SCHEDULES[sched])
     with use_kernel(problem, kernel):
-        got = grads(lambda *xs: nsa_attention(*xs, spec, cu_seqlens=cu), (q, k, v, *gates), do)
-    oracle = lambda *xs: ref.nsa_reference(*xs, spec, block_indices=idx, cu_seqlens=cu)  # noqa: E731
-    hi = grads(oracle, f32(q, k, v, *gates), do.float())
-    lo = grads(oracle, (q, k, v, *gates), do)
-    for what, a, h, l in zip(("dq", "dk", "dv"), got, hi, lo):
-        assert_grad_close(f"{kernel.key}/{name}/pack/{what}", a, h, l)
+        got = _pack_grads(lambda *ys: nsa_attention(*ys, spec, cu_seqlens=cu), xs, do)
+    _assert_pack_grads_match_the_reference(f"{kernel.key}/{name}", spec, xs, cu, do, idx, got)
 
 
 # Window dk/dv schedules: synchronous WGMMA (default) and async (S^T with dP^T, dV with dS^T).
@@ -345,7 +344,7 @@ def test_window_dkdv_schedules(name, spec, B, T, sched):
     """Each window dk/dv schedule, through the op's backward, against the reference's autograd;
     twice, bit-identical."""
     from nsa_codegen import ops
-    from nsa_codegen.cache import load_scheduled, use_kernel
+    from nsa_codegen.cache import load_scheduled
     from nsa_codegen.launch import kernel_key
     from nsa_codegen.schedules import default_schedule
     w = spec.window.size
@@ -356,15 +355,8 @@ def test_window_dkdv_schedules(name, spec, B, T, sched):
     problem = kernel_key("window_bwd_dkdv", q, k, spec.v_head_dim, -1.0, window=w)
     kernel = load_scheduled(problem.with_schedule({**default_schedule(problem), **WIN_DKDV_SCHEDULES[sched]}))
     kern = lambda q_, k_, v_: ops.window_attention(q_, k_, v_, w, -1.0)  # noqa: E731
-    with use_kernel(problem, kernel):
-        got = _grads(kern, (q, k, v), do, dlse)
-        again = _grads(kern, (q, k, v), do, dlse)
-    assert all(torch.equal(a, b) for a, b in zip(got, again)), f"{kernel.key}: gradients changed between runs"
     oracle = lambda q_, k_, v_: ref.window_attention(q_, k_, v_, w, spec.softmax_scale)  # noqa: E731
-    hi = _grads(oracle, f32(q, k, v), do.float(), dlse)
-    lo = _grads(oracle, (q, k, v), do, dlse)
-    for what, a, h, l in zip(("dq", "dk", "dv"), got, hi, lo):
-        assert_grad_close(f"{kernel.key}/{what}", a, h, l)
+    _assert_schedule_grads(problem, kernel, kern, oracle, (q, k, v), do, dlse, ("dq", "dk", "dv"), str(kernel.key))
 
 
 def _own_block_lists(T, seed):
