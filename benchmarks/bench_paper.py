@@ -58,7 +58,10 @@ CONFIGS = {"tile": {"selection_fwd": {"tile_tokens": 0}, "selection_bwd_dq": {"t
            "cmp_regs": {"compression_bwd_dkdv": {"kv_regs": True, "kv_async": False, "kv_splits": 4}},
            "cmp_async": {"compression_bwd_dkdv": {"kv_splits": 4}},
            "cmp_async_s8": {"compression_bwd_dkdv": {"kv_splits": 8}},
-           "win_async": {"window_bwd_dkdv": {"async_mma": True}}}
+           "win_async": {"window_bwd_dkdv": {"async_mma": True}},
+           # selection dk/dv: a TMA producer and async WGMMA, one token a step (SEL_DKDV_SCHEDULES)
+           "sel_async": {"selection_bwd_dkdv": {"async_mma": True}},
+           "sel_async_s3": {"selection_bwd_dkdv": {"async_mma": True, "num_stages": 3}}}
 CONFIG_KINDS = sorted({kind for per_kind in CONFIGS.values() for kind in per_kind})
 
 

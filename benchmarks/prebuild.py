@@ -33,12 +33,13 @@ DQ_VARIANTS = [{"tile_tokens": 0}, {"tile_tokens": 1}]
 
 
 def dkdv_variants():
-    """{kind: [schedule overrides]}: the compression / window dk/dv schedules the backward GPU tests
+    """{kind: [schedule overrides]}: the compression / window / selection dk/dv schedules the backward GPU tests
     and bench_paper.py --backward run besides the resolved ones."""
     from bench_paper import CONFIGS
-    from tests.test_ops_backward import CMP_DKDV_SCHEDULES, WIN_DKDV_SCHEDULES
+    from tests.test_ops_backward import CMP_DKDV_SCHEDULES, SEL_DKDV_SCHEDULES, WIN_DKDV_SCHEDULES
     out = {}
-    for kind, tests in (("compression_bwd_dkdv", CMP_DKDV_SCHEDULES), ("window_bwd_dkdv", WIN_DKDV_SCHEDULES)):
+    for kind, tests in (("compression_bwd_dkdv", CMP_DKDV_SCHEDULES), ("window_bwd_dkdv", WIN_DKDV_SCHEDULES),
+                        ("selection_bwd_dkdv", SEL_DKDV_SCHEDULES)):
         vs = [v for v in tests.values() if v] + [c[kind] for c in CONFIGS.values() if kind in c]
         out[kind] = [dict(t) for t in dict.fromkeys(tuple(sorted(v.items())) for v in vs)]
     return out

@@ -72,6 +72,11 @@ from ._problem import check_problem
 from ._token_tile import union_builder
 
 _PARTS = ("dq", "dkdv", "reduce")
+_LOG2E = 1.4426950408889634
+# dkdv with async_mma: setmaxnreg counts (consumer + producer = 256, so two programs of one consumer
+# warpgroup share an SM's 64K registers) and what the consumer's fp32 / 16-bit tiles may take of it
+_CONSUMER_REGS, _PRODUCER_REGS = 232, 24
+_MAX_REGS_ASYNC = 208
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +99,9 @@ class SelectionAttentionBwdConfig:
                                # when two programs per SM would not fit 64 in smem)
     chunk_group: int = 4       # dkdv with num_stages > 1: chunks per static pipelined group
     min_blocks_per_sm: int = 0  # dq/dkdv __launch_bounds__ hint; 0 = auto
+    async_mma: bool = False    # dkdv (sm90): one consumer warpgroup per 64 block rows fed by a TMA
+                               # producer (each token's G query rows of Q | dO as one box), async
+                               # WGMMA with P^T / dS^T in registers, two programs per SM
     tile_tokens: int = 1       # dq: tokens per program (1 = per token, > 1 = token tile over the
                                # union of their block lists, 0 = auto: 64 // G where G >= 8)
     # the arch's shared memory (codegen sets them from the key's arch; kernel_key.SHARED_MEMORY)
@@ -104,7 +112,7 @@ class SelectionAttentionBwdConfig:
 def _stages(cfg):
     if cfg.num_stages:
         return cfg.num_stages
-    return 2 if cfg.part == "dq" else 1
+    return 2 if cfg.part == "dq" or cfg.async_mma else 1
 
 
 def _group(cfg):
@@ -116,6 +124,8 @@ def _threads(cfg):
         return cfg.threads
     if cfg.part == "dq":
         return 128
+    if cfg.part == "dkdv" and cfg.async_mma:
+        return 128 * max(1, cfg.block // 64)   # one warpgroup per 64 block rows
     return 256
 
 
@@ -160,6 +170,8 @@ def _dq_smem(cfg):
 def _chunk_rows(cfg):
     if cfg.chunk_rows:
         return cfg.chunk_rows
+    if cfg.async_mma:
+        return _group(cfg)      # one token a step
     for r in (64, 32):
         if 2 * (_kv_smem(cfg, r) + 1024) <= cfg.smem_sm:
             return r
@@ -167,6 +179,8 @@ def _chunk_rows(cfg):
 
 
 def _kv_pt_in_regs(cfg):
+    if cfg.async_mma:
+        return True
     # The S^T / dP^T GEMMs (M = block) put warps on M first (16 rows each); if some
     # warps split the N (= chunk row) columns, P^T rows are spread over warps and
     # must go through smem to be the A operand of P^T @ dO.
@@ -178,15 +192,17 @@ def _kv_smem(cfg, R=None):
     R = R or _chunk_rows(cfg)
     BS = cfg.block
     kv = BS * (cfg.head_dim_qk + cfg.head_dim_v) * e
+    if cfg.async_mma:   # K, V and the Q | dO ring (mbarriers in the 1024 slack)
+        return kv + _stages(cfg) * R * (cfg.head_dim_qk + cfg.head_dim_v) * e + 1024
     chunk = _stages(cfg) * (R * (cfg.head_dim_qk + cfg.head_dim_v) * e + 12 * R)
     pt = 0 if _kv_pt_in_regs(cfg) else BS * R * e    # one tile, P^T then dS^T
     return kv + chunk + pt + 1024
 
 
-def _kv_regs(cfg):
+def _kv_regs(cfg, R=None):
     # fp32 accumulators per thread: dK, dV, S^T, dP^T (+ 16-bit P^T, dS^T if in registers)
     th = _threads(cfg)
-    BS, R = cfg.block, _chunk_rows(cfg)
+    BS, R = cfg.block, R or _chunk_rows(cfg)
     f = BS * (cfg.head_dim_qk + cfg.head_dim_v) / th + 2 * BS * R / th
     if _kv_pt_in_regs(cfg):
         f += BS * R / th     # two 16-bit tiles
@@ -205,6 +221,9 @@ def _min_blocks(cfg):
     if cfg.min_blocks_per_sm:
         return cfg.min_blocks_per_sm
     by_smem = cfg.smem_sm // _smem_bytes(cfg)
+    if cfg.part == "dkdv" and cfg.async_mma:
+        # registers per SM: the consumers' _CONSUMER_REGS and the producer's _PRODUCER_REGS each
+        return max(1, min(2, by_smem, 65536 // (_threads(cfg) * (_CONSUMER_REGS + _PRODUCER_REGS))))
     if cfg.part == "dkdv":
         # Two programs per SM cap registers at 128 (256 threads): fine for the
         # single-stage loop (~160 wanted, a few spilled words), heavy spills for
@@ -256,6 +275,17 @@ def check_config(cfg) -> None:
         n_split = max(1, warps // (m // 16))
         if cfg.block // n_split < 8 or cfg.head_dim_qk // n_split < 8:
             raise ValueError("threads: too many warps for this block / head_dim_qk")
+    elif cfg.part == "dkdv" and cfg.async_mma:
+        if cfg.block not in (64, 128):
+            raise ValueError("async_mma: block must be 64 or 128 (one 64-row WGMMA warpgroup per 64 rows)")
+        if _threads(cfg) != 128 * (cfg.block // 64):
+            raise ValueError(f"threads: async_mma runs one warpgroup per 64 block rows ({128 * (cfg.block // 64)})")
+        if _chunk_rows(cfg) != G or G % 16:
+            raise ValueError(f"chunk_rows: async_mma steps one token (G = {G} rows, a multiple of 16: "
+                             "the WGMMA N) at a time")
+        if _kv_regs(cfg) > _MAX_REGS_ASYNC:
+            raise ValueError(f"async_mma: G = {G} rows of S^T/dP^T beside dK/dV need too many registers "
+                             "for one warpgroup")
     elif cfg.part == "dkdv":
         if _chunk_rows(cfg) < G:
             raise ValueError("chunk_rows: must be >= the group size heads_q/heads_kv")
@@ -283,7 +313,7 @@ def build(cfg):
     if cfg.part == "dq":
         return _build_dq(cfg) if _dq_tile_tokens(cfg) == 1 else _build_dq_tile(cfg)
     if cfg.part == "dkdv":
-        return _build_dkdv(cfg)
+        return _build_dkdv_async(cfg) if cfg.async_mma else _build_dkdv(cfg)
     return _build_reduce(cfg)
 
 
@@ -624,6 +654,123 @@ def _build_dkdv(cfg):
                     for cj in T.Pipelined(CG, num_stages=NSTAGE):
                         chunk(og * CG + cj, b, h, k0, p0, p1, Q, dO, LSE, Delta, TokIdx, K_s, V_s, Qc, dOc, tok_s, lse_s,
                               delta_s, acc_st, acc_dpt, pt, dst, acc_dk, acc_dv)
+
+            for i, d in T.Parallel(BS, Dk):
+                acc_dk[i, d] = acc_dk[i, d] * sc
+            T.copy(acc_dk, PartK[u, 0:BS, 0:Dk])
+            T.copy(acc_dv, PartV[u, 0:BS, 0:Dv])
+
+    return selection_attention_bwd_dkdv
+
+
+def _build_dkdv_async(cfg):
+    """dkdv with async_mma (sm90): per program one unit, as _build_dkdv, but one token a step (its G
+    query heads' rows of Q | dO: TMA boxes from a producer warpgroup into a num_stages ring), and one consumer warpgroup per 64 block rows runs S^T and dP^T as one
+    async WGMMA batch, P^T while dP^T runs, dV += P^T dO queued before dS^T is formed, then
+    dK += dS^T Q synchronously (the ring's stage is released after that full wait). P^T / dS^T are
+    the register A operands. Only chunks holding a token that does not see every row of the block
+    (or past the unit's end) pay for the mask."""
+    HQ, H = cfg.heads_q, cfg.heads_kv
+    G = HQ // H
+    Dk, Dv = cfg.head_dim_qk, cfg.head_dim_v
+    BS = cfg.block
+    R = _chunk_rows(cfg)             # = G: a chunk is one token
+    dtype, acc = cfg.dtype, "float32"
+    sc = float(cfg.scale)
+    sc2 = sc * _LOG2E
+    threads = _threads(cfg)
+    min_blocks = _min_blocks(cfg)
+
+    B, S, P, U, NBG = T.dynamic("B, T, P, U, NBG")
+
+    @T.prim_func
+    def selection_attention_bwd_dkdv(
+        Q: T.Tensor([B, S, HQ, Dk], dtype),
+        K: T.Tensor([B, S, H, Dk], dtype),
+        V: T.Tensor([B, S, H, Dv], dtype),
+        dO: T.Tensor([B, S, HQ, Dv], dtype),
+        LSE: T.Tensor([B, S, HQ], acc),
+        Delta: T.Tensor([B, S, HQ], acc),
+        TokIdx: T.Tensor([P], "int32"),
+        UnitBlock: T.Tensor([U], "int32"),
+        UnitStart: T.Tensor([U], "int32"),
+        UnitEnd: T.Tensor([U], "int32"),
+        BlockRow0: T.Tensor([NBG], "int32"),
+        BlockRowEnd: T.Tensor([NBG], "int32"),
+        PartK: T.Tensor([U, BS, Dk], acc),
+        PartV: T.Tensor([U, BS, Dv], acc),
+    ):
+        with T.Kernel(U, threads=threads) as u:
+            K_s = T.alloc_shared([BS, Dk], dtype)
+            V_s = T.alloc_shared([BS, Dv], dtype)
+            # One ring buffer for Q | dO: a stage is freed after its last reader, which must be the
+            # synchronous dK gemm, not an async one that may still read it when it is refilled.
+            QdO_s = T.alloc_shared([R, Dk + Dv], dtype)
+            P_x = T.alloc_fragment([BS, R], dtype)
+            dS_x = T.alloc_fragment([BS, R], dtype)
+            lse_v = T.alloc_fragment([R], acc)
+            dlt_v = T.alloc_fragment([R], acc)
+            acc_st = T.alloc_fragment([BS, R], acc)
+            acc_dpt = T.alloc_fragment([BS, R], acc)
+            acc_dk = T.alloc_fragment([BS, Dk], acc)
+            acc_dv = T.alloc_fragment([BS, Dv], acc)
+            T.annotate_producer_reg_dealloc(_PRODUCER_REGS)
+            T.annotate_consumer_reg_alloc(_CONSUMER_REGS)
+            if min_blocks > 1:
+                T.annotate_min_blocks_per_sm(min_blocks)
+
+            bid = UnitBlock[u]          # (b*H + h)*NBG + g, >= 0
+            g = T.truncmod(bid, NBG)
+            h = T.truncmod(T.truncdiv(bid, NBG), H)
+            b = T.truncdiv(bid, NBG * H)
+            p0 = UnitStart[u]
+            p1 = UnitEnd[u]
+            k0 = BlockRow0[g]
+            k1 = BlockRowEnd[g]
+
+            # The block's keys / values (TMA: rows past T come in as zeros; rows of a pack's next
+            # sequence are never seen by this block's tokens, which end before k1, and their dK /
+            # dV rows are not written by the reduce).
+            T.copy(K[b, k0:k0 + BS, h, :], K_s)
+            T.copy(V[b, k0:k0 + BS, h, :], V_s)
+            T.fill(acc_dk, 0)
+            T.fill(acc_dv, 0)
+
+            for ci in T.Pipelined(p1 - p0, num_stages=_stages(cfg)):
+                # The step's token (TMA boxes of its G query heads' rows; chunks are whole tokens:
+                # a box into part of the buffer's rows is not one contiguous swizzled tile)
+                T.copy(Q[b, TokIdx[p0 + ci], h * G:(h + 1) * G, :], QdO_s[:, 0:Dk])
+                T.copy(dO[b, TokIdx[p0 + ci], h * G:(h + 1) * G, :], QdO_s[:, Dk:Dk + Dv])
+                # its rows' LSE and Delta, read by the consumer into registers (issued before the
+                # gemms so that their latency hides behind them)
+                for r in T.Parallel(R):
+                    lse_v[r] = LSE[b, TokIdx[p0 + ci], h * G + r] * _LOG2E
+                    dlt_v[r] = Delta[b, TokIdx[p0 + ci], h * G + r]
+                # clear_accum, not a fill: register writes between the two issues make ptxas
+                # wait for the first before the second (C7517)
+                T.wgmma_gemm(K_s, QdO_s[:, 0:Dk], acc_st, transpose_B=True, clear_accum=True,
+                             policy=T.GemmWarpPolicy.FullRow)
+                T.wgmma_gemm(V_s, QdO_s[:, Dk:Dk + Dv], acc_dpt, transpose_B=True, clear_accum=True,
+                             policy=T.GemmWarpPolicy.FullRow)
+                T.wait_wgmma(1)
+                # Interior: the token sees every row of the block. Elsewhere keys after the token
+                # are selected (never multiplied) to 0, so a NaN/Inf of a key it cannot see stays
+                # out of its P / dS.
+                if TokIdx[p0 + ci] >= k1 - 1:
+                    for i, r in T.Parallel(BS, R):
+                        acc_st[i, r] = T.exp2(acc_st[i, r] * sc2 - lse_v[r])
+                else:
+                    for i, r in T.Parallel(BS, R):
+                        acc_st[i, r] = T.if_then_else(k0 + i <= TokIdx[p0 + ci],
+                                                      T.exp2(acc_st[i, r] * sc2 - lse_v[r]), 0)
+                T.copy(acc_st, P_x)
+                # dV queues behind dP^T; wait for dP^T only, dS^T then overlaps dV
+                T.wgmma_gemm(P_x, QdO_s[:, Dk:Dk + Dv], acc_dv, policy=T.GemmWarpPolicy.FullRow)
+                T.wait_wgmma(1)
+                for i, r in T.Parallel(BS, R):
+                    dS_x[i, r] = acc_st[i, r] * (acc_dpt[i, r] - dlt_v[r])
+                # synchronous (waits for dV too), so the stage is free once it returns
+                T.gemm(dS_x, QdO_s[:, 0:Dk], acc_dk, policy=T.GemmWarpPolicy.FullRow)
 
             for i, d in T.Parallel(BS, Dk):
                 acc_dk[i, d] = acc_dk[i, d] * sc

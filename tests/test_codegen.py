@@ -133,7 +133,8 @@ def test_stage_freed_under_a_running_wgmma_is_found():
 
 ASYNC_SCHEDULES = [("compression_bwd_dkdv", {"kv_block_N": 128, "kv_block_M": 32, "kv_num_stages": 2,
                                              "kv_regs": True, "kv_async": True}),
-                   ("window_bwd_dkdv", {"async_mma": True})]
+                   ("window_bwd_dkdv", {"async_mma": True}),
+                   ("selection_bwd_dkdv", {"async_mma": True})]
 
 
 @needs_nvcc

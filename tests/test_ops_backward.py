@@ -194,11 +194,11 @@ BF16_LAYER_SPEC = NSASpec(heads=16, kv_heads=4, head_dim=64, v_head_dim=64, dtyp
                           window=WindowBranch(64))
 
 
-def _pack_case(lens, seed):
-    """MATRIX[3]'s spec and inputs on a pack of sequences of `lens`: (name, spec, (q, k, v, *gates),
+def _pack_case(lens, seed, case=3):
+    """MATRIX[case]'s spec and inputs on a pack of sequences of `lens`: (name, spec, (q, k, v, *gates),
     cu_seqlens, do, the block lists the kernels' forward chose)."""
     from nsa_codegen import nsa_attention
-    name, spec, _, _ = MATRIX[3]
+    name, spec, _, _ = MATRIX[case]
     q, k, v, gates = make_inputs(spec, 1, sum(lens), seed=seed)
     cu = torch.tensor([0] + [sum(lens[:i + 1]) for i in range(len(lens))], device="cuda", dtype=torch.int32)
     do = torch.randn_like(q[..., :spec.v_head_dim])
@@ -237,14 +237,31 @@ def test_cu_seqlens_gradients_match_the_reference_per_sequence(precompiled):
 DQ_SPECS = [m for m in BWD_MATRIX if m[0] in ("paper_bf16_T2000", "fla_cfg", "g8_d64", "g32", "tiny_T")]
 
 
-def _selection_dq_kernel(q, k, v, s, tile_tokens):
-    """(dq problem key, the dq kernel of that schedule)."""
+def _selection_bwd_kernel(kind, q, k, v, s, schedule):
+    """(kind's problem key, its kernel under the default schedule updated by `schedule`)."""
     from nsa_codegen.cache import load_scheduled
     from nsa_codegen.schedules import default_schedule
     from nsa_codegen.launch import kernel_key
-    problem = kernel_key("selection_bwd_dq", q, k, v.shape[3], -1.0, sel_block=s.block, top_n=s.top_n)
-    key = problem.with_schedule({**default_schedule(problem), "tile_tokens": tile_tokens})
-    return problem, load_scheduled(key)
+    problem = kernel_key(kind, q, k, v.shape[3], -1.0, sel_block=s.block, top_n=s.top_n)
+    return problem, load_scheduled(problem.with_schedule({**default_schedule(problem), **schedule}))
+
+
+def _assert_selection_schedule_grads(spec, B, T, lists, kind, schedule):
+    """The selection op's gradients with kind's kernel under `schedule`, on `lists` block lists
+    (test_ops.selection_lists), against the reference's autograd; twice, bit-identical."""
+    from nsa_codegen import ops
+    from test_ops import selection_lists
+    s = spec.selection
+    q, k, v, _ = make_inputs(spec, B, T, seed=31)
+    idx = selection_lists(lists, spec, B, T, seed=32)
+    g = torch.Generator(device="cuda").manual_seed(33)
+    do = torch.randn(B, T, spec.heads, spec.v_head_dim, generator=g, device="cuda").to(q.dtype)
+    dlse = torch.randn(B, T, spec.heads, generator=g, device="cuda")
+    problem, kernel = _selection_bwd_kernel(kind, q, k, v, s, schedule)
+    kern = lambda q_, k_, v_: ops.selection_attention(q_, k_, v_, idx, s.block, -1.0)  # noqa: E731
+    oracle = lambda q_, k_, v_: ref.selection_attention(q_, k_, v_, idx, s.block, spec.softmax_scale)  # noqa: E731
+    _assert_schedule_grads(problem, kernel, kern, oracle, (q, k, v), do, dlse, ("dq", "dk", "dv"),
+                           f"{kernel.key}/{lists}")
 
 
 @gpu
@@ -255,19 +272,41 @@ def test_selection_dq_schedules(name, spec, B, T, kind, tile_tokens):
     """Each selection dq schedule, through the op's backward, against the reference's autograd on
     lists with and without locality and on hostile ones (repeats, pads, future blocks, tokens with
     nothing usable); NaN-poisoned gradients; twice, bit-identical."""
-    from nsa_codegen import ops
-    from test_ops import selection_lists
-    s = spec.selection
-    q, k, v, _ = make_inputs(spec, B, T, seed=31)
-    idx = selection_lists(kind, spec, B, T, seed=32)
-    g = torch.Generator(device="cuda").manual_seed(33)
-    do = torch.randn(B, T, spec.heads, spec.v_head_dim, generator=g, device="cuda").to(q.dtype)
-    dlse = torch.randn(B, T, spec.heads, generator=g, device="cuda")
-    problem, kernel = _selection_dq_kernel(q, k, v, s, tile_tokens)
-    kern = lambda q_, k_, v_: ops.selection_attention(q_, k_, v_, idx, s.block, -1.0)  # noqa: E731
-    oracle = lambda q_, k_, v_: ref.selection_attention(q_, k_, v_, idx, s.block, spec.softmax_scale)  # noqa: E731
-    _assert_schedule_grads(problem, kernel, kern, oracle, (q, k, v), do, dlse, ("dq", "dk", "dv"),
-                           f"{kernel.key}/{kind}")
+    _assert_selection_schedule_grads(spec, B, T, kind, "selection_bwd_dq", {"tile_tokens": tile_tokens})
+
+
+# Selection dk/dv schedules: the default (cp.async gathers of chunk_rows rows, synchronous MMA) and
+# async_mma (sm90: a token's Q | dO rows by TMA, async WGMMA, P^T / dS^T as register operands; needs
+# 16 | G and 64 or 128 block rows, so the specs with G = 16, 32).
+SEL_DKDV_SCHEDULES = {"sync": {}, "async": {"async_mma": True}}
+SEL_DKDV_SPECS = [m for m in BWD_MATRIX if m[0] in ("paper_bf16_T2000", "fla_cfg", "g32", "tiny_T")]
+
+
+@gpu
+@pytest.mark.parametrize("sched", list(SEL_DKDV_SCHEDULES))
+@pytest.mark.parametrize("kind", ["uniform", "drift", "hostile"])
+@pytest.mark.parametrize("name,spec,B,T", SEL_DKDV_SPECS, ids=[m[0] for m in SEL_DKDV_SPECS])
+def test_selection_dkdv_schedules(name, spec, B, T, kind, sched):
+    """Each selection dk/dv schedule, through the op's backward, against the reference's autograd on
+    lists with and without locality and on hostile ones (interior and masked steps: tokens inside and
+    after their block); NaN-poisoned gradients; twice, bit-identical."""
+    _assert_selection_schedule_grads(spec, B, T, kind, "selection_bwd_dkdv", SEL_DKDV_SCHEDULES[sched])
+
+
+@gpu
+@pytest.mark.parametrize("sched", list(SEL_DKDV_SCHEDULES))
+def test_selection_dkdv_schedules_on_a_pack(sched, precompiled):
+    """Each selection dk/dv schedule on a pack (a block that a sequence end cuts holds the next
+    sequence's keys, which its tokens must not see): the gradients of the whole NSA equal the
+    reference's per sequence."""
+    from nsa_codegen import nsa_attention
+    from nsa_codegen.cache import use_kernel
+    name, spec, xs, cu, do, idx = _pack_case([700, 1, 1333, 64], seed=47, case=0)
+    problem, kernel = _selection_bwd_kernel("selection_bwd_dkdv", *xs[:3], spec.selection,
+                                            SEL_DKDV_SCHEDULES[sched])
+    with use_kernel(problem, kernel):
+        got = _pack_grads(lambda *ys: nsa_attention(*ys, spec, cu_seqlens=cu), xs, do)
+    _assert_pack_grads_match_the_reference(f"{kernel.key}/{name}", spec, xs, cu, do, idx, got)
 
 
 # Compression dk/dv schedules: the default (P^T / dS^T as register operands, 64 rows per warpgroup, async
@@ -387,7 +426,7 @@ def test_selection_nan_key_after_a_token_stays_out_of_its_output_and_dq(tile_tok
     poisoned[:, last] = float("nan")                       # the last key of every block
     fwd = kernel_key("selection_fwd", q, k, v.shape[3], -1.0, sel_block=s.block, top_n=s.top_n)
     fwd_kernel = load_scheduled(fwd.with_schedule({**default_schedule(fwd), "tile_tokens": tile_tokens}))
-    dq_problem, dq_kernel = _selection_dq_kernel(q, k, v, s, tile_tokens)
+    dq_problem, dq_kernel = _selection_bwd_kernel("selection_bwd_dq", q, k, v, s, {"tile_tokens": tile_tokens})
     do = torch.randn(*q.shape[:3], spec.v_head_dim, device="cuda").to(q.dtype)
     leaf = q.detach().requires_grad_()
     with use_kernel(fwd, fwd_kernel), use_kernel(dq_problem, dq_kernel):
@@ -412,7 +451,7 @@ def test_selection_dq_token_tile_masks_what_a_token_did_not_choose():
     idx[:, 1::2, :, 1] = 3                                  # odd tokens also block 3
     poisoned = k.clone()
     poisoned[:, 3 * s.block:4 * s.block] = float("nan")    # ... whose keys are NaN
-    problem, kernel = _selection_dq_kernel(q, k, v, s, 0)
+    problem, kernel = _selection_bwd_kernel("selection_bwd_dq", q, k, v, s, {"tile_tokens": 0})
     do = torch.randn(*q.shape[:3], spec.v_head_dim, device="cuda").to(q.dtype)
     leaf = q.detach().requires_grad_()
     with use_kernel(problem, kernel):
