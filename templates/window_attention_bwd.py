@@ -13,7 +13,8 @@ Layouts (contiguous, row-major), B and T dynamic; P = exp(scale*q.k - LSE):
   part "dkdv" (Q, K, V, dO, LSE, Delta, SeqStart, dK, dV)
       dK [B,T,H,Dk], dV [B,T,H,Dv] dtype (out);  summed over the G query heads of the group:
       dK = scale * sum_g dS_g^T Q_g,  dV = sum_g P_g^T dO_g.
-Rows with LSE = -inf (no visible key) and rows past T get P = 0: zero gradient, never NaN.
+Rows past T get P = 0: zero gradient, never NaN (every query sees its own key, so a visible
+pair's LSE is finite; dq also guards LSE = -inf).
 Deterministic: no atomics, every output element is written once by one program.
 
 Schedule.  "dq" is query-major like the forward: one program = block_M query tokens of one
@@ -28,8 +29,10 @@ dK/dV accumulated in fp32 registers.  It walks a flat pipelined loop over (query
 the block_M query tiles intersecting [s0, s0 + block_N - 1 + window - 1], and for each the G
 heads of the group (heads inner).  It computes the transposed S^T = K Q^T and dP^T = V dO^T
 so that P^T and dS^T come out in registers as the A operand of dV += P^T dO and dK += dS^T Q.
-LSE and Delta are folded into the accumulator inits (S^T starts at -LSE/scale or -inf where
-hidden, dP^T at -Delta), so no per-query vectors occupy registers.
+LSE and Delta come into registers per step (one value per query column); P^T = exp2(S^T *
+scale*log2e - LSE*log2e), dS^T = P^T (dP^T - Delta). Steps whose queries all see all the
+program's keys (most of them: the window is long against the tiles) skip the mask; the others
+select masked entries to 0.
 On sm_90a each pipelined loop becomes a 128-thread TMA producer warpgroup plus one consumer
 warpgroup (WGMMA) per 64 program rows; the consumers get 240 registers.  On sm_80 use
 num_stages=1 (multi-stage pipelining of these dynamic-bound loops does not lower there).
@@ -191,6 +194,7 @@ def _build_dq(cfg):
             for i in T.Parallel(bm):
                 lo[i] = T.max(t0 + i - W + 1, SeqStart[b, T.min(t0 + i, S - 1)])
             k_lo = T.max(t0 - W + 1, SeqStart[b, t0]) // bn
+            lo_last = T.max(t0 + bm - W, SeqStart[b, T.min(t0 + bm - 1, S - 1)])   # lo of the last row
             k_hi = T.ceildiv(T.min(t0 + bm, S), bn)
 
             T.copy(Q[b, t0:t0 + bm, hq, :], Q_s)
@@ -225,10 +229,13 @@ def _build_dq(cfg):
                 kt = k_lo + kk
                 T.copy(K[b, kt * bn:(kt + 1) * bn, h, :], K_s)
                 T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
-                # the band mask replaces the logits outside it (a NaN key there stays out of S)
-                for i, j in T.Parallel(bm, bn):
-                    acc_s[i, j] = T.if_then_else(
-                        (kt * bn + j <= t0 + i) & (kt * bn + j >= lo[i]), acc_s[i, j], ninf)
+                # Elsewhere than on interior tiles (every row sees every key: the first row is past
+                # the last key and the last row's lo, the highest, is at or before the first key),
+                # the band mask replaces the logits outside it (a NaN key there stays out of S).
+                if (kt * bn + bn - 1 > t0) | (kt * bn < lo_last):
+                    for i, j in T.Parallel(bm, bn):
+                        acc_s[i, j] = T.if_then_else(
+                            (kt * bn + j <= t0 + i) & (kt * bn + j >= lo[i]), acc_s[i, j], ninf)
                 T.copy(V[b, kt * bn:(kt + 1) * bn, h, :], V_s)
                 T.gemm(dO_s, V_s, acc_dp, transpose_B=True, policy=T.GemmWarpPolicy.FullRow,
                        clear_accum=True)
@@ -256,8 +263,6 @@ def _build_dkdv(cfg):
     acc = "float32"
     sc = float(cfg.scale)
     sc2 = sc * _LOG2E
-    ninf = -T.infinity(acc)
-    neg_inv_sc = -1.0 / sc
 
     B, S = T.dynamic("B, T")
 
@@ -291,6 +296,10 @@ def _build_dkdv(cfg):
             dst = T.alloc_fragment([bn, bm], dtype)
             acc_dk = T.alloc_fragment([bn, Dk], acc)
             acc_dv = T.alloc_fragment([bn, Dv], acc)
+            lse_v = T.alloc_fragment([bm], acc)
+            dlt_v = T.alloc_fragment([bm], acc)
+            lo_v = T.alloc_fragment([bm], "int32")
+            hi_v = T.alloc_fragment([bm], "int32")
 
             s0 = nt * bn
             # query tiles intersecting [s0, s0 + bn - 1 + W - 1], clipped to T
@@ -312,33 +321,49 @@ def _build_dkdv(cfg):
                 else:
                     T.copy(Q[b, q0:q0 + bm, hq, :], Q_s)
                     T.copy(dO[b, q0:q0 + bm, hq, :], dO_s)
-                # LSE and Delta are per query (= per column here).  Rather than keeping
-                # them in registers (16 + 16 per thread), fold them into the accumulator
-                # inits:  S^T acc = -LSE/scale (-inf where hidden), so P^T = exp2(acc *
-                # scale*log2e);  dP^T acc = -Delta, so dS^T = P^T * acc.  Queries past T
-                # or with lse = -inf are hidden.  Heads inner keeps these loads in L1;
-                # the row index is clamped so they stay in bounds.
-                # Key s0+i is visible to query q0+j iff 0 <= (q0+j) - (s0+i) < W and the key is not
-                # before the query's sequence (then, s <= t, both are in one sequence).
-                # Written as two compares joined by `&` (four `and`-ed ones compiled to branches).
-                for i, j in T.Parallel(bn, bm):
-                    acc_st[i, j] = T.if_then_else(
-                        (s0 + i <= T.if_then_else(q0 + j < S, q0 + j, -1))
-                        & (s0 + i >= T.max(q0 + j - W + 1, SeqStart[b, T.min(q0 + j, S - 1)])),
-                        T.if_then_else(LSE[b, T.min(q0 + j, S - 1), hq] > ninf,
-                                       LSE[b, T.min(q0 + j, S - 1), hq] * neg_inv_sc, ninf),
-                        ninf)
-                    acc_dpt[i, j] = T.if_then_else(q0 + j < S, -Delta[b, T.min(q0 + j, S - 1), hq], 0)
+                # LSE (pre-scaled to log2) and Delta per query (= per column), read into registers
+                # before the gemms so that their latency hides behind them; the index is clamped in
+                # bounds and queries past T are masked below.
+                # Key s0+i reaches query q0+j iff lo_v[j] <= s0+i <= hi_v[j]: its window cut at its
+                # sequence's start, and nothing for a query past T.
+                for j in T.Parallel(bm):
+                    lse_v[j] = LSE[b, T.min(q0 + j, S - 1), hq] * _LOG2E
+                    dlt_v[j] = Delta[b, T.min(q0 + j, S - 1), hq]
+                    lo_v[j] = T.max(q0 + j - W + 1, SeqStart[b, T.min(q0 + j, S - 1)])
+                    hi_v[j] = T.if_then_else(q0 + j < S, q0 + j, -1)
+                # A step is interior when every query of it sees every key of the tile: the first
+                # query is past the last key, the last query's window reaches the first key, no
+                # query is past T, and the last query's sequence began at or before the first key
+                # (sequence starts rise with t). Only the other steps pay for the mask; masked
+                # entries are selected (never multiplied) to 0, so a NaN/Inf of a key or query
+                # outside stays out.
+                interior = ((q0 >= s0 + bn - 1) & (q0 + bm - W <= s0) & (q0 + bm <= S)
+                            & (SeqStart[b, T.min(q0 + bm, S) - 1] <= s0))
                 if cfg.async_mma:
-                    T.wgmma_gemm(K_s, QdO_s[:, 0:Dk], acc_st, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                    T.wgmma_gemm(V_s, QdO_s[:, Dk:Dk + Dv], acc_dpt, transpose_B=True,
+                    # clear_accum, not a fill: register writes between the two issues make ptxas
+                    # wait for the first before the second (C7517)
+                    T.wgmma_gemm(K_s, QdO_s[:, 0:Dk], acc_st, transpose_B=True, clear_accum=True,
+                                 policy=T.GemmWarpPolicy.FullRow)
+                    T.wgmma_gemm(V_s, QdO_s[:, Dk:Dk + Dv], acc_dpt, transpose_B=True, clear_accum=True,
                                  policy=T.GemmWarpPolicy.FullRow)
                     T.wait_wgmma(1)   # S^T done; dP^T runs on
                 else:
-                    T.gemm(K_s, Q_s, acc_st, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                    T.gemm(V_s, dO_s, acc_dpt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                for i, j in T.Parallel(bn, bm):
-                    acc_st[i, j] = T.exp2(acc_st[i, j] * sc2)
+                    T.gemm(K_s, Q_s, acc_st, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                    T.gemm(V_s, dO_s, acc_dpt, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                if cfg.async_mma:
+                    # every step masked: with an unmasked branch beside the masked one, nvcc copied
+                    # an S^T register while dP^T was in flight, and ptxas serialized the WGMMA (C7517)
+                    for i, j in T.Parallel(bn, bm):
+                        acc_st[i, j] = T.if_then_else((s0 + i <= hi_v[j]) & (s0 + i >= lo_v[j]),
+                                                      T.exp2(acc_st[i, j] * sc2 - lse_v[j]), 0)
+                elif interior:
+                    for i, j in T.Parallel(bn, bm):
+                        acc_st[i, j] = T.exp2(acc_st[i, j] * sc2 - lse_v[j])
+                else:
+                    # two compares joined by `&` (`and`-ed ones compiled to branches)
+                    for i, j in T.Parallel(bn, bm):
+                        acc_st[i, j] = T.if_then_else((s0 + i <= hi_v[j]) & (s0 + i >= lo_v[j]),
+                                                      T.exp2(acc_st[i, j] * sc2 - lse_v[j]), 0)
                 T.copy(acc_st, pt)
                 if cfg.async_mma:
                     T.wgmma_gemm(pt, QdO_s[:, Dk:Dk + Dv], acc_dv, policy=T.GemmWarpPolicy.FullRow)
@@ -346,7 +371,7 @@ def _build_dkdv(cfg):
                 else:
                     T.gemm(pt, dO_s, acc_dv, policy=T.GemmWarpPolicy.FullRow)
                 for i, j in T.Parallel(bn, bm):
-                    dst[i, j] = acc_st[i, j] * acc_dpt[i, j]
+                    dst[i, j] = acc_st[i, j] * (acc_dpt[i, j] - dlt_v[j])
                 if cfg.async_mma:   # synchronous: waits for dV too, so the stage is free after it
                     T.gemm(dst, QdO_s[:, 0:Dk], acc_dk, policy=T.GemmWarpPolicy.FullRow)
                 else:

@@ -150,10 +150,10 @@ def test_async_wgmma_schedules_compile(kind, knobs, tmp_path, monkeypatch):
     call = next(c for c in lower_to_plan(spec).all_calls if c.kind == kind)
     kernel = compile_kernel(call.key.with_schedule({**default_schedule(call.key), **knobs}))
     src = kernel.get_kernel_source()
-    assert src.count("wait_wgmma<1>") == 2, f"{kernel.key}: expected two partial WGMMA waits"
+    assert src.count("wait_wgmma<1>") == 2, f"{kind}: expected two partial WGMMA waits"
     # ptxas serializes async WGMMA (and says so, C7517) when code touches an in-flight batch's registers
     report = ptxas_report(kernel)
-    assert "C7517" not in report and "spill" in report, f"{kernel.key}: {report}"
+    assert "C7517" not in report and "spill" in report, f"{kind}: {report}"
     if _nvdisasm():
         counts = sass_counts(disassemble(kernel))
         assert counts.get("HGMMA") and not counts.get("LDL", 0) + counts.get("STL", 0), counts
