@@ -60,8 +60,11 @@ CONFIGS = {"tile": {"selection_fwd": {"tile_tokens": 0}, "selection_bwd_dq": {"t
            "cmp_async_s8": {"compression_bwd_dkdv": {"kv_splits": 8}},
            "win_async": {"window_bwd_dkdv": {"async_mma": True}},
            # selection dk/dv: a TMA producer and async WGMMA, one token a step (SEL_DKDV_SCHEDULES)
-           "sel_async": {"selection_bwd_dkdv": {"async_mma": True}},
-           "sel_async_s3": {"selection_bwd_dkdv": {"async_mma": True, "num_stages": 3}}}
+           # (every knob named: the tuned cp.async schedule's chunk_rows / threads do not apply)
+           "sel_async": {"selection_bwd_dkdv": {"async_mma": True, "threads": 0, "num_stages": 0, "chunk_rows": 0,
+                                                "chunk_group": 4, "min_blocks_per_sm": 0}},
+           "sel_async_s3": {"selection_bwd_dkdv": {"async_mma": True, "threads": 0, "num_stages": 3, "chunk_rows": 0,
+                                                   "chunk_group": 4, "min_blocks_per_sm": 0}}}
 CONFIG_KINDS = sorted({kind for per_kind in CONFIGS.values() for kind in per_kind})
 
 

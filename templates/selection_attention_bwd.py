@@ -706,6 +706,8 @@ def _build_dkdv_async(cfg):
             # One ring buffer for Q | dO: a stage is freed after its last reader, which must be the
             # synchronous dK gemm, not an async one that may still read it when it is refilled.
             QdO_s = T.alloc_shared([R, Dk + Dv], dtype)
+            lse_s = T.alloc_shared([R], acc)
+            dlt_s = T.alloc_shared([R], acc)
             P_x = T.alloc_fragment([BS, R], dtype)
             dS_x = T.alloc_fragment([BS, R], dtype)
             lse_v = T.alloc_fragment([R], acc)
@@ -741,11 +743,13 @@ def _build_dkdv_async(cfg):
                 # a box into part of the buffer's rows is not one contiguous swizzled tile)
                 T.copy(Q[b, TokIdx[p0 + ci], h * G:(h + 1) * G, :], QdO_s[:, 0:Dk])
                 T.copy(dO[b, TokIdx[p0 + ci], h * G:(h + 1) * G, :], QdO_s[:, Dk:Dk + Dv])
-                # its rows' LSE and Delta, read by the consumer into registers (issued before the
-                # gemms so that their latency hides behind them)
+                # and its rows' LSE and Delta (the tokens are scattered: read by the consumer from
+                # global memory, their latency stood in every step)
+                T.copy(LSE[b, TokIdx[p0 + ci], h * G:(h + 1) * G], lse_s)
+                T.copy(Delta[b, TokIdx[p0 + ci], h * G:(h + 1) * G], dlt_s)
                 for r in T.Parallel(R):
-                    lse_v[r] = LSE[b, TokIdx[p0 + ci], h * G + r] * _LOG2E
-                    dlt_v[r] = Delta[b, TokIdx[p0 + ci], h * G + r]
+                    lse_v[r] = lse_s[r] * _LOG2E
+                    dlt_v[r] = dlt_s[r]
                 # clear_accum, not a fill: register writes between the two issues make ptxas
                 # wait for the first before the second (C7517)
                 T.wgmma_gemm(K_s, QdO_s[:, 0:Dk], acc_st, transpose_B=True, clear_accum=True,

@@ -194,7 +194,6 @@ def _build_dq(cfg):
             for i in T.Parallel(bm):
                 lo[i] = T.max(t0 + i - W + 1, SeqStart[b, T.min(t0 + i, S - 1)])
             k_lo = T.max(t0 - W + 1, SeqStart[b, t0]) // bn
-            lo_last = T.max(t0 + bm - W, SeqStart[b, T.min(t0 + bm - 1, S - 1)])   # lo of the last row
             k_hi = T.ceildiv(T.min(t0 + bm, S), bn)
 
             T.copy(Q[b, t0:t0 + bm, hq, :], Q_s)
@@ -229,13 +228,10 @@ def _build_dq(cfg):
                 kt = k_lo + kk
                 T.copy(K[b, kt * bn:(kt + 1) * bn, h, :], K_s)
                 T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
-                # Elsewhere than on interior tiles (every row sees every key: the first row is past
-                # the last key and the last row's lo, the highest, is at or before the first key),
-                # the band mask replaces the logits outside it (a NaN key there stays out of S).
-                if (kt * bn + bn - 1 > t0) | (kt * bn < lo_last):
-                    for i, j in T.Parallel(bm, bn):
-                        acc_s[i, j] = T.if_then_else(
-                            (kt * bn + j <= t0 + i) & (kt * bn + j >= lo[i]), acc_s[i, j], ninf)
+                # the band mask replaces the logits outside it (a NaN key there stays out of S)
+                for i, j in T.Parallel(bm, bn):
+                    acc_s[i, j] = T.if_then_else(
+                        (kt * bn + j <= t0 + i) & (kt * bn + j >= lo[i]), acc_s[i, j], ninf)
                 T.copy(V[b, kt * bn:(kt + 1) * bn, h, :], V_s)
                 T.gemm(dO_s, V_s, acc_dp, transpose_B=True, policy=T.GemmWarpPolicy.FullRow,
                        clear_accum=True)
