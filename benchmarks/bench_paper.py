@@ -64,6 +64,8 @@ CONFIGS = {"tile": {"selection_fwd": {"tile_tokens": 0}, "selection_bwd_dq": {"t
            "sel_async": {"selection_bwd_dkdv": {"async_mma": True, "threads": 0, "num_stages": 0, "chunk_rows": 0,
                                                 "chunk_group": 4, "min_blocks_per_sm": 0}},
            "sel_async_s3": {"selection_bwd_dkdv": {"async_mma": True, "threads": 0, "num_stages": 3, "chunk_rows": 0,
+                                                   "chunk_group": 4, "min_blocks_per_sm": 0}},
+           "sel_async_s4": {"selection_bwd_dkdv": {"async_mma": True, "threads": 0, "num_stages": 4, "chunk_rows": 0,
                                                    "chunk_group": 4, "min_blocks_per_sm": 0}}}
 CONFIG_KINDS = sorted({kind for per_kind in CONFIGS.values() for kind in per_kind})
 
