@@ -31,7 +31,8 @@
 #   round3: the backward tests of the compression branch, packs and the layer (not torch.compile), then
 #          bench_paper.py --backward --configs cmp_smem (the compression dK/dV default against the earlier one)
 #   round3min: round3 in about 4 minutes (the compression backward tests; the A/B without per-kernel cases)
-#   ncu: Nsight Compute sections of each of our kernels in one paper-config step (benchmarks/ncu_paper.py; $2: T)
+#   ncu: Nsight Compute sections of our kernels in one paper-config step (benchmarks/ncu_paper.py; $2: T,
+#        $3: kernel-name regex, $4: a bench_paper config)
 #   pytest: python3 -m pytest -q $2 [-k "$PYTEST_K"] (any GPU tests, with the prebuilt kernels)
 #   ab: bench_paper.py of an older commit (.ab/baseline.tar.xz from benchmarks/make_baseline.py REV:
 #       its source and its own prebuilt kernels), then of this tree, on the same machine ($2: their
@@ -184,14 +185,13 @@ if [[ $what == round3min ]]; then   # round3 in about 4 minutes: the compression
   date; timeout 120 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T 8192 65536 --rounds 5 --iters 4 --no-kernels --configs cmp_smem 2>&1 | tee "$OUT/paper_bench.log" | grep "T=\|not timed"
   date
 fi
-if [[ $what == ncu ]]; then   # Nsight Compute over one paper-config step ($2: its --T, default 16384)
+if [[ $what == ncu ]]; then   # Nsight Compute over one paper-config step ($2: T, default 16384; $3: kernel regex; $4: a bench_paper config)
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
-  date; timeout 240 "$NCU" --profile-from-start off --clock-control none -k 'regex:main_kernel|attention|gate_combine' \
+  date; timeout ${NCU_TIMEOUT:-240} "$NCU" --profile-from-start off --clock-control none -k "regex:${3:-main_kernel|attention|gate_combine}" \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section Occupancy \
     --section WarpStateStats --section LaunchStats --section SchedulerStats \
-    --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_tensor_op_gmma.sum,lts__t_sectors_srcunit_tex_lookup_hit.sum,lts__t_sectors_srcunit_tex_lookup_miss.sum \
-    --csv --page details python3 benchmarks/ncu_paper.py --T ${2:-16384} > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
-  rc=$?; tail -3 "$OUT/ncu.err"; wc -l "$OUT/ncu.csv"
+    --csv --page details python3 benchmarks/ncu_paper.py --T ${2:-16384} ${4:+--config $4} > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
+  rc=$?; echo "ncu rc $rc"; tail -5 "$OUT/ncu.err"; wc -l "$OUT/ncu.csv"
 fi
 if [[ $what == pytest ]]; then   # any GPU tests: $2 = pytest arguments
   date; timeout 300 python3 -m pytest -q $2 ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/pytest.log" | tail -15
