@@ -32,7 +32,9 @@
 #          bench_paper.py --backward --configs cmp_smem (the compression dK/dV default against the earlier one)
 #   round3min: round3 in about 4 minutes (the compression backward tests; the A/B without per-kernel cases)
 #   ncu: Nsight Compute sections of our kernels in one paper-config step (benchmarks/ncu_paper.py; $2: T,
-#        $3: kernel-name regex, $4: a bench_paper config)
+#        $3: kernel-name regex, $4: a bench_paper config; NCU_LAUNCHES: how many matching launches)
+#   pending2: what the afternoon of 2026-12-07 left unrun (window dK/dV rewrite, selection dK/dV
+#        async_mma with LSE from the producer: tests, bench_paper, ncu of both dK/dV schedules)
 #   pytest: python3 -m pytest -q $2 [-k "$PYTEST_K"] (any GPU tests, with the prebuilt kernels)
 #   ab: bench_paper.py of an older commit (.ab/baseline.tar.xz from benchmarks/make_baseline.py REV:
 #       its source and its own prebuilt kernels), then of this tree, on the same machine ($2: their
@@ -186,12 +188,35 @@ if [[ $what == round3min ]]; then   # round3 in about 4 minutes: the compression
   date
 fi
 if [[ $what == ncu ]]; then   # Nsight Compute over one paper-config step ($2: T, default 16384; $3: kernel regex; $4: a bench_paper config)
+  # The first launch of each matching kernel (the warm-up step's: the same kernels), not a
+  # cudaProfilerStart range: that attempt (2026-12-07) profiled nothing and said nothing.
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
-  date; timeout ${NCU_TIMEOUT:-240} "$NCU" --profile-from-start off --clock-control none -k "regex:${3:-main_kernel|attention|gate_combine}" \
+  date; timeout ${NCU_TIMEOUT:-240} "$NCU" --clock-control none -k "regex:${3:-main_kernel|attention|gate_combine}" \
+    --launch-count ${NCU_LAUNCHES:-12} \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section Occupancy \
     --section WarpStateStats --section LaunchStats --section SchedulerStats \
-    --csv --page details python3 benchmarks/ncu_paper.py --T ${2:-16384} ${4:+--config $4} > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
-  rc=$?; echo "ncu rc $rc"; tail -5 "$OUT/ncu.err"; wc -l "$OUT/ncu.csv"
+    --csv --page details --log-file "$OUT/ncu.log" python3 benchmarks/ncu_paper.py --T ${2:-16384} ${4:+--config $4} \
+    > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
+  rc=$?; echo "ncu rc $rc"; tail -5 "$OUT/ncu.err" "$OUT/ncu.log"; wc -l "$OUT/ncu.csv"
+fi
+if [[ $what == pending2 ]]; then   # what 2026-12-07 (afternoon) left unrun, about 8 minutes
+  # 1. the window dK/dV rewrite (2afef27): its schedule tests, branch / pack / NaN tests
+  date; timeout 150 python3 -m pytest -q tests/test_ops_backward.py -k "(win or window) and not compiled" 2>&1 \
+    | tee "$OUT/window_tests.log" | tail -4
+  rc=${PIPESTATUS[0]}
+  # 2. the selection dK/dV async_mma schedule with LSE / Delta from the producer (7704e81)
+  date; timeout 100 python3 -m pytest -q tests/test_ops_backward.py -k "selection_dkdv_schedules and async and not pack" 2>&1 \
+    | tee "$OUT/sel_async_tests.log" | tail -3
+  [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
+  # 3. both against the cp.async schedule and the earlier window numbers, one run
+  date; timeout 150 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T 8192 65536 --rounds 5 --iters 4 \
+    --configs sel_async sel_async_s4 2>&1 | tee "$OUT/paper_bench.log" | grep "T=.*_bwd\|T=.*ours\|not timed"
+  # 4. where the selection dK/dV time goes (both schedules)
+  NCU_TIMEOUT=50 NCU_LAUNCHES=1 bash "$0" ncu 16384 selection_attention_bwd_dkdv 2>&1 | tail -3
+  cp "$OUT/ncu.csv" "$OUT/ncu_sel_dkdv.csv"
+  NCU_TIMEOUT=50 NCU_LAUNCHES=1 bash "$0" ncu 16384 selection_attention_bwd_dkdv sel_async 2>&1 | tail -3
+  cp "$OUT/ncu.csv" "$OUT/ncu_sel_dkdv_async.csv"
+  date
 fi
 if [[ $what == pytest ]]; then   # any GPU tests: $2 = pytest arguments
   date; timeout 300 python3 -m pytest -q $2 ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/pytest.log" | tail -15
