@@ -664,12 +664,12 @@ def _build_dkdv(cfg):
 
 
 def _build_dkdv_async(cfg):
-    """dkdv with async_mma (sm90): per program one unit, as _build_dkdv, but one token a step (its G
-    query heads' rows of Q | dO: TMA boxes from a producer warpgroup into a num_stages ring), and one consumer warpgroup per 64 block rows runs S^T and dP^T as one
-    async WGMMA batch, P^T while dP^T runs, dV += P^T dO queued before dS^T is formed, then
-    dK += dS^T Q synchronously (the ring's stage is released after that full wait). P^T / dS^T are
-    the register A operands. Only chunks holding a token that does not see every row of the block
-    (or past the unit's end) pay for the mask."""
+    """dkdv with async_mma (sm90): per program one unit, as _build_dkdv, but one token a step: a
+    producer warpgroup brings its G query heads' rows of Q | dO and of LSE / Delta (TMA boxes) into
+    a num_stages ring, and one consumer warpgroup per 64 block rows runs S^T and dP^T as one async
+    WGMMA batch, P^T while dP^T runs, dV += P^T dO queued before dS^T is formed, then dK += dS^T Q
+    synchronously (the ring's stage is released after that full wait). P^T / dS^T are the register
+    A operands. Only steps whose token does not see every row of the block pay for the mask."""
     HQ, H = cfg.heads_q, cfg.heads_kv
     G = HQ // H
     Dk, Dv = cfg.head_dim_qk, cfg.head_dim_v
