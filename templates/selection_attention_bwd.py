@@ -771,8 +771,15 @@ def _build_dkdv_async(cfg):
                 # dV queues behind dP^T; wait for dP^T only, dS^T then overlaps dV
                 T.wgmma_gemm(P_x, QdO_s[:, Dk:Dk + Dv], acc_dv, policy=T.GemmWarpPolicy.FullRow)
                 T.wait_wgmma(1)
-                for i, r in T.Parallel(BS, R):
-                    dS_x[i, r] = acc_st[i, r] * (acc_dpt[i, r] - dlt_v[r])
+                # dS^T selected to 0 where masked too (a NaN Delta of the token times P^T = 0 would
+                # reach the keys after it)
+                if TokIdx[p0 + ci] >= k1 - 1:
+                    for i, r in T.Parallel(BS, R):
+                        dS_x[i, r] = acc_st[i, r] * (acc_dpt[i, r] - dlt_v[r])
+                else:
+                    for i, r in T.Parallel(BS, R):
+                        dS_x[i, r] = T.if_then_else(k0 + i <= TokIdx[p0 + ci],
+                                                    acc_st[i, r] * (acc_dpt[i, r] - dlt_v[r]), 0)
                 # synchronous (waits for dV too), so the stage is free once it returns
                 T.gemm(dS_x, QdO_s[:, 0:Dk], acc_dk, policy=T.GemmWarpPolicy.FullRow)
 

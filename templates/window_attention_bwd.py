@@ -366,8 +366,19 @@ def _build_dkdv(cfg):
                     T.wait_wgmma(1)   # dP^T done; dV runs on
                 else:
                     T.gemm(pt, dO_s, acc_dv, policy=T.GemmWarpPolicy.FullRow)
-                for i, j in T.Parallel(bn, bm):
-                    dst[i, j] = acc_st[i, j] * (acc_dpt[i, j] - dlt_v[j])
+                # dS^T selected to 0 where masked too: P^T = 0 there, but a query's NaN Delta (a NaN in
+                # its q / dO) times that 0 would reach keys it cannot see
+                if cfg.async_mma:
+                    for i, j in T.Parallel(bn, bm):
+                        dst[i, j] = T.if_then_else((s0 + i <= hi_v[j]) & (s0 + i >= lo_v[j]),
+                                                   acc_st[i, j] * (acc_dpt[i, j] - dlt_v[j]), 0)
+                elif interior:
+                    for i, j in T.Parallel(bn, bm):
+                        dst[i, j] = acc_st[i, j] * (acc_dpt[i, j] - dlt_v[j])
+                else:
+                    for i, j in T.Parallel(bn, bm):
+                        dst[i, j] = T.if_then_else((s0 + i <= hi_v[j]) & (s0 + i >= lo_v[j]),
+                                                   acc_st[i, j] * (acc_dpt[i, j] - dlt_v[j]), 0)
                 if cfg.async_mma:   # synchronous: waits for dV too, so the stage is free after it
                     T.gemm(dst, QdO_s[:, 0:Dk], acc_dk, policy=T.GemmWarpPolicy.FullRow)
                 else:
