@@ -205,7 +205,7 @@ if [[ $what == pending2 ]]; then   # what 2026-12-07 (afternoon) left unrun, abo
     | tee "$OUT/window_tests.log" | tail -4
   rc=${PIPESTATUS[0]}
   # 2. the selection dK/dV async_mma schedule with LSE / Delta from the producer (7704e81)
-  date; timeout 100 python3 -m pytest -q tests/test_ops_backward.py -k "selection_dkdv_schedules and async and not pack" 2>&1 \
+  date; timeout 100 python3 -m pytest -q tests/test_ops_backward.py -k "(selection_dkdv_schedules and async and not pack) or nan_delta" 2>&1 \
     | tee "$OUT/sel_async_tests.log" | tail -3
   [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
   # 3. both against the cp.async schedule and the earlier window numbers, one run
