@@ -195,9 +195,9 @@ if [[ $what == ncu ]]; then   # Nsight Compute over one paper-config step ($2: T
     --launch-count ${NCU_LAUNCHES:-12} \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section Occupancy \
     --section WarpStateStats --section LaunchStats --section SchedulerStats \
-    --csv --page details --log-file "$OUT/ncu.log" python3 benchmarks/ncu_paper.py --T ${2:-16384} ${4:+--config $4} \
+    --csv --page details python3 benchmarks/ncu_paper.py --T ${2:-16384} ${4:+--config $4} \
     > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
-  rc=$?; echo "ncu rc $rc"; tail -5 "$OUT/ncu.err" "$OUT/ncu.log"; wc -l "$OUT/ncu.csv"
+  rc=$?; echo "ncu rc $rc"; tail -5 "$OUT/ncu.err"; wc -l "$OUT/ncu.csv"
 fi
 if [[ $what == pending2 ]]; then   # what 2026-12-07 (afternoon) left unrun, about 8 minutes
   # 1. the window dK/dV rewrite (2afef27): its schedule tests, branch / pack / NaN tests
