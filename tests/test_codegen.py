@@ -177,6 +177,31 @@ def test_unknown_schedule_knob_is_named():
         template_config(key)
 
 
+def test_selection_dkdv_async_schedule_states_its_limits():
+    """The selection dK/dV async_mma schedule takes one token (G rows, the WGMMA N) a step and one
+    warpgroup per 64 block rows: G not a multiple of 16, 32-row blocks, a thread count or chunk size
+    other than its own are refused with the knob named; where it fits, its kernel is one program of
+    two per SM."""
+    from nsa_codegen.codegen import template_module
+    from nsa_codegen.schedules import default_schedule
+
+    def dkdv_key(spec):
+        return next(c.key for c in lower_to_plan(spec, "sm90").all_calls if c.kind == "selection_bwd_dkdv")
+
+    paper = dkdv_key(PAPER)
+    ok = {**default_schedule(paper), "async_mma": True}
+    assert check_schedule(paper, ok) is None
+    assert "chunk_rows" in check_schedule(paper, {**ok, "chunk_rows": 32})
+    assert "threads" in check_schedule(paper, {**ok, "threads": 256})
+    g8 = dkdv_key(NSASpec(heads=16, kv_heads=2, head_dim=64, v_head_dim=64, compression=CompressionBranch(32, 16, "mean")))
+    assert "G = 8" in check_schedule(g8, {**default_schedule(g8), "async_mma": True})
+    bs32 = dkdv_key(NSASpec(compression=CompressionBranch(32, 16, "mean"), selection=SelectionBranch(32, 16, 1, 2)))
+    assert "block" in check_schedule(bs32, {**default_schedule(bs32), "async_mma": True})
+    cfg = template_config(paper.with_schedule(ok))
+    tmpl = template_module("selection_attention_bwd")
+    assert tmpl._threads(cfg) == 128 and tmpl._min_blocks(cfg) == 2
+
+
 def test_shared_memory_limit_is_the_arch_s():
     """Every template sizes shared memory by the key's arch (kernel_key.SHARED_MEMORY): a schedule
     that fits the H100's 227 KiB but not the A100's 163 KiB is accepted for sm90 and refused for sm80,
