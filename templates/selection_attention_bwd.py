@@ -192,17 +192,17 @@ def _kv_smem(cfg, R=None):
     R = R or _chunk_rows(cfg)
     BS = cfg.block
     kv = BS * (cfg.head_dim_qk + cfg.head_dim_v) * e
-    if cfg.async_mma:   # K, V and the Q | dO ring (mbarriers in the 1024 slack)
-        return kv + _stages(cfg) * R * (cfg.head_dim_qk + cfg.head_dim_v) * e + 1024
+    if cfg.async_mma:   # K, V and the ring of Q | dO and LSE, Delta rows (mbarriers in the 1024 slack)
+        return kv + _stages(cfg) * R * ((cfg.head_dim_qk + cfg.head_dim_v) * e + 8) + 1024
     chunk = _stages(cfg) * (R * (cfg.head_dim_qk + cfg.head_dim_v) * e + 12 * R)
     pt = 0 if _kv_pt_in_regs(cfg) else BS * R * e    # one tile, P^T then dS^T
     return kv + chunk + pt + 1024
 
 
-def _kv_regs(cfg, R=None):
+def _kv_regs(cfg):
     # fp32 accumulators per thread: dK, dV, S^T, dP^T (+ 16-bit P^T, dS^T if in registers)
     th = _threads(cfg)
-    BS, R = cfg.block, R or _chunk_rows(cfg)
+    BS, R = cfg.block, _chunk_rows(cfg)
     f = BS * (cfg.head_dim_qk + cfg.head_dim_v) / th + 2 * BS * R / th
     if _kv_pt_in_regs(cfg):
         f += BS * R / th     # two 16-bit tiles

@@ -332,9 +332,12 @@ def _build_dkdv(cfg):
                 # query is past T, and the last query's sequence began at or before the first key
                 # (sequence starts rise with t). Only the other steps pay for the mask; masked
                 # entries are selected (never multiplied) to 0, so a NaN/Inf of a key or query
-                # outside stays out.
-                interior = ((q0 >= s0 + bn - 1) & (q0 + bm - W <= s0) & (q0 + bm <= S)
-                            & (SeqStart[b, T.min(q0 + bm, S) - 1] <= s0))
+                # outside stays out. The async_mma schedule masks every step: with an unmasked
+                # branch beside the masked one, nvcc copied an S^T register while dP^T was in
+                # flight, and ptxas serialized the WGMMA (C7517).
+                interior = False if cfg.async_mma else (
+                    (q0 >= s0 + bn - 1) & (q0 + bm - W <= s0) & (q0 + bm <= S)
+                    & (SeqStart[b, T.min(q0 + bm, S) - 1] <= s0))
                 if cfg.async_mma:
                     # clear_accum, not a fill: register writes between the two issues make ptxas
                     # wait for the first before the second (C7517)
@@ -346,13 +349,7 @@ def _build_dkdv(cfg):
                 else:
                     T.gemm(K_s, Q_s, acc_st, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
                     T.gemm(V_s, dO_s, acc_dpt, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
-                if cfg.async_mma:
-                    # every step masked: with an unmasked branch beside the masked one, nvcc copied
-                    # an S^T register while dP^T was in flight, and ptxas serialized the WGMMA (C7517)
-                    for i, j in T.Parallel(bn, bm):
-                        acc_st[i, j] = T.if_then_else((s0 + i <= hi_v[j]) & (s0 + i >= lo_v[j]),
-                                                      T.exp2(acc_st[i, j] * sc2 - lse_v[j]), 0)
-                elif interior:
+                if interior:
                     for i, j in T.Parallel(bn, bm):
                         acc_st[i, j] = T.exp2(acc_st[i, j] * sc2 - lse_v[j])
                 else:
@@ -368,11 +365,7 @@ def _build_dkdv(cfg):
                     T.gemm(pt, dO_s, acc_dv, policy=T.GemmWarpPolicy.FullRow)
                 # dS^T selected to 0 where masked too: P^T = 0 there, but a query's NaN Delta (a NaN in
                 # its q / dO) times that 0 would reach keys it cannot see
-                if cfg.async_mma:
-                    for i, j in T.Parallel(bn, bm):
-                        dst[i, j] = T.if_then_else((s0 + i <= hi_v[j]) & (s0 + i >= lo_v[j]),
-                                                   acc_st[i, j] * (acc_dpt[i, j] - dlt_v[j]), 0)
-                elif interior:
+                if interior:
                     for i, j in T.Parallel(bn, bm):
                         dst[i, j] = acc_st[i, j] * (acc_dpt[i, j] - dlt_v[j])
                 else:
