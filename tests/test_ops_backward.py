@@ -466,6 +466,21 @@ def test_selection_dq_token_tile_masks_what_a_token_did_not_choose():
     assert err < 1e-2, f"{kernel.key}: dq relative error {err:.2e} on tokens that did not choose the NaN block"
 
 
+def _assert_dk_of_keys_stays_clean(label, problem, kernel, k, do, keys, kern, oracle):
+    """With `kernel` swapped in for `problem`: the dK of `keys` through kern(k) -> (o, lse) is finite and
+    within 1e-2 of the fp32 oracle's, whose own dK there must be finite (its masked softmax gives those
+    keys exactly 0 from the tokens that cannot see them)."""
+    from nsa_codegen.cache import use_kernel
+    dlse = torch.zeros(do.shape[:3], device=do.device)
+    with use_kernel(problem, kernel):
+        (dk,) = _grads(kern, (k,), do, dlse)
+    (dk_hi,) = _grads(oracle, f32(k), do.float(), dlse)
+    assert torch.isfinite(dk_hi[:, keys]).all(), "the reference itself should keep these keys finite"
+    assert torch.isfinite(dk[:, keys]).all(), f"{label}: a NaN Delta reached the dK of keys its token cannot see"
+    err = rel_err(dk[:, keys], dk_hi[:, keys])
+    assert err < 1e-2, f"{label}: dK relative error {err:.2e} on those keys"
+
+
 @gpu
 @pytest.mark.parametrize("sched", [pytest.param("sync", marks=pytest.mark.xfail(
     strict=True, reason="the cp.async dK/dV forms dS^T = P^T (dP^T - Delta) unmasked: 0 * NaN (fix pending a "
@@ -474,7 +489,6 @@ def test_selection_nan_delta_stays_out_of_later_keys_dk(sched):
     """Token t sees a NaN value (so its O and Delta are NaN) in a block no later token chose; the keys
     after t in t's own block, which only later (clean) tokens see, keep the reference's finite dK."""
     from nsa_codegen import ops
-    from nsa_codegen.cache import use_kernel
     spec, q, k, v, idx, t = _own_block_lists(256, seed=36)   # every token: its own block
     s = spec.selection
     tok = s.block + 6                                        # token 70: block 1, also block 0
@@ -483,18 +497,11 @@ def test_selection_nan_delta_stays_out_of_later_keys_dk(sched):
     poisoned[:, 5] = float("nan")          # a value of block 0: seen by `tok` and block 0's own tokens
     problem, kernel = _selection_bwd_kernel("selection_bwd_dkdv", q, k, v, s, SEL_DKDV_SCHEDULES[sched])
     do = torch.randn(*q.shape[:3], spec.v_head_dim, device="cuda").to(q.dtype)
-    leaf = k.detach().requires_grad_()
-    with use_kernel(problem, kernel):
-        o, _ = ops.selection_attention(q, leaf, poisoned, idx, s.block, -1.0)
-        (dk,) = torch.autograd.grad((o.float() * do.float()).sum(), leaf)
     later = (t > tok) & (t // s.block == 1)                  # keys after tok in its block
-    leaf_hi = k.detach().float().requires_grad_()
-    o_hi, _ = ref.selection_attention(q.float(), leaf_hi, poisoned.float(), idx, s.block, spec.softmax_scale)
-    (dk_hi,) = torch.autograd.grad((o_hi * do.float()).sum(), leaf_hi)
-    assert torch.isfinite(dk_hi[:, later]).all(), "the reference itself should keep these keys finite"
-    assert torch.isfinite(dk[:, later]).all(), f"{kernel.key}: token {tok}'s NaN Delta reached later keys' dK"
-    err = rel_err(dk[:, later], dk_hi[:, later])
-    assert err < 1e-2, f"{kernel.key}: dK relative error {err:.2e} on the keys after token {tok}"
+    _assert_dk_of_keys_stays_clean(
+        f"{kernel.key}/token {tok}", problem, kernel, k, do, later,
+        lambda k_: ops.selection_attention(q, k_, poisoned, idx, s.block, -1.0),
+        lambda k_: ref.selection_attention(q.float(), k_, poisoned.float(), idx, s.block, spec.softmax_scale))
 
 
 @gpu
@@ -503,7 +510,7 @@ def test_window_nan_delta_stays_out_of_later_keys_dk(sched):
     """A NaN value at key s gives the tokens s .. s+w-1 a NaN Delta; the keys after them that only later
     tokens (which no longer see s) see keep the reference's finite dK."""
     from nsa_codegen import ops
-    from nsa_codegen.cache import load_scheduled, use_kernel
+    from nsa_codegen.cache import load_scheduled
     from nsa_codegen.launch import kernel_key
     from nsa_codegen.schedules import default_schedule
     name, spec, B, T = next(m for m in BWD_MATRIX if m[0] == "win16")
@@ -515,19 +522,12 @@ def test_window_nan_delta_stays_out_of_later_keys_dk(sched):
     problem = kernel_key("window_bwd_dkdv", q, k, v.shape[3], -1.0, window=w)
     kernel = load_scheduled(problem.with_schedule({**default_schedule(problem), **WIN_DKDV_SCHEDULES[sched]}))
     do = torch.randn(*q.shape[:3], spec.v_head_dim, device="cuda").to(q.dtype)
-    leaf = k.detach().requires_grad_()
-    with use_kernel(problem, kernel):
-        o, _ = ops.window_attention(q, leaf, poisoned, w, -1.0)
-        (dk,) = torch.autograd.grad((o.float() * do.float()).sum(), leaf)
     t = torch.arange(512, device="cuda")
     clean = t >= s_nan + w                                   # keys only tokens past s + w - 1 see
-    leaf_hi = k.detach().float().requires_grad_()
-    o_hi, _ = ref.window_attention(q.float(), leaf_hi, poisoned.float(), w, spec.softmax_scale)
-    (dk_hi,) = torch.autograd.grad((o_hi * do.float()).sum(), leaf_hi)
-    assert torch.isfinite(dk_hi[:, clean]).all(), "the reference itself should keep these keys finite"
-    assert torch.isfinite(dk[:, clean]).all(), f"{kernel.key}: a NaN Delta reached keys its tokens cannot see"
-    err = rel_err(dk[:, clean], dk_hi[:, clean])
-    assert err < 1e-2, f"{kernel.key}: dK relative error {err:.2e} on the clean keys"
+    _assert_dk_of_keys_stays_clean(
+        str(kernel.key), problem, kernel, k, do, clean,
+        lambda k_: ops.window_attention(q, k_, poisoned, w, -1.0),
+        lambda k_: ref.window_attention(q.float(), k_, poisoned.float(), w, spec.softmax_scale))
 
 
 @gpu
