@@ -211,10 +211,13 @@ class PagedNSAKVCache:
             if c is not None:
                 reused_cmp += self._grow(sl, -(-compressed_rows(L, c) // P), self._cmp_pages, self._free_cmp,
                                          self.cmp_block_table, self._used_cmp)
-        for pool, pages in ((self.kv_k, reused), (self.kv_v, reused), (self.cmp_k_raw, reused),
-                            (self.cmp_v_raw, reused), (self.k_cmp, reused_cmp), (self.v_cmp, reused_cmp)):
-            if pool is not None and pages:
-                pool[torch.tensor(pages, device=self.device)] = 0
+        for pages, pools in ((reused, (self.kv_k, self.kv_v, self.cmp_k_raw, self.cmp_v_raw)),
+                             (reused_cmp, (self.k_cmp, self.v_cmp))):
+            if pages:   # one index tensor (one host-to-device copy) per page list
+                idx = torch.tensor(pages, device=self.device)
+                for pool in pools:
+                    if pool is not None:
+                        pool[idx] = 0
         # Token rows: flat index page * P + offset of each new token (device arithmetic, one slice of
         # the page list per sequence); dropped tokens go nowhere.
         ii, jj, flat = [], [], []
