@@ -18,7 +18,9 @@ interquartile range over all launches):
 With --backward, fwd+bwd cases (o.backward(do), all inputs require grad): dense_cudnn_d128_fb,
 ours_fb[...], and k:selection_bwd[...], k:compression_bwd[...], k:window_bwd[...]. The backward
 configurations cmp_smem / cmp_regs / cmp_async / cmp_async_s8 (compression dk/dv: the earlier smem
-schedule; registers without async WGMMA; async with 4 / 8 token splits) and win_async (window dk/dv, async WGMMA) add ours_fb[...] and their kernel's case only.
+schedule; registers without async WGMMA; async with 4 / 8 token splits), win_async (window dk/dv,
+async WGMMA) and sel_async / sel_async_s3 / sel_async_s4 (selection dk/dv, async WGMMA with a 2-, 3-
+or 4-deep ring) add ours_fb[...] and their kernel's case only.
 Before timing, every configuration is checked against nsa_codegen.reference: the forward at T=4096
 and (--backward) the dq, dk, dv of the selection branch at T=2048 (fp32, on the block lists the
 kernels chose), of the compression branch at T=4096 and of the window branch at T=2048. A
@@ -59,14 +61,12 @@ CONFIGS = {"tile": {"selection_fwd": {"tile_tokens": 0}, "selection_bwd_dq": {"t
            "cmp_async": {"compression_bwd_dkdv": {"kv_splits": 4}},
            "cmp_async_s8": {"compression_bwd_dkdv": {"kv_splits": 8}},
            "win_async": {"window_bwd_dkdv": {"async_mma": True}},
-           # selection dk/dv: a TMA producer and async WGMMA, one token a step (SEL_DKDV_SCHEDULES)
-           # (every knob named: the tuned cp.async schedule's chunk_rows / threads do not apply)
-           "sel_async": {"selection_bwd_dkdv": {"async_mma": True, "threads": 0, "num_stages": 0, "chunk_rows": 0,
-                                                "chunk_group": 4, "min_blocks_per_sm": 0}},
-           "sel_async_s3": {"selection_bwd_dkdv": {"async_mma": True, "threads": 0, "num_stages": 3, "chunk_rows": 0,
-                                                   "chunk_group": 4, "min_blocks_per_sm": 0}},
-           "sel_async_s4": {"selection_bwd_dkdv": {"async_mma": True, "threads": 0, "num_stages": 4, "chunk_rows": 0,
-                                                   "chunk_group": 4, "min_blocks_per_sm": 0}}}
+           # selection dk/dv: a TMA producer and async WGMMA, one token a step (SEL_DKDV_SCHEDULES), with
+           # the auto (2), a 3- and a 4-deep ring; every knob named: the tuned cp.async schedule's
+           # chunk_rows / threads do not apply
+           **{f"sel_async{suffix}": {"selection_bwd_dkdv": {"async_mma": True, "threads": 0, "num_stages": stages,
+                                                            "chunk_rows": 0, "chunk_group": 4, "min_blocks_per_sm": 0}}
+              for suffix, stages in (("", 0), ("_s3", 3), ("_s4", 4))}}
 CONFIG_KINDS = sorted({kind for per_kind in CONFIGS.values() for kind in per_kind})
 
 
