@@ -12,6 +12,7 @@ kernel, tile_tokens 1), fla (FLA's parallel_nsa selection on the same lists, if 
 Every case is first checked against nsa_codegen.reference on the same lists at T=4096; then all
 cases of one (config, T, lists) are timed interleaved: --rounds rounds, each running every case
 --iters times, each launch timed with CUDA events; median and interquartile range over all launches.
+--lists-file adds the lists of a trained model (benchmarks/trained_selections.py), one kind per layer.
 Writes <out>/<date>-<gpu>-selection.{json,md}; the json carries the git commit, dirty flag, GPU,
 library versions and each kernel's schedule.
 """
@@ -95,6 +96,28 @@ def loads_and_flops(idx, dk, dv) -> dict:
             "useful": entries * G * 2 * BS * (dk + dv)}
 
 
+def load_trained(path) -> dict:
+    """{T: [layers, 1, T, H, n]} block lists of a trained model (trained_selections.py), checked for
+    this benchmark's shape."""
+    saved = torch.load(path)
+    if (saved["H"], saved["block"], saved["top_n"]) != (H, BS, N):
+        raise SystemExit(f"{path}: lists for H={saved['H']}, block {saved['block']}, n={saved['top_n']}; "
+                         f"this benchmark runs H={H}, block {BS}, n={N}")
+    return saved["lists"]
+
+
+def list_sources(T, trained):
+    """[(name, () -> [1, T, H, n] int32 on CUDA)]: the synthetic kinds, then each trained layer's lists
+    made for this T."""
+    out = [(f"{kind}{coh if kind == 'drift' else ''}",
+            lambda kind=kind, coh=coh: workloads.block_indices(kind, 1, T, H, BS, N, coherence=coh, seed=T + 1))
+           for kind, coh in LISTS]
+    if T in trained:
+        out += [(f"trained-L{i}", lambda x=x: x.to("cuda", torch.int32).contiguous())
+                for i, x in enumerate(trained[T])]
+    return out
+
+
 def inputs(T, dk, dv, dt, seed):
     g = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(1, T, HQ, dk, generator=g, device="cuda").to(dt)
@@ -111,10 +134,14 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=6)
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
+    ap.add_argument("--lists-file", default=None,
+                    help="also time the block lists of a trained model (benchmarks/trained_selections.py's "
+                         "-lists.pt), each layer's lists as one more kind of list, at the T they were made for")
     ap.add_argument("--variants", default="[]",
                     help='JSON list of schedule-knob dicts to time as extra cases, e.g. [{"num_stages": 3}]')
     args = ap.parse_args()
     dt = getattr(torch, args.dtype)
+    trained = load_trained(args.lists_file) if args.lists_file else {}
     fla = fla_selection()
     rows, checks, schedules = [], [], {}
     for cfg in args.configs:
@@ -143,14 +170,13 @@ def main():
             cases.pop(x["case"], None)
         for T in args.T:
             q, k, v = inputs(T, dk, dv, dt, seed=T)
-            for kind, coh in LISTS:
-                say(f"{cfg} T={T} {kind}{coh}: lists, then {args.rounds} rounds")
-                idx = workloads.block_indices(kind, 1, T, H, BS, N, coherence=coh, seed=T + 1)
+            for lists, make_idx in list_sources(T, trained):
+                say(f"{cfg} T={T} {lists}: lists, then {args.rounds} rounds")
+                idx = make_idx()
                 u4, u64 = workloads.union_size(idx, 4), workloads.union_size(idx, 64)
                 work = loads_and_flops(idx, dk, dv)
                 times = timed_rounds({c: (lambda fn=fn: fn(q, k, v, idx)) for c, fn in cases.items()},
                                      args.rounds, args.iters)
-                lists = f"{kind}{coh if kind == 'drift' else ''}"
                 for c, ms in times.items():
                     st = stats(ms)
                     kv_gb, flop = work.get(c, (None, None))

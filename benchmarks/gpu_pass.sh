@@ -35,6 +35,8 @@
 #        $3: kernel-name regex, $4: a bench_paper config; NCU_LAUNCHES: how many matching launches)
 #   pending2: what the afternoon of 2026-12-07 left unrun (window dK/dV rewrite, selection dK/dV
 #        async_mma with LSE from the producer: tests, bench_paper, ncu of both dK/dV schedules)
+#   trained: benchmarks/trained_selections.py (a byte-level NSA model trained here; its block lists'
+#            locality at 8k and 64k), then bench_selection.py --lists-file on them (paper config, 64k)
 #   pytest: python3 -m pytest -q $2 [-k "$PYTEST_K"] (any GPU tests, with the prebuilt kernels)
 #   ab: bench_paper.py of an older commit (.ab/baseline.tar.xz from benchmarks/make_baseline.py REV:
 #       its source and its own prebuilt kernels), then of this tree, on the same machine ($2: their
@@ -216,6 +218,18 @@ if [[ $what == pending2 ]]; then   # what 2026-12-07 (afternoon) left unrun, abo
   cp "$OUT/ncu.csv" "$OUT/ncu_sel_dkdv.csv"
   NCU_TIMEOUT=50 NCU_LAUNCHES=1 bash "$0" ncu 16384 selection_attention_bwd_dkdv sel_async 2>&1 | tail -3
   cp "$OUT/ncu.csv" "$OUT/ncu_sel_dkdv_async.csv"
+  date
+fi
+if [[ $what == trained ]]; then   # about 5 minutes
+  date; timeout 300 python3 benchmarks/trained_selections.py --out "$OUT" ${2:-} 2>&1 | tee "$OUT/trained.log" \
+    | grep -v "^step .*[1-9]0 bits" | tail -40
+  rc=${PIPESTATUS[0]}
+  lists=$(ls "$OUT"/*-trained_selections-lists.pt 2>/dev/null | head -1)
+  if [ -n "$lists" ]; then
+    date; timeout 200 python3 benchmarks/bench_selection.py --out "$OUT" --configs paper --T 65536 --rounds 5 \
+      --iters 4 --lists-file "$lists" 2>&1 | tee "$OUT/selection_trained.log" | grep "^paper\|^check"
+    mv "$lists" /tmp/   # not brought back (tens of MB); the json / md hold the union sizes
+  fi
   date
 fi
 if [[ $what == pytest ]]; then   # any GPU tests: $2 = pytest arguments

@@ -7,7 +7,8 @@ does not carry over (its key holds the parsed target, which differs on a machine
 this builds with `nsa_codegen.build` (the artifacts `nsa-codegen build` writes, opened through
 TVM-FFI with no compiler) every forward kernel of the GPU test matrix (tests/test_ops.py) and of the
 benchmarks' configs, with the selection schedules the tests and bench_selection.py run as variants,
-the backward kernels of the backward tests and of bench_paper.py (both dq schedules), and the
+the backward kernels of the backward tests, of bench_paper.py (both dq schedules) and of
+trained_selections.py's model, and the
 decode kernels of tests/test_decode.py, into <out>/generated/, and packs those kernels (not older
 builds left there) as <out>/generated.tar.xz. benchmarks/gpu_pass.sh unpacks it and points
 NSA_CODEGEN_GENERATED_DIR at it. Keep <out> out of git and carry it to the device.
@@ -55,7 +56,14 @@ def backward_specs():
     out.update({f"layer_{name}": spec for name, spec in LAYER_SPECS})
     out["layer_bf16"] = BF16_LAYER_SPEC
     out.update({f"paper_{dt}": paper_spec(dt) for dt in ("bfloat16", "float16")})
+    out["trained_lm"] = trained_lm_spec()
     return out
+
+
+def trained_lm_spec():
+    """The byte-level model benchmarks/trained_selections.py trains on the GPU (bf16 autocast)."""
+    from trained_selections import spec_for
+    return spec_for(64, 64, "bfloat16")
 
 
 def specs():
@@ -71,6 +79,7 @@ def specs():
                                               compression=CompressionBranch(32, 16, "mean"))
         for i, spec in enumerate(bench_specs(dt)):
             out[f"bench{i}_{dt}"] = spec
+    out["trained_lm"] = trained_lm_spec()
     return out
 
 

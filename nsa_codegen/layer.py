@@ -141,6 +141,23 @@ class NativeSparseAttention(nn.Module):
             cu_seqlens = packing.Pack(cu_seqlens, x.shape[1])
         return self._attend(*self._project(x), cu_seqlens)
 
+    @torch.no_grad()
+    def block_indices(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, hidden] -> [B, T, H, top_n] int32: the selection blocks each token reads per KV head
+        (ascending, -1 padded), ranked from this layer's own compression scores by the reference top-n
+        (the kernels' top-n agrees up to near ties). For inspecting what a trained layer selects;
+        needs the compression and selection branches, one unpacked batch, no cp_group."""
+        if self.spec.compression is None or self.spec.selection is None:
+            raise ValueError("block_indices needs the compression and selection branches (the top-n ranks "
+                             "compression scores)")
+        if self.cp_group is not None:
+            raise NotImplementedError("block_indices with cp_group: run it on a layer without cp_group")
+        q, _, kv = self._project(x)
+        k_cmp, v_cmp = self._compress(*kv["cmp"], None)
+        T = q.shape[1]
+        return reference.compression_and_selection(q.float(), k_cmp.float(), v_cmp.float(), self.spec, T,
+                                                   need_indices=True)[2]
+
     def _attend(self, q, gates, kv, cu_seqlens=None):
         spec = self.spec
         B, T = q.shape[:2]

@@ -40,6 +40,28 @@ def test_layer_matches_reference_call():
     torch.testing.assert_close(layer(x), layer.o_proj(o.reshape(B, T, -1)))
 
 
+def test_block_indices_are_the_lists_the_forward_selects():
+    torch.manual_seed(4)
+    layer = NativeSparseAttention(32, SPEC).double()
+    x = torch.randn(2, 200, 32, dtype=torch.float64)
+    B, T = x.shape[:2]
+    idx = layer.block_indices(x)
+    assert idx.shape == (B, T, 2, 4) and idx.dtype == torch.int32
+    q = layer.q_proj(x).view(B, T, 4, 64)
+    g = torch.sigmoid(layer.gate(x)).view(B, T, 3, 4)
+    (kc, vc), (ks, vs), (kw, vw) = layer._kv(x, "cmp"), layer._kv(x, "slc"), layer._kv(x, "win")
+    _, want = ref.nsa_reference(q, ks, vs, g[:, :, 0], g[:, :, 1], g[:, :, 2], SPEC, k_cmp=layer.k_phi(kc),
+                                v_cmp=layer.v_phi(vc), k_win=kw, v_win=vw, return_indices=True)
+    assert torch.equal(idx, want)
+    # the forced blocks are there: block 0 and each token's own block
+    own = (torch.arange(T) // 32).view(1, T, 1, 1)
+    assert (idx == 0).any(-1).all() and (idx == own).any(-1).all()
+    no_slc = NativeSparseAttention(32, NSASpec(heads=4, kv_heads=2, head_dim=64, compression=None,
+                                               selection=None, window=WindowBranch(64)))
+    with pytest.raises(ValueError, match="compression and selection"):
+        no_slc.block_indices(x.float())
+
+
 def test_mean_pool_layer_uses_compress():
     spec = NSASpec(heads=4, kv_heads=4, head_dim=64, compression=CompressionBranch(16, 16, "mean"),
                    selection=None, window=None)
