@@ -221,8 +221,8 @@ if [[ $what == pending2 ]]; then   # what 2026-12-07 (afternoon) left unrun, abo
   date
 fi
 if [[ $what == trained ]]; then   # about 5 minutes
-  date; timeout 300 python3 benchmarks/trained_selections.py --out "$OUT" ${2:-} 2>&1 | tee "$OUT/trained.log" \
-    | grep -v "^step .*[1-9]0 bits" | tail -40
+  date; timeout 330 python3 benchmarks/trained_selections.py --out "$OUT" --max-train-seconds 150 ${2:-} 2>&1 | tee "$OUT/trained.log" \
+    | tail -40
   rc=${PIPESTATUS[0]}
   lists=$(ls "$OUT"/*-trained_selections-lists.pt 2>/dev/null | head -1)
   if [ -n "$lists" ]; then

@@ -110,6 +110,8 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=64, help="query heads (over 4 KV heads)")
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--max-train-seconds", type=float, default=None,
+                    help="stop training after this long (the steps run are recorded)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -151,6 +153,9 @@ def main(argv=None):
         curve.append(loss.item() / math.log(2))
         if step % 50 == 0 or step == args.steps - 1:
             print(f"step {step:5d} {curve[-1]:.3f} bits/byte ({time.time() - t0:.0f} s)", flush=True)
+        if args.max_train_seconds is not None and time.time() - t0 > args.max_train_seconds:
+            print(f"step {step:5d} {curve[-1]:.3f} bits/byte: stopped at --max-train-seconds", flush=True)
+            break
     train_s = time.time() - t0
     model.eval()
     counts = torch.bincount(train.long(), minlength=256).double()
@@ -175,7 +180,7 @@ def main(argv=None):
     torch.save(dict(lists=saved, H=H, block=SEL_BLOCK, top_n=TOP_N, spec=str(spec)),
                str(stem) + "-lists.pt")
     meta = dict(info, source=source, spec=str(spec), hidden=args.hidden, layers=args.layers, steps=args.steps,
-                batch=args.batch, seq_len=args.seq_len, lr=args.lr, seed=args.seed, train_seconds=train_s,
+                batch=args.batch, seq_len=args.seq_len, lr=args.lr, seed=args.seed, train_seconds=train_s, steps_run=len(curve),
                 unigram_bits_per_byte=unigram)
     stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, curve=curve, evals=evals), indent=1))
     stem.with_suffix(".md").write_text(report(meta, curve, evals))
@@ -198,7 +203,7 @@ def run_info(dev) -> dict:
 def report(meta, curve, evals) -> str:
     lines = [f"# Selections of a trained byte-level model, {meta['gpu']}, {meta['date']}", "",
              f"commit {meta['git_sha'][:12]} (dirty: {meta['git_dirty']}). Model: {meta['layers']} layers, hidden "
-             f"{meta['hidden']}, {meta['spec']}; {meta['steps']} steps of {meta['batch']} x {meta['seq_len']} bytes "
+             f"{meta['hidden']}, {meta['spec']}; {meta['steps_run']} steps of {meta['batch']} x {meta['seq_len']} bytes "
              f"({meta['train_seconds']:.0f} s) of {meta['source']['bytes'] / 2**20:.1f} MiB of Python standard "
              f"library source. Final training loss {curve[-1]:.3f} bits/byte (unigram entropy "
              f"{meta['unigram_bits_per_byte']:.2f}).", "",
