@@ -119,11 +119,17 @@ def main(argv=None):
     ap.add_argument("--corpus-mb", type=float, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--watchdog", type=float, default=None,
+                    help="dump every thread's Python stack each this many seconds (finding a hang)")
+    ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--tiny", action="store_true", help="a seconds-long CPU run of the whole pipeline")
     args = ap.parse_args(argv)
     if args.tiny:
         args.device, args.hidden, args.layers, args.heads, args.steps = "cpu", 32, 2, 8, 3
         args.batch, args.seq_len, args.eval_T, args.corpus_mb = 1, 512, [2048], 0.5
+    if args.watchdog:
+        import faulthandler
+        faulthandler.dump_traceback_later(args.watchdog, repeat=True)
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     torch.manual_seed(args.seed)
@@ -151,7 +157,7 @@ def main(argv=None):
         opt.step()
         sched.step()
         curve.append(loss.item() / math.log(2))
-        if step % 50 == 0 or step == args.steps - 1:
+        if step % args.log_every == 0 or step == args.steps - 1:
             print(f"step {step:5d} {curve[-1]:.3f} bits/byte ({time.time() - t0:.0f} s)", flush=True)
         if args.max_train_seconds is not None and time.time() - t0 > args.max_train_seconds:
             print(f"step {step:5d} {curve[-1]:.3f} bits/byte: stopped at --max-train-seconds", flush=True)
@@ -163,6 +169,7 @@ def main(argv=None):
     unigram = -(p[p > 0] * p[p > 0].log2()).sum().item()
     evals, saved = [], {}
     for T in args.eval_T:
+        print(f"eval T={T}", flush=True)
         ids = test[:T + 1].view(1, -1).to(dev).long()
         bpb, idx = selections(model, ids, cuda)
         saved[T] = idx.to(torch.int16).cpu()
