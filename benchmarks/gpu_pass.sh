@@ -37,6 +37,8 @@
 #        async_mma with LSE from the producer: tests, bench_paper, ncu of both dK/dV schedules)
 #   trained: benchmarks/trained_selections.py (a byte-level NSA model trained here; its block lists'
 #            locality at 8k and 64k), then bench_selection.py --lists-file on them (paper config, 64k)
+#   probe: benchmarks/probe_matrix.py --run: the candidate cells outside the support matrix (head dims
+#          96 / 160 / 32) against the reference, forward, backward and top-n (their kernels prebuilt)
 #   pytest: python3 -m pytest -q $2 [-k "$PYTEST_K"] (any GPU tests, with the prebuilt kernels)
 #   ab: bench_paper.py of an older commit (.ab/baseline.tar.xz from benchmarks/make_baseline.py REV:
 #       its source and its own prebuilt kernels), then of this tree, on the same machine ($2: their
@@ -231,6 +233,10 @@ if [[ $what == trained ]]; then   # about 5 minutes
     mv "$lists" /tmp/   # not brought back (tens of MB); the json / md hold the union sizes
   fi
   date
+fi
+if [[ $what == probe ]]; then
+  date; timeout 300 python3 benchmarks/probe_matrix.py --run --out "$OUT" ${2:-} 2>&1 | tee "$OUT/probe.log" | tail -12
+  rc=${PIPESTATUS[0]}
 fi
 if [[ $what == pytest ]]; then   # any GPU tests: $2 = pytest arguments
   date; timeout 300 python3 -m pytest -q $2 ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/pytest.log" | tail -15

@@ -8,7 +8,7 @@ this builds with `nsa_codegen.build` (the artifacts `nsa-codegen build` writes, 
 TVM-FFI with no compiler) every forward kernel of the GPU test matrix (tests/test_ops.py) and of the
 benchmarks' configs, with the selection schedules the tests and bench_selection.py run as variants,
 the backward kernels of the backward tests, of bench_paper.py (both dq schedules) and of
-trained_selections.py's model, and the
+trained_selections.py's model, the kernels of probe_matrix.py's candidate cells, and the
 decode kernels of tests/test_decode.py, into <out>/generated/, and packs those kernels (not older
 builds left there) as <out>/generated.tar.xz. benchmarks/gpu_pass.sh unpacks it and points
 NSA_CODEGEN_GENERATED_DIR at it. Keep <out> out of git and carry it to the device.
@@ -83,6 +83,16 @@ def specs():
     return out
 
 
+def candidate_keys():
+    """The forward and backward kernels of probe_matrix.py's candidate cells (outside the support
+    matrix, which this process lifts; `probe_matrix.py --run` tests them on the GPU)."""
+    from probe_matrix import CANDIDATE_CELLS, cell_keys, cell_spec, lift_support
+    from nsa_codegen.lowering import lower_to_plan
+    lift_support()
+    keys = [k for c in CANDIDATE_CELLS for k in cell_keys(c, lower_to_plan(cell_spec(c), "sm90"), backward=True)]
+    return [(k, "probe") for k in dict.fromkeys(keys)]
+
+
 def decode_keys():
     """The decode kernels of the decode GPU tests (tests/test_decode.py DECODE_CASES: q_len 1, 2 and 8,
     a separate window; PAGED_CASES: paged caches), each with the schedule the step will resolve."""
@@ -141,6 +151,7 @@ def main():
                         pass
                 results += build(names, "sm90", out / "generated", jobs=args.jobs, backward=True,
                                  decode=False, variants={kind: [var]})
+        results += build_keys(candidate_keys(), out / "generated", jobs=args.jobs)
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         print(f"FAILED {r.key}: {r.error[:300]}")

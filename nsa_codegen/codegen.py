@@ -192,11 +192,92 @@ def stages_freed_under_async_mma(source: str) -> list[str]:
     return found
 
 
+_SMEM_BASE = re.compile(r"void\* (\w+) = \(\(void\*\)\(\(char\*\)buf_dyn_shmem \+ (\d+)\)\);")
+_TMA_DEST = re.compile(r"tl::tma_load\((\w+), [^;]*?\(&\(\(\((\w+)\*\)(\w+)\)\[")
+_ELEM_BYTES = {"half_t": 2, "bfloat16_t": 2, "float": 4, "int": 4, "uint": 4, "fp8_e4_t": 1, "fp8_e5_t": 1,
+               "signed char": 1, "uint8_t": 1, "double": 8, "int64_t": 8}
+
+
+def _split_top(expr: str, ops: str) -> list[str]:
+    """expr split at the operators in `ops` outside parentheses (the operators are kept in front)."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(expr):
+        depth += {"(": 1, ")": -1}.get(c, 0)
+        if depth == 0 and c in ops and i > start:
+            parts.append(expr[start:i])
+            start = i
+    parts.append(expr[start:])
+    return [x.strip() for x in parts]
+
+
+def _strip_parens(expr: str) -> str:
+    expr = expr.strip()
+    while expr.startswith("(") and _split_top(expr[1:-1], "") == [expr[1:-1].strip()]:
+        depth, whole = 0, True
+        for i, c in enumerate(expr):
+            depth += {"(": 1, ")": -1}.get(c, 0)
+            if depth == 0 and i < len(expr) - 1:
+                whole = False
+                break
+        if not whole:
+            break
+        expr = expr[1:-1].strip()
+    return expr
+
+
+def _granule(expr: str) -> int:
+    """The largest g such that the integer expression (generated CUDA: +, -, * of literals and
+    anything else) is always a multiple of g; 0 for the literal 0."""
+    import math
+    expr = _strip_parens(expr)
+    terms = _split_top(expr, "+-")
+    if len(terms) > 1:
+        g = 0
+        for t in terms:
+            g = math.gcd(g, _granule(t.lstrip("+-")))
+        return g
+    factors = _split_top(expr, "*")
+    if len(factors) > 1:
+        g = 1
+        for f in factors:
+            g *= _granule(f.lstrip("*"))
+        return g
+    if re.fullmatch(r"\d+", expr):
+        return int(expr)
+    return 1   # a variable, a cast, a bit operation: any value
+
+
+def tma_destinations_misaligned(source: str) -> list[str]:
+    """TMA loads (tl::tma_load) in `source` (generated CUDA) whose shared-memory destination is not
+    always 128-byte aligned, as the hardware requires (else: a misaligned-address fault): the
+    buffer's offset in dynamic shared memory, or any term of the element index (a ring stage's
+    stride: a stage of 16 floats is 64 bytes), scaled by the element size."""
+    bases = {m.group(1): int(m.group(2)) for m in _SMEM_BASE.finditer(source)}
+    bases.setdefault("buf_dyn_shmem", 0)
+    found = []
+    for m in _TMA_DEST.finditer(source):
+        elem, buf = m.group(2), m.group(3)
+        depth, i = 1, m.end()
+        while depth and i < len(source):
+            depth += {"[": 1, "]": -1}.get(source[i], 0)
+            i += 1
+        index = source[m.end():i - 1]
+        size = _ELEM_BYTES.get(elem)
+        if size is None or buf not in bases:
+            continue   # a static __shared__ array (aligned by its declaration) or an unknown type
+        g = _granule(index) * size
+        if bases[buf] % 128 or (g and g % 128):
+            line = source.count("\n", 0, m.start()) + 1
+            found.append(f"line {line}: {m.group(1)} into {buf}[{index}] ({elem}, offset {bases[buf]} bytes)")
+    return found
+
+
 def compile_kernel(key: KernelKey, target: dict | str | None = None):
     """TileLang-compile key's kernel for its arch (or an explicit target). Returns the JITKernel.
     Raises if the generated CUDA would deadlock (barriers_in_one_thread_branches), free a pipeline
-    stage under a running WGMMA (stages_freed_under_async_mma) or read thread values in the wrong
-    numbering (thread_values_across_warp_split)."""
+    stage under a running WGMMA (stages_freed_under_async_mma), TMA into a misaligned shared-memory
+    address (tma_destinations_misaligned) or read thread values in the wrong numbering
+    (thread_values_across_warp_split)."""
     import tilelang
 
     func, pass_configs = build_prim_func(key)
@@ -214,6 +295,10 @@ def compile_kernel(key: KernelKey, target: dict | str | None = None):
     if early:
         raise RuntimeError(f"compiling {key} for {target}: the generated CUDA frees a pipeline stage while an async "
                            f"WGMMA may still read it: {'; '.join(early[:3])}")
+    misaligned = tma_destinations_misaligned(src)
+    if misaligned:
+        raise RuntimeError(f"compiling {key} for {target}: a TMA load's shared-memory destination is not 128-byte "
+                           f"aligned (a misaligned-address fault on the GPU): {'; '.join(misaligned[:3])}")
     shifted = thread_values_across_warp_split(src)
     if shifted:
         raise RuntimeError(f"compiling {key} for {target}: the generated CUDA reads thread-index values "

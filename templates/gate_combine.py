@@ -82,6 +82,7 @@ def build(cfg):
 
 def _build_bwd(cfg):
     HQ, Dv, R, dtype = cfg.heads_q, cfg.head_dim_v, cfg.rows, cfg.dtype
+    Dp = 1 << (Dv - 1).bit_length()
     f32 = "float32"
     on = set(cfg.branches.split("."))
     B, S = T.dynamic("B, T")
@@ -100,6 +101,8 @@ def _build_bwd(cfg):
             do_f = T.alloc_fragment([R, Dv], f32)
             prod = T.alloc_fragment([R, Dv], f32)
             dg = T.alloc_fragment([R], f32)
+            if Dp != Dv:
+                prod_s = T.alloc_shared([R, Dv], f32)
             for r, d in T.Parallel(R, Dv):
                 row = bx * R + r
                 do_f[r, d] = T.if_then_else(row < S * HQ, T.cast(dOut[b, row // HQ, row % HQ, d], f32), 0)
@@ -114,7 +117,16 @@ def _build_bwd(cfg):
                         if row < S * HQ:
                             do_x[b, row // HQ, row % HQ, d] = T.cast(
                                 do_f[r, d] * T.cast(g_x[b, row // HQ, row % HQ], f32), dtype)
-                    T.reduce_sum(prod, dg, dim=1)
+                    if Dp == Dv:
+                        T.reduce_sum(prod, dg, dim=1)
+                    else:
+                        # No reduce layout spans a row of Dv (not a power of two) elements over whole
+                        # threads: the row is summed from shared memory by one thread per row.
+                        T.copy(prod, prod_s)
+                        for r in T.Parallel(R):
+                            dg[r] = 0
+                            for d in T.serial(Dv):
+                                dg[r] += prod_s[r, d]
                     for r in T.Parallel(R):
                         row = bx * R + r
                         if row < S * HQ:

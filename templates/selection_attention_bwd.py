@@ -317,11 +317,16 @@ def build(cfg):
     return _build_reduce(cfg)
 
 
+def _pow2_ceil(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 def _build_dq(cfg):
     HQ, H = cfg.heads_q, cfg.heads_kv
     G = HQ // H
     M = _dq_rows(cfg)
     Dk, Dv = cfg.head_dim_qk, cfg.head_dim_v
+    Dp = _pow2_ceil(Dv)   # Delta's row sum runs over Dp columns
     BS, NSEL = cfg.block, cfg.top_n
     dtype = cfg.dtype
     acc = "float32"
@@ -357,7 +362,7 @@ def _build_dq(cfg):
             dQ_s = T.alloc_shared([M, Dk], dtype)
             lse_s = T.alloc_shared([M], acc)
             delta_s = T.alloc_shared([M], acc)
-            od = T.alloc_fragment([M, Dv], acc)
+            od = T.alloc_fragment([M, Dp], acc)
             delta_f = T.alloc_fragment([M], acc)
             acc_s = T.alloc_fragment([M, BS], acc)
             acc_dp = T.alloc_fragment([M, BS], acc)
@@ -376,9 +381,15 @@ def _build_dq(cfg):
             for i, d in T.Parallel(M, Dv):
                 dO_s[i, d] = T.if_then_else(i < G, dO[b, t, h * G + i, d], T.cast(0, dtype))
             # Delta = rowsum(dO * O) - DLSE, fp32 from the dtype values.
-            for i, d in T.Parallel(M, Dv):
-                od[i, d] = T.if_then_else(
-                    i < G, T.cast(dO[b, t, h * G + i, d], acc) * T.cast(O[b, t, h * G + i, d], acc), 0)
+            if Dp == Dv:
+                for i, d in T.Parallel(M, Dv):
+                    od[i, d] = T.if_then_else(
+                        i < G, T.cast(dO[b, t, h * G + i, d], acc) * T.cast(O[b, t, h * G + i, d], acc), 0)
+            else:   # zero columns up to a power of two: the row reduction needs one
+                for i, d in T.Parallel(M, Dp):
+                    od[i, d] = T.if_then_else(
+                        i < G and d < Dv, T.cast(dO[b, t, h * G + i, T.min(d, Dv - 1)], acc)
+                        * T.cast(O[b, t, h * G + i, T.min(d, Dv - 1)], acc), 0)
             T.reduce_sum(od, delta_f, dim=1, clear=True)
             for i in T.Parallel(M):
                 delta_s[i] = T.if_then_else(i < G, delta_f[i] - DLSE[b, t, h * G + i], 0)
@@ -426,6 +437,7 @@ def _build_dq_tile(cfg):
     E = BT * cfg.top_n
     NT = _threads(cfg)
     Dk, Dv = cfg.head_dim_qk, cfg.head_dim_v
+    Dp = _pow2_ceil(Dv)   # Delta's row sum runs over Dp columns
     BS, NSEL = cfg.block, cfg.top_n
     dtype = cfg.dtype
     acc = "float32"
@@ -466,7 +478,7 @@ def _build_dq_tile(cfg):
             Bias_s = T.alloc_shared([E, BT], acc)
             Num_s = T.alloc_shared([1], "int32")
             Blk_r = T.alloc_local([E], "int32")
-            od = T.alloc_fragment([M, Dv], acc)
+            od = T.alloc_fragment([M, Dp], acc)
             delta_f = T.alloc_fragment([M], acc)
             acc_s = T.alloc_fragment([M, BS], acc)
             acc_dp = T.alloc_fragment([M, BS], acc)
@@ -487,11 +499,18 @@ def _build_dq_tile(cfg):
                 dO_s[i, d] = T.if_then_else(t0 + i // G < S, dO[b, T.min(t0 + i // G, S - 1), h * G + i % G, d],
                                             T.cast(0, dtype))
             # Delta = rowsum(dO * O) - DLSE, fp32 from the dtype values.
-            for i, d in T.Parallel(M, Dv):
-                od[i, d] = T.if_then_else(
-                    t0 + i // G < S,
-                    T.cast(dO[b, T.min(t0 + i // G, S - 1), h * G + i % G, d], acc)
-                    * T.cast(O[b, T.min(t0 + i // G, S - 1), h * G + i % G, d], acc), 0)
+            if Dp == Dv:
+                for i, d in T.Parallel(M, Dv):
+                    od[i, d] = T.if_then_else(
+                        t0 + i // G < S,
+                        T.cast(dO[b, T.min(t0 + i // G, S - 1), h * G + i % G, d], acc)
+                        * T.cast(O[b, T.min(t0 + i // G, S - 1), h * G + i % G, d], acc), 0)
+            else:   # zero columns up to a power of two: the row reduction needs one
+                for i, d in T.Parallel(M, Dp):
+                    od[i, d] = T.if_then_else(
+                        t0 + i // G < S and d < Dv,
+                        T.cast(dO[b, T.min(t0 + i // G, S - 1), h * G + i % G, T.min(d, Dv - 1)], acc)
+                        * T.cast(O[b, T.min(t0 + i // G, S - 1), h * G + i % G, T.min(d, Dv - 1)], acc), 0)
             T.reduce_sum(od, delta_f, dim=1, clear=True)
             for i in T.Parallel(M):
                 delta_s[i] = T.if_then_else(t0 + i // G < S,
@@ -579,8 +598,10 @@ def _build_dkdv(cfg):
             acc_st[i, r] = T.if_then_else(live(ci, p0, p1, k0, i, r, tok_s), T.__exp(acc_st[i, r] * sc - lse_s[r]), 0)
             pt[i, r] = acc_st[i, r]
         T.gemm(pt, dOc, acc_dv, policy=T.GemmWarpPolicy.FullRow)
+        # dS^T = 0 where P^T is (masked, or underflowed): a NaN Delta of a token that cannot see
+        # the key must not reach dK through 0 * NaN.
         for i, r in T.Parallel(BS, R):
-            dst[i, r] = acc_st[i, r] * (acc_dpt[i, r] - delta_s[r])
+            dst[i, r] = T.if_then_else(acc_st[i, r] != 0, acc_st[i, r] * (acc_dpt[i, r] - delta_s[r]), 0)
         T.gemm(dst, Qc, acc_dk, policy=T.GemmWarpPolicy.FullRow)
 
 
@@ -706,8 +727,9 @@ def _build_dkdv_async(cfg):
             # One ring buffer for Q | dO: a stage is freed after its last reader, which must be the
             # synchronous dK gemm, not an async one that may still read it when it is refilled.
             QdO_s = T.alloc_shared([R, Dk + Dv], dtype)
-            lse_s = T.alloc_shared([R], acc)
-            dlt_s = T.alloc_shared([R], acc)
+            # A TMA destination is 128-byte aligned: each ring stage of these rows holds >= 32 floats.
+            lse_s = T.alloc_shared([max(R, 32)], acc)
+            dlt_s = T.alloc_shared([max(R, 32)], acc)
             P_x = T.alloc_fragment([BS, R], dtype)
             dS_x = T.alloc_fragment([BS, R], dtype)
             lse_v = T.alloc_fragment([R], acc)
@@ -745,8 +767,8 @@ def _build_dkdv_async(cfg):
                 T.copy(dO[b, TokIdx[p0 + ci], h * G:(h + 1) * G, :], QdO_s[:, Dk:Dk + Dv])
                 # and its rows' LSE and Delta (the tokens are scattered: read by the consumer from
                 # global memory, their latency stood in every step)
-                T.copy(LSE[b, TokIdx[p0 + ci], h * G:(h + 1) * G], lse_s)
-                T.copy(Delta[b, TokIdx[p0 + ci], h * G:(h + 1) * G], dlt_s)
+                T.copy(LSE[b, TokIdx[p0 + ci], h * G:(h + 1) * G], lse_s[0:R])
+                T.copy(Delta[b, TokIdx[p0 + ci], h * G:(h + 1) * G], dlt_s[0:R])
                 for r in T.Parallel(R):
                     lse_v[r] = lse_s[r] * _LOG2E
                     dlt_v[r] = dlt_s[r]

@@ -6,6 +6,7 @@ import pytest
 
 from nsa_codegen import CompressionBranch, NSASpec, SelectionBranch, WindowBranch
 from nsa_codegen.codegen import (_nvdisasm, barriers_in_one_thread_branches, build_prim_func, check_schedule,
+                                 tma_destinations_misaligned,
                                  compile_kernel, disassemble, ptxas_report, stages_freed_under_async_mma,
                                  template_config,
                                  thread_values_across_warp_split)
@@ -101,6 +102,23 @@ def test_thread_values_across_a_warp_split_are_found():
     fine = bad.replace("if (row_ok) { BlockIndices", "if ((((int)threadIdx.x) >> 4) - 8 + t0 < T) { BlockIndices")
     assert thread_values_across_warp_split(fine) == []
     assert thread_values_across_warp_split(bad.replace("< 128", ">= 128")) != []   # consumers in the then-branch
+
+
+def test_misaligned_tma_destinations_are_found():
+    """The selection dK/dV async_mma kernel on the H100 (2026-12-07): a ring of 16 LSE floats a stage
+    put every second stage's TMA destination 64 bytes off a 128-byte boundary (misaligned-address
+    fault). Stages of 32 floats, or of 1024 halves, are fine; so is a misaligned base found as such."""
+    src = """
+  extern __shared__ __align__(1024) uchar buf_dyn_shmem[];
+  void* QdO_s = ((void*)((char*)buf_dyn_shmem + 0));
+  void* lse_s = ((void*)((char*)buf_dyn_shmem + 61568));
+        tl::tma_load(Q_desc, mbarrier[(ci & 1)], (&(((half_t*)QdO_s)[(((ci & 1) * 5120) + (i_2 * 1024))])), (i_2 * 64), 0, t, b);
+        tl::tma_load(LSE_desc, mbarrier[((ci & 1) + 4)], (&(((float*)lse_s)[((ci & 1) * 16)])), 0, t, b);"""
+    found = tma_destinations_misaligned(src)
+    assert len(found) == 1 and "LSE_desc into lse_s" in found[0], found
+    assert tma_destinations_misaligned(src.replace("(ci & 1) * 16)", "(ci & 1) * 32)")) == []
+    assert len(tma_destinations_misaligned(src.replace("61568", "61504").replace("* 16)", "* 32)"))) == 1
+    assert len(tma_destinations_misaligned(src.replace("+ (i_2 * 1024)", "+ (i_2 * 1000)"))) == 2
 
 
 @needs_nvcc

@@ -482,9 +482,7 @@ def _assert_dk_of_keys_stays_clean(label, problem, kernel, k, do, keys, kern, or
 
 
 @gpu
-@pytest.mark.parametrize("sched", [pytest.param("sync", marks=pytest.mark.xfail(
-    strict=True, reason="the cp.async dK/dV forms dS^T = P^T (dP^T - Delta) unmasked: 0 * NaN (fix pending a "
-                        "GPU session: changing it stales the kernel's tuned record)")), "async"])
+@pytest.mark.parametrize("sched", ["sync", "async"])
 def test_selection_nan_delta_stays_out_of_later_keys_dk(sched):
     """Token t sees a NaN value (so its O and Delta are NaN) in a block no later token chose; the keys
     after t in t's own block, which only later (clean) tokens see, keep the reference's finite dK."""
