@@ -39,6 +39,10 @@
 #            locality at 8k and 64k), then bench_selection.py --lists-file on them (paper config, 64k)
 #   probe: benchmarks/probe_matrix.py --run: the candidate cells outside the support matrix (head dims
 #          96 / 160 / 32) against the reference, forward, backward and top-n (their kernels prebuilt)
+#   pending3: what the evening of 2026-12-07 left unrun (about 8 minutes): the selection dK/dV tests of
+#            both schedules (async_mma's aligned LSE / Delta ring; the cp.async dS^T select) and every
+#            NaN-Delta test, the candidate head-dim cells (probe_matrix.py --run), then bench_paper.py
+#            --backward with the async dK/dV configs; then run `tune 3 "--kind selection_bwd_dkdv"`
 #   pytest: python3 -m pytest -q $2 [-k "$PYTEST_K"] (any GPU tests, with the prebuilt kernels)
 #   ab: bench_paper.py of an older commit (.ab/baseline.tar.xz from benchmarks/make_baseline.py REV:
 #       its source and its own prebuilt kernels), then of this tree, on the same machine ($2: their
@@ -237,6 +241,15 @@ fi
 if [[ $what == probe ]]; then
   date; timeout 300 python3 benchmarks/probe_matrix.py --run --out "$OUT" ${2:-} 2>&1 | tee "$OUT/probe.log" | tail -12
   rc=${PIPESTATUS[0]}
+fi
+if [[ $what == pending3 ]]; then
+  date; timeout 150 python3 -m pytest -q tests/test_ops_backward.py -k "selection_dkdv_schedules or nan_delta" 2>&1 \
+    | tee "$OUT/sel_dkdv_tests.log" | tail -6
+  rc=${PIPESTATUS[0]}
+  date; timeout 150 python3 benchmarks/probe_matrix.py --run --out "$OUT" 2>&1 | tee "$OUT/probe.log" | tail -6
+  date; timeout 170 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T 8192 65536 --rounds 5 --iters 4 \
+    --configs sel_async sel_async_s4 2>&1 | tee "$OUT/paper_bench.log" | grep "T=.*_bwd\|T=.*ours\|not timed"
+  date
 fi
 if [[ $what == pytest ]]; then   # any GPU tests: $2 = pytest arguments
   date; timeout 300 python3 -m pytest -q $2 ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/pytest.log" | tail -15
