@@ -151,7 +151,8 @@ def main():
                         pass
                 results += build(names, "sm90", out / "generated", jobs=args.jobs, backward=True,
                                  decode=False, variants={kind: [var]})
-        results += build_keys(candidate_keys(), out / "generated", jobs=args.jobs)
+        from probe_matrix import lift_support
+        results += build_keys(candidate_keys(), out / "generated", jobs=args.jobs, worker_init=lift_support)
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         print(f"FAILED {r.key}: {r.error[:300]}")

@@ -184,10 +184,11 @@ def build(specs: dict[str, NSASpec], arch: str, out: Path | str, jobs: int | Non
 
 def build_keys(keys: list[tuple[KernelKey, str]], out: Path | str, jobs: int | None = None, force: bool = False,
                progress=_progress, verbose: bool = False,
-               users: dict[str, list[str]] | None = None) -> list[BuildResult]:
+               users: dict[str, list[str]] | None = None, worker_init=None) -> list[BuildResult]:
     """Compile scheduled keys, each with its schedule source ('default', 'tuned', 'variant', ...),
     into out/<arch>/ (one arch per call); kernels already built and intact are skipped unless
-    `force`. users: problem id -> the spec names that need it (recorded in meta.json)."""
+    `force`. users: problem id -> the spec names that need it (recorded in meta.json). worker_init:
+    run in each compile worker first (benchmarks/prebuild.py lifts the support checks there)."""
     arches = {k.arch for k, _ in keys}
     if len(arches) > 1:
         raise ValueError(f"build_keys builds one arch per call, got {sorted(arches)}")
@@ -213,7 +214,7 @@ def build_keys(keys: list[tuple[KernelKey, str]], out: Path | str, jobs: int | N
             progress(done_before + done, len(keys), r)
 
         results += run_in_workers(_build_one, [(str(arch_dir), k, s, users.get(k.problem_id, []), verbose)
-                                               for k, s in todo], jobs, report)
+                                               for k, s in todo], jobs, report, initializer=worker_init)
         _write_manifest(arch_dir)
     return results
 

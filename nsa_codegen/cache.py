@@ -154,12 +154,14 @@ def clear_loaded() -> None:
         _LOADED.clear()
 
 
-def run_in_workers(fn, calls, jobs: int | None = None, on_result=None, deadline: float | None = None) -> list:
+def run_in_workers(fn, calls, jobs: int | None = None, on_result=None, deadline: float | None = None,
+                   initializer=None) -> list:
     """fn(*args) for each args tuple in calls, in spawned worker processes; results in call order.
 
     spawn, not fork: the parent may hold CUDA state. on_result(done, total, result) runs in the
     parent as each call finishes (progress bars). Once time.time() passes `deadline`, calls not yet
-    started are cancelled (their results stay None); running ones finish.
+    started are cancelled (their results stay None); running ones finish. initializer() runs once in
+    each worker first (a module-level function: it is pickled by name).
     """
     import concurrent.futures as cf
     import multiprocessing as mp
@@ -169,7 +171,7 @@ def run_in_workers(fn, calls, jobs: int | None = None, on_result=None, deadline:
     if not calls:
         return results
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(calls)))
-    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=initializer) as pool:
         futures = {pool.submit(fn, *args): i for i, args in enumerate(calls)}
         for done, fut in enumerate(cf.as_completed(futures), 1):
             results[futures[fut]] = fut.result()
