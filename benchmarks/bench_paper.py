@@ -24,7 +24,10 @@ or 4-deep ring) add ours_fb[...] and their kernel's case only.
 Before timing, every configuration is checked against nsa_codegen.reference: the forward at T=4096
 and (--backward) the dq, dk, dv of the selection branch at T=2048 (fp32, on the block lists the
 kernels chose), of the compression branch at T=4096 and of the window branch at T=2048. A
-configuration that fails its check is not timed. Writes <out>/<date>-<gpu>-paper.{json,md}.
+configuration that fails its check is not timed. --lists-file adds the selection kernels on a trained
+model's block lists (k:selection_fwd[trained-L<i>], k:selection_bwd[trained-L<i>]; made by
+trained_selections.py) and, in the md, the step estimated with them. Writes
+<out>/<date>-<gpu>-paper.{json,md}.
 """
 from __future__ import annotations
 
@@ -248,9 +251,11 @@ def dense_fb(q, k, v, do, dk):
     return run
 
 
-def kernel_cases(spec, q, k, v, g, configs, backward):
+def kernel_cases(spec, q, k, v, g, configs, backward, trained=()):
     """One case per kernel of the plan (the selection ones per configuration), each on the tensors
-    the forward gave it; with backward, per branch its backward op on random cotangents."""
+    the forward gave it; with backward, per branch its backward op on random cotangents. trained:
+    [1, T, H, n] block lists of a trained model, one per layer: the resolved selection forward (and
+    backward) on each, as k:selection_fwd[trained-L<i>] / k:selection_bwd[trained-L<i>]."""
     c, s, w = spec.compression, spec.selection, spec.window
     kc, vc = ref.compress(k, c.block, c.stride, c.first_block), ref.compress(v, c.block, c.stride, c.first_block)
     o_c, lse_c = ops.compression_attention(q, kc, vc, c.block, c.stride, c.first_block, -1.0)
@@ -272,9 +277,16 @@ def kernel_cases(spec, q, k, v, g, configs, backward):
             with cfg.use(backward=False):
                 return ops.selection_attention(q, k, v, idx, s.block, -1.0)
         cases[f"k:selection_fwd[{cfg.name}]"] = run
+    for i, lists in enumerate(trained):
+        cases[f"k:selection_fwd[trained-L{i}]"] = lambda x=lists: ops.selection_attention(q, k, v, x, s.block, -1.0)
     if backward:
         do = torch.randn_like(o_s)
         dlse = torch.randn_like(lse_s)
+        for i, lists in enumerate(trained):
+            o_t, lse_t = ops.selection_attention(q, k, v, lists, s.block, -1.0)
+            cases[f"k:selection_bwd[trained-L{i}]"] = (
+                lambda x=lists, o_t=o_t, lse_t=lse_t: ops.selection_attention_bwd(do, dlse, q, k, v, o_t, lse_t, x,
+                                                                                 s.block, -1.0))
         for cfg in configs:
             def run_win(cfg=cfg):
                 with cfg.use():
@@ -307,9 +319,16 @@ def main():
     ap.add_argument("--no-kernels", action="store_true", help="skip the per-kernel breakdown")
     ap.add_argument("--configs", nargs="*", default=None, choices=sorted(CONFIGS),
                     help="the configurations besides the resolved one (default: all)")
+    ap.add_argument("--lists-file", default=None,
+                    help="a trained model's block lists (trained_selections.py -lists.pt): the selection kernels "
+                         "also run on them at the T they were made for, and the md estimates the whole step there")
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     args = ap.parse_args()
     dt = getattr(torch, args.dtype)
+    trained = {}
+    if args.lists_file:
+        from bench_selection import load_trained
+        trained = load_trained(args.lists_file)
     spec = paper_spec(args.dtype)
     configs = configurations(spec, args.backward, args.configs)
     checks = check(spec, dt, configs, args.backward)
@@ -333,7 +352,8 @@ def main():
                     return nsa_attention(q, k, v, *g, spec)
             cases["ours" if cfg.name == "resolved" else f"ours[{cfg.name}]"] = run
         if not args.no_kernels:
-            kc, idx = kernel_cases(spec, q, k, v, g, configs, args.backward)
+            lists = [x.to("cuda", torch.int32).contiguous() for x in trained.get(T, ())]
+            kc, idx = kernel_cases(spec, q, k, v, g, configs, args.backward, lists)
             cases.update(kc)
             u4, u64 = workloads.union_size(idx, 4), workloads.union_size(idx, 64)
         else:
@@ -369,6 +389,36 @@ def main():
     save(args, rows, checks, run_info(schedules))
 
 
+def trained_estimates(rows) -> list[str]:
+    """md lines: per T with trained lists, `ours` (and `ours_fb`) with the selection kernels' time on
+    the kernels' own lists replaced by their median time over the trained layers' lists. A sum of
+    separately timed kernels, labelled as an estimate: the top-n still ranks random inputs."""
+    out = []
+    for T in sorted({r["T"] for r in rows}):
+        ms = {r["case"]: r["median_ms"] for r in rows if r["T"] == T}
+        fwd = sorted(v for c, v in ms.items() if c.startswith("k:selection_fwd[trained-"))
+        if not fwd or "ours" not in ms or "k:selection_fwd[resolved]" not in ms:
+            continue
+        med = lambda xs: xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2  # noqa: E731
+        est = ms["ours"] - ms["k:selection_fwd[resolved]"] + med(fwd)
+        line = (f"- T={T}: forward {est:.2f} ms (ours {ms['ours']:.2f} - selection on own lists "
+                f"{ms['k:selection_fwd[resolved]']:.2f} + median over layers {med(fwd):.2f})")
+        bwd = sorted(v for c, v in ms.items() if c.startswith("k:selection_bwd[trained-"))
+        if bwd and "ours_fb" in ms and "k:selection_bwd[resolved]" in ms:
+            est_fb = est - ms["ours"] + ms["ours_fb"] - ms["k:selection_bwd[resolved]"] + med(bwd)
+            line += (f"; forward + backward {est_fb:.2f} ms (also selection backward "
+                     f"{ms['k:selection_bwd[resolved]']:.2f} -> {med(bwd):.2f})")
+            if "dense_cudnn_d128_fb" in ms:
+                line += f", {ms['dense_cudnn_d128_fb'] / est_fb:.2f}x dense"
+        if "dense_cudnn_d128" in ms:
+            line += f"; forward {ms['dense_cudnn_d128'] / est:.2f}x dense"
+        out.append(line)
+    if out:
+        out = ["", "Estimated on the trained model's lists (a sum of the kernels timed above, not one timed "
+                   "step; the top-n still ranks the random inputs):", ""] + out
+    return out
+
+
 def save(args, rows, checks, info):
     stem = Path(args.out) / f"{info['date']}-{info['gpu'].replace(' ', '_')}-paper"
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -389,6 +439,7 @@ def save(args, rows, checks, info):
         vs = f"{d / r['median_ms']:.2f}x" if d else ""
         u = (f"{r['union4']:.1f} | {r['union64']:.1f}" if r["union4"] is not None else " | ")
         lines.append(f"| {r['T']} | {r['case']} | {r['median_ms']:.3f} | {r['q1_ms']:.3f}-{r['q3_ms']:.3f} | {vs} | {u} |")
+    lines += trained_estimates(rows)
     lines += ["", "Checks against the fp32 reference on the kernels' own block lists (forward at T=4096; "
               "selection gradients at T=2048 with --backward): relative error, and in parentheses the "
               "reference's own in the dtype:", "",

@@ -36,7 +36,8 @@
 #   pending2: what the afternoon of 2026-12-07 left unrun (window dK/dV rewrite, selection dK/dV
 #        async_mma with LSE from the producer: tests, bench_paper, ncu of both dK/dV schedules)
 #   trained: benchmarks/trained_selections.py (a byte-level NSA model trained here; its block lists'
-#            locality at 8k and 64k), then bench_selection.py --lists-file on them (paper config, 64k)
+#            locality at 8k and 64k), then bench_paper.py --backward --lists-file on them (the paper
+#            config end to end, its selection kernels on the trained lists too, and the step estimated there)
 #   probe: benchmarks/probe_matrix.py --run: the candidate cells outside the support matrix (head dims
 #          96 / 160 / 32) against the reference, forward, backward and top-n (their kernels prebuilt)
 #   pending3: what the evening of 2026-12-07 left unrun (about 8 minutes): the selection dK/dV tests of
@@ -226,15 +227,15 @@ if [[ $what == pending2 ]]; then   # what 2026-12-07 (afternoon) left unrun, abo
   cp "$OUT/ncu.csv" "$OUT/ncu_sel_dkdv_async.csv"
   date
 fi
-if [[ $what == trained ]]; then   # about 5 minutes
-  date; timeout 330 python3 benchmarks/trained_selections.py --out "$OUT" --max-train-seconds 150 ${2:-} 2>&1 | tee "$OUT/trained.log" \
-    | tail -40
+if [[ $what == trained ]]; then   # about 6 minutes
+  date; timeout 200 python3 benchmarks/trained_selections.py --out "$OUT" --max-train-seconds 120 ${2:-} 2>&1 \
+    | tee "$OUT/trained.log" | tail -14
   rc=${PIPESTATUS[0]}
   lists=$(ls "$OUT"/*-trained_selections-lists.pt 2>/dev/null | head -1)
-  if [ -n "$lists" ]; then
-    date; timeout 200 python3 benchmarks/bench_selection.py --out "$OUT" --configs paper --T 65536 --rounds 5 \
-      --iters 4 --lists-file "$lists" 2>&1 | tee "$OUT/selection_trained.log" | grep "^paper\|^check"
-    mv "$lists" /tmp/   # not brought back (tens of MB); the json / md hold the union sizes
+  if [ -n "$lists" ]; then   # the paper config end to end, its selection kernels on those lists too
+    mv "$lists" /tmp/trained-lists.pt   # not brought back (tens of MB); the json / md hold the union sizes
+    date; timeout 200 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T 8192 65536 --rounds 5 --iters 4 \
+      --configs --lists-file /tmp/trained-lists.pt 2>&1 | tee "$OUT/paper_bench.log" | grep "^T=\|^- T="
   fi
   date
 fi
