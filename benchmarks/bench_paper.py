@@ -12,8 +12,9 @@ interquartile range over all launches):
   dense_cudnn_paper   the same with Dk=192, Dv=128 (the paper's shapes), where cuDNN takes them
   ours                nsa_attention with the resolved schedules (tuned record or default)
   ours[tile] / ours[token]   the same with the selection kernels (forward, and dq in the backward)
-                      forced to the token tile / the per-token schedule; a configuration equal to
-                      the resolved one is not repeated
+                      forced to the token tile / the per-token schedule; ours[tile8] with a token
+                      tile of 8 tokens (selection forward); a configuration equal to the resolved
+                      one is not repeated
   k:<kernel>[...]     each kernel of the plan alone, on the inputs the forward gave it
 With --backward, fwd+bwd cases (o.backward(do), all inputs require grad): dense_cudnn_d128_fb,
 ours_fb[...], and k:selection_bwd[...], k:compression_bwd[...], k:window_bwd[...]. The backward
@@ -25,7 +26,8 @@ Before timing, every configuration is checked against nsa_codegen.reference: the
 and (--backward) the dq, dk, dv of the selection branch at T=2048 (fp32, on the block lists the
 kernels chose), of the compression branch at T=4096 and of the window branch at T=2048. A
 configuration that fails its check is not timed. --lists-file adds the selection kernels on a trained
-model's block lists (k:selection_fwd[trained-L<i>], k:selection_bwd[trained-L<i>]; made by
+model's block lists (k:selection_fwd[trained-L<i>] and [<config>/trained-L<i>] per selection forward
+configuration, k:selection_bwd[trained-L<i>]; made by
 trained_selections.py) and, in the md, the step estimated with them. Writes
 <out>/<date>-<gpu>-paper.{json,md}.
 """
@@ -54,6 +56,9 @@ HQ, H, DK, DV = 64, 4, 192, 128
 # Schedule configurations beside the resolved one: knobs per kernel kind.
 CONFIGS = {"tile": {"selection_fwd": {"tile_tokens": 0}, "selection_bwd_dq": {"tile_tokens": 0}},
            "token": {"selection_fwd": {"tile_tokens": 1}, "selection_bwd_dq": {"tile_tokens": 1}},
+           # a token tile of 8 tokens x 16 heads (128 rows, two consumer warpgroups): fewer K/V bytes
+           # per token where neighbours share blocks (U8 / 8 < U4 / 4), more masked MMA work
+           "tile8": {"selection_fwd": {"tile_tokens": 8, "threads": 256}},
            # compression dk/dv (the default: P^T / dS^T as register operands, 128 rows, async WGMMA, 16
            # token splits): the earlier default (smem P^T / dS^T, 64 rows, 4 splits), registers without
            # async WGMMA, async with 4 / 8 splits (tests/test_ops_backward.py CMP_DKDV_SCHEDULES)
@@ -277,8 +282,14 @@ def kernel_cases(spec, q, k, v, g, configs, backward, trained=()):
             with cfg.use(backward=False):
                 return ops.selection_attention(q, k, v, idx, s.block, -1.0)
         cases[f"k:selection_fwd[{cfg.name}]"] = run
-    for i, lists in enumerate(trained):
-        cases[f"k:selection_fwd[trained-L{i}]"] = lambda x=lists: ops.selection_attention(q, k, v, x, s.block, -1.0)
+    for i, lists in enumerate(trained):   # per selection forward configuration (resolved: no prefix)
+        for cfg in configs:
+            if cfg.changes("selection_fwd"):
+                def run_t(cfg=cfg, x=lists):
+                    with cfg.use(backward=False):
+                        return ops.selection_attention(q, k, v, x, s.block, -1.0)
+                tag = "" if cfg.name == "resolved" else f"{cfg.name}/"
+                cases[f"k:selection_fwd[{tag}trained-L{i}]"] = run_t
     if backward:
         do = torch.randn_like(o_s)
         dlse = torch.randn_like(lse_s)

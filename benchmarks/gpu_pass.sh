@@ -235,7 +235,7 @@ if [[ $what == trained ]]; then   # about 6 minutes
   if [ -n "$lists" ]; then   # the paper config end to end, its selection kernels on those lists too
     mv "$lists" /tmp/trained-lists.pt   # not brought back (tens of MB); the json / md hold the union sizes
     date; timeout 200 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T 8192 65536 --rounds 5 --iters 4 \
-      --configs --lists-file /tmp/trained-lists.pt 2>&1 | tee "$OUT/paper_bench.log" | grep "^T=\|^- T="
+      --configs tile8 --lists-file /tmp/trained-lists.pt 2>&1 | tee "$OUT/paper_bench.log" | grep "^T=\|^- T="
   fi
   date
 fi
