@@ -43,7 +43,8 @@
 #   pending3: what the evening of 2026-12-07 left unrun (about 8 minutes): the selection dK/dV tests of
 #            both schedules (async_mma's aligned LSE / Delta ring; the cp.async dS^T select) and every
 #            NaN-Delta test, the candidate head-dim cells (probe_matrix.py --run), then bench_paper.py
-#            --backward with the async dK/dV configs; then run `tune 3 "--kind selection_bwd_dkdv"`
+#            --backward with the async dK/dV configs; then re-tune the default dK/dV (its records are
+#            stale): tune 3 "--kernel sm90/selection_bwd_dkdv/fp16/dk192_dv128/h4_g16/bs64_n16"
 #   pytest: python3 -m pytest -q $2 [-k "$PYTEST_K"] (any GPU tests, with the prebuilt kernels)
 #   ab: bench_paper.py of an older commit (.ab/baseline.tar.xz from benchmarks/make_baseline.py REV:
 #       its source and its own prebuilt kernels), then of this tree, on the same machine ($2: their
