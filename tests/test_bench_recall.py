@@ -1,23 +1,12 @@
 """benchmarks/bench_recall.py (MQAR: NSA vs dense vs sliding window) runs end to end on the CPU at a
 tiny size and writes its md / json; the task's batches put every queried pair in the context."""
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_recall.py"
 
-
-def _module():
-    spec = importlib.util.spec_from_file_location("bench_recall", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_batches_hold_the_pairs_they_query():
-    mod = _module()
+def test_batches_hold_the_pairs_they_query(load_script):
+    mod = load_script("benchmarks/bench_recall.py")
     ids, tgt = mod.make_batch(torch.Generator().manual_seed(0), 3, 200, 8, 64, 16, 32)
     assert ids.shape == (3, 200) and tgt.shape == (3, 8)
     for b in range(3):
@@ -28,8 +17,8 @@ def test_batches_hold_the_pairs_they_query():
             assert body[at + 1] == value and body.count(key) == 1
 
 
-def test_tiny_run_writes_results(tmp_path):
-    rows = _module().main(["--tiny", "--out", str(tmp_path)])
+def test_tiny_run_writes_results(tmp_path, load_script):
+    rows = load_script("benchmarks/bench_recall.py").main(["--tiny", "--out", str(tmp_path)])
     assert sorted({r["model"] for r in rows}) == ["dense", "nsa", "swa"]
     assert all(0 <= r["accuracy"] <= 1 and all(map(lambda x: x == x, r["losses"])) for r in rows)
     js = list(tmp_path.glob("*-recall.json"))

@@ -170,16 +170,11 @@ def test_constructor_rejects_bad_sizes():
         PagedNSAKVCache(SPEC, 4, dtype=torch.int8, device="cpu")
 
 
-def test_continuous_batching_example_serves_every_request_exactly():
+def test_continuous_batching_example_serves_every_request_exactly(load_script):
     """examples/continuous_batching.py: requests join and leave a paged cache (admission waits on
     pages), some verify 2-3 tokens a step; each request's outputs equal one forward over its whole
     sequence, and every page is free at the end."""
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parent.parent / "examples" / "continuous_batching.py"
-    spec_ = importlib.util.spec_from_file_location("continuous_batching", path)
-    ex = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(ex)
+    ex = load_script("examples/continuous_batching.py")
     torch.manual_seed(0)
     spec = NSASpec.from_dict(dict(heads=4, kv_heads=2, head_dim=32, v_head_dim=16, dtype="float32",
                                   compression=dict(block=16, stride=8, pool="mlp", first_block=1),

@@ -1,7 +1,4 @@
 """benchmarks/probe_matrix.py: cells outside the support matrix lower once the checks are lifted."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from nsa_codegen import spec as spec_mod
@@ -9,16 +6,8 @@ from nsa_codegen.lowering import lower_to_plan
 from nsa_codegen.resources import template_module
 
 
-def _probe():
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "probe_matrix.py"
-    mod_spec = importlib.util.spec_from_file_location("probe_matrix", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod
-
-
-def test_lifted_checks_lower_cells_the_matrix_refuses(monkeypatch):
-    probe = _probe()
+def test_lifted_checks_lower_cells_the_matrix_refuses(monkeypatch, load_script):
+    probe = load_script("benchmarks/probe_matrix.py")
     problem = template_module("_problem")
     for mod, names in ((spec_mod, ("SUPPORTED_HEAD_DIMS", "SUPPORTED_V_HEAD_DIMS", "SUPPORTED_GROUPS")),
                        (problem, ("HEAD_DIMS", "V_HEAD_DIMS", "GROUPS"))):
@@ -33,10 +22,10 @@ def test_lifted_checks_lower_cells_the_matrix_refuses(monkeypatch):
     assert {"compression_fwd", "selection_topn", "selection_fwd", "window_fwd", "gate_combine"} <= kinds
 
 
-def test_candidate_cells_plan_every_kind_with_a_schedule(monkeypatch):
+def test_candidate_cells_plan_every_kind_with_a_schedule(monkeypatch, load_script):
     """The kernels prebuild.py builds for `probe_matrix.py --run`: every forward and backward kind of
     each candidate cell, each with a schedule its template accepts."""
-    probe = _probe()
+    probe = load_script("benchmarks/probe_matrix.py")
     problem = template_module("_problem")
     for mod, names in ((spec_mod, ("SUPPORTED_HEAD_DIMS", "SUPPORTED_V_HEAD_DIMS", "SUPPORTED_GROUPS")),
                        (problem, ("HEAD_DIMS", "V_HEAD_DIMS", "GROUPS"))):
@@ -54,11 +43,8 @@ def test_candidate_cells_plan_every_kind_with_a_schedule(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_run_cell_passes_a_cell_of_the_matrix():
+def test_run_cell_passes_a_cell_of_the_matrix(load_script):
     """The --run check itself: a cell inside the support matrix (GPU-tested by tests/test_ops*.py)
     passes it."""
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    res = _probe().run_cell("Dk=128,Dv=128", T=200)
+    res = load_script("benchmarks/probe_matrix.py").run_cell("Dk=128,Dv=128", T=200)
     assert res["ok"], res

@@ -1,25 +1,12 @@
 """benchmarks/trained_selections.py runs end to end on the CPU at a tiny size: it trains, records every
 layer's block lists (the lists the layer's selection reads) and writes its md / json / lists."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "trained_selections.py"
 
-
-def _module():
-    sys.path.insert(0, str(_PATH.parent))
-    spec = importlib.util.spec_from_file_location("trained_selections", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_tiny_run_writes_lists_and_unions(tmp_path):
-    mod = _module()
+def test_tiny_run_writes_lists_and_unions(tmp_path, load_script):
+    mod = load_script("benchmarks/trained_selections.py")
     mod.main(["--tiny", "--out", str(tmp_path)])
     res = json.loads(next(tmp_path.glob("*-trained_selections.json")).read_text())
     (ev,) = res["evals"]
