@@ -190,7 +190,7 @@ def main():
 
 def run_info(schedules: dict | None = None) -> dict:
     """Where the numbers come from: commit, dirty flag (NSA_GIT_SHA / NSA_GIT_DIRTY when set, else
-    git), GPU, library versions, and each kernel's schedule (default:
+    git), GPU ("cpu" without one), library versions, and each kernel's schedule (default:
     every kernel this process loaded, with its source: tuned, default or fallback)."""
     import importlib.metadata as md
     root = Path(__file__).resolve().parent.parent
@@ -218,7 +218,7 @@ def run_info(schedules: dict | None = None) -> dict:
         from nsa_codegen import cache
         schedules = {str(k.key): k.schedule_source for k in cache._LOADED.values()}
     return dict(date=datetime.date.today().isoformat(), git_sha=sha, git_dirty=dirty,
-                gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
+                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", cuda=torch.version.cuda,
                 versions={p: ver(p) for p in ("torch", "triton", "tilelang", "fla-core")}, schedules=schedules)
 
 

@@ -275,21 +275,18 @@ def kernel_cases(spec, q, k, v, g, configs, backward, trained=()):
         "k:window_fwd": lambda: ops.window_attention(q, k, v, w.size, -1.0),
         "k:gate_combine": lambda: ops.gate_combine(o_c, g[0], o_s, g[1], o_w, g[2], H),
     }
+    # the kernels' own lists (named by the configuration), then each trained layer's
+    # (trained-L<i>, prefixed by the configuration where it is not the resolved one)
+    lists = [(None, idx)] + [(f"trained-L{i}", x) for i, x in enumerate(trained)]
     for cfg in configs:
         if not cfg.changes("selection_fwd"):
             continue
-        def run(cfg=cfg):
-            with cfg.use(backward=False):
-                return ops.selection_attention(q, k, v, idx, s.block, -1.0)
-        cases[f"k:selection_fwd[{cfg.name}]"] = run
-    for i, lists in enumerate(trained):   # per selection forward configuration (resolved: no prefix)
-        for cfg in configs:
-            if cfg.changes("selection_fwd"):
-                def run_t(cfg=cfg, x=lists):
-                    with cfg.use(backward=False):
-                        return ops.selection_attention(q, k, v, x, s.block, -1.0)
-                tag = "" if cfg.name == "resolved" else f"{cfg.name}/"
-                cases[f"k:selection_fwd[{tag}trained-L{i}]"] = run_t
+        for name, x in lists:
+            def run(cfg=cfg, x=x):
+                with cfg.use(backward=False):
+                    return ops.selection_attention(q, k, v, x, s.block, -1.0)
+            tag = cfg.name if name is None else name if cfg.name == "resolved" else f"{cfg.name}/{name}"
+            cases[f"k:selection_fwd[{tag}]"] = run
     if backward:
         do = torch.randn_like(o_s)
         dlse = torch.randn_like(lse_s)

@@ -36,6 +36,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_forward import run_info  # noqa: E402
 from train_tiny import Block, warmup_cosine  # noqa: E402
 
 from nsa_codegen import NativeSparseAttention, NSASpec, workloads  # noqa: E402
@@ -181,7 +182,7 @@ def main(argv=None):
         print(f"T={T}: {bpb:.3f} bits/byte; " + "; ".join(
             f"layer {i} U4 {u['U4']:.1f} U64 {u.get('U64', float('nan')):.1f}" for i, u in enumerate(row["layers"])),
             flush=True)
-    info = run_info(dev)
+    info = run_info()
     stem = Path(args.out) / f"{info['date']}-{info['gpu'].replace(' ', '_')}-trained_selections"
     stem.parent.mkdir(parents=True, exist_ok=True)
     torch.save(dict(lists=saved, H=H, block=SEL_BLOCK, top_n=TOP_N, spec=str(spec)),
@@ -192,19 +193,6 @@ def main(argv=None):
     stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, curve=curve, evals=evals), indent=1))
     stem.with_suffix(".md").write_text(report(meta, curve, evals))
     print(report(meta, curve, evals))
-
-
-def run_info(dev) -> dict:
-    if dev.type == "cuda":
-        from bench_forward import run_info as gpu_info
-        return gpu_info()
-    import datetime
-    import subprocess
-    root = Path(__file__).resolve().parent.parent
-    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    return dict(date=datetime.date.today().isoformat(), gpu="cpu", git_sha=git("rev-parse", "HEAD"),
-                git_dirty=bool(git("status", "--porcelain", "--untracked-files=no")),
-                versions=dict(torch=torch.__version__))
 
 
 def report(meta, curve, evals) -> str:

@@ -113,11 +113,7 @@ def barriers_in_one_thread_branches(source: str) -> list[str]:
     (TileLang 0.1.15 emits one when TMA coordinates read shared memory; templates/_token_tile.py)."""
     found = []
     for m in _ONE_THREAD_BRANCH.finditer(source):
-        depth, i = 1, m.end()
-        while depth and i < len(source):
-            depth += {"{": 1, "}": -1}.get(source[i], 0)
-            i += 1
-        body = source[m.end():i]
+        body = source[m.end():_block_end(source, m.end())]
         for b in _BARRIER.finditer(body):
             line = source.count("\n", 0, m.end() + b.start()) + 1
             found.append(f"line {line}: {body[b.start():].splitlines()[0].strip()} inside `{m.group(0)}`")
@@ -128,11 +124,12 @@ _SPLIT = re.compile(r"^\s*if \(\(\(int\)threadIdx\.x\) (<|>=) (\d+)\) \{", re.M)
 _LET = re.compile(r"^\s*(?:(?:bool|int|int64_t|uint|float) )?(\w+) = ([^;]*);", re.M)
 
 
-def _block_end(source: str, i: int) -> int:
-    """The index just past the `}` closing the block whose `{` ends at i."""
+def _block_end(source: str, i: int, pair: str = "{}") -> int:
+    """The index just past the closing bracket (pair[1]) that matches the opening one (pair[0])
+    ending at i: a `{` block by default, or `(...)`, `[...]`."""
     depth = 1
     while depth and i < len(source):
-        depth += {"{": 1, "}": -1}.get(source[i], 0)
+        depth += {pair[0]: 1, pair[1]: -1}.get(source[i], 0)
         i += 1
     return i
 
@@ -211,16 +208,9 @@ def _split_top(expr: str, ops: str) -> list[str]:
 
 
 def _strip_parens(expr: str) -> str:
+    """expr without the parentheses that enclose all of it."""
     expr = expr.strip()
-    while expr.startswith("(") and _split_top(expr[1:-1], "") == [expr[1:-1].strip()]:
-        depth, whole = 0, True
-        for i, c in enumerate(expr):
-            depth += {"(": 1, ")": -1}.get(c, 0)
-            if depth == 0 and i < len(expr) - 1:
-                whole = False
-                break
-        if not whole:
-            break
+    while expr.startswith("(") and _block_end(expr, 1, "()") == len(expr):
         expr = expr[1:-1].strip()
     return expr
 
@@ -257,11 +247,7 @@ def tma_destinations_misaligned(source: str) -> list[str]:
     found = []
     for m in _TMA_DEST.finditer(source):
         elem, buf = m.group(2), m.group(3)
-        depth, i = 1, m.end()
-        while depth and i < len(source):
-            depth += {"[": 1, "]": -1}.get(source[i], 0)
-            i += 1
-        index = source[m.end():i - 1]
+        index = source[m.end():_block_end(source, m.end(), "[]") - 1]
         size = _ELEM_BYTES.get(elem)
         if size is None or buf not in bases:
             continue   # a static __shared__ array (aligned by its declaration) or an unknown type
