@@ -13,7 +13,9 @@ interquartile range over all launches):
   ours                nsa_attention with the resolved schedules (tuned record or default)
   ours[tile] / ours[token]   the same with the selection kernels (forward, and dq in the backward)
                       forced to the token tile / the per-token schedule; ours[tile8] with a token
-                      tile of 8 tokens (selection forward); a configuration equal to the resolved
+                      tile of 8 tokens (selection forward); ours[topn_overlap] with the top-n's
+                      next score gemm run (async WGMMA) while a chunk is scored, and its kernel
+                      case k:selection_topn[topn_overlap]; a configuration equal to the resolved
                       one is not repeated
   k:<kernel>[...]     each kernel of the plan alone, on the inputs the forward gave it
 With --backward, fwd+bwd cases (o.backward(do), all inputs require grad): dense_cudnn_d128_fb,
@@ -59,6 +61,8 @@ CONFIGS = {"tile": {"selection_fwd": {"tile_tokens": 0}, "selection_bwd_dq": {"t
            # a token tile of 8 tokens x 16 heads (128 rows, two consumer warpgroups): fewer K/V bytes
            # per token where neighbours share blocks (U8 / 8 < U4 / 4), more masked MMA work
            "tile8": {"selection_fwd": {"tile_tokens": 8, "threads": 256}},
+           # top-n: chunk kc+1's score gemm as an async WGMMA while chunk kc is scored
+           "topn_overlap": {"selection_topn": {"overlap": True}},
            # compression dk/dv (the default: P^T / dS^T as register operands, 128 rows, async WGMMA, 16
            # token splits): the earlier default (smem P^T / dS^T, 64 rows, 4 splits), registers without
            # async WGMMA, async with 4 / 8 splits (tests/test_ops_backward.py CMP_DKDV_SCHEDULES)
@@ -270,11 +274,16 @@ def kernel_cases(spec, q, k, v, g, configs, backward, trained=()):
     o_w, lse_w = ops.window_attention(q, k, v, w.size, -1.0)
     cases = {
         "k:compression_fwd": lambda: ops.compression_attention(q, kc, vc, c.block, c.stride, c.first_block, -1.0),
-        "k:selection_topn": lambda: ops.selection_topn(q, kc, lse_c, c.block, c.stride, c.first_block, s.block,
-                                                       s.top_n, s.initial, s.local, -1.0),
         "k:window_fwd": lambda: ops.window_attention(q, k, v, w.size, -1.0),
         "k:gate_combine": lambda: ops.gate_combine(o_c, g[0], o_s, g[1], o_w, g[2], H),
     }
+    for cfg in configs:
+        if cfg.changes("selection_topn"):
+            def run_topn(cfg=cfg):
+                with cfg.use(backward=False):
+                    return ops.selection_topn(q, kc, lse_c, c.block, c.stride, c.first_block, s.block, s.top_n,
+                                              s.initial, s.local, -1.0)
+            cases["k:selection_topn" + ("" if cfg.name == "resolved" else f"[{cfg.name}]")] = run_topn
     # the kernels' own lists (named by the configuration), then each trained layer's
     # (trained-L<i>, prefixed by the configuration where it is not the resolved one)
     lists = [(None, idx)] + [(f"trained-L{i}", x) for i, x in enumerate(trained)]

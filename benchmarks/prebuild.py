@@ -6,7 +6,8 @@ A lent GPU's minutes are few and kernels compiled there cost them, and TileLang'
 does not carry over (its key holds the parsed target, which differs on a machine with a GPU). So
 this builds with `nsa_codegen.build` (the artifacts `nsa-codegen build` writes, opened through
 TVM-FFI with no compiler) every forward kernel of the GPU test matrix (tests/test_ops.py) and of the
-benchmarks' configs, with the selection schedules the tests and bench_selection.py run as variants,
+benchmarks' configs, with the selection and top-n schedules the tests, bench_selection.py and
+bench_paper.py run as variants,
 the backward kernels of the backward tests, of bench_paper.py (both dq schedules) and of
 trained_selections.py's model, the kernels of probe_matrix.py's candidate cells, and the
 decode kernels of tests/test_decode.py, into <out>/generated/, and packs those kernels (not older
@@ -29,6 +30,9 @@ sys.path.insert(0, str(ROOT / "tests"))  # test modules import each other by nam
 # Selection forward schedules the GPU tests and bench_selection.py run besides the resolved one.
 SELECTION_VARIANTS = [{"tile_tokens": 0}, {"tile_tokens": 1}, {"tile_tokens": 8, "threads": 256},
                       {"min_blocks_per_sm": 1}, {"num_stages": 3}]
+# Top-n schedules the GPU tests (tests/test_ops.py TOPN_SCHEDULES) and bench_paper.py run besides the resolved one.
+TOPN_VARIANTS = [{"k_load": "tma", "overlap": True}]
+FORWARD_VARIANTS = [("selection_fwd", v) for v in SELECTION_VARIANTS] + [("selection_topn", v) for v in TOPN_VARIANTS]
 # Selection dq schedules the backward GPU tests and bench_paper.py --backward run.
 DQ_VARIANTS = [{"tile_tokens": 0}, {"tile_tokens": 1}]
 
@@ -123,18 +127,18 @@ def main():
     ok = {}
     for name, spec in all_specs.items():
         good = []
-        for var in SELECTION_VARIANTS:
+        for kind, var in FORWARD_VARIANTS:
             try:
-                plan_keys({name: spec}, "sm90", backward=False, decode=False, variants={"selection_fwd": [var]})
-                good.append(var)
+                plan_keys({name: spec}, "sm90", backward=False, decode=False, variants={kind: [var]})
+                good.append((kind, var))
             except ValueError:
                 pass
         ok[name] = good
     results = []
-    for var in SELECTION_VARIANTS:   # one build per variant: each applies to the specs that accept it
-        names = {n: s for n, s in all_specs.items() if var in ok[n]}
+    for kind, var in FORWARD_VARIANTS:   # one build per variant: each applies to the specs that accept it
+        names = {n: s for n, s in all_specs.items() if (kind, var) in ok[n]}
         results += build(names, "sm90", out / "generated", jobs=args.jobs, backward=False, decode=False,
-                         variants={"selection_fwd": [var]})
+                         variants={kind: [var]})
     if not args.forward_only:
         results += build_keys(decode_keys(), out / "generated", jobs=args.jobs)
         for var in DQ_VARIANTS:

@@ -77,6 +77,8 @@ class SelectionTopNConfig:
                                 # ignored by "sync" (nothing to pipeline)
     k_load: str = "sync"        # "sync" | "cp_async" | "tma"
     fast_math: bool = False     # compile with TileLang's fast-math pass config (approximate exp2)
+    overlap: bool = False       # (sm90, k_load="tma") issue chunk kc+1's gemm as an async WGMMA and
+                                # score chunk kc while it runs (two score accumulators)
     # the arch's shared memory (codegen sets them from the key's arch; kernel_key.SHARED_MEMORY)
     smem_block: int = 227 * 1024   # bytes one program may use (sm90; sm80: 163 KiB)
     smem_sm: int = 228 * 1024      # bytes per SM (occupancy)
@@ -165,6 +167,8 @@ def check_config(cfg) -> None:
         raise ValueError("num_stages must be 1 with k_load='cp_async' (tilelang 0.1.15 codegen fails for more)")
     if cfg.block_M * cfg.block_N / cfg.threads > 64:
         raise ValueError("block_N: score accumulator needs > 64 registers per thread")
+    if cfg.overlap and cfg.k_load != "tma":
+        raise ValueError("overlap needs k_load='tma' (a producer warpgroup brings K while the consumers score)")
     if _smem_bytes(cfg) > cfg.smem_block:
         raise ValueError(f"block_M: shared memory (Q + K stages + P + merge) exceeds the arch's {cfg.smem_block // 1024} KiB")
 
@@ -178,6 +182,7 @@ def build(cfg: SelectionTopNConfig):
     n, n_init, n_local = cfg.top_n, cfg.initial, cfg.local
     BM, BN, NT = cfg.block_M, cfg.block_N, cfg.threads
     G, m, r, BT, BS, TPR = _derived(cfg)
+    OV = cfg.overlap
     HALO = m - 1 + f                   # carried blocks: Pg_s column u <-> block kc*BN - (m-1) + u
     # width of the group-summed prob buffer, padded so BT*PW is a multiple of
     # the thread count (tile-op layouts must cover the iteration space evenly)
@@ -217,6 +222,48 @@ def build(cfg: SelectionTopNConfig):
         # strict total order: higher score first, lower block index on ties
         return (sa > sb) | ((sa == sb) & (ia < ib))
 
+    @T.macro
+    def score_chunk(Sx, kc, t0, s0, c0, jt, row, lane, tx, rok, lse2, P_s, Pg_s, top_s, top_i):
+        """Chunk kc's gemm result Sx [BM, BN] -> this thread's top-n list (top_s / top_i)."""
+        cs = T.alloc_var(acc)
+        ci = T.alloc_var("int32")
+        ts = T.alloc_var(acc)
+        ti = T.alloc_var("int32")
+        # compression-branch probabilities (base-2 exp with log2e folded in)
+        for i, x in T.Parallel(BM, BN):
+            P_s[i, x] = T.if_then_else(
+                (c0 + kc * BN + x < N) & ((kc * BN + x + f) * d + l - 1 <= t0 - s0 + i % BT)
+                & (rok[i] == 1), T.exp2(Sx[i, x] * scale2 - lse2[i]), 0)
+        if HALO > 0:
+            # carry the previous chunk's last HALO blocks to the front
+            for q in T.unroll((BT * HALO + NT - 1) // NT):
+                if tx + q * NT < BT * HALO:
+                    Pg_s[(tx + q * NT) // HALO, (tx + q * NT) % HALO] = \
+                        Pg_s[(tx + q * NT) // HALO, BN + (tx + q * NT) % HALO]
+            T.sync_threads()
+        for b, x in T.Parallel(BT, BN):
+            Pg_s[b, HALO + x] = group_sum(P_s, b, x)
+        T.sync_threads()
+        # score this thread's blocks and insert into its private top-n.
+        # Candidates arrive in increasing index, so "strictly greater"
+        # keeps the lower index first on ties.
+        for q in T.unroll(CPT):
+            if (lane + q * TPR < BS) & (kc * BS + lane + q * TPR <= jt):
+                cs = block_score(Pg_s, row, lane + q * TPR)
+                ci = kc * BS + lane + q * TPR
+                if (ci < n_init) | (ci > jt - n_local):
+                    cs = POS_INF
+                if cs > top_s[n - 1]:
+                    for k in T.unroll(n):
+                        if cs > top_s[k]:
+                            ts = top_s[k]
+                            ti = top_i[k]
+                            top_s[k] = cs
+                            top_i[k] = ci
+                            cs = ts
+                            ci = ti
+        T.sync_threads()
+
     @T.prim_func
     def main(
         Q: T.Tensor([B, Tn, HQ, Dk], dtype),
@@ -232,6 +279,9 @@ def build(cfg: SelectionTopNConfig):
             Q_s = T.alloc_shared([BM, Dk], dtype)
             K_s = T.alloc_shared([BN, Dk], dtype)
             S = T.alloc_fragment([BM, BN], acc)
+            if OV:   # the previous chunk's scores, read while the next chunk's gemm runs
+                S_prev = T.alloc_fragment([BM, BN], acc)
+                k_hold = T.alloc_local([1], dtype)
             lse2 = T.alloc_fragment([BM], acc)
             rok = T.alloc_fragment([BM], "int32")
             # +4 floats of row padding: the wgmma accumulator stores 8 rows x 4
@@ -245,9 +295,7 @@ def build(cfg: SelectionTopNConfig):
             M_i = T.alloc_shared([NT, n + 1], "int32")
             top_s = T.alloc_local([n], acc)
             top_i = T.alloc_local([n], "int32")
-            cs = T.alloc_var(acc)
             ci = T.alloc_var("int32")
-            ts = T.alloc_var(acc)
             ti = T.alloc_var("int32")
             pa = T.alloc_var("int32")
             pb = T.alloc_var("int32")
@@ -285,56 +333,41 @@ def build(cfg: SelectionTopNConfig):
 
             t_last = T.min(t0 + BT, Tn) - 1 - s0     # (local; rows past the sequence are off)
             n_chunks = (t_last // lp) // BS + 1
-            for kc in T.Pipelined(n_chunks, num_stages=cfg.num_stages):
-                # compressed rows c = kc*BN + x  ->  blocks i = c + f (zero outside [0, N))
-                if cfg.k_load == "tma":
-                    # bulk tensor copy; rows >= N are zero-filled by the TMA unit.
-                    # The pipeline pass warp-specializes (one producer warpgroup).
+            if OV:
+                T.clear(S_prev)   # (read only from the second step on)
+                # One extra step: step kc issues chunk kc's gemm (none in the last) and scores
+                # chunk kc-1 meanwhile. Its K rows (past the last chunk: TMA zero-fills) are unused.
+                for kc in T.Pipelined(n_chunks + 1, num_stages=cfg.num_stages):
                     T.copy(K_cmp[bz, c0 + kc * BN:c0 + (kc + 1) * BN, by, :], K_s)
-                elif cfg.k_load == "cp_async":
-                    # predicated cp.async, prefetched one chunk ahead
-                    T.copy(K_cmp[bz, c0 + kc * BN:c0 + (kc + 1) * BN, by, :], K_s, disable_tma=True)
-                else:
-                    # plain predicated loads
-                    for x, k in T.Parallel(BN, Dk):
-                        K_s[x, k] = T.if_then_else(
-                            c0 + kc * BN + x < N, K_cmp[bz, c0 + kc * BN + x, by, k], T.cast(0, dtype))
-                T.gemm(Q_s, K_s, S, transpose_B=True, clear_accum=True,
-                       policy=T.GemmWarpPolicy.FullRow)
-                # compression-branch probabilities (base-2 exp with log2e folded in)
-                for i, x in T.Parallel(BM, BN):
-                    P_s[i, x] = T.if_then_else(
-                        (c0 + kc * BN + x < N) & ((kc * BN + x + f) * d + l - 1 <= t0 - s0 + i % BT)
-                        & (rok[i] == 1), T.exp2(S[i, x] * scale2 - lse2[i]), 0)
-                if HALO > 0:
-                    # carry the previous chunk's last HALO blocks to the front
-                    for q in T.unroll((BT * HALO + NT - 1) // NT):
-                        if tx + q * NT < BT * HALO:
-                            Pg_s[(tx + q * NT) // HALO, (tx + q * NT) % HALO] = \
-                                Pg_s[(tx + q * NT) // HALO, BN + (tx + q * NT) % HALO]
-                    T.sync_threads()
-                for b, x in T.Parallel(BT, BN):
-                    Pg_s[b, HALO + x] = group_sum(P_s, b, x)
-                T.sync_threads()
-                # score this thread's blocks and insert into its private top-n.
-                # Candidates arrive in increasing index, so "strictly greater"
-                # keeps the lower index first on ties.
-                for q in T.unroll(CPT):
-                    if (lane + q * TPR < BS) & (kc * BS + lane + q * TPR <= jt):
-                        cs = block_score(Pg_s, row, lane + q * TPR)
-                        ci = kc * BS + lane + q * TPR
-                        if (ci < n_init) | (ci > jt - n_local):
-                            cs = POS_INF
-                        if cs > top_s[n - 1]:
-                            for k in T.unroll(n):
-                                if cs > top_s[k]:
-                                    ts = top_s[k]
-                                    ti = top_i[k]
-                                    top_s[k] = cs
-                                    top_i[k] = ci
-                                    cs = ts
-                                    ci = ti
-                T.sync_threads()
+                    if kc < n_chunks:
+                        T.wgmma_gemm(Q_s, K_s, S, transpose_B=True, clear_accum=True,
+                                     policy=T.GemmWarpPolicy.FullRow)
+                    if kc > 0:
+                        score_chunk(S_prev, kc - 1, t0, s0, c0, jt, row, lane, tx, rok, lse2, P_s, Pg_s,
+                                    top_s, top_i)
+                    T.wait_wgmma(0)
+                    # K_s is read here, after the wait, so its stage is freed only once the gemm
+                    # reading it is done (TileLang frees a stage after its last reader statement)
+                    k_hold[0] = K_s[0, 0]
+                    T.copy(S, S_prev)
+            else:
+                for kc in T.Pipelined(n_chunks, num_stages=cfg.num_stages):
+                    # compressed rows c = kc*BN + x  ->  blocks i = c + f (zero outside [0, N))
+                    if cfg.k_load == "tma":
+                        # bulk tensor copy; rows >= N are zero-filled by the TMA unit.
+                        # The pipeline pass warp-specializes (one producer warpgroup).
+                        T.copy(K_cmp[bz, c0 + kc * BN:c0 + (kc + 1) * BN, by, :], K_s)
+                    elif cfg.k_load == "cp_async":
+                        # predicated cp.async, prefetched one chunk ahead
+                        T.copy(K_cmp[bz, c0 + kc * BN:c0 + (kc + 1) * BN, by, :], K_s, disable_tma=True)
+                    else:
+                        # plain predicated loads
+                        for x, k in T.Parallel(BN, Dk):
+                            K_s[x, k] = T.if_then_else(
+                                c0 + kc * BN + x < N, K_cmp[bz, c0 + kc * BN + x, by, k], T.cast(0, dtype))
+                    T.gemm(Q_s, K_s, S, transpose_B=True, clear_accum=True,
+                           policy=T.GemmWarpPolicy.FullRow)
+                    score_chunk(S, kc, t0, s0, c0, jt, row, lane, tx, rok, lse2, P_s, Pg_s, top_s, top_i)
 
             # tree-merge the TPR private lists of each row (sorted, keep n)
             for k in T.unroll(n):

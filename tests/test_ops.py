@@ -117,16 +117,30 @@ def test_compression_attention(name, spec, B, T):
     assert_lse_close(name, lse, lse_hi)
 
 
+# Top-n schedules beside the resolved one: the next chunk's score gemm as an async WGMMA while a
+# chunk is scored (sm90, TMA loads).
+TOPN_SCHEDULES = {"resolved": {}, "overlap": {"k_load": "tma", "overlap": True}}
+
+
+@pytest.mark.parametrize("topn_schedule", list(TOPN_SCHEDULES))
 @pytest.mark.parametrize("name,spec,B,T", MATRIX, ids=IDS)
-def test_selection_topn_matches_reference_up_to_ties(name, spec, B, T):
+def test_selection_topn_matches_reference_up_to_ties(name, spec, B, T, topn_schedule):
     from nsa_codegen import ops
+    from nsa_codegen.cache import get_kernel, load_scheduled, use_kernel
+    from nsa_codegen.launch import kernel_key
     c, s = spec.compression, spec.selection
     q, k, v, _ = make_inputs(spec, B, T, seed=2)
     kc = ref.compress(k, c.block, c.stride, c.first_block)
     _, lse = ops.compression_attention(q, kc, ref.compress(v, c.block, c.stride, c.first_block),
                                        c.block, c.stride, c.first_block, -1.0)
-    idx, cnt = ops.selection_topn(q, kc, lse, c.block, c.stride, c.first_block, s.block, s.top_n, s.initial,
-                                  s.local, -1.0)
+    problem = kernel_key("selection_topn", q, kc, 0, -1.0, cmp_block=c.block, stride=c.stride,
+                         first_block=c.first_block, sel_block=s.block, top_n=s.top_n, initial=s.initial,
+                         local=s.local)
+    resolved = get_kernel(problem)
+    kernel = load_scheduled(problem.with_schedule({**dict(resolved.key.schedule), **TOPN_SCHEDULES[topn_schedule]}))
+    with use_kernel(problem, kernel):
+        idx, cnt = ops.selection_topn(q, kc, lse, c.block, c.stride, c.first_block, s.block, s.top_n, s.initial,
+                                      s.local, -1.0)
     # The reference's scores from the same inputs, in fp32.
     _, _, p = ref.compression_attention(*f32(q, kc, kc[..., :1]), c.block, c.stride, c.first_block,
                                         return_probs=True)
