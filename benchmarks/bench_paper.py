@@ -15,7 +15,9 @@ interquartile range over all launches):
                       forced to the token tile / the per-token schedule; ours[tile8] with a token
                       tile of 8 tokens (selection forward); ours[topn_overlap] with the top-n's
                       next score gemm run (async WGMMA) while a chunk is scored, and its kernel
-                      case k:selection_topn[topn_overlap]; a configuration equal to the resolved
+                      case k:selection_topn[topn_overlap]; ours[cmp_overlap] with the compression
+                      forward's next QK^T run (async WGMMA) under a tile's softmax, and
+                      k:compression_fwd[cmp_overlap]; a configuration equal to the resolved
                       one is not repeated
   k:<kernel>[...]     each kernel of the plan alone, on the inputs the forward gave it
 With --backward, fwd+bwd cases (o.backward(do), all inputs require grad): dense_cudnn_d128_fb,
@@ -63,6 +65,8 @@ CONFIGS = {"tile": {"selection_fwd": {"tile_tokens": 0}, "selection_bwd_dq": {"t
            "tile8": {"selection_fwd": {"tile_tokens": 8, "threads": 256}},
            # top-n: chunk kc+1's score gemm as an async WGMMA while chunk kc is scored
            "topn_overlap": {"selection_topn": {"overlap": True}},
+           # compression forward: tile kt's QK^T as an async WGMMA under tile kt-1's softmax (64-key tiles)
+           "cmp_overlap": {"compression_fwd": {"overlap": True, "block_N": 64, "num_stages": 2}},
            # compression dk/dv (the default: P^T / dS^T as register operands, 128 rows, async WGMMA, 16
            # token splits): the earlier default (smem P^T / dS^T, 64 rows, 4 splits), registers without
            # async WGMMA, async with 4 / 8 splits (tests/test_ops_backward.py CMP_DKDV_SCHEDULES)
@@ -273,11 +277,15 @@ def kernel_cases(spec, q, k, v, g, configs, backward, trained=()):
     o_s, lse_s = ops.selection_attention(q, k, v, idx, s.block, -1.0)
     o_w, lse_w = ops.window_attention(q, k, v, w.size, -1.0)
     cases = {
-        "k:compression_fwd": lambda: ops.compression_attention(q, kc, vc, c.block, c.stride, c.first_block, -1.0),
         "k:window_fwd": lambda: ops.window_attention(q, k, v, w.size, -1.0),
         "k:gate_combine": lambda: ops.gate_combine(o_c, g[0], o_s, g[1], o_w, g[2], H),
     }
     for cfg in configs:
+        if cfg.changes("compression_fwd"):
+            def run_cmp_fwd(cfg=cfg):
+                with cfg.use(backward=False):
+                    return ops.compression_attention(q, kc, vc, c.block, c.stride, c.first_block, -1.0)
+            cases["k:compression_fwd" + ("" if cfg.name == "resolved" else f"[{cfg.name}]")] = run_cmp_fwd
         if cfg.changes("selection_topn"):
             def run_topn(cfg=cfg):
                 with cfg.use(backward=False):

@@ -6,8 +6,8 @@ A lent GPU's minutes are few and kernels compiled there cost them, and TileLang'
 does not carry over (its key holds the parsed target, which differs on a machine with a GPU). So
 this builds with `nsa_codegen.build` (the artifacts `nsa-codegen build` writes, opened through
 TVM-FFI with no compiler) every forward kernel of the GPU test matrix (tests/test_ops.py) and of the
-benchmarks' configs, with the selection and top-n schedules the tests, bench_selection.py and
-bench_paper.py run as variants,
+benchmarks' configs, with the selection, top-n and compression schedules the tests,
+bench_selection.py and bench_paper.py run as variants,
 the backward kernels of the backward tests, of bench_paper.py (both dq schedules) and of
 trained_selections.py's model, the kernels of probe_matrix.py's candidate cells, and the
 decode kernels of tests/test_decode.py, into <out>/generated/, and packs those kernels (not older
@@ -32,7 +32,10 @@ SELECTION_VARIANTS = [{"tile_tokens": 0}, {"tile_tokens": 1}, {"tile_tokens": 8,
                       {"min_blocks_per_sm": 1}, {"num_stages": 3}]
 # Top-n schedules the GPU tests (tests/test_ops.py TOPN_SCHEDULES) and bench_paper.py run besides the resolved one.
 TOPN_VARIANTS = [{"k_load": "tma", "overlap": True}]
-FORWARD_VARIANTS = [("selection_fwd", v) for v in SELECTION_VARIANTS] + [("selection_topn", v) for v in TOPN_VARIANTS]
+# Compression forward schedules the GPU tests (tests/test_ops.py CMP_FWD_SCHEDULES) and bench_paper.py run.
+CMP_FWD_VARIANTS = [{"overlap": True, "block_N": 64, "num_stages": 2}]
+FORWARD_VARIANTS = ([("selection_fwd", v) for v in SELECTION_VARIANTS] + [("selection_topn", v) for v in TOPN_VARIANTS]
+                    + [("compression_fwd", v) for v in CMP_FWD_VARIANTS])
 # Selection dq schedules the backward GPU tests and bench_paper.py --backward run.
 DQ_VARIANTS = [{"tile_tokens": 0}, {"tile_tokens": 1}]
 

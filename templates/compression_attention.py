@@ -67,6 +67,9 @@ class CompressionAttentionConfig:
                                 # the pipeline pass adds a 128-thread TMA producer warpgroup
     num_stages: int = 2         # K/V smem pipeline depth
     fast_math: bool = False     # compile with TileLang's fast-math pass config (approximate exp2/log2/div)
+    overlap: bool = False       # (sm90) tile kt's QK^T runs as an async WGMMA while tile kt-1's softmax
+                                # and P V run: a step brings K of tile kt and V of tile kt-1 (two logit
+                                # accumulators, one extra step)
     # the arch's shared memory (codegen sets them from the key's arch; kernel_key.SHARED_MEMORY)
     smem_block: int = 227 * 1024   # bytes one program may use (sm90; sm80: 163 KiB)
     smem_sm: int = 228 * 1024      # bytes per SM (occupancy)
@@ -82,8 +85,8 @@ def _smem_bytes(cfg, bn=None) -> int:
 
 
 def _regs(cfg, bn) -> float:
-    # accumulator registers per consumer thread: O (fp32) + S (fp32) + P (16 bit)
-    return (cfg.block_M * (cfg.dim_v + bn * 1.5)) / cfg.threads
+    # accumulator registers per consumer thread: O (fp32) + S (fp32, two with overlap) + P (16 bit)
+    return (cfg.block_M * (cfg.dim_v + bn * (2.5 if cfg.overlap else 1.5))) / cfg.threads
 
 
 def _block_n(cfg) -> int:
@@ -139,8 +142,32 @@ def build(cfg: CompressionAttentionConfig):
     scale2 = float(cfg.scale) * _LOG2E   # softmax in base 2: exp(x*s) = exp2(x*s*log2e)
     # query t sees rows c < nvis(t) = max(t + 1 - l - f*d + d, 0) // d  (then clamp to N)
     off = d - l - f * d + 1
+    OV = cfg.overlap
 
     B, Tn, N = T.dynamic("B, T, N")
+
+    @T.macro
+    def softmax_step(Sx, kt, c_lo, c_first, c_end, m_cur, m_prev, m_use, alpha, row_sum, l_sum, acc_p):
+        """Tile kt's logits Sx [BM, BN] -> P (acc_p, the MMA dtype) in the running base-2 softmax,
+        l_sum rescaled to the new row max; alpha [BM]: the factor O must be rescaled by."""
+        # masked logits are replaced (a NaN in a row another token cannot see stays out)
+        for i, j in T.Parallel(BM, BN):
+            Sx[i, j] = T.if_then_else(
+                (c_lo + kt * BN + j >= c_first[i]) & (c_lo + kt * BN + j < c_end[i]),
+                Sx[i, j], -T.infinity(acc))
+        T.copy(m_cur, m_prev)
+        T.reduce_max(Sx, m_cur, dim=1, clear=False)
+        # rows that have seen nothing yet keep m = -inf; use 0 as the
+        # reference so exp2(-inf - ref) = 0 instead of NaN.
+        for i in T.Parallel(BM):
+            m_use[i] = T.if_then_else(m_cur[i] == -T.infinity(acc), 0, m_cur[i])
+            alpha[i] = T.exp2((m_prev[i] - m_use[i]) * scale2)
+        for i, j in T.Parallel(BM, BN):
+            Sx[i, j] = T.exp2(Sx[i, j] * scale2 - m_use[i] * scale2)
+        T.reduce_sum(Sx, row_sum, dim=1)
+        for i in T.Parallel(BM):
+            l_sum[i] = l_sum[i] * alpha[i] + row_sum[i]
+        T.copy(Sx, acc_p)
 
     @T.prim_func
     def main(
@@ -158,6 +185,9 @@ def build(cfg: CompressionAttentionConfig):
             V_s = T.alloc_shared([BN, Dv], dtype)
             O_s = T.alloc_shared([BM, Dv], dtype)
             acc_s = T.alloc_fragment([BM, BN], acc)
+            if OV:   # the previous tile's logits, softmaxed while the next tile's QK^T runs
+                S_prev = T.alloc_fragment([BM, BN], acc)
+                hold = T.alloc_local([1], dtype)
             acc_p = T.alloc_fragment([BM, BN], dtype)
             acc_o = T.alloc_fragment([BM, Dv], acc)
             m_cur = T.alloc_fragment([BM], acc)
@@ -197,33 +227,42 @@ def build(cfg: CompressionAttentionConfig):
             t_last = T.min(t0 + BT, Tn) - 1
             c_lo = CmpStart[bz, t0]
             c_hi = T.min(CmpStart[bz, t_last] + T.max(t_last - SeqStart[bz, t_last] + off, 0) // d, N)
-            for kt in T.Pipelined(T.ceildiv(c_hi - c_lo, BN), num_stages=cfg.num_stages):
-                T.copy(K_cmp[bz, c_lo + kt * BN:c_lo + (kt + 1) * BN, by, :], K_s)
-                T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
-                # masked logits are replaced (a NaN in a row another token cannot see stays out)
-                for i, j in T.Parallel(BM, BN):
-                    acc_s[i, j] = T.if_then_else(
-                        (c_lo + kt * BN + j >= c_first[i]) & (c_lo + kt * BN + j < c_end[i]),
-                        acc_s[i, j], -T.infinity(acc))
-
-                T.copy(m_cur, m_prev)
-                T.reduce_max(acc_s, m_cur, dim=1, clear=False)
-                # rows that have seen nothing yet keep m = -inf; use 0 as the
-                # reference so exp2(-inf - ref) = 0 instead of NaN.
-                for i in T.Parallel(BM):
-                    m_use[i] = T.if_then_else(m_cur[i] == -T.infinity(acc), 0, m_cur[i])
-                    alpha[i] = T.exp2((m_prev[i] - m_use[i]) * scale2)
-                for i, j in T.Parallel(BM, BN):
-                    acc_s[i, j] = T.exp2(acc_s[i, j] * scale2 - m_use[i] * scale2)
-                T.reduce_sum(acc_s, row_sum, dim=1)
-                for i in T.Parallel(BM):
-                    l_sum[i] = l_sum[i] * alpha[i] + row_sum[i]
-                T.copy(acc_s, acc_p)
-                for i, k in T.Parallel(BM, Dv):
-                    acc_o[i, k] *= alpha[i]
-                # OOB V rows are zero-filled by the bounded copy; their P is 0.
-                T.copy(V_cmp[bz, c_lo + kt * BN:c_lo + (kt + 1) * BN, by, :], V_s)
-                T.gemm(acc_p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
+            n_kt = T.ceildiv(c_hi - c_lo, BN)
+            if OV:
+                T.fill(S_prev, 0)   # (read only from the second step on)
+                # Step kt: K of tile kt (past the last tile: TMA zero-fills, no gemm), V of tile kt-1
+                # (tile 0 at step 0, unused).
+                for kt in T.Pipelined(n_kt + 1, num_stages=cfg.num_stages):
+                    T.copy(K_cmp[bz, c_lo + kt * BN:c_lo + (kt + 1) * BN, by, :], K_s)
+                    T.copy(V_cmp[bz, c_lo + T.max(kt - 1, 0) * BN:c_lo + T.max(kt, 1) * BN, by, :], V_s)
+                    if kt < n_kt:
+                        T.wgmma_gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True,
+                                     policy=T.GemmWarpPolicy.FullRow)
+                    if kt > 0:
+                        softmax_step(S_prev, kt - 1, c_lo, c_first, c_end, m_cur, m_prev, m_use, alpha,
+                                     row_sum, l_sum, acc_p)
+                    # O is rescaled only once no WGMMA is in flight: touching it under the running
+                    # QK^T made ptxas serialize the two (C7517)
+                    T.wait_wgmma(0)
+                    T.copy(acc_s, S_prev)
+                    if kt > 0:
+                        for i, k in T.Parallel(BM, Dv):
+                            acc_o[i, k] *= alpha[i]
+                        T.gemm(acc_p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
+                    # K is read here, after every wait, so its stage is freed only once the gemm
+                    # reading it is done (TileLang frees a stage after its last reader)
+                    hold[0] = K_s[0, 0]
+            else:
+                for kt in T.Pipelined(n_kt, num_stages=cfg.num_stages):
+                    T.copy(K_cmp[bz, c_lo + kt * BN:c_lo + (kt + 1) * BN, by, :], K_s)
+                    T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                    softmax_step(acc_s, kt, c_lo, c_first, c_end, m_cur, m_prev, m_use, alpha, row_sum, l_sum,
+                                 acc_p)
+                    for i, k in T.Parallel(BM, Dv):
+                        acc_o[i, k] *= alpha[i]
+                    # OOB V rows are zero-filled by the bounded copy; their P is 0.
+                    T.copy(V_cmp[bz, c_lo + kt * BN:c_lo + (kt + 1) * BN, by, :], V_s)
+                    T.gemm(acc_p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 
             # empty rows: l_sum == 0 -> O = 0, LSE = -inf (no division by zero). The test is
             # `== 0`, not `> 0`: a NaN the row can see leaves l_sum NaN, and it must reach O.

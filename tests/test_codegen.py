@@ -177,20 +177,27 @@ def test_async_wgmma_schedules_compile(kind, knobs, tmp_path, monkeypatch):
         assert counts.get("HGMMA") and not counts.get("LDL", 0) + counts.get("STL", 0), counts
 
 
+# Forward schedules that run the next chunk's score gemm as an async WGMMA under this chunk's SIMT
+# work (kind, knobs, the SIMT instruction that must sit between the gemm's issue and its wait).
+OVERLAP_SCHEDULES = [("selection_topn", {"k_load": "tma", "overlap": True}, "exp2f"),
+                     ("compression_fwd", {"overlap": True, "block_N": 64, "num_stages": 2}, "exp2f")]
+
+
 @needs_nvcc
 @pytest.mark.compile
-def test_topn_overlap_scores_a_chunk_under_the_next_chunk_s_gemm(tmp_path, monkeypatch):
-    """The top-n's overlap schedule issues chunk kc's score gemm as an async WGMMA, scores chunk kc-1
-    before waiting for it, and frees K's stage only after the wait (compile_kernel checks); ptxas
-    keeps the WGMMA async (no C7517) with no spills."""
+@pytest.mark.parametrize("kind,knobs,simt", OVERLAP_SCHEDULES, ids=[k for k, _, _ in OVERLAP_SCHEDULES])
+def test_overlap_schedules_run_simt_under_the_next_gemm(kind, knobs, simt, tmp_path, monkeypatch):
+    """The top-n's and the compression forward's overlap schedules issue chunk kc's gemm as an async
+    WGMMA, do chunk kc-1's SIMT work (exp2) before waiting for it, and free K's stage only after the
+    wait (compile_kernel checks); ptxas keeps the WGMMA async (no C7517) with no spills."""
     from nsa_codegen.schedules import default_schedule
     monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
     spec = NSASpec(compression=CompressionBranch(32, 16, "mean"), dtype="float16")
-    call = next(c for c in lower_to_plan(spec).all_calls if c.kind == "selection_topn")
-    kernel = compile_kernel(call.key.with_schedule({**default_schedule(call.key), "k_load": "tma", "overlap": True}))
+    call = next(c for c in lower_to_plan(spec).all_calls if c.kind == kind)
+    kernel = compile_kernel(call.key.with_schedule({**default_schedule(call.key), **knobs}))
     src = kernel.get_kernel_source()
     issue, wait = src.index("warpgroup_commit_batch()"), src.index("wait_wgmma<0>")
-    assert src.index("exp2f", issue) < wait, "the scoring (exp2) must sit between the gemm's issue and its wait"
+    assert src.index(simt, issue) < wait, f"{kind}: the {simt} work must sit between the gemm's issue and its wait"
     report = ptxas_report(kernel)
     assert "C7517" not in report and "0 bytes spill stores" in report, report
 

@@ -101,13 +101,31 @@ def f32(*xs):
     return [x.float() for x in xs]
 
 
+def scheduled(kind, q, k, v_dim, schedule, **params):
+    """A context in which ops launch `kind`'s kernel for these tensors with the resolved schedule's
+    knobs updated by `schedule` ({}: the resolved kernel itself)."""
+    from nsa_codegen.cache import get_kernel, load_scheduled, use_kernel
+    from nsa_codegen.launch import kernel_key
+    problem = kernel_key(kind, q, k, v_dim, -1.0, **params)
+    resolved = get_kernel(problem)
+    return use_kernel(problem, load_scheduled(problem.with_schedule({**dict(resolved.key.schedule), **schedule})))
+
+
+# Compression forward schedules beside the resolved one: the next tile's QK^T as an async WGMMA
+# under a tile's softmax (sm90; 64-key tiles leave it the registers).
+CMP_FWD_SCHEDULES = {"resolved": {}, "overlap": {"overlap": True, "block_N": 64, "num_stages": 2}}
+
+
+@pytest.mark.parametrize("cmp_schedule", list(CMP_FWD_SCHEDULES))
 @pytest.mark.parametrize("name,spec,B,T", MATRIX, ids=IDS)
-def test_compression_attention(name, spec, B, T):
+def test_compression_attention(name, spec, B, T, cmp_schedule):
     from nsa_codegen import ops
     c = spec.compression
     q, k, v, _ = make_inputs(spec, B, T, seed=1)
     kc, vc = ref.compress(k, c.block, c.stride), ref.compress(v, c.block, c.stride)
-    o, lse = ops.compression_attention(q, kc, vc, c.block, c.stride, 0, -1.0)
+    with scheduled("compression_fwd", q, kc, vc.shape[3], CMP_FWD_SCHEDULES[cmp_schedule], cmp_block=c.block,
+                   stride=c.stride, first_block=0):
+        o, lse = ops.compression_attention(q, kc, vc, c.block, c.stride, 0, -1.0)
     o_hi, lse_hi = ref.compression_attention(*f32(q, kc, vc), c.block, c.stride)
     o_lo, _ = ref.compression_attention(q, kc, vc, c.block, c.stride)
     if ref.num_compressed_blocks(T, c.block, c.stride) == 0:
@@ -126,19 +144,13 @@ TOPN_SCHEDULES = {"resolved": {}, "overlap": {"k_load": "tma", "overlap": True}}
 @pytest.mark.parametrize("name,spec,B,T", MATRIX, ids=IDS)
 def test_selection_topn_matches_reference_up_to_ties(name, spec, B, T, topn_schedule):
     from nsa_codegen import ops
-    from nsa_codegen.cache import get_kernel, load_scheduled, use_kernel
-    from nsa_codegen.launch import kernel_key
     c, s = spec.compression, spec.selection
     q, k, v, _ = make_inputs(spec, B, T, seed=2)
     kc = ref.compress(k, c.block, c.stride, c.first_block)
     _, lse = ops.compression_attention(q, kc, ref.compress(v, c.block, c.stride, c.first_block),
                                        c.block, c.stride, c.first_block, -1.0)
-    problem = kernel_key("selection_topn", q, kc, 0, -1.0, cmp_block=c.block, stride=c.stride,
-                         first_block=c.first_block, sel_block=s.block, top_n=s.top_n, initial=s.initial,
-                         local=s.local)
-    resolved = get_kernel(problem)
-    kernel = load_scheduled(problem.with_schedule({**dict(resolved.key.schedule), **TOPN_SCHEDULES[topn_schedule]}))
-    with use_kernel(problem, kernel):
+    with scheduled("selection_topn", q, kc, 0, TOPN_SCHEDULES[topn_schedule], cmp_block=c.block, stride=c.stride,
+                   first_block=c.first_block, sel_block=s.block, top_n=s.top_n, initial=s.initial, local=s.local):
         idx, cnt = ops.selection_topn(q, kc, lse, c.block, c.stride, c.first_block, s.block, s.top_n, s.initial,
                                       s.local, -1.0)
     # The reference's scores from the same inputs, in fp32.
