@@ -8,7 +8,9 @@ Launches (paper config, fp16, the kernels benchmarks/prebuild.py builds, so noth
     than a compressed block, not multiples of any block) with cu_seqlens: compression forward and
     backward, top-n, selection forward (per token) and backward (dq, dkdv, reduce), window forward and
     backward, gates forward and backward;
-  - the selection forward and dq token-tile schedules on the same pack;
+  - the same pack under bench_paper's configurations tile (selection forward and dq token tiles),
+    topn_overlap and cmp_overlap (the top-n's and compression forward's async-WGMMA overlap);
+  - the trained_selections.py model's spec (bf16, Dk = Dv = 64) over a pack of four sequences;
   - a decode step (paper config, D = 128, q_len 1) over a cache of ragged lengths 37 / 700 / 2000 / 3001.
 Prints one line per part; the sanitizer's report says whether any access was out of bounds, racy or
 unsynchronised.
@@ -29,8 +31,10 @@ from nsa_codegen.kv_cache import NSAKVCache  # noqa: E402
 from nsa_codegen.lowering import arch_of_capability, lower_to_plan  # noqa: E402
 
 
-def pack_step(spec, lens, tile=False):
-    dev, dt = "cuda", torch.float16
+def pack_step(spec, lens, config=None):
+    """nsa_attention forward + backward over a pack of `lens`, with the kernels of bench_paper's
+    CONFIGS[config] (their schedule knobs over the resolved ones) where config is given."""
+    dev, dt = "cuda", getattr(torch, spec.dtype)
     g = torch.Generator(device=dev).manual_seed(0)
     T = sum(lens)
     rn = lambda *s: torch.randn(*s, generator=g, device=dev).to(dt).requires_grad_()  # noqa: E731
@@ -39,13 +43,13 @@ def pack_step(spec, lens, tile=False):
     gates = [torch.sigmoid(torch.randn(1, T, spec.heads, generator=g, device=dev)).to(dt).requires_grad_()
              for _ in range(3)]
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=dev)
-    if tile:
+    forced = []
+    if config:
         plan = lower_to_plan(spec, arch_of_capability(*torch.cuda.get_device_capability()))
-        forced = []
         for call in plan.calls + plan.backward:
-            if call.kind in CONFIGS["tile"]:
+            if call.kind in CONFIGS[config]:
                 base = get_kernel(call.key)
-                sched = {**dict(base.key.schedule), **CONFIGS["tile"][call.kind]}
+                sched = {**dict(base.key.schedule), **CONFIGS[config][call.kind]}
                 forced.append(use_kernel(call.key, load_scheduled(call.key.with_schedule(sched))))
         for f in forced:
             f.__enter__()
@@ -54,12 +58,11 @@ def pack_step(spec, lens, tile=False):
         o.backward(torch.randn_like(o))
         torch.cuda.synchronize()
     finally:
-        if tile:
-            for f in reversed(forced):
-                f.__exit__(None, None, None)
+        for f in reversed(forced):
+            f.__exit__(None, None, None)
     bad = [n for n, x in zip("q k v g_cmp g_slc g_win".split(), (q, k, v, *gates)) if not torch.isfinite(x.grad).all()]
-    print(f"pack {lens}{' (token tile)' if tile else ''}: forward + backward ran; non-finite grads: {bad or 'none'}",
-          flush=True)
+    what = f"{spec.dtype} Dk {spec.head_dim}" + (f", {config}" if config else "")
+    print(f"pack {lens} ({what}): forward + backward ran; non-finite grads: {bad or 'none'}", flush=True)
 
 
 def decode_step():
@@ -82,7 +85,11 @@ def decode_step():
 def main():
     spec = paper_spec("float16")
     pack_step(spec, [37, 163, 64])
-    pack_step(spec, [37, 163, 64], tile=True)
+    for config in ("tile", "topn_overlap", "cmp_overlap"):
+        pack_step(spec, [37, 163, 64], config)
+    # the byte-level model of trained_selections.py (bf16, D = 64), whose training once stalled
+    from trained_selections import spec_for
+    pack_step(spec_for(64, 64, "bfloat16"), [37, 163, 64, 300])
     decode_step()
 
 
