@@ -147,14 +147,19 @@ def build(cfg: CompressionAttentionConfig):
     B, Tn, N = T.dynamic("B, T, N")
 
     @T.macro
-    def softmax_step(Sx, kt, c_lo, c_first, c_end, m_cur, m_prev, m_use, alpha, row_sum, l_sum, acc_p):
+    def softmax_step(Sx, kt, c_lo, cf_max, ce_min, c_first, c_end, m_cur, m_prev, m_use, alpha, row_sum, l_sum,
+                     acc_p):
         """Tile kt's logits Sx [BM, BN] -> P (acc_p, the MMA dtype) in the running base-2 softmax,
         l_sum rescaled to the new row max; alpha [BM]: the factor O must be rescaled by."""
-        # masked logits are replaced (a NaN in a row another token cannot see stays out)
-        for i, j in T.Parallel(BM, BN):
-            Sx[i, j] = T.if_then_else(
-                (c_lo + kt * BN + j >= c_first[i]) & (c_lo + kt * BN + j < c_end[i]),
-                Sx[i, j], -T.infinity(acc))
+        # masked logits are replaced (a NaN in a row another token cannot see stays out). Interior
+        # tiles (every row of the tile visible to every token row: c_first rises and c_end never
+        # falls along the tile, so its last token's first row and its first token's end bound them)
+        # skip the mask; padding rows then see the tile too, but are never stored.
+        if (c_lo + kt * BN < cf_max) | (c_lo + (kt + 1) * BN > ce_min):
+            for i, j in T.Parallel(BM, BN):
+                Sx[i, j] = T.if_then_else(
+                    (c_lo + kt * BN + j >= c_first[i]) & (c_lo + kt * BN + j < c_end[i]),
+                    Sx[i, j], -T.infinity(acc))
         T.copy(m_cur, m_prev)
         T.reduce_max(Sx, m_cur, dim=1, clear=False)
         # rows that have seen nothing yet keep m = -inf; use 0 as the
@@ -227,6 +232,9 @@ def build(cfg: CompressionAttentionConfig):
             t_last = T.min(t0 + BT, Tn) - 1
             c_lo = CmpStart[bz, t0]
             c_hi = T.min(CmpStart[bz, t_last] + T.max(t_last - SeqStart[bz, t_last] + off, 0) // d, N)
+            # every token row of the tile sees the rows [cf_max, ce_min) (empty near the diagonal)
+            cf_max = CmpStart[bz, t_last]
+            ce_min = T.min(c_lo + T.max(t0 - SeqStart[bz, t0] + off, 0) // d, N)
             n_kt = T.ceildiv(c_hi - c_lo, BN)
             if OV:
                 T.fill(S_prev, 0)   # (read only from the second step on)
@@ -239,7 +247,7 @@ def build(cfg: CompressionAttentionConfig):
                         T.wgmma_gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True,
                                      policy=T.GemmWarpPolicy.FullRow)
                     if kt > 0:
-                        softmax_step(S_prev, kt - 1, c_lo, c_first, c_end, m_cur, m_prev, m_use, alpha,
+                        softmax_step(S_prev, kt - 1, c_lo, cf_max, ce_min, c_first, c_end, m_cur, m_prev, m_use, alpha,
                                      row_sum, l_sum, acc_p)
                     # O is rescaled only once no WGMMA is in flight: touching it under the running
                     # QK^T made ptxas serialize the two (C7517)
@@ -256,8 +264,8 @@ def build(cfg: CompressionAttentionConfig):
                 for kt in T.Pipelined(n_kt, num_stages=cfg.num_stages):
                     T.copy(K_cmp[bz, c_lo + kt * BN:c_lo + (kt + 1) * BN, by, :], K_s)
                     T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
-                    softmax_step(acc_s, kt, c_lo, c_first, c_end, m_cur, m_prev, m_use, alpha, row_sum, l_sum,
-                                 acc_p)
+                    softmax_step(acc_s, kt, c_lo, cf_max, ce_min, c_first, c_end, m_cur, m_prev, m_use, alpha,
+                                 row_sum, l_sum, acc_p)
                     for i, k in T.Parallel(BM, Dv):
                         acc_o[i, k] *= alpha[i]
                     # OOB V rows are zero-filled by the bounded copy; their P is 0.

@@ -229,11 +229,18 @@ def build(cfg: SelectionTopNConfig):
         ci = T.alloc_var("int32")
         ts = T.alloc_var(acc)
         ti = T.alloc_var("int32")
-        # compression-branch probabilities (base-2 exp with log2e folded in)
-        for i, x in T.Parallel(BM, BN):
-            P_s[i, x] = T.if_then_else(
-                (c0 + kc * BN + x < N) & ((kc * BN + x + f) * d + l - 1 <= t0 - s0 + i % BT)
-                & (rok[i] == 1), T.exp2(Sx[i, x] * scale2 - lse2[i]), 0)
+        # compression-branch probabilities (base-2 exp with log2e folded in). Interior chunks (every
+        # block visible to the tile's first token, so to all its tokens) skip the mask: rows of
+        # tokens outside the sequence get values there, but only their own rows of Pg_s, which are
+        # never written out.
+        if ((kc + 1) * BN - 1 + f) * d + l - 1 <= t0 - s0:
+            for i, x in T.Parallel(BM, BN):
+                P_s[i, x] = T.exp2(Sx[i, x] * scale2 - lse2[i])
+        else:
+            for i, x in T.Parallel(BM, BN):
+                P_s[i, x] = T.if_then_else(
+                    (c0 + kc * BN + x < N) & ((kc * BN + x + f) * d + l - 1 <= t0 - s0 + i % BT)
+                    & (rok[i] == 1), T.exp2(Sx[i, x] * scale2 - lse2[i]), 0)
         if HALO > 0:
             # carry the previous chunk's last HALO blocks to the front
             for q in T.unroll((BT * HALO + NT - 1) // NT):
