@@ -34,6 +34,12 @@ the paper config (Dk=192, N=4095) from 26.5 to 11.9 ms and the FLA config from
 5.8 to 3.1 ms.  The Q tile is loaded with 16-byte vectors (coalesced_width=8):
 without it, tile shapes whose size does not divide the prologue's thread count
 (producer warpgroup included) fell back to 2-byte loads.
+
+Schedule overlap (sm90): step kt issues tile kt's QK^T as an async WGMMA and runs tile kt-1's
+softmax (from S_prev) meanwhile; after the wait it rescales O and runs tile kt-1's P V (a step's
+stage holds K of tile kt and V of tile kt-1; one extra step at the end). O is touched only after
+the wait: rescaling it under the running QK^T made ptxas serialize the two (C7517). Interior tiles
+(every row visible to every token row) skip the visibility mask.
 """
 
 from dataclasses import dataclass

@@ -40,6 +40,12 @@ lower index on ties).  At the end the TPR lists of a row are tree-merged in
 shared memory with the full (score desc, index asc) order, and each entry is
 written at its rank among the selected indices.  Nothing of size
 [B, T, H, num_blocks] is ever written to global memory.
+
+Schedule overlap (sm90, k_load="tma"): the tensor cores would idle while a chunk is scored (exp2,
+group sum, insertion: SIMT work about as long as the chunk's gemm). With overlap, step kc issues
+chunk kc's gemm as an async WGMMA into S, scores chunk kc-1 from S_prev meanwhile, then waits and
+copies S to S_prev (one extra step at the end; its K rows, past the last chunk, are TMA zero-fill).
+Interior chunks (every block visible to the tile's first token) skip the visibility mask.
 """
 
 import dataclasses
