@@ -23,6 +23,9 @@ def test_every_kind_has_a_default_and_a_space(arch):
         entry = data["kernels"][kind]
         assert entry["default"] or kind in fixed
         assert entry.get("space") or kind in fixed
+        # every knob the space varies has a default (search_space ranks candidates by knobs changed)
+        missing = set(entry.get("space") or {}) - set(entry["default"] or {})
+        assert not missing, f"{arch} {kind}: space knobs without a default: {sorted(missing)}"
 
 
 @pytest.mark.parametrize("call", PLAN.all_calls, ids=lambda c: c.kind)
