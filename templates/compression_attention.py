@@ -39,7 +39,7 @@ Schedule overlap (sm90): step kt issues tile kt's QK^T as an async WGMMA and run
 softmax (from S_prev) meanwhile; after the wait it rescales O and runs tile kt-1's P V (a step's
 stage holds K of tile kt and V of tile kt-1; one extra step at the end). O is touched only after
 the wait: rescaling it under the running QK^T made ptxas serialize the two (C7517). Interior tiles
-(every row visible to every token row) skip the visibility mask.
+(every row visible to every token row) skip the visibility mask (overlap schedule only).
 """
 
 from dataclasses import dataclass
@@ -160,8 +160,9 @@ def build(cfg: CompressionAttentionConfig):
         # masked logits are replaced (a NaN in a row another token cannot see stays out). Interior
         # tiles (every row of the tile visible to every token row: c_first rises and c_end never
         # falls along the tile, so its last token's first row and its first token's end bound them)
-        # skip the mask; padding rows then see the tile too, but are never stored.
-        if (c_lo + kt * BN < cf_max) | (c_lo + (kt + 1) * BN > ce_min):
+        # skip the mask; padding rows then see the tile too, but are never stored. (Overlap schedule
+        # only, for now: the default's code stays the one verified on the GPU until this path has been.)
+        if ((c_lo + kt * BN < cf_max) | (c_lo + (kt + 1) * BN > ce_min)) if OV else True:
             for i, j in T.Parallel(BM, BN):
                 Sx[i, j] = T.if_then_else(
                     (c_lo + kt * BN + j >= c_first[i]) & (c_lo + kt * BN + j < c_end[i]),
