@@ -13,9 +13,9 @@ interquartile range over all launches):
   ours                nsa_attention with the resolved schedules (tuned record or default)
   ours[tile] / ours[token]   the same with the selection kernels (forward, and dq in the backward)
                       forced to the token tile / the per-token schedule; ours[tile8] with a token
-                      tile of 8 tokens (selection forward); ours[topn_overlap] with the top-n's
-                      next score gemm run (async WGMMA) while a chunk is scored, and its kernel
-                      case k:selection_topn[topn_overlap]; ours[cmp_overlap] with the compression
+                      tile of 8 tokens (selection forward); ours[topn_sync] with the top-n's
+                      earlier default (no async WGMMA overlap of the next chunk's score gemm), and
+                      its kernel case k:selection_topn[topn_sync]; ours[cmp_overlap] with the compression
                       forward's next QK^T run (async WGMMA) under a tile's softmax, and
                       k:compression_fwd[cmp_overlap]; a configuration equal to the resolved
                       one is not repeated
@@ -63,8 +63,9 @@ CONFIGS = {"tile": {"selection_fwd": {"tile_tokens": 0}, "selection_bwd_dq": {"t
            # a token tile of 8 tokens x 16 heads (128 rows, two consumer warpgroups): fewer K/V bytes
            # per token where neighbours share blocks (U8 / 8 < U4 / 4), more masked MMA work
            "tile8": {"selection_fwd": {"tile_tokens": 8, "threads": 256}},
-           # top-n: chunk kc+1's score gemm as an async WGMMA while chunk kc is scored
-           "topn_overlap": {"selection_topn": {"overlap": True}},
+           # top-n without its default's overlap (chunk kc+1's score gemm as an async WGMMA while chunk
+           # kc is scored)
+           "topn_sync": {"selection_topn": {"overlap": False}},
            # compression forward: tile kt's QK^T as an async WGMMA under tile kt-1's softmax (64-key tiles)
            "cmp_overlap": {"compression_fwd": {"overlap": True, "block_N": 64, "num_stages": 2}},
            # compression dk/dv (the default: P^T / dS^T as register operands, 128 rows, async WGMMA, 16

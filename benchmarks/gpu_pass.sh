@@ -46,7 +46,7 @@
 #            --backward with the async dK/dV configs; then re-tune the default dK/dV (its records are
 #            stale): tune 3 "--kernel sm90/selection_bwd_dkdv/fp16/dk192_dv128/h4_g16/bs64_n16"
 #   pending4: the top-n and compression forward overlap schedules (their tests over the matrix, bench_paper.py
-#            --configs topn_overlap cmp_overlap at 8k / 64k), then pending3's tests: selection dK/dV
+#            --configs topn_sync cmp_overlap at 8k / 64k), then pending3's tests: selection dK/dV
 #            schedules, NaN-Delta, probe_matrix.py --run
 #   pytest: python3 -m pytest -q $2 [-k "$PYTEST_K"] (any GPU tests, with the prebuilt kernels)
 #   ab: bench_paper.py of an older commit (.ab/baseline.tar.xz from benchmarks/make_baseline.py REV:
@@ -260,7 +260,7 @@ if [[ $what == pending4 ]]; then   # the top-n overlap schedule, then what pendi
   date; timeout 150 python3 -m pytest -q tests/test_ops.py -k "topn or compression_attention" 2>&1 | tee "$OUT/overlap_tests.log" | tail -6
   rc=${PIPESTATUS[0]}
   date; timeout 100 python3 benchmarks/bench_paper.py --out "$OUT" --T 8192 65536 --rounds 5 --iters 4 \
-    --configs topn_overlap cmp_overlap 2>&1 | tee "$OUT/paper_bench.log" | grep "T=.*topn\|T=.*compression\|T=.*ours\|not timed"
+    --configs topn_sync cmp_overlap 2>&1 | tee "$OUT/paper_bench.log" | grep "T=.*topn\|T=.*compression\|T=.*ours\|not timed"
   date; timeout 150 python3 -m pytest -q tests/test_ops_backward.py -k "selection_dkdv_schedules or nan_delta" 2>&1 \
     | tee "$OUT/sel_dkdv_tests.log" | tail -6
   [ ${PIPESTATUS[0]} -ne 0 ] && rc=1

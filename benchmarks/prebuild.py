@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # test modules import each other by nam
 SELECTION_VARIANTS = [{"tile_tokens": 0}, {"tile_tokens": 1}, {"tile_tokens": 8, "threads": 256},
                       {"min_blocks_per_sm": 1}, {"num_stages": 3}]
 # Top-n schedules the GPU tests (tests/test_ops.py TOPN_SCHEDULES) and bench_paper.py run besides the resolved one.
-TOPN_VARIANTS = [{"k_load": "tma", "overlap": True}]
+TOPN_VARIANTS = [{"overlap": False}]
 # Compression forward schedules the GPU tests (tests/test_ops.py CMP_FWD_SCHEDULES) and bench_paper.py run.
 CMP_FWD_VARIANTS = [{"overlap": True, "block_N": 64, "num_stages": 2}]
 FORWARD_VARIANTS = ([("selection_fwd", v) for v in SELECTION_VARIANTS] + [("selection_topn", v) for v in TOPN_VARIANTS]

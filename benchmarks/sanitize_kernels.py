@@ -9,7 +9,8 @@ Launches (paper config, fp16, the kernels benchmarks/prebuild.py builds, so noth
     backward, top-n, selection forward (per token) and backward (dq, dkdv, reduce), window forward and
     backward, gates forward and backward;
   - the same pack under bench_paper's configurations tile (selection forward and dq token tiles),
-    topn_overlap and cmp_overlap (the top-n's and compression forward's async-WGMMA overlap);
+    topn_sync and cmp_overlap (the top-n without its default async-WGMMA overlap, the compression
+    forward with one);
   - the trained_selections.py model's spec (bf16, Dk = Dv = 64) over a pack of four sequences;
   - a decode step (paper config, D = 128, q_len 1) over a cache of ragged lengths 37 / 700 / 2000 / 3001.
 Prints one line per part; the sanitizer's report says whether any access was out of bounds, racy or
@@ -85,7 +86,7 @@ def decode_step():
 def main():
     spec = paper_spec("float16")
     pack_step(spec, [37, 163, 64])
-    for config in ("tile", "topn_overlap", "cmp_overlap"):
+    for config in ("tile", "topn_sync", "cmp_overlap"):
         pack_step(spec, [37, 163, 64], config)
     # the byte-level model of trained_selections.py (bf16, D = 64), whose training once stalled
     from trained_selections import spec_for

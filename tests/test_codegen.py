@@ -179,7 +179,7 @@ def test_async_wgmma_schedules_compile(kind, knobs, tmp_path, monkeypatch):
 
 # Forward schedules that run the next chunk's score gemm as an async WGMMA under this chunk's SIMT
 # work (kind, knobs, the SIMT instruction that must sit between the gemm's issue and its wait).
-OVERLAP_SCHEDULES = [("selection_topn", {"k_load": "tma", "overlap": True}, "exp2f"),
+OVERLAP_SCHEDULES = [("selection_topn", {}, "exp2f"),
                      ("compression_fwd", {"overlap": True, "block_N": 64, "num_stages": 2}, "exp2f")]
 
 

@@ -484,29 +484,34 @@ def _assert_dk_of_keys_stays_clean(label, problem, kernel, k, do, keys, kern, or
 @gpu
 @pytest.mark.parametrize("sched", ["sync", "async"])
 def test_selection_nan_delta_stays_out_of_later_keys_dk(sched):
-    """Token t sees a NaN value (so its O and Delta are NaN) in a block no later token chose; the keys
-    after t in t's own block, which only later (clean) tokens see, keep the reference's finite dK."""
+    """Token t sees a NaN key (so its O and Delta are NaN) in a block no later token chose; the keys
+    after t in t's own block, which only later (clean) tokens see, keep the reference's finite dK.
+    A NaN key, not a value: the forward replaces masked logits, so the NaN reaches only the tokens
+    that see it, while a NaN value row also reaches the token tile's neighbours through P V (0 * NaN,
+    README: the forward's known limit), whose own Delta would then be NaN (H100, 2026-12-08: the
+    value-poisoned version of this test and the window one failed at exactly those keys)."""
     from nsa_codegen import ops
     spec, q, k, v, idx, t = _own_block_lists(256, seed=36)   # every token: its own block
     s = spec.selection
     tok = s.block + 6                                        # token 70: block 1, also block 0
     idx[:, tok, :, 1] = 0
-    poisoned = v.clone()
-    poisoned[:, 5] = float("nan")          # a value of block 0: seen by `tok` and block 0's own tokens
+    poisoned = k.clone()
+    poisoned[:, 5] = float("nan")          # a key of block 0: seen by `tok` and block 0's own tokens
     problem, kernel = _selection_bwd_kernel("selection_bwd_dkdv", q, k, v, s, SEL_DKDV_SCHEDULES[sched])
     do = torch.randn(*q.shape[:3], spec.v_head_dim, device="cuda").to(q.dtype)
     later = (t > tok) & (t // s.block == 1)                  # keys after tok in its block
     _assert_dk_of_keys_stays_clean(
-        f"{kernel.key}/token {tok}", problem, kernel, k, do, later,
-        lambda k_: ops.selection_attention(q, k_, poisoned, idx, s.block, -1.0),
-        lambda k_: ref.selection_attention(q.float(), k_, poisoned.float(), idx, s.block, spec.softmax_scale))
+        f"{kernel.key}/token {tok}", problem, kernel, poisoned, do, later,
+        lambda k_: ops.selection_attention(q, k_, v, idx, s.block, -1.0),
+        lambda k_: ref.selection_attention(q.float(), k_, v.float(), idx, s.block, spec.softmax_scale))
 
 
 @gpu
 @pytest.mark.parametrize("sched", list(WIN_DKDV_SCHEDULES))
 def test_window_nan_delta_stays_out_of_later_keys_dk(sched):
-    """A NaN value at key s gives the tokens s .. s+w-1 a NaN Delta; the keys after them that only later
-    tokens (which no longer see s) see keep the reference's finite dK."""
+    """A NaN key s gives the tokens s .. s+w-1 a NaN Delta; the keys after them that only later tokens
+    (which no longer see s) see keep the reference's finite dK. (A NaN key, not a value: a value row
+    also reaches the later tokens of its query tile through P V, 0 * NaN, the forward's known limit.)"""
     from nsa_codegen import ops
     from nsa_codegen.cache import load_scheduled
     from nsa_codegen.launch import kernel_key
@@ -515,7 +520,7 @@ def test_window_nan_delta_stays_out_of_later_keys_dk(sched):
     w = spec.window.size
     q, k, v, _ = make_inputs(spec, 1, 512, seed=37)
     s_nan = 300
-    poisoned = v.clone()
+    poisoned = k.clone()
     poisoned[:, s_nan] = float("nan")
     problem = kernel_key("window_bwd_dkdv", q, k, v.shape[3], -1.0, window=w)
     kernel = load_scheduled(problem.with_schedule({**default_schedule(problem), **WIN_DKDV_SCHEDULES[sched]}))
@@ -523,9 +528,9 @@ def test_window_nan_delta_stays_out_of_later_keys_dk(sched):
     t = torch.arange(512, device="cuda")
     clean = t >= s_nan + w                                   # keys only tokens past s + w - 1 see
     _assert_dk_of_keys_stays_clean(
-        str(kernel.key), problem, kernel, k, do, clean,
-        lambda k_: ops.window_attention(q, k_, poisoned, w, -1.0),
-        lambda k_: ref.window_attention(q.float(), k_, poisoned.float(), w, spec.softmax_scale))
+        str(kernel.key), problem, kernel, poisoned, do, clean,
+        lambda k_: ops.window_attention(q, k_, v, w, -1.0),
+        lambda k_: ref.window_attention(q.float(), k_, v.float(), w, spec.softmax_scale))
 
 
 @gpu
