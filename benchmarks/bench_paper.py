@@ -53,7 +53,7 @@ from bench_forward import run_info  # noqa: E402
 from timing import say, stats, timed_rounds  # noqa: E402
 from nsa_codegen import NSASpec, nsa_attention, ops, workloads  # noqa: E402
 from nsa_codegen import reference as ref  # noqa: E402
-from nsa_codegen.cache import get_kernel, load_scheduled, use_kernel  # noqa: E402
+from nsa_codegen.cache import get_kernel, kernel_with_knobs, use_kernel  # noqa: E402
 from nsa_codegen.lowering import arch_of_capability, lower_to_plan  # noqa: E402
 
 HQ, H, DK, DV = 64, 4, 192, 128
@@ -141,9 +141,8 @@ def configurations(spec, backward, names=None):
             continue
         kernels = {}
         for p, k in resolved.items():
-            sched = {**dict(k.key.schedule), **per_kind.get(p.kind, {})}
             try:
-                kernels[p] = k if sched == dict(k.key.schedule) else load_scheduled(p.with_schedule(sched))
+                kernels[p] = kernel_with_knobs(p, per_kind.get(p.kind, {}))
             except Exception as e:  # a schedule the template rejects here
                 say(f"{name}: {p.kind}: {type(e).__name__}: {str(e)[:200]}")
                 kernels = None

@@ -41,7 +41,7 @@ LISTS = [("uniform", 1), ("drift", 16), ("drift", 256)]
 def our_kernels(q, k, v, variants=()):
     """{case: (callable(q, k, v, idx) -> o, schedule)} for our two selection schedules, and one
     case per variant (schedule knobs over the resolved schedule's) named ours_<knob><value>..."""
-    from nsa_codegen.cache import get_kernel, load_scheduled
+    from nsa_codegen.cache import get_kernel, kernel_with_knobs
     from nsa_codegen.launch import kernel_key
     problem = kernel_key("selection_fwd", q, k, v.shape[3], -1.0, sel_block=BS, top_n=N)
     resolved = get_kernel(problem)   # the schedule the op runs (tuned record or default)
@@ -49,10 +49,8 @@ def our_kernels(q, k, v, variants=()):
     cases = [("ours_tile", {"tile_tokens": 0}), ("ours_token", {"tile_tokens": 1})]
     cases += [("ours_" + "_".join(f"{kk}{vv}" for kk, vv in var.items()), var) for var in variants]
     for case, knobs in cases:
-        sched = {**dict(resolved.key.schedule), **knobs}
-        say(f"loading {case}: {sched}")
-        same = dict(resolved.key.schedule) == sched
-        kern = resolved if same else load_scheduled(problem.with_schedule(sched))
+        say(f"loading {case}: {knobs} over {dict(resolved.key.schedule)}")
+        kern = kernel_with_knobs(problem, knobs)
         say(f"  {kern.key} ({'prebuilt' if kern.prebuilt else 'compiled / disk cache'}, {kern.compile_seconds:.1f} s)")
 
         def call(q, k, v, idx, kern=kern):

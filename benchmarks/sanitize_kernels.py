@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_paper import CONFIGS, paper_spec  # noqa: E402
 
 from nsa_codegen import NSASpec, nsa_attention  # noqa: E402
-from nsa_codegen.cache import get_kernel, load_scheduled, use_kernel  # noqa: E402
+from nsa_codegen.cache import kernel_with_knobs, use_kernel  # noqa: E402
 from nsa_codegen.decode import nsa_decode  # noqa: E402
 from nsa_codegen.kv_cache import NSAKVCache  # noqa: E402
 from nsa_codegen.lowering import arch_of_capability, lower_to_plan  # noqa: E402
@@ -49,9 +49,7 @@ def pack_step(spec, lens, config=None):
         plan = lower_to_plan(spec, arch_of_capability(*torch.cuda.get_device_capability()))
         for call in plan.calls + plan.backward:
             if call.kind in CONFIGS[config]:
-                base = get_kernel(call.key)
-                sched = {**dict(base.key.schedule), **CONFIGS[config][call.kind]}
-                forced.append(use_kernel(call.key, load_scheduled(call.key.with_schedule(sched))))
+                forced.append(use_kernel(call.key, kernel_with_knobs(call.key, CONFIGS[config][call.kind])))
         for f in forced:
             f.__enter__()
     try:

@@ -119,6 +119,14 @@ def load_scheduled(key: KernelKey) -> CompiledKernel:
     return CompiledKernel(key, _open(key, prebuilt), "explicit", time.perf_counter() - t0, prebuilt)
 
 
+def kernel_with_knobs(problem: KernelKey, knobs: dict[str, Any]) -> CompiledKernel:
+    """The kernel get_kernel resolves for `problem`, with the schedule knobs in `knobs` changed: the
+    resolved kernel itself where they change nothing, else load_scheduled of that schedule."""
+    resolved = get_kernel(problem)
+    sched = {**dict(resolved.key.schedule), **knobs}
+    return resolved if sched == dict(resolved.key.schedule) else load_scheduled(problem.with_schedule(sched))
+
+
 def _open(key: KernelKey, prebuilt: Path | None):
     """key's kernel: its prebuilt artifact through TVM-FFI (no compiler), else through TileLang from
     the prebuilt folder's TileLang cache (no compile either) or compiled into the disk cache."""

@@ -104,11 +104,10 @@ def f32(*xs):
 def scheduled(kind, q, k, v_dim, schedule, **params):
     """A context in which ops launch `kind`'s kernel for these tensors with the resolved schedule's
     knobs updated by `schedule` ({}: the resolved kernel itself)."""
-    from nsa_codegen.cache import get_kernel, load_scheduled, use_kernel
+    from nsa_codegen.cache import kernel_with_knobs, use_kernel
     from nsa_codegen.launch import kernel_key
     problem = kernel_key(kind, q, k, v_dim, -1.0, **params)
-    resolved = get_kernel(problem)
-    return use_kernel(problem, load_scheduled(problem.with_schedule({**dict(resolved.key.schedule), **schedule})))
+    return use_kernel(problem, kernel_with_knobs(problem, schedule))
 
 
 # Compression forward schedules beside the resolved one: the next tile's QK^T as an async WGMMA
