@@ -13,7 +13,9 @@ interquartile range over all launches):
   ours                nsa_attention with the resolved schedules (tuned record or default)
   ours[tile] / ours[token]   the same with the selection kernels (forward, and dq in the backward)
                       forced to the token tile / the per-token schedule; ours[tile8] with a token
-                      tile of 8 tokens (selection forward); ours[topn_sync] with the top-n's
+                      tile of 8 tokens (selection forward); ours[ws4] / ours[ws4_mb1] / ours[ws8]
+                      with the token tile on mma.sync, each warp skipping the blocks its token did not
+                      choose (4 tokens, two or one program an SM; 8 tokens); ours[topn_sync] with the top-n's
                       earlier default (no async WGMMA overlap of the next chunk's score gemm), and
                       its kernel case k:selection_topn[topn_sync]; ours[cmp_overlap] with the compression
                       forward's next QK^T run (async WGMMA) under a tile's softmax, and
@@ -63,6 +65,14 @@ CONFIGS = {"tile": {"selection_fwd": {"tile_tokens": 0}, "selection_bwd_dq": {"t
            # a token tile of 8 tokens x 16 heads (128 rows, two consumer warpgroups): fewer K/V bytes
            # per token where neighbours share blocks (U8 / 8 < U4 / 4), more masked MMA work
            "tile8": {"selection_fwd": {"tile_tokens": 8, "threads": 256}},
+           # the token tile on mma.sync, one warp per token (16 rows): a warp skips the union blocks its
+           # token did not choose, so MMA work stays that of the token's own n blocks (no masked rows)
+           # while the tile's K/V bytes stay those of the union; 4 tokens (two programs an SM, 128
+           # registers, some spills; the dq tile too), 4 tokens one program an SM, 8 tokens
+           "ws4": {"selection_fwd": {"tile_tokens": 4, "threads": 128, "warp_skip": True},
+                   "selection_bwd_dq": {"tile_tokens": 4, "threads": 128, "warp_skip": True}},
+           "ws4_mb1": {"selection_fwd": {"tile_tokens": 4, "threads": 128, "warp_skip": True, "min_blocks_per_sm": 1}},
+           "ws8": {"selection_fwd": {"tile_tokens": 8, "threads": 256, "warp_skip": True}},
            # top-n without its default's overlap (chunk kc+1's score gemm as an async WGMMA while chunk
            # kc is scored)
            "topn_sync": {"selection_topn": {"overlap": False}},

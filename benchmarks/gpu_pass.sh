@@ -48,6 +48,9 @@
 #   pending4: the top-n and compression forward overlap schedules (their tests over the matrix, bench_paper.py
 #            --configs topn_sync cmp_overlap at 8k / 64k), then pending3's tests: selection dK/dV
 #            schedules, NaN-Delta, probe_matrix.py --run
+#   pending5: the selection token tile's warp_skip schedule (forward and dq): its tests over the matrix (with
+#            the NaN-key / NaN-Delta tests), then bench_paper.py --backward --configs tile8 ws4 ws4_mb1 ws8 at
+#            8k / 64k; `trained` times the same configurations on a trained model's lists
 #   pytest: python3 -m pytest -q $2 [-k "$PYTEST_K"] (any GPU tests, with the prebuilt kernels)
 #   ab: bench_paper.py of an older commit (.ab/baseline.tar.xz from benchmarks/make_baseline.py REV:
 #       its source and its own prebuilt kernels), then of this tree, on the same machine ($2: their
@@ -239,7 +242,7 @@ if [[ $what == trained ]]; then   # about 6 minutes
   if [ -n "$lists" ]; then   # the paper config end to end, its selection kernels on those lists too
     mv "$lists" /tmp/trained-lists.pt   # not brought back (tens of MB); the json / md hold the union sizes
     date; timeout 200 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T 8192 65536 --rounds 5 --iters 4 \
-      --configs tile8 --lists-file /tmp/trained-lists.pt 2>&1 | tee "$OUT/paper_bench.log" | grep "^T=\|^- T="
+      --configs tile8 ws4 ws4_mb1 ws8 --lists-file /tmp/trained-lists.pt 2>&1 | tee "$OUT/paper_bench.log" | grep "^T=\|^- T="
   fi
   date
 fi
@@ -267,6 +270,17 @@ if [[ $what == pending4 ]]; then   # the top-n overlap schedule, then what pendi
   if [ -z "${SKIP_PROBE:-}" ]; then
     date; timeout 150 python3 benchmarks/probe_matrix.py --run --out "$OUT" 2>&1 | tee "$OUT/probe.log" | tail -6
   fi
+  date
+fi
+if [[ $what == pending5 ]]; then   # the selection token tile's warp_skip schedule (about 9 minutes)
+  date; timeout 200 python3 -m pytest -q tests/test_ops.py -k "selection_attention_schedules or token_tile_masks" 2>&1 \
+    | tee "$OUT/sel_fwd_tests.log" | tail -6
+  rc=${PIPESTATUS[0]}
+  date; timeout 200 python3 -m pytest -q tests/test_ops_backward.py -k "selection_dq_schedules or nan_key_after or nan_delta" \
+    2>&1 | tee "$OUT/sel_dq_tests.log" | tail -6
+  [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
+  date; timeout 170 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T 8192 65536 --rounds 5 --iters 4 \
+    --configs tile8 ws4 ws4_mb1 ws8 2>&1 | tee "$OUT/paper_bench.log" | grep "T=.*selection\|T=.*ours\|not timed"
   date
 fi
 if [[ $what == pytest ]]; then   # any GPU tests: $2 = pytest arguments

@@ -29,6 +29,12 @@ sys.path.insert(0, str(ROOT / "tests"))  # test modules import each other by nam
 
 # Selection forward schedules the GPU tests and bench_selection.py run besides the resolved one.
 SELECTION_VARIANTS = [{"tile_tokens": 0}, {"tile_tokens": 1}, {"tile_tokens": 8, "threads": 256},
+                      # warp_skip (tests/test_ops.py skip64 / skip128: 128 rows = 128 // G tokens)
+                      {"tile_tokens": 0, "threads": 128, "warp_skip": True},
+                      {"tile_tokens": 4, "threads": 128, "warp_skip": True, "min_blocks_per_sm": 1},
+                      {"tile_tokens": 4, "threads": 256, "warp_skip": True},
+                      {"tile_tokens": 8, "threads": 256, "warp_skip": True},
+                      {"tile_tokens": 16, "threads": 256, "warp_skip": True},
                       {"min_blocks_per_sm": 1}, {"num_stages": 3}]
 # Top-n schedules the GPU tests (tests/test_ops.py TOPN_SCHEDULES) and bench_paper.py run besides the resolved one.
 TOPN_VARIANTS = [{"overlap": False}]
@@ -37,7 +43,7 @@ CMP_FWD_VARIANTS = [{"overlap": True, "block_N": 64, "num_stages": 2}]
 FORWARD_VARIANTS = ([("selection_fwd", v) for v in SELECTION_VARIANTS] + [("selection_topn", v) for v in TOPN_VARIANTS]
                     + [("compression_fwd", v) for v in CMP_FWD_VARIANTS])
 # Selection dq schedules the backward GPU tests and bench_paper.py --backward run.
-DQ_VARIANTS = [{"tile_tokens": 0}, {"tile_tokens": 1}]
+DQ_VARIANTS = [{"tile_tokens": 0}, {"tile_tokens": 1}, {"tile_tokens": 0, "threads": 128, "warp_skip": True}]
 
 
 def dkdv_variants():
@@ -144,20 +150,18 @@ def main():
                          variants={kind: [var]})
     if not args.forward_only:
         results += build_keys(decode_keys(), out / "generated", jobs=args.jobs)
-        for var in DQ_VARIANTS:
-            results += build(backward_specs(), "sm90", out / "generated", jobs=args.jobs, backward=True,
-                             decode=False, variants={"selection_bwd_dq": [var]})
-        for kind, vs in dkdv_variants().items():
-            for var in vs:   # for the specs whose problem takes it (registers: not at Dk = 256)
-                names = {}
-                for name, spec in backward_specs().items():
-                    try:
-                        plan_keys({name: spec}, "sm90", backward=True, decode=False, variants={kind: [var]})
-                        names[name] = spec
-                    except ValueError:
-                        pass
-                results += build(names, "sm90", out / "generated", jobs=args.jobs, backward=True,
-                                 decode=False, variants={kind: [var]})
+        variants = [("selection_bwd_dq", var) for var in DQ_VARIANTS]
+        variants += [(kind, var) for kind, vs in dkdv_variants().items() for var in vs]
+        for kind, var in variants:   # for the specs whose problem takes it (warp_skip: G >= 8; registers: not at Dk = 256)
+            names = {}
+            for name, spec in backward_specs().items():
+                try:
+                    plan_keys({name: spec}, "sm90", backward=True, decode=False, variants={kind: [var]})
+                    names[name] = spec
+                except ValueError:
+                    pass
+            results += build(names, "sm90", out / "generated", jobs=args.jobs, backward=True,
+                             decode=False, variants={kind: [var]})
         from probe_matrix import lift_support
         results += build_keys(candidate_keys(), out / "generated", jobs=args.jobs, worker_init=lift_support)
     failed = [r for r in results if r.status == "failed"]

@@ -120,6 +120,29 @@ def barriers_in_one_thread_branches(source: str) -> list[str]:
     return found
 
 
+# A branch whose condition reads the warp index (threadIdx.x >> 5): whole warps enter or skip it
+# (the selection token tile's warp_skip schedule). A CTA / named barrier in it, or a reduction wide
+# enough to need one (tl::AllReduce over more than 32 threads syncs through shared memory), waits
+# for warps that skipped it.
+_WARP_BRANCH = re.compile(r"if \(([^{}\n]*threadIdx\.x\)\)? >> (?:\(int64_t\))?5\)[^{}\n]*)\) \{")
+_WIDE_REDUCE = re.compile(r"tl::AllReduce<[^,<>]+, (\d+),")
+
+
+def barriers_in_warp_branches(source: str) -> list[str]:
+    """The lines of `source` (generated CUDA) where a barrier, or a tl::AllReduce over more than one
+    warp, sits inside a branch that some warps skip (its condition reads threadIdx.x >> 5): the
+    warps inside wait for the others forever."""
+    found = []
+    for m in _WARP_BRANCH.finditer(source):
+        body = source[m.end():_block_end(source, m.end())]
+        hits = [b for b in _BARRIER.finditer(body)]
+        hits += [r for r in _WIDE_REDUCE.finditer(body) if int(r.group(1)) > 32]
+        for b in hits:
+            line = source.count("\n", 0, m.end() + b.start()) + 1
+            found.append(f"line {line}: {body[b.start():].splitlines()[0].strip()[:80]} inside a per-warp branch")
+    return found
+
+
 _SPLIT = re.compile(r"^\s*if \(\(\(int\)threadIdx\.x\) (<|>=) (\d+)\) \{", re.M)
 _LET = re.compile(r"^\s*(?:(?:bool|int|int64_t|uint|float) )?(\w+) = ([^;]*);", re.M)
 
@@ -260,7 +283,8 @@ def tma_destinations_misaligned(source: str) -> list[str]:
 
 def compile_kernel(key: KernelKey, target: dict | str | None = None):
     """TileLang-compile key's kernel for its arch (or an explicit target). Returns the JITKernel.
-    Raises if the generated CUDA would deadlock (barriers_in_one_thread_branches), free a pipeline
+    Raises if the generated CUDA would deadlock (barriers_in_one_thread_branches,
+    barriers_in_warp_branches), free a pipeline
     stage under a running WGMMA (stages_freed_under_async_mma), TMA into a misaligned shared-memory
     address (tma_destinations_misaligned) or read thread values in the wrong numbering
     (thread_values_across_warp_split)."""
@@ -277,6 +301,10 @@ def compile_kernel(key: KernelKey, target: dict | str | None = None):
     if hangs:
         raise RuntimeError(f"compiling {key} for {target}: the generated CUDA would hang, a barrier "
                            f"only one thread reaches: {'; '.join(hangs[:3])}")
+    hangs = barriers_in_warp_branches(src)
+    if hangs:
+        raise RuntimeError(f"compiling {key} for {target}: the generated CUDA would hang, a barrier "
+                           f"only some warps reach: {'; '.join(hangs[:3])}")
     early = stages_freed_under_async_mma(src)
     if early:
         raise RuntimeError(f"compiling {key} for {target}: the generated CUDA frees a pipeline stage while an async "

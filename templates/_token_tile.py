@@ -21,6 +21,9 @@ coordinates it puts a 128-thread named barrier between the TMA loads, inside the
 elected producer thread: the kernel hangs on the GPU (tests/test_codegen.py checks the generated
 source for this).
 
+`warp_uses_block(G)` returns the warp_skip schedules' test: whether a token of the calling
+thread's warp chose a union block.
+
 Codegen fingerprints hash this file with the templates that import it.
 """
 
@@ -91,3 +94,21 @@ def union_builder(BT: int, NSEL: int, BS: int, NT: int, scale: float):
             Blk_r[e] = Blk_s[e]
 
     return build_union
+
+
+def warp_uses_block(G: int):
+    """warp_uses(Bias_s, it, tx): whether a token of tx's warp chose union block `it` (its bias is not
+    -inf). With FullRow on mma.sync and one warp per 16 rows, warp w owns rows 16w .. 16w+15: the
+    tokens 16w // G .. (16w + 15) // G of the tile (one token shared by G // 16 warps where G > 16).
+    The value is warp-uniform. Call it where it is tested, never bind it to a name: TileLang would
+    hoist the binding above the warp-specialized split, where the consumer threads' index is not yet
+    remapped (selection_topn.token_of_tile says more)."""
+    ninf = -T.infinity("float32")
+
+    def warp_uses(Bias_s, it, tx):
+        e = Bias_s[it, (tx // 32) * 16 // G] > ninf
+        for k in range(1, max(1, 16 // G)):
+            e = e | (Bias_s[it, (tx // 32) * 16 // G + k] > ninf)
+        return e
+
+    return warp_uses

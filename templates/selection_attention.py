@@ -34,6 +34,16 @@ then loads each union block once for all BT tokens; a row's logits get a bias of
 than once, so duplicates weigh as in the reference).  Bytes and FLOPs scale with
 the union size U: U = n when the tokens agree (a BT-fold cut of the L2 traffic),
 up to BT * n when they share nothing (BT-fold more MMA work than per token).
+
+warp_skip (token tile on mma.sync, one warp per 16 rows, threads = 2 * M): every warp waits for each
+union block's stage, but issues its MMAs and softmax step only if a token of its rows chose the block
+(the test reads the block's bias column of the warp's token; the branch is warp-uniform and holds no
+barrier: the softmax's row reductions are quad shuffles, codegen.barriers_in_warp_branches checks).
+K/V bytes stay the union's (U * bs * (Dk + Dv) * 2 per tile); MMA work falls from U blocks x M rows
+to about n blocks per token (n * bs * G * (Dk + Dv) * 2 FLOPs a token, as per token), on mma.sync
+instead of WGMMA. Paper config (G = 16, Dk = 192, Dv = 128, bs = 64, n = 16) at 64k, per token and KV
+head: the WGMMA tile of 4 tokens issues U4 / 4 * 2.6 MFLOP (U4 = 50 on uniform lists, 25 on a
+trained model's: 33 / 17 MFLOP) where warp_skip issues 10.5 MFLOP; both move U4 / 4 * 40 KB (516 / 261 KB).
 """
 
 import dataclasses
@@ -42,7 +52,7 @@ import tilelang.language as T
 
 from ._problem import check_problem
 from ._online_softmax import online_softmax as _online_softmax
-from ._token_tile import union_builder
+from ._token_tile import union_builder, warp_uses_block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +71,8 @@ class SelectionAttentionConfig:
     min_blocks_per_sm: int = 0 # __launch_bounds__ occupancy hint; 0 = as many as smem fits
     tile_tokens: int = 0       # tokens per program: 1 = per token; > 1 = token tile over the union;
                                # 0 = auto (64 // G tokens, 64 rows, when G >= 8; else per token)
+    warp_skip: bool = False    # token tile on mma.sync, one warp per 16 rows: a warp skips the union
+                               # blocks none of its tokens chose (no MMA on masked rows)
     # the arch's shared memory (codegen sets them from the key's arch; kernel_key.SHARED_MEMORY)
     smem_block: int = 227 * 1024   # bytes one program may use (sm90; sm80: 163 KiB)
     smem_sm: int = 228 * 1024      # bytes per SM (occupancy)
@@ -116,6 +128,13 @@ def _min_blocks(cfg):
     return max(1, min(4, cfg.smem_sm // _smem_bytes(cfg)))
 
 
+def pass_configs(cfg) -> dict:
+    """TileLang pass configs this kernel is compiled with."""
+    # warp_skip: each warp issues its own MMAs under a per-warp branch, which WGMMA (a warpgroup's
+    # collective) cannot do
+    return {"tl.disable_wgmma": True} if cfg.warp_skip else None
+
+
 def check_config(cfg) -> None:
     """Raise ValueError naming the offending field if build(cfg) can't work."""
     check_problem(cfg)
@@ -129,11 +148,16 @@ def check_config(cfg) -> None:
         raise ValueError("tile_tokens: must be 0 (auto), 1, 2, 4, 8, 16, 32 or 64")
     warps = cfg.threads // 32
     m = _rows(cfg)
+    if cfg.warp_skip and _tile_tokens(cfg) == 1:
+        raise ValueError("warp_skip: needs a token tile (tile_tokens > 1, or auto where G >= 8)")
     if _tile_tokens(cfg) > 1:
         # WGMMA: every warpgroup owns 64 rows of the tile (sm80's mma.sync takes the same shapes).
         if m not in (64, 128):
             raise ValueError(f"tile_tokens: tile_tokens * group = {m} rows, must be 64 or 128")
-        if cfg.threads < 128 or m % (64 * (cfg.threads // 128)):
+        if cfg.warp_skip:
+            if cfg.threads != 2 * m:
+                raise ValueError(f"threads: warp_skip needs one warp per 16 rows ({2 * m} threads)")
+        elif cfg.threads < 128 or m % (64 * (cfg.threads // 128)):
             raise ValueError("threads: a token tile needs 128 threads per 64 rows")
         if _entries(cfg) > 4 * cfg.threads:
             raise ValueError("tile_tokens: tile_tokens * top_n must be at most 4 * threads")
@@ -281,6 +305,24 @@ def _build_token_tile(cfg):
     online_softmax = _online_softmax(M, BS, Dv, sc)
     build_union = union_builder(BT, NSEL, BS, NT, sc)
 
+    WS = cfg.warp_skip
+    warp_uses = warp_uses_block(G)
+
+    @T.macro
+    def qk_softmax(it, t0, Q_s, K_s, acc_s, Bias_s, Blk_s, m, m_prev, alpha, ms, rsum, l, p, acc_o):
+        T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+        # The bias, and the causal mask that bites only in the block holding a token. Masked
+        # logits are replaced (not added to), so a NaN/Inf key in a block only the tile's other
+        # tokens chose, or after the token, never reaches its row. (The causal test is written
+        # doubled on purpose: as `Blk_s[it] + cc <= t0 + i // G` TVM's simplifier puts the
+        # thread's column offsets first, nvcc hoists them as 32 loop invariants and spills
+        # them inside the loop (37 vs 28 spill stores; the tile ran 21% slower on the H100).)
+        for i, cc in T.Parallel(M, BS):
+            acc_s[i, cc] = T.if_then_else(
+                (Blk_s[it] * 2 + cc * 2 <= (t0 + i // G) * 2) & (Bias_s[it, i // G] > ninf),
+                acc_s[i, cc] + Bias_s[it, i // G], ninf)
+        online_softmax(acc_s, m, m_prev, alpha, ms, rsum, l, p, acc_o)
+
     B, S = T.dynamic("B, T")
 
     @T.prim_func
@@ -334,21 +376,16 @@ def _build_token_tile(cfg):
             T.fill(m, ninf)
             for it in T.Pipelined(nu, num_stages=cfg.num_stages):
                 T.copy(K[b, Blk_r[it]:Blk_r[it] + BS, h, :], K_s)
-                T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
-                # The bias, and the causal mask that bites only in the block holding a token. Masked
-                # logits are replaced (not added to), so a NaN/Inf key in a block only the tile's other
-                # tokens chose, or after the token, never reaches its row. (The causal test is written
-                # doubled on purpose: as `Blk_s[it] + cc <= t0 + i // G` TVM's simplifier puts the
-                # thread's column offsets first, nvcc hoists them as 32 loop invariants and spills
-                # them inside the loop (37 vs 28 spill stores; the tile ran 21% slower on the H100).)
-                for i, cc in T.Parallel(M, BS):
-                    acc_s[i, cc] = T.if_then_else(
-                        (Blk_s[it] * 2 + cc * 2 <= (t0 + i // G) * 2) & (Bias_s[it, i // G] > ninf),
-                        acc_s[i, cc] + Bias_s[it, i // G], ninf)
-
-                online_softmax(acc_s, m, m_prev, alpha, ms, rsum, l, p, acc_o)
-                T.copy(V[b, Blk_r[it]:Blk_r[it] + BS, h, :], V_s)
-                T.gemm(p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
+                if WS:
+                    # Every warp waits for the stage; a warp none of whose tokens chose the block skips it.
+                    T.copy(V[b, Blk_r[it]:Blk_r[it] + BS, h, :], V_s)
+                    if warp_uses(Bias_s, it, tx):
+                        qk_softmax(it, t0, Q_s, K_s, acc_s, Bias_s, Blk_s, m, m_prev, alpha, ms, rsum, l, p, acc_o)
+                        T.gemm(p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
+                else:
+                    qk_softmax(it, t0, Q_s, K_s, acc_s, Bias_s, Blk_s, m, m_prev, alpha, ms, rsum, l, p, acc_o)
+                    T.copy(V[b, Blk_r[it]:Blk_r[it] + BS, h, :], V_s)
+                    T.gemm(p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 
             for i, d in T.Parallel(M, Dv):
                 acc_o[i, d] = T.if_then_else(l[i] == 0, 0, acc_o[i, d] / l[i])

@@ -22,7 +22,9 @@ Layouts (contiguous, row-major); B, T (and P, U, NBU, NBG below) dynamic:
       the tile's block lists forms in shared memory (templates/_token_tile.py) and each union
       block is loaded once (TMA) for all BT tokens; rows whose token did not choose a block get
       dS = 0 there (the logit is replaced), a block listed c > 1 times weighs c-fold as in the
-      reference.  Both schedules take K with its non-finite values zeroed (the op passes it): in
+      reference.  warp_skip (as the forward's): the token tile on mma.sync, one warp per 16 rows,
+      a warp skipping the union blocks none of its tokens chose (MMA work of the tokens' own
+      blocks only; K/V bytes still the union's).  Both schedules take K with its non-finite values zeroed (the op passes it): in
       dQ += dS K a NaN key a row must not see (a block only other tokens chose, a key after t in
       t's block) would reach it through 0 * NaN in the MMA; a row that does see it still gets NaN,
       through its forward lse (NaN), as in the reference.
@@ -69,7 +71,7 @@ import dataclasses
 import tilelang.language as T
 
 from ._problem import check_problem
-from ._token_tile import union_builder
+from ._token_tile import union_builder, warp_uses_block
 
 _PARTS = ("dq", "dkdv", "reduce")
 _LOG2E = 1.4426950408889634
@@ -104,6 +106,8 @@ class SelectionAttentionBwdConfig:
                                # WGMMA with P^T / dS^T in registers, two programs per SM
     tile_tokens: int = 1       # dq: tokens per program (1 = per token, > 1 = token tile over the
                                # union of their block lists, 0 = auto: 64 // G where G >= 8)
+    warp_skip: bool = False    # dq token tile on mma.sync, one warp per 16 rows: a warp skips the
+                               # union blocks none of its tokens chose (the forward's warp_skip)
     # the arch's shared memory (codegen sets them from the key's arch; kernel_key.SHARED_MEMORY)
     smem_block: int = 227 * 1024   # bytes one program may use (sm90; sm80: 163 KiB)
     smem_sm: int = 228 * 1024      # bytes per SM (occupancy)
@@ -263,12 +267,17 @@ def check_config(cfg) -> None:
     G = _group(cfg)
     if cfg.tile_tokens not in (0, 1, 2, 4, 8, 16, 32, 64):
         raise ValueError("tile_tokens: must be 0 (auto), 1, 2, 4, 8, 16, 32 or 64")
+    if cfg.warp_skip and (cfg.part != "dq" or _dq_tile_tokens(cfg) == 1):
+        raise ValueError("warp_skip: needs the dq token tile (part dq, tile_tokens > 1 or auto where G >= 8)")
     if cfg.part == "dq":
         m = _dq_rows(cfg)
         if _dq_tile_tokens(cfg) > 1:
             if m not in (64, 128):
                 raise ValueError(f"tile_tokens: tile_tokens * group = {m} rows, must be 64 or 128")
-            if _threads(cfg) < 128 or m % (64 * (_threads(cfg) // 128)):
+            if cfg.warp_skip:
+                if _threads(cfg) != 2 * m:
+                    raise ValueError(f"threads: warp_skip needs one warp per 16 rows ({2 * m} threads)")
+            elif _threads(cfg) < 128 or m % (64 * (_threads(cfg) // 128)):
                 raise ValueError("threads: a token tile needs 128 threads per 64 rows")
             if _dq_tile_tokens(cfg) * cfg.top_n > 4 * _threads(cfg):
                 raise ValueError("tile_tokens: tile_tokens * top_n must be at most 4 * threads")
@@ -303,8 +312,8 @@ def check_config(cfg) -> None:
 
 
 def pass_configs(cfg) -> dict:
-    """TileLang pass configs this kernel is compiled with (none needed)."""
-    return {}
+    """TileLang pass configs this kernel is compiled with: warp_skip's MMAs are per warp (mma.sync)."""
+    return {"tl.disable_wgmma": True} if cfg.warp_skip else {}
 
 
 def build(cfg):
@@ -448,6 +457,23 @@ def _build_dq_tile(cfg):
     ninf = -T.infinity(acc)
     pinf = T.infinity(acc)
     build_union = union_builder(BT, NSEL, BS, NT, sc)
+    WS = cfg.warp_skip
+    warp_uses = warp_uses_block(G)
+
+    @T.macro
+    def block_dq(it, t0, Q_s, dO_s, K_s, V_s, acc_s, acc_dp, ds, acc_dq, Blk_s, Bias_s, lse_s, delta_s):
+        T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+        T.gemm(dO_s, V_s, acc_dp, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+        # dS = P (dP - Delta) where the row's token chose the block and sees the key, else
+        # exactly 0 (replaced, so a NaN key or value there never enters the row); the bias
+        # weighs a block listed c times c-fold.
+        for i, cc in T.Parallel(M, BS):
+            ds[i, cc] = T.if_then_else(
+                (Blk_s[it] + cc <= t0 + i // G) & (Bias_s[it, i // G] > ninf),
+                T.__exp((acc_s[i, cc] + Bias_s[it, i // G]) * sc - lse_s[i]) * (acc_dp[i, cc] - delta_s[i]),
+                0)
+        # (K comes with its non-finite values zeroed: see the module docstring.)
+        T.gemm(ds, K_s, acc_dq, policy=T.GemmWarpPolicy.FullRow)
 
     B, S = T.dynamic("B, T")
 
@@ -530,18 +556,12 @@ def _build_dq_tile(cfg):
             for it in T.Pipelined(nu, num_stages=_stages(cfg)):
                 T.copy(K[b, Blk_r[it]:Blk_r[it] + BS, h, :], K_s)
                 T.copy(V[b, Blk_r[it]:Blk_r[it] + BS, h, :], V_s)
-                T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
-                T.gemm(dO_s, V_s, acc_dp, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
-                # dS = P (dP - Delta) where the row's token chose the block and sees the key, else
-                # exactly 0 (replaced, so a NaN key or value there never enters the row); the bias
-                # weighs a block listed c times c-fold.
-                for i, cc in T.Parallel(M, BS):
-                    ds[i, cc] = T.if_then_else(
-                        (Blk_s[it] + cc <= t0 + i // G) & (Bias_s[it, i // G] > ninf),
-                        T.__exp((acc_s[i, cc] + Bias_s[it, i // G]) * sc - lse_s[i]) * (acc_dp[i, cc] - delta_s[i]),
-                        0)
-                # (K comes with its non-finite values zeroed: see the module docstring.)
-                T.gemm(ds, K_s, acc_dq, policy=T.GemmWarpPolicy.FullRow)
+                if WS:
+                    # a warp none of whose tokens chose the block skips it (its dS rows would be 0)
+                    if warp_uses(Bias_s, it, tx):
+                        block_dq(it, t0, Q_s, dO_s, K_s, V_s, acc_s, acc_dp, ds, acc_dq, Blk_s, Bias_s, lse_s, delta_s)
+                else:
+                    block_dq(it, t0, Q_s, dO_s, K_s, V_s, acc_s, acc_dp, ds, acc_dq, Blk_s, Bias_s, lse_s, delta_s)
 
             for i, d in T.Parallel(M, Dk):
                 if t0 + i // G < S:

@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from nsa_codegen import CompressionBranch, NSASpec, SelectionBranch, WindowBranch
-from nsa_codegen.codegen import (_nvdisasm, barriers_in_one_thread_branches, build_prim_func, check_schedule,
+from nsa_codegen.codegen import (_nvdisasm, barriers_in_one_thread_branches, barriers_in_warp_branches, build_prim_func, check_schedule,
                                  tma_destinations_misaligned,
                                  compile_kernel, disassemble, ptxas_report, stages_freed_under_async_mma,
                                  template_config,
@@ -83,6 +83,25 @@ def test_barrier_in_a_one_thread_branch_is_found():
     assert barriers_in_one_thread_branches(fine) == []
 
 
+def test_barrier_in_a_per_warp_branch_is_found():
+    """A barrier, or a reduction over more than one warp (tl::AllReduce syncs through shared memory
+    above 32 threads), inside a branch on the warp index (warp_skip's per-warp block skip) is found;
+    quad-wide reductions there, and barriers outside, are not."""
+    branch = "if (-CUDART_INF_F < ((float*)Bias_s)[((((int64_t)it) * (int64_t)8) + (((int64_t)((int)threadIdx.x)) >> (int64_t)5))]) {"
+    fine = f"""
+    {branch}
+      m[0] = tl::AllReduce<tl::MaxOp, 4, 1, 128, tl::NamedBarrier<256>>::run(m[0]);
+    }}
+    __syncthreads();"""
+    assert barriers_in_warp_branches(fine) == []
+    wide = fine.replace("MaxOp, 4,", "MaxOp, 64,")
+    sync = fine.replace("run(m[0]);", "run(m[0]); __syncthreads();")
+    plain = "if (((((int)threadIdx.x) >> 5) + t0) < S) { __syncthreads(); }"
+    for src, what in ((wide, "AllReduce"), (sync, "__syncthreads"), (plain, "__syncthreads")):
+        found = barriers_in_warp_branches(src)
+        assert len(found) == 1 and what in found[0], found
+
+
 def test_thread_values_across_a_warp_split_are_found():
     """The top-n's shifted rows on the H100 (2026-12-07): a row test computed from threadIdx.x above
     the producer / consumer split and read by the consumers, whose index TileLang remaps (- 128). A
@@ -135,6 +154,27 @@ def test_selection_schedules_compile(kind, tile_tokens, mma, tmp_path, monkeypat
     kernel = compile_kernel(key)
     if _nvdisasm():
         assert mma in disassemble(kernel), f"{key}: no {mma} in its SASS"
+
+
+@needs_nvcc
+@pytest.mark.compile
+@pytest.mark.parametrize("tile_tokens,threads", [(4, 128), (8, 256)])
+def test_selection_warp_skip_compiles_on_mma_sync(tile_tokens, threads, tmp_path, monkeypatch):
+    """The token tile's warp_skip schedule compiles for sm_90a on mma.sync only (a warp skips blocks
+    on its own, which a warpgroup-wide WGMMA cannot), its per-warp branches hold no barrier
+    (compile_kernel checks), and every warp tests the block bias of its own tokens."""
+    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
+    call = next(c for c in lower_to_plan(PAPER).all_calls if c.kind == "selection_fwd")
+    key = call.key.with_schedule({**dict(_scheduled(call).schedule), "tile_tokens": tile_tokens,
+                                  "threads": threads, "warp_skip": True})
+    kernel = compile_kernel(key)
+    src = kernel.get_kernel_source()
+    assert "mma_sync" in src and "wgmma" not in src, f"{key}: not on mma.sync"
+    # the producer warpgroup comes first: consumer warp w = (threadIdx.x >> 5) - 4 reads bias column w
+    assert f"* (int64_t){tile_tokens}) + (((int64_t)((int)threadIdx.x)) >> (int64_t)5)) - (int64_t)4)]" in src
+    if _nvdisasm():
+        sass = disassemble(kernel)
+        assert "HMMA" in sass and "HGMMA" not in sass, f"{key}: expected mma.sync only"
 
 
 def test_stage_freed_under_a_running_wgmma_is_found():

@@ -210,17 +210,25 @@ def selection_lists(kind, spec, B, T, seed):
     return torch.gather(idx, -1, torch.argsort(torch.rand(idx.shape, device="cuda"), -1))
 
 
-# Selection forward schedules: (tile_tokens, threads). 0 = auto (a token tile where G >= 8).
-SELECTION_SCHEDULES = [(1, 128), (0, 128)]
+# Selection forward schedules: id -> knobs for a group of G query heads per KV head. tile0: the token
+# tile, auto (64 // G tokens, 64 rows: WGMMA on sm90); skip64 / skip128: the token tile on mma.sync with
+# one warp per 16 rows, each skipping the blocks none of its tokens chose (64 or 128 rows).
+SELECTION_SCHEDULES = {
+    "tile1": lambda G: {"tile_tokens": 1, "threads": 128},
+    "tile0": lambda G: {"tile_tokens": 0, "threads": 128},
+    "skip64": lambda G: {"tile_tokens": 0, "threads": 128, "warp_skip": True},
+    "skip128": lambda G: {"tile_tokens": 128 // G, "threads": 256, "warp_skip": True},
+}
 SELECTION_SPECS = [m for m in MATRIX if m[0] in ("paper_bf16", "fla_cfg", "g8_d64", "g32", "tiny_T")]
 
 
-@pytest.mark.parametrize("tile_tokens,threads", SELECTION_SCHEDULES, ids=[f"tile{t}" for t, _ in SELECTION_SCHEDULES])
+@pytest.mark.parametrize("schedule", list(SELECTION_SCHEDULES))
 @pytest.mark.parametrize("kind", ["uniform", "drift", "hostile"])
 @pytest.mark.parametrize("name,spec,B,T", SELECTION_SPECS, ids=[m[0] for m in SELECTION_SPECS])
-def test_selection_attention_schedules(name, spec, B, T, kind, tile_tokens, threads):
-    """Each selection forward schedule (per token, token tile) against the reference, on lists with
-    and without locality and on hostile ones, NaN-poisoned outputs, twice (bit-identical)."""
+def test_selection_attention_schedules(name, spec, B, T, kind, schedule):
+    """Each selection forward schedule (per token, token tile, token tile with per-warp block skip)
+    against the reference, on lists with and without locality and on hostile ones, NaN-poisoned
+    outputs, twice (bit-identical)."""
     from nsa_codegen.cache import load_scheduled
     from nsa_codegen.schedules import default_schedule
     s = spec.selection
@@ -228,7 +236,8 @@ def test_selection_attention_schedules(name, spec, B, T, kind, tile_tokens, thre
     idx = selection_lists(kind, spec, B, T, seed=12)
     from nsa_codegen.launch import kernel_key
     problem = kernel_key("selection_fwd", q, k, v.shape[3], -1.0, sel_block=s.block, top_n=s.top_n)
-    key = problem.with_schedule({**default_schedule(problem), "tile_tokens": tile_tokens, "threads": threads})
+    key = problem.with_schedule({**default_schedule(problem),
+                                 **SELECTION_SCHEDULES[schedule](spec.heads // spec.kv_heads)})
     kernel = load_scheduled(key)   # prebuilt by `nsa-codegen build --variant` where present
     outs = []
     for _ in range(2):
@@ -244,8 +253,10 @@ def test_selection_attention_schedules(name, spec, B, T, kind, tile_tokens, thre
     assert_lse_close(str(key), lse, lse_hi)
 
 
-def test_selection_token_tile_masks_what_a_token_did_not_choose():
-    """A NaN key in a block that only the tile's other tokens chose never reaches a token."""
+@pytest.mark.parametrize("schedule", ["tile0", "skip64"])
+def test_selection_token_tile_masks_what_a_token_did_not_choose(schedule):
+    """A NaN key in a block that only the tile's other tokens chose never reaches a token (token
+    tile on WGMMA, and with per-warp block skip)."""
     from nsa_codegen.cache import load_scheduled
     from nsa_codegen.schedules import default_schedule
     name, spec, B, T = MATRIX[0]
@@ -261,7 +272,8 @@ def test_selection_token_tile_masks_what_a_token_did_not_choose():
     # would still reach them: P = 0 times NaN is NaN in the tensor cores, as for any masked-out V row)
     from nsa_codegen.launch import kernel_key
     problem = kernel_key("selection_fwd", q, k, v.shape[3], -1.0, sel_block=s.block, top_n=s.top_n)
-    key = problem.with_schedule({**default_schedule(problem), "tile_tokens": 0})
+    key = problem.with_schedule({**default_schedule(problem),
+                                 **SELECTION_SCHEDULES[schedule](spec.heads // spec.kv_heads)})
     o = torch.full((1, T, spec.heads, spec.v_head_dim), float("nan"), device="cuda", dtype=q.dtype)
     lse = torch.full((1, T, spec.heads), float("nan"), device="cuda")
     load_scheduled(key)(q, poisoned, v, idx, torch.zeros(1, T, dtype=torch.int32, device="cuda"), o, lse)

@@ -264,15 +264,21 @@ def _assert_selection_schedule_grads(spec, B, T, lists, kind, schedule):
                            f"{kernel.key}/{lists}")
 
 
+# Selection dq schedules: per token, the token tile (auto: 64 rows, WGMMA on sm90), and the token tile
+# on mma.sync with per-warp block skip (warp_skip, 64 rows).
+DQ_SCHEDULES = {"token": {"tile_tokens": 1}, "tile": {"tile_tokens": 0},
+                "skip64": {"tile_tokens": 0, "threads": 128, "warp_skip": True}}
+
+
 @gpu
-@pytest.mark.parametrize("tile_tokens", [1, 0], ids=["token", "tile"])
+@pytest.mark.parametrize("schedule", list(DQ_SCHEDULES))
 @pytest.mark.parametrize("kind", ["uniform", "drift", "hostile"])
 @pytest.mark.parametrize("name,spec,B,T", DQ_SPECS, ids=[m[0] for m in DQ_SPECS])
-def test_selection_dq_schedules(name, spec, B, T, kind, tile_tokens):
+def test_selection_dq_schedules(name, spec, B, T, kind, schedule):
     """Each selection dq schedule, through the op's backward, against the reference's autograd on
     lists with and without locality and on hostile ones (repeats, pads, future blocks, tokens with
     nothing usable); NaN-poisoned gradients; twice, bit-identical."""
-    _assert_selection_schedule_grads(spec, B, T, kind, "selection_bwd_dq", {"tile_tokens": tile_tokens})
+    _assert_selection_schedule_grads(spec, B, T, kind, "selection_bwd_dq", DQ_SCHEDULES[schedule])
 
 
 # Selection dk/dv schedules: the default (cp.async gathers of chunk_rows rows, synchronous MMA) and
@@ -411,8 +417,8 @@ def _own_block_lists(T, seed):
 
 
 @gpu
-@pytest.mark.parametrize("tile_tokens", [1, 0], ids=["token", "tile"])
-def test_selection_nan_key_after_a_token_stays_out_of_its_output_and_dq(tile_tokens):
+@pytest.mark.parametrize("schedule", list(DQ_SCHEDULES))
+def test_selection_nan_key_after_a_token_stays_out_of_its_output_and_dq(schedule):
     """A NaN key after token t in t's own block (a later token's) reaches neither t's output nor its
     dq, under either selection schedule (forward and dq); the token that owns the key gets NaN."""
     from nsa_codegen import ops
@@ -425,8 +431,8 @@ def test_selection_nan_key_after_a_token_stays_out_of_its_output_and_dq(tile_tok
     last = t[t % s.block == s.block - 1]
     poisoned[:, last] = float("nan")                       # the last key of every block
     fwd = kernel_key("selection_fwd", q, k, v.shape[3], -1.0, sel_block=s.block, top_n=s.top_n)
-    fwd_kernel = load_scheduled(fwd.with_schedule({**default_schedule(fwd), "tile_tokens": tile_tokens}))
-    dq_problem, dq_kernel = _selection_bwd_kernel("selection_bwd_dq", q, k, v, s, {"tile_tokens": tile_tokens})
+    fwd_kernel = load_scheduled(fwd.with_schedule({**default_schedule(fwd), **DQ_SCHEDULES[schedule]}))
+    dq_problem, dq_kernel = _selection_bwd_kernel("selection_bwd_dq", q, k, v, s, DQ_SCHEDULES[schedule])
     do = torch.randn(*q.shape[:3], spec.v_head_dim, device="cuda").to(q.dtype)
     leaf = q.detach().requires_grad_()
     with use_kernel(fwd, fwd_kernel), use_kernel(dq_problem, dq_kernel):
