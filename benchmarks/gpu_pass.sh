@@ -48,7 +48,8 @@
 #   pending4: the top-n and compression forward overlap schedules (their tests over the matrix, bench_paper.py
 #            --configs topn_sync cmp_overlap at 8k / 64k), then pending3's tests: selection dK/dV
 #            schedules, NaN-Delta, probe_matrix.py --run
-#   pending5: the selection token tile's warp_skip schedule (forward and dq): its tests over the matrix (with
+#   pending5: the selection token tile's warp_skip schedule (forward and dq): its tests over the matrix (with the
+#            value guard's NaN-value pack test,
 #            the NaN-key / NaN-Delta tests), then bench_paper.py --backward --configs tile8 ws4 ws4_mb1 ws8 at
 #            8k / 64k; `trained` times the same configurations on a trained model's lists
 #   pytest: python3 -m pytest -q $2 [-k "$PYTEST_K"] (any GPU tests, with the prebuilt kernels)
@@ -273,7 +274,7 @@ if [[ $what == pending4 ]]; then   # the top-n overlap schedule, then what pendi
   date
 fi
 if [[ $what == pending5 ]]; then   # the selection token tile's warp_skip schedule (about 9 minutes)
-  date; timeout 200 python3 -m pytest -q tests/test_ops.py -k "selection_attention_schedules or token_tile_masks" 2>&1 \
+  date; timeout 200 python3 -m pytest -q tests/test_ops.py -k "selection_attention_schedules or token_tile_masks or nan_value or keeps_a_nan" 2>&1 \
     | tee "$OUT/sel_fwd_tests.log" | tail -6
   rc=${PIPESTATUS[0]}
   date; timeout 200 python3 -m pytest -q tests/test_ops_backward.py -k "selection_dq_schedules or nan_key_after or nan_delta" \

@@ -28,7 +28,7 @@ import torch
 
 from . import reference
 from .buffers import KERNEL_DTYPES, empty
-from . import context_parallel, packing
+from . import context_parallel, packing, value_guard
 from .kernel_key import KernelKey
 from .launch import (arch_of, attend, attend_fake, check_tensor, contiguous, gate_key, gate_slots, kernel,
                      kernel_key, launch, pack_maps, run_kernel, token_map)
@@ -255,15 +255,50 @@ def nsa_attention(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
                                                  None if pack is None else pack.rows(c))
     for gate, _ in plan.combine:
         env[gate] = _gate(gate, {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}[gate], q)
+    bad = _finite_value_rows(env, spec)
     for call in plan.calls:
         try:
             run = _FORWARD_RUNNERS[call.kind]
         except KeyError:
             raise NotImplementedError(f"{call.key}: no op runs kernel kind {call.kind!r}") from None
+        if call.kind == "gate_combine":
+            _poison_gates(env, bad, spec, T)
         outs = run(spec, scale, cu_seqlens, **{name: env[name] for name in call.inputs})
         env.update(zip(call.outputs, outs))
     out = env["o"]
     return (out, env["block_indices"]) if return_indices else out
+
+
+def _finite_value_rows(env, spec):
+    """Replace env's value tensors by copies with non-finite elements zeroed (the kernels would spread
+    them as 0 * NaN to rows that must not see them; nsa_codegen.value_guard) and return each one's
+    non-finite row flags {"v": [B, T, H], "v_win": ..., "v_cmp": [B, N, H]} for the branches that are on."""
+    names = [n for n, on in (("v", spec.selection), ("v_win", spec.window), ("v_cmp", spec.compression))
+             if on is not None]
+    bad = {}
+    for name in names:
+        x = env[name]
+        same = next((m for m in bad if env[m + "_given"] is x), None)   # v_win is v: one pass
+        bad[name] = bad[same] if same else value_guard.nonfinite_rows(x)
+        env[name + "_given"] = x
+        env[name] = env[same] if same else value_guard.finite_values(x)
+    return bad
+
+
+def _poison_gates(env, bad, spec, T):
+    """NaN into the gate of each branch at the (token, KV head) pairs whose visible value rows include
+    a non-finite one (nsa_codegen.value_guard), so the combine gives NaN exactly where the reference does."""
+    ss, cs = env.get("seq_start"), env.get("cmp_start")
+    if "v" in bad and "g_slc" in env:
+        sees = value_guard.sees_nonfinite_selection(bad["v"], env["block_indices"], spec.selection.block, ss)
+        env["g_slc"] = value_guard.poison_gates(env["g_slc"], sees)
+    if "v_win" in bad and "g_win" in env:
+        sees = value_guard.sees_nonfinite_window(bad["v_win"], spec.window.size, ss)
+        env["g_win"] = value_guard.poison_gates(env["g_win"], sees)
+    if "v_cmp" in bad and "g_cmp" in env:
+        c = spec.compression
+        sees = value_guard.sees_nonfinite_compression(bad["v_cmp"], T, c.block, c.stride, c.first_block, ss, cs)
+        env["g_cmp"] = value_guard.poison_gates(env["g_cmp"], sees)
 
 
 def _compressed(k, v, k_cmp, v_cmp, c, cu_seqlens, rows=None):

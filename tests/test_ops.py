@@ -425,9 +425,8 @@ def test_pack_branch_ops_match_each_sequence(name, spec, B, T):
 
 
 def test_pack_keeps_a_nan_in_its_sequence():
-    """A NaN query / key in one sequence of a pack never reaches another sequence's output.
-    (A NaN *value* row still can, through P = 0 times NaN in the tensor cores, in a tile that
-    straddles the boundary, as it can reach a causally masked row; issue 18 notes it.)"""
+    """A NaN query / key in one sequence of a pack never reaches another sequence's output (a NaN
+    value row: test_a_nan_value_reaches_exactly_the_outputs_that_see_it)."""
     from nsa_codegen import nsa_attention
     name, spec, B, T = MATRIX[0]
     lengths = [300, 77, 1000, 5]
@@ -442,6 +441,30 @@ def test_pack_keeps_a_nan_in_its_sequence():
     others = torch.ones(out.shape[1], dtype=torch.bool, device="cuda")
     others[a:b] = False
     assert not torch.isnan(out[:, others]).any(), "a NaN reached another sequence of the pack"
+
+
+def test_a_nan_value_reaches_exactly_the_outputs_that_see_it():
+    """A NaN value row (and an Inf one) in a pack: the output is non-finite exactly where the
+    reference's is (run on the kernels' own block lists), never in another sequence, and equal to
+    the reference elsewhere (nsa_attention's value guard: the kernels get finite values, the gates
+    of the (token, group) pairs that see the row NaN)."""
+    from nsa_codegen import nsa_attention
+    name, spec, B, T = MATRIX[0]
+    lengths = [300, 77, 1000, 5]
+    q, k, v, gates, cu = _pack(spec, lengths, seed=44)
+    v = v.clone()
+    v[:, 310, 0, 3] = float("nan")      # the second sequence, KV head 0
+    v[:, 900, 1, 5] = float("inf")      # the third, KV head 1
+    with torch.no_grad():
+        out, idx = nsa_attention(q, k, v, *gates, spec, cu_seqlens=cu, return_indices=True)
+        want = ref.nsa_reference(*f32(q, k, v), *f32(*gates), spec, block_indices=idx, cu_seqlens=cu)
+    bad, bad_ref = ~torch.isfinite(out), ~torch.isfinite(want)
+    assert torch.equal(bad, bad_ref), f"non-finite outputs differ from the reference's at {int((bad ^ bad_ref).sum())} places"
+    assert not bad[:, :300].any() and not bad[:, 377 + 1000:].any()
+    assert bad[:, 310:377].any() and bad[:, 900:1377].any()
+    ok = ~bad_ref
+    err = (out.float()[ok] - want[ok]).norm() / want[ok].norm()
+    assert err < 1e-2, f"relative error {err:.2e} where the outputs are finite"
 
 
 def test_bad_inputs_raise_clear_errors():
