@@ -15,8 +15,9 @@ interquartile range over all launches):
                       forced to the token tile / the per-token schedule; ours[tile8] with a token
                       tile of 8 tokens (selection forward); ours[ws4] / ours[ws4_mb1] / ours[ws8]
                       with the token tile on mma.sync, each warp skipping the blocks its token did not
-                      choose (4 tokens, two or one program an SM; 8 tokens); ours[topn_sync] with the top-n's
-                      earlier default (no async WGMMA overlap of the next chunk's score gemm), and
+                      choose (4 tokens, two or one program an SM; 8 tokens); ours[topn_ring] /
+                      ours[topn_ring_sync] with the top-n's group sums in a ring (with / without
+                      overlap); ours[topn_sync] with the top-n's earlier default (no async WGMMA overlap of the next chunk's score gemm), and
                       its kernel case k:selection_topn[topn_sync]; ours[cmp_overlap] with the compression
                       forward's next QK^T run (async WGMMA) under a tile's softmax, and
                       k:compression_fwd[cmp_overlap]; a configuration equal to the resolved
@@ -76,6 +77,10 @@ CONFIGS = {"tile": {"selection_fwd": {"tile_tokens": 0}, "selection_bwd_dq": {"t
            # top-n without its default's overlap (chunk kc+1's score gemm as an async WGMMA while chunk
            # kc is scored)
            "topn_sync": {"selection_topn": {"overlap": False}},
+           # top-n with its group-summed probabilities in a ring of 2 * block_N columns (no halo copy,
+           # 2 instead of 4 barriers a chunk in the template; TileLang adds one on interior chunks)
+           "topn_ring": {"selection_topn": {"ring_halo": True}},
+           "topn_ring_sync": {"selection_topn": {"ring_halo": True, "overlap": False}},
            # compression forward: tile kt's QK^T as an async WGMMA under tile kt-1's softmax (64-key tiles)
            "cmp_overlap": {"compression_fwd": {"overlap": True, "block_N": 64, "num_stages": 2}},
            # compression dk/dv (the default: P^T / dS^T as register operands, 128 rows, async WGMMA, 16

@@ -50,8 +50,9 @@
 #            schedules, NaN-Delta, probe_matrix.py --run
 #   pending5: the selection token tile's warp_skip schedule (forward and dq): its tests over the matrix (with the
 #            value guard's NaN-value pack test,
-#            the NaN-key / NaN-Delta tests), then bench_paper.py --backward --configs tile8 ws4 ws4_mb1 ws8 at
-#            8k / 64k; `trained` times the same configurations on a trained model's lists
+#            the NaN-key / NaN-Delta tests), then bench_paper.py (forward) --configs tile8 ws4 ws4_mb1 ws8 at
+#            8k / 64k; `trained` times the same configurations on a trained model's lists. Also the top-n's
+#            ring_halo schedules (their tests, bench_paper.py configs topn_ring / topn_ring_sync)
 #   pytest: python3 -m pytest -q $2 [-k "$PYTEST_K"] (any GPU tests, with the prebuilt kernels)
 #   ab: bench_paper.py of an older commit (.ab/baseline.tar.xz from benchmarks/make_baseline.py REV:
 #       its source and its own prebuilt kernels), then of this tree, on the same machine ($2: their
@@ -274,14 +275,16 @@ if [[ $what == pending4 ]]; then   # the top-n overlap schedule, then what pendi
   date
 fi
 if [[ $what == pending5 ]]; then   # the selection token tile's warp_skip schedule (about 9 minutes)
-  date; timeout 200 python3 -m pytest -q tests/test_ops.py -k "selection_attention_schedules or token_tile_masks or nan_value or keeps_a_nan" 2>&1 \
+  date; timeout 200 python3 -m pytest -q tests/test_ops.py \
+    -k "selection_attention_schedules or token_tile_masks or nan_value or keeps_a_nan or topn" 2>&1 \
     | tee "$OUT/sel_fwd_tests.log" | tail -6
   rc=${PIPESTATUS[0]}
   date; timeout 200 python3 -m pytest -q tests/test_ops_backward.py -k "selection_dq_schedules or nan_key_after or nan_delta" \
     2>&1 | tee "$OUT/sel_dq_tests.log" | tail -6
   [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
-  date; timeout 170 python3 benchmarks/bench_paper.py --out "$OUT" --backward --T 8192 65536 --rounds 5 --iters 4 \
-    --configs tile8 ws4 ws4_mb1 ws8 2>&1 | tee "$OUT/paper_bench.log" | grep "T=.*selection\|T=.*ours\|not timed"
+  date; timeout 190 python3 benchmarks/bench_paper.py --out "$OUT" --T 8192 65536 --rounds 5 --iters 4 \
+    --configs tile8 ws4 ws4_mb1 ws8 topn_ring topn_ring_sync 2>&1 | tee "$OUT/paper_bench.log" \
+    | grep "T=.*selection\|T=.*ours\|not timed"
   date
 fi
 if [[ $what == pytest ]]; then   # any GPU tests: $2 = pytest arguments

@@ -47,6 +47,13 @@ chunk kc's gemm as an async WGMMA into S, scores chunk kc-1 from S_prev meanwhil
 copies S to S_prev (one extra step at the end; its K rows, past the last chunk, are TMA zero-fill).
 Interior chunks (every block visible to the tile's first token) skip the visibility mask (overlap
 schedule only).
+
+Schedule ring_halo: Pg_s is a ring of 2 * block_N columns (chunk kc's column c at (kc * BN + c) %
+(2 * BN)), so the previous chunk's last HALO group sums stay where they are: no halo copy, and a
+chunk needs only the barriers after its exp2 (P_s complete) and after its group sums (Pg_s
+complete). The group sums of chunk kc overwrite chunk kc-2's columns, which chunk kc-1's scoring
+read before every thread passed chunk kc's first barrier; one barrier after the last chunk keeps
+its reads apart from the merge buffers.
 """
 
 import dataclasses
@@ -86,6 +93,9 @@ class SelectionTopNConfig:
     fast_math: bool = False     # compile with TileLang's fast-math pass config (approximate exp2)
     overlap: bool = False       # (sm90, k_load="tma") issue chunk kc+1's gemm as an async WGMMA and
                                 # score chunk kc while it runs (two score accumulators)
+    ring_halo: bool = False     # group-summed probabilities in a ring of 2 * block_N columns: the
+                                # previous chunk's tail stays in place (no halo copy), 2 barriers a
+                                # chunk instead of 4
     # the arch's shared memory (codegen sets them from the key's arch; kernel_key.SHARED_MEMORY)
     smem_block: int = 227 * 1024   # bytes one program may use (sm90; sm80: 163 KiB)
     smem_sm: int = 228 * 1024      # bytes per SM (occupancy)
@@ -110,10 +120,11 @@ def _smem_bytes(cfg) -> int:
     G, m, r, BT, BS, TPR = _derived(cfg)
     q = cfg.block_M * cfg.dim_k * 2
     k = cfg.block_N * cfg.dim_k * 2 * max(cfg.num_stages, 1)
-    p = cfg.block_M * (cfg.block_N + 4) * 4 + BT * (cfg.block_N + m - 1 + cfg.first_block + TPR) * 4
+    pg = BT * (2 * cfg.block_N if cfg.ring_halo else cfg.block_N + m - 1 + cfg.first_block + TPR) * 4
+    p = cfg.block_M * (cfg.block_N + 4) * 4 + pg
     merge = cfg.threads * (cfg.top_n + 1) * 8
     # the merge buffers are live only after the loop: they share the K/P space
-    return q + max(k + p, merge + BT * (cfg.block_N + m - 1 + cfg.first_block + TPR) * 4) + 1024
+    return q + max(k + p, merge + pg) + 1024
 
 
 def pass_configs(cfg) -> dict:
@@ -174,6 +185,8 @@ def check_config(cfg) -> None:
         raise ValueError("num_stages must be 1 with k_load='cp_async' (tilelang 0.1.15 codegen fails for more)")
     if cfg.block_M * cfg.block_N / cfg.threads > 64:
         raise ValueError("block_N: score accumulator needs > 64 registers per thread")
+    if cfg.ring_halo and (2 * cfg.block_N) % TPR:
+        raise ValueError("ring_halo: 2 * block_N must be a multiple of threads // (block_M // G)")
     if cfg.overlap and cfg.k_load != "tma":
         raise ValueError("overlap needs k_load='tma' (a producer warpgroup brings K while the consumers score)")
     if _smem_bytes(cfg) > cfg.smem_block:
@@ -193,7 +206,8 @@ def build(cfg: SelectionTopNConfig):
     HALO = m - 1 + f                   # carried blocks: Pg_s column u <-> block kc*BN - (m-1) + u
     # width of the group-summed prob buffer, padded so BT*PW is a multiple of
     # the thread count (tile-op layouts must cover the iteration space evenly)
-    PW = (BN + HALO + TPR - 1) // TPR * TPR
+    RING = cfg.ring_halo
+    PW = 2 * BN if RING else (BN + HALO + TPR - 1) // TPR * TPR
     CPT = (BS + TPR - 1) // TPR        # candidates per thread per chunk
     w = _overlap_weights(m, r)
     merge_steps = [1 << s for s in range(int(math.log2(TPR)))]   # TPR is a power of 2
@@ -204,11 +218,13 @@ def build(cfg: SelectionTopNConfig):
 
     B, Tn, N, P = T.dynamic("B, T, N, P")
 
-    def block_score(Pg_s, row, jj):
-        # sum_u w[u] * Pg[row, jj*r + u]; weights are compile-time constants
-        e = Pg_s[row, jj * r] * float(w[0])
+    def block_score(Pg_s, row, jj, kc):
+        # sum_u w[u] * Pg[row, jj*r + u]; weights are compile-time constants. Ring: chunk kc's
+        # column c sits at (kc * BN + c) % PW (PW = 2 * BN, a power of two).
+        base = kc * BN + jj * r if RING else jj * r
+        e = Pg_s[row, base % PW if RING else base] * float(w[0])
         for u in range(1, r + m - 1):
-            e = e + Pg_s[row, jj * r + u] * float(w[u])
+            e = e + Pg_s[row, (base + u) % PW if RING else base + u] * float(w[u])
         return e
 
     def group_sum(P_s, b, x):
@@ -249,22 +265,28 @@ def build(cfg: SelectionTopNConfig):
                 P_s[i, x] = T.if_then_else(
                     (c0 + kc * BN + x < N) & ((kc * BN + x + f) * d + l - 1 <= t0 - s0 + i % BT)
                     & (rok[i] == 1), T.exp2(Sx[i, x] * scale2 - lse2[i]), 0)
-        if HALO > 0:
-            # carry the previous chunk's last HALO blocks to the front
-            for q in T.unroll((BT * HALO + NT - 1) // NT):
-                if tx + q * NT < BT * HALO:
-                    Pg_s[(tx + q * NT) // HALO, (tx + q * NT) % HALO] = \
-                        Pg_s[(tx + q * NT) // HALO, BN + (tx + q * NT) % HALO]
-            T.sync_threads()
-        for b, x in T.Parallel(BT, BN):
-            Pg_s[b, HALO + x] = group_sum(P_s, b, x)
+        if RING:
+            # The ring keeps the previous chunk's tail in place. Columns this writes were last read
+            # by chunk kc-1's scoring, which every thread finished before the barrier above.
+            for b, x in T.Parallel(BT, BN):
+                Pg_s[b, (kc * BN + HALO + x) % PW] = group_sum(P_s, b, x)
+        else:
+            if HALO > 0:
+                # carry the previous chunk's last HALO blocks to the front
+                for q in T.unroll((BT * HALO + NT - 1) // NT):
+                    if tx + q * NT < BT * HALO:
+                        Pg_s[(tx + q * NT) // HALO, (tx + q * NT) % HALO] = \
+                            Pg_s[(tx + q * NT) // HALO, BN + (tx + q * NT) % HALO]
+                T.sync_threads()
+            for b, x in T.Parallel(BT, BN):
+                Pg_s[b, HALO + x] = group_sum(P_s, b, x)
         T.sync_threads()
         # score this thread's blocks and insert into its private top-n.
         # Candidates arrive in increasing index, so "strictly greater"
         # keeps the lower index first on ties.
         for q in T.unroll(CPT):
             if (lane + q * TPR < BS) & (kc * BS + lane + q * TPR <= jt):
-                cs = block_score(Pg_s, row, lane + q * TPR)
+                cs = block_score(Pg_s, row, lane + q * TPR, kc)
                 ci = kc * BS + lane + q * TPR
                 if (ci < n_init) | (ci > jt - n_local):
                     cs = POS_INF
@@ -277,7 +299,8 @@ def build(cfg: SelectionTopNConfig):
                             top_i[k] = ci
                             cs = ts
                             ci = ti
-        T.sync_threads()
+        if not RING:
+            T.sync_threads()
 
     @T.prim_func
     def main(
@@ -384,6 +407,9 @@ def build(cfg: SelectionTopNConfig):
                            policy=T.GemmWarpPolicy.FullRow)
                     score_chunk(S, kc, t0, s0, c0, jt, row, lane, tx, rok, lse2, P_s, Pg_s, top_s, top_i)
 
+            if RING:
+                # the chunks end without a barrier: the merge buffers may share the scores' space
+                T.sync_threads()
             # tree-merge the TPR private lists of each row (sorted, keep n)
             for k in T.unroll(n):
                 M_s[tx, k] = top_s[k]

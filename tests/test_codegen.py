@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from nsa_codegen import CompressionBranch, NSASpec, SelectionBranch, WindowBranch
-from nsa_codegen.codegen import (_nvdisasm, barriers_in_one_thread_branches, barriers_in_warp_branches, build_prim_func, check_schedule,
+from nsa_codegen.codegen import (_block_end, _nvdisasm, barriers_in_one_thread_branches, barriers_in_warp_branches, build_prim_func, check_schedule,
                                  tma_destinations_misaligned,
                                  compile_kernel, disassemble, ptxas_report, stages_freed_under_async_mma,
                                  template_config,
@@ -240,6 +240,37 @@ def test_overlap_schedules_run_simt_under_the_next_gemm(kind, knobs, simt, tmp_p
     assert src.index(simt, issue) < wait, f"{kind}: the {simt} work must sit between the gemm's issue and its wait"
     report = ptxas_report(kernel)
     assert "C7517" not in report and "0 bytes spill stores" in report, report
+
+
+def _chunk_loop_barriers(src: str) -> list[int]:
+    """Barriers in the body of each `for (int kc...)` loop of generated CUDA (the top-n's chunks)."""
+    counts = []
+    for m in re.finditer(r"for \(int kc\w*[^\n]*\{", src):
+        body = src[m.end():_block_end(src, m.end())]
+        counts.append(len(re.findall(r"__syncthreads\(\)|__sync_thread_partial\(|bar\.sync", body)))
+    return counts
+
+
+@needs_nvcc
+@pytest.mark.compile
+@pytest.mark.parametrize("overlap", [True, False])
+def test_topn_ring_halo_drops_the_halo_copy_and_barriers(overlap, tmp_path, monkeypatch):
+    """The top-n's ring_halo schedule keeps the previous chunk's group sums in place: its chunk loop
+    has fewer barriers than the same schedule without it and no halo copy (a read of Pg_s stored
+    back into Pg_s), and a barrier still separates the last chunk's reads from the merge."""
+    from nsa_codegen.schedules import default_schedule
+    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
+    spec = NSASpec(compression=CompressionBranch(32, 16, "mean"), dtype="float16")
+    call = next(c for c in lower_to_plan(spec).all_calls if c.kind == "selection_topn")
+    srcs = {ring: compile_kernel(call.key.with_schedule({**default_schedule(call.key), "overlap": overlap,
+                                                          "ring_halo": ring})).get_kernel_source()
+            for ring in (False, True)}
+    plain, ring = (max(_chunk_loop_barriers(srcs[r])) for r in (False, True))
+    assert 0 < ring < plain, (ring, plain)
+    copy = re.compile(r"\(\(float\*\)Pg_s\)\[[^\]]*\] = \(\(float\*\)Pg_s\)\[")
+    assert copy.search(srcs[False]) and not copy.search(srcs[True])
+    tail = srcs[True][srcs[True].rindex("wait_wgmma<0>" if overlap else "top_s[15] < cs"):]
+    assert re.search(r"__syncthreads\(\)|__sync_thread_partial\(", tail[:tail.index("M_s")])
 
 
 def test_configs_carry_the_spec_and_schedule():

@@ -136,7 +136,9 @@ def test_compression_attention(name, spec, B, T, cmp_schedule):
 
 # Top-n schedules beside the resolved one (sm90: the next chunk's score gemm as an async WGMMA while a
 # chunk is scored): the one without that overlap.
-TOPN_SCHEDULES = {"resolved": {}, "no_overlap": {"overlap": False}}
+TOPN_SCHEDULES = {"resolved": {}, "no_overlap": {"overlap": False},
+                  # the group-summed probabilities in a ring (no halo copy, fewer barriers a chunk)
+                  "ring": {"ring_halo": True}, "ring_no_overlap": {"ring_halo": True, "overlap": False}}
 
 
 @pytest.mark.parametrize("topn_schedule", list(TOPN_SCHEDULES))
