@@ -17,7 +17,8 @@ interquartile range over all launches):
                       with the token tile on mma.sync, each warp skipping the blocks its token did not
                       choose (4 tokens, two or one program an SM; 8 tokens); ours[topn_ring] /
                       ours[topn_ring_sync] with the top-n's group sums in a ring (with / without
-                      overlap); ours[topn_sync] with the top-n's earlier default (no async WGMMA overlap of the next chunk's score gemm), and
+                      overlap), ours[topn_t512] / ours[topn_t512_ring] on 512 threads;
+                      ours[topn_sync] with the top-n's earlier default (no async WGMMA overlap of the next chunk's score gemm), and
                       its kernel case k:selection_topn[topn_sync]; ours[cmp_overlap] with the compression
                       forward's next QK^T run (async WGMMA) under a tile's softmax, and
                       k:compression_fwd[cmp_overlap]; a configuration equal to the resolved
@@ -81,6 +82,9 @@ CONFIGS = {"tile": {"selection_fwd": {"tile_tokens": 0}, "selection_bwd_dq": {"t
            # 2 instead of 4 barriers a chunk in the template; TileLang adds one on interior chunks)
            "topn_ring": {"selection_topn": {"ring_halo": True}},
            "topn_ring_sync": {"selection_topn": {"ring_halo": True, "overlap": False}},
+           # top-n on four consumer warpgroups (512 threads, 96 registers) without overlap, with / without the ring
+           "topn_t512": {"selection_topn": {"threads": 512, "block_M": 256, "overlap": False}},
+           "topn_t512_ring": {"selection_topn": {"threads": 512, "block_M": 256, "overlap": False, "ring_halo": True}},
            # compression forward: tile kt's QK^T as an async WGMMA under tile kt-1's softmax (64-key tiles)
            "cmp_overlap": {"compression_fwd": {"overlap": True, "block_N": 64, "num_stages": 2}},
            # compression dk/dv (the default: P^T / dS^T as register operands, 128 rows, async WGMMA, 16

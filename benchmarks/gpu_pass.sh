@@ -52,7 +52,8 @@
 #            value guard's NaN-value pack test,
 #            the NaN-key / NaN-Delta tests), then bench_paper.py (forward) --configs tile8 ws4 ws4_mb1 ws8 at
 #            8k / 64k; `trained` times the same configurations on a trained model's lists. Also the top-n's
-#            ring_halo schedules (their tests, bench_paper.py configs topn_ring / topn_ring_sync)
+#            ring_halo and 512-thread schedules (their tests, bench_paper.py configs topn_ring / topn_ring_sync /
+#            topn_t512 / topn_t512_ring)
 #   pytest: python3 -m pytest -q $2 [-k "$PYTEST_K"] (any GPU tests, with the prebuilt kernels)
 #   ab: bench_paper.py of an older commit (.ab/baseline.tar.xz from benchmarks/make_baseline.py REV:
 #       its source and its own prebuilt kernels), then of this tree, on the same machine ($2: their
@@ -283,7 +284,7 @@ if [[ $what == pending5 ]]; then   # the selection token tile's warp_skip schedu
     2>&1 | tee "$OUT/sel_dq_tests.log" | tail -6
   [ ${PIPESTATUS[0]} -ne 0 ] && rc=1
   date; timeout 190 python3 benchmarks/bench_paper.py --out "$OUT" --T 8192 65536 --rounds 5 --iters 4 \
-    --configs tile8 ws4 ws4_mb1 ws8 topn_ring topn_ring_sync 2>&1 | tee "$OUT/paper_bench.log" \
+    --configs tile8 ws4 ws4_mb1 ws8 topn_ring topn_ring_sync topn_t512 topn_t512_ring 2>&1 | tee "$OUT/paper_bench.log" \
     | grep "T=.*selection\|T=.*ours\|not timed"
   date
 fi

@@ -37,7 +37,9 @@ SELECTION_VARIANTS = [{"tile_tokens": 0}, {"tile_tokens": 1}, {"tile_tokens": 8,
                       {"tile_tokens": 16, "threads": 256, "warp_skip": True},
                       {"min_blocks_per_sm": 1}, {"num_stages": 3}]
 # Top-n schedules the GPU tests (tests/test_ops.py TOPN_SCHEDULES) and bench_paper.py run besides the resolved one.
-TOPN_VARIANTS = [{"overlap": False}, {"ring_halo": True}, {"ring_halo": True, "overlap": False}]
+TOPN_VARIANTS = [{"overlap": False}, {"ring_halo": True}, {"ring_halo": True, "overlap": False},
+                 {"threads": 512, "block_M": 256, "overlap": False},
+                 {"threads": 512, "block_M": 256, "overlap": False, "ring_halo": True}]
 # Compression forward schedules the GPU tests (tests/test_ops.py CMP_FWD_SCHEDULES) and bench_paper.py run.
 CMP_FWD_VARIANTS = [{"overlap": True, "block_N": 64, "num_stages": 2}]
 FORWARD_VARIANTS = ([("selection_fwd", v) for v in SELECTION_VARIANTS] + [("selection_topn", v) for v in TOPN_VARIANTS]

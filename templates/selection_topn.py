@@ -86,7 +86,7 @@ class SelectionTopNConfig:
     block_M: int = 128          # gemm rows = (block_M // G) tokens x G heads
     block_N: int = 32           # compressed blocks per chunk (multiple of sel_block//stride);
                                 # 0 = auto: the largest of 128, 64, 32, 16 this config accepts
-    threads: int = 128          # 128 or 256; threads // (block_M // G) threads share a token row
+    threads: int = 128          # 128, 256 or 512; threads // (block_M // G) threads share a token row
     num_stages: int = 1         # K pipeline depth, used by k_load="tma" (1-3); cp_async needs 1;
                                 # ignored by "sync" (nothing to pipeline)
     k_load: str = "sync"        # "sync" | "cp_async" | "tma"
@@ -162,8 +162,8 @@ def check_config(cfg) -> None:
         raise ValueError("top_n must be in [1, 32]")
     if cfg.initial < 0 or cfg.local < 0 or cfg.initial + cfg.local > cfg.top_n:
         raise ValueError("initial/local must be >= 0 with initial + local <= top_n")
-    if cfg.threads not in (128, 256):
-        raise ValueError("threads must be 128 or 256")
+    if cfg.threads not in (128, 256, 512):
+        raise ValueError("threads must be 128, 256 or 512")
     if cfg.block_M % 64 != 0 or cfg.block_M < 64 * (cfg.threads // 128) or cfg.block_M > 256:
         raise ValueError("block_M must be a multiple of 64, >= 64*threads/128 and <= 256")
     if cfg.block_M % G != 0:

@@ -273,6 +273,22 @@ def test_topn_ring_halo_drops_the_halo_copy_and_barriers(overlap, tmp_path, monk
     assert re.search(r"__syncthreads\(\)|__sync_thread_partial\(", tail[:tail.index("M_s")])
 
 
+@needs_nvcc
+@pytest.mark.compile
+def test_topn_on_four_consumer_warpgroups_fits_its_registers(tmp_path, monkeypatch):
+    """The top-n on 512 threads (block_M 256: four consumer warpgroups beside the TMA producer, 96
+    registers a thread) compiles for sm_90a without spills (without overlap; with its second score
+    accumulator it would spill), ring_halo included."""
+    from nsa_codegen.schedules import default_schedule
+    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
+    spec = NSASpec(compression=CompressionBranch(32, 16, "mean"), dtype="float16")
+    call = next(c for c in lower_to_plan(spec).all_calls if c.kind == "selection_topn")
+    kernel = compile_kernel(call.key.with_schedule({**default_schedule(call.key), "threads": 512, "block_M": 256,
+                                                     "overlap": False, "ring_halo": True}))
+    report = ptxas_report(kernel)
+    assert "0 bytes spill stores" in report, report
+
+
 def test_configs_carry_the_spec_and_schedule():
     for call in lower_to_plan(PAPER_FP16_D128).calls:
         key = _scheduled(call)

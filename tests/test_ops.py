@@ -101,13 +101,20 @@ def f32(*xs):
     return [x.float() for x in xs]
 
 
-def scheduled(kind, q, k, v_dim, schedule, **params):
+def scheduled(kind, q, k, v_dim, schedule, optional=False, **params):
     """A context in which ops launch `kind`'s kernel for these tensors with the resolved schedule's
-    knobs updated by `schedule` ({}: the resolved kernel itself)."""
+    knobs updated by `schedule` ({}: the resolved kernel itself). optional: a schedule that not every
+    problem takes (the test skips, naming why, where the template rejects it)."""
     from nsa_codegen.cache import kernel_with_knobs, use_kernel
     from nsa_codegen.launch import kernel_key
     problem = kernel_key(kind, q, k, v_dim, -1.0, **params)
-    return use_kernel(problem, kernel_with_knobs(problem, schedule))
+    try:
+        kernel = kernel_with_knobs(problem, schedule)
+    except ValueError as e:
+        if not optional:
+            raise
+        pytest.skip(f"{problem}: {schedule} does not apply: {e}")
+    return use_kernel(problem, kernel)
 
 
 # Compression forward schedules beside the resolved one: the next tile's QK^T as an async WGMMA
@@ -138,7 +145,11 @@ def test_compression_attention(name, spec, B, T, cmp_schedule):
 # chunk is scored): the one without that overlap.
 TOPN_SCHEDULES = {"resolved": {}, "no_overlap": {"overlap": False},
                   # the group-summed probabilities in a ring (no halo copy, fewer barriers a chunk)
-                  "ring": {"ring_halo": True}, "ring_no_overlap": {"ring_halo": True, "overlap": False}}
+                  "ring": {"ring_halo": True}, "ring_no_overlap": {"ring_halo": True, "overlap": False},
+                  # four consumer warpgroups (block_M 256), without overlap (with it, registers spill)
+                  "t512": {"threads": 512, "block_M": 256, "overlap": False},
+                  "t512_ring": {"threads": 512, "block_M": 256, "overlap": False, "ring_halo": True}}
+TOPN_OPTIONAL = {"t512", "t512_ring"}   # block_M 256 needs G | 256 and the smem for 256 rows of Q
 
 
 @pytest.mark.parametrize("topn_schedule", list(TOPN_SCHEDULES))
@@ -150,7 +161,8 @@ def test_selection_topn_matches_reference_up_to_ties(name, spec, B, T, topn_sche
     kc = ref.compress(k, c.block, c.stride, c.first_block)
     _, lse = ops.compression_attention(q, kc, ref.compress(v, c.block, c.stride, c.first_block),
                                        c.block, c.stride, c.first_block, -1.0)
-    with scheduled("selection_topn", q, kc, 0, TOPN_SCHEDULES[topn_schedule], cmp_block=c.block, stride=c.stride,
+    with scheduled("selection_topn", q, kc, 0, TOPN_SCHEDULES[topn_schedule], optional=topn_schedule in TOPN_OPTIONAL,
+                   cmp_block=c.block, stride=c.stride,
                    first_block=c.first_block, sel_block=s.block, top_n=s.top_n, initial=s.initial, local=s.local):
         idx, cnt = ops.selection_topn(q, kc, lse, c.block, c.stride, c.first_block, s.block, s.top_n, s.initial,
                                       s.local, -1.0)
