@@ -255,7 +255,7 @@ def nsa_attention(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
                                                  None if pack is None else pack.rows(c))
     for gate, _ in plan.combine:
         env[gate] = _gate(gate, {"g_cmp": g_cmp, "g_slc": g_slc, "g_win": g_win}[gate], q)
-    bad = _finite_value_rows(env, spec)
+    bad = _finite_value_rows(env, spec, win_is_v=v_win is None)
     for call in plan.calls:
         try:
             run = _FORWARD_RUNNERS[call.kind]
@@ -269,19 +269,24 @@ def nsa_attention(q, k, v, g_cmp, g_slc, g_win, spec: NSASpec, *, k_cmp=None, v_
     return (out, env["block_indices"]) if return_indices else out
 
 
-def _finite_value_rows(env, spec):
+def _finite_value_rows(env, spec, win_is_v: bool):
     """Replace env's value tensors by copies with non-finite elements zeroed (the kernels would spread
     them as 0 * NaN to rows that must not see them; nsa_codegen.value_guard) and return each one's
-    non-finite row flags {"v": [B, T, H], "v_win": ..., "v_cmp": [B, N, H]} for the branches that are on."""
-    names = [n for n, on in (("v", spec.selection), ("v_win", spec.window), ("v_cmp", spec.compression))
-             if on is not None]
+    non-finite row flags {"v": [B, T, H], "v_win": ..., "v_cmp": [B, N, H]} for the branches that are
+    on. win_is_v: the window reads v itself (no k_win / v_win given): one pass serves both."""
     bad = {}
-    for name in names:
-        x = env[name]
-        same = next((m for m in bad if env[m + "_given"] is x), None)   # v_win is v: one pass
-        bad[name] = bad[same] if same else value_guard.nonfinite_rows(x)
-        env[name + "_given"] = x
-        env[name] = env[same] if same else value_guard.finite_values(x)
+    if spec.selection is not None or (spec.window is not None and win_is_v):
+        bad["v"] = value_guard.nonfinite_rows(env["v"])
+        env["v"] = value_guard.finite_values(env["v"])
+    if spec.window is not None:
+        if win_is_v:
+            bad["v_win"], env["v_win"] = bad["v"], env["v"]
+        else:
+            bad["v_win"] = value_guard.nonfinite_rows(env["v_win"])
+            env["v_win"] = value_guard.finite_values(env["v_win"])
+    if spec.compression is not None:
+        bad["v_cmp"] = value_guard.nonfinite_rows(env["v_cmp"])
+        env["v_cmp"] = value_guard.finite_values(env["v_cmp"])
     return bad
 
 
