@@ -276,17 +276,14 @@ def _finite_value_rows(env, spec, win_is_v: bool):
     on. win_is_v: the window reads v itself (no k_win / v_win given): one pass serves both."""
     bad = {}
     if spec.selection is not None or (spec.window is not None and win_is_v):
-        bad["v"] = value_guard.nonfinite_rows(env["v"])
-        env["v"] = value_guard.finite_values(env["v"])
+        env["v"], bad["v"] = value_guard.split_finite(env["v"])
     if spec.window is not None:
         if win_is_v:
             bad["v_win"], env["v_win"] = bad["v"], env["v"]
         else:
-            bad["v_win"] = value_guard.nonfinite_rows(env["v_win"])
-            env["v_win"] = value_guard.finite_values(env["v_win"])
+            env["v_win"], bad["v_win"] = value_guard.split_finite(env["v_win"])
     if spec.compression is not None:
-        bad["v_cmp"] = value_guard.nonfinite_rows(env["v_cmp"])
-        env["v_cmp"] = value_guard.finite_values(env["v_cmp"])
+        env["v_cmp"], bad["v_cmp"] = value_guard.split_finite(env["v_cmp"])
     return bad
 
 

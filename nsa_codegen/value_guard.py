@@ -33,6 +33,12 @@ def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(x).all(dim=-1)
 
 
+def split_finite(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(finite_values(x), nonfinite_rows(x)) from one isfinite pass."""
+    fin = torch.isfinite(x)
+    return torch.where(fin, x, torch.zeros((), dtype=x.dtype, device=x.device)), ~fin.all(dim=-1)
+
+
 def _prefix(bad: torch.Tensor) -> torch.Tensor:
     """[B, T, H] bool -> [B, T + 1, H] int32 counts: out[:, i] = bad rows before row i."""
     c = torch.cumsum(bad.to(torch.int32), dim=1, dtype=torch.int32)

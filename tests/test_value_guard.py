@@ -108,6 +108,8 @@ def test_gates_take_nan_at_flagged_groups_only():
     v = torch.tensor([1.0, float("nan"), float("-inf"), 2.0], requires_grad=True)
     clean = vg.finite_values(v)
     assert torch.equal(clean, torch.tensor([1.0, 0.0, 0.0, 2.0]))
+    both = vg.split_finite(v.detach().view(1, 1, 2, 2))
+    assert torch.equal(both[0].flatten(), clean.detach()) and both[1].tolist() == [[[True, True]]]
     clean.sum().backward()
     assert torch.equal(v.grad, torch.tensor([1.0, 0.0, 0.0, 1.0]))
 
