@@ -6,7 +6,7 @@ reach the outputs of every query that shares a tile with it (later tokens' rows 
 compression query tiles, blocks only a neighbouring token chose in the selection token tile, a packed
 neighbour's rows). The reference does not let it: a masked position contributes nothing.
 
-So the op hands the kernels value tensors with their non-finite elements zeroed (`finite_values`),
+So the op hands the kernels value tensors with their non-finite elements zeroed (`split_finite`),
 and makes non-finite exactly the outputs that see a non-finite value row in the reference: per branch,
 the (token, KV head) pairs whose visible keys include such a row (`sees_*`, from prefix sums over the
 rows' flags, no host sync) get the branch's gate set to NaN (`poison_gates`), so the gate combine
@@ -33,10 +33,27 @@ def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(x).all(dim=-1)
 
 
+class _SplitFinite(torch.autograd.Function):
+    """(x with non-finite elements zeroed, [B, T, H] non-finite row flags). The gradient passes
+    straight through: saving the isfinite mask for torch.where's backward would keep half a value
+    tensor more per layer alive until the backward, and a gradient at a non-finite input means nothing."""
+
+    @staticmethod
+    def forward(ctx, x):
+        fin = torch.isfinite(x)
+        bad = ~fin.all(dim=-1)
+        ctx.mark_non_differentiable(bad)
+        return torch.where(fin, x, torch.zeros((), dtype=x.dtype, device=x.device)), bad
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        return grad
+
+
 def split_finite(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(finite_values(x), nonfinite_rows(x)) from one isfinite pass."""
-    fin = torch.isfinite(x)
-    return torch.where(fin, x, torch.zeros((), dtype=x.dtype, device=x.device)), ~fin.all(dim=-1)
+    """(x with its non-finite elements zeroed, nonfinite_rows(x)) from one isfinite pass; the gradient
+    passes through unchanged (nothing saved for the backward)."""
+    return _SplitFinite.apply(x)
 
 
 def _prefix(bad: torch.Tensor) -> torch.Tensor:

@@ -108,8 +108,11 @@ def test_gates_take_nan_at_flagged_groups_only():
     v = torch.tensor([1.0, float("nan"), float("-inf"), 2.0], requires_grad=True)
     clean = vg.finite_values(v)
     assert torch.equal(clean, torch.tensor([1.0, 0.0, 0.0, 2.0]))
-    both = vg.split_finite(v.detach().view(1, 1, 2, 2))
+    w = v.detach().view(1, 1, 2, 2).clone().requires_grad_()
+    both = vg.split_finite(w)
     assert torch.equal(both[0].flatten(), clean.detach()) and both[1].tolist() == [[[True, True]]]
+    both[0].sum().backward()   # straight through: nothing saved
+    assert torch.equal(w.grad, torch.ones_like(w))
     clean.sum().backward()
     assert torch.equal(v.grad, torch.tensor([1.0, 0.0, 0.0, 1.0]))
 
