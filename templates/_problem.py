@@ -27,3 +27,9 @@ def check_problem(cfg, dk: str = "head_dim_qk", dv: str | None = "head_dim_v", p
         raise ValueError(f"{dv}: must be 64 or 128")
     if not (isinstance(cfg.scale, (int, float)) and math.isfinite(cfg.scale) and cfg.scale > 0):
         raise ValueError("scale: must be a positive finite float")
+
+
+def warps_cover(n: int, n_split: int) -> bool:
+    """Whether n_split warps side by side each get a whole number of 8-column MMA tiles of an N = n
+    gemm (TileLang's FullRow partition needs it: N = 48 over 4 warps does not split)."""
+    return n % (8 * n_split) == 0

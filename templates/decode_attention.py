@@ -82,7 +82,7 @@ from dataclasses import dataclass
 
 import tilelang.language as T
 
-from ._problem import check_problem
+from ._problem import check_problem, warps_cover
 
 _LOG2E = 1.4426950408889634
 _BIG = 1 << 30
@@ -235,8 +235,9 @@ def check_config(cfg) -> None:
                              "max(16, sel_block / stride) compressed rows)")
         if nt not in (64, 128, 256):
             raise ValueError("cmp_threads: must be 0 (auto), 64, 128 or 256")
-        if bn // max(1, (nt // 32) // max(1, MP // 16)) < 8:
-            raise ValueError("cmp_threads: too many warps for cmp_block_N")
+        n_split = max(1, (nt // 32) // max(1, MP // 16))
+        if not (warps_cover(bn, n_split) and warps_cover(Dv, n_split)):
+            raise ValueError("cmp_threads: too many warps for cmp_block_N / head_dim_v (each needs whole 8-column tiles)")
         if cfg.cmp_load not in CMP_LOADS:
             raise ValueError(f"cmp_load: must be one of {CMP_LOADS}, got {cfg.cmp_load!r}")
         if cfg.cmp_load == "cp_async" and cfg.cmp_stages != 1:
@@ -261,8 +262,9 @@ def check_config(cfg) -> None:
             raise ValueError("sparse_threads: must be 64, 128 or 256")
         if nt < cfg.top_n:
             raise ValueError("sparse_threads: must be >= top_n")
-        if cfg.sel_block // max(1, (nt // 32) // max(1, MP // 16)) < 8:
-            raise ValueError("sparse_threads: too many warps for sel_block")
+        n_split = max(1, (nt // 32) // max(1, MP // 16))
+        if not (warps_cover(cfg.sel_block, n_split) and warps_cover(Dv, n_split)):
+            raise ValueError("sparse_threads: too many warps for sel_block / head_dim_v (each needs whole 8-column tiles)")
         if cfg.sparse_stages != 1:
             raise ValueError("sparse_stages: must be 1 (multi-stage cp.async with a dynamic trip count fails "
                              "in TileLang 0.1.15 codegen)")

@@ -50,7 +50,7 @@ import dataclasses
 
 import tilelang.language as T
 
-from ._problem import check_problem
+from ._problem import check_problem, warps_cover
 from ._online_softmax import online_softmax as _online_softmax
 from ._token_tile import union_builder, warp_uses_block
 
@@ -164,8 +164,8 @@ def check_config(cfg) -> None:
     # FullRow policy: warps first split the M rows (16 each), then the N dim;
     # every warp needs >= 8 columns of both the S = QK^T tile and the O tile.
     n_split = max(1, warps // (m // 16))
-    if cfg.block // n_split < 8 or cfg.head_dim_v // n_split < 8:
-        raise ValueError("threads: too many warps for this block / head_dim_v")
+    if not (warps_cover(cfg.block, n_split) and warps_cover(cfg.head_dim_v, n_split)):
+        raise ValueError("threads: too many warps for this block / head_dim_v (each needs whole 8-column tiles)")
     if not (1 <= cfg.num_stages <= 4):
         raise ValueError("num_stages: must be in 1..4")
     if not (0 <= cfg.min_blocks_per_sm <= 8):

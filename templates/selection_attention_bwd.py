@@ -70,7 +70,7 @@ import dataclasses
 
 import tilelang.language as T
 
-from ._problem import check_problem
+from ._problem import check_problem, warps_cover
 from ._token_tile import union_builder, warp_uses_block
 
 _PARTS = ("dq", "dkdv", "reduce")
@@ -282,8 +282,8 @@ def check_config(cfg) -> None:
             if _dq_tile_tokens(cfg) * cfg.top_n > 4 * _threads(cfg):
                 raise ValueError("tile_tokens: tile_tokens * top_n must be at most 4 * threads")
         n_split = max(1, warps // (m // 16))
-        if cfg.block // n_split < 8 or cfg.head_dim_qk // n_split < 8:
-            raise ValueError("threads: too many warps for this block / head_dim_qk")
+        if not (warps_cover(cfg.block, n_split) and warps_cover(cfg.head_dim_qk, n_split)):
+            raise ValueError("threads: too many warps for this block / head_dim_qk (each needs whole 8-column tiles)")
     elif cfg.part == "dkdv" and cfg.async_mma:
         if cfg.block not in (64, 128):
             raise ValueError("async_mma: block must be 64 or 128 (one 64-row WGMMA warpgroup per 64 rows)")
