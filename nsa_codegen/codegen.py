@@ -135,7 +135,7 @@ def barriers_in_warp_branches(source: str) -> list[str]:
     found = []
     for m in _WARP_BRANCH.finditer(source):
         body = source[m.end():_block_end(source, m.end())]
-        hits = [b for b in _BARRIER.finditer(body)]
+        hits = list(_BARRIER.finditer(body))
         hits += [r for r in _WIDE_REDUCE.finditer(body) if int(r.group(1)) > 32]
         for b in hits:
             line = source.count("\n", 0, m.end() + b.start()) + 1

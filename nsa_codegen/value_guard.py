@@ -23,16 +23,6 @@ from __future__ import annotations
 import torch
 
 
-def finite_values(x: torch.Tensor) -> torch.Tensor:
-    """x with its non-finite elements replaced by 0 (differentiable: the gradient passes elsewhere)."""
-    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
-    """[B, T, H, D] -> [B, T, H] bool: rows holding a NaN or Inf."""
-    return ~torch.isfinite(x).all(dim=-1)
-
-
 class _SplitFinite(torch.autograd.Function):
     """(x with non-finite elements zeroed, [B, T, H] non-finite row flags). The gradient passes
     straight through: saving the isfinite mask for torch.where's backward would keep half a value
@@ -51,8 +41,8 @@ class _SplitFinite(torch.autograd.Function):
 
 
 def split_finite(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x with its non-finite elements zeroed, nonfinite_rows(x)) from one isfinite pass; the gradient
-    passes through unchanged (nothing saved for the backward)."""
+    """(x [B, T, H, D] with its non-finite elements zeroed, [B, T, H] bool: rows holding a NaN or Inf)
+    from one isfinite pass; the gradient passes through unchanged (nothing saved for the backward)."""
     return _SplitFinite.apply(x)
 
 
@@ -73,17 +63,16 @@ def _count(prefix: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Te
     return n.view(B, H, shape[1], -1).permute(0, 2, 1, 3).reshape(shape)
 
 
-def _positions(bad: torch.Tensor, seq_start) -> tuple[torch.Tensor, torch.Tensor]:
+def _positions(T: int, device, seq_start) -> tuple[torch.Tensor, torch.Tensor]:
     """(t [1, T, 1], s0 [B, T, 1]) int64: token index and its sequence's first token."""
-    T = bad.shape[1]
-    t = torch.arange(T, device=bad.device)[None, :, None]
+    t = torch.arange(T, device=device)[None, :, None]
     s0 = torch.zeros_like(t) if seq_start is None else seq_start.long()[..., None]
     return t, s0
 
 
 def sees_nonfinite_window(bad: torch.Tensor, window: int, seq_start=None) -> torch.Tensor:
     """[B, T, H] bool: token t sees a bad value row among keys (t - window, t] of its sequence."""
-    t, s0 = _positions(bad, seq_start)
+    t, s0 = _positions(bad.shape[1], bad.device, seq_start)
     B, T, H = bad.shape
     hi = (t + 1).expand(B, T, H)
     lo = torch.maximum(t - window + 1, s0).expand(B, T, H)
@@ -94,7 +83,7 @@ def sees_nonfinite_selection(bad: torch.Tensor, block_indices: torch.Tensor, blo
                              seq_start=None) -> torch.Tensor:
     """[B, T, H] bool: token t sees a bad value row in one of its selected blocks (block j of t: keys
     [s0 + j * block, s0 + (j + 1) * block) that are <= t; pads -1 and blocks after t see nothing)."""
-    t, s0 = _positions(bad, seq_start)
+    t, s0 = _positions(bad.shape[1], bad.device, seq_start)
     j = block_indices.long()                                          # [B, T, H, n]
     lo = s0[..., None] + j.clamp_min(0) * block
     hi = torch.minimum(lo + block, t[..., None] + 1)
@@ -109,8 +98,7 @@ def sees_nonfinite_compression(bad_cmp: torch.Tensor, T: int, block: int, stride
     """[B, T, H] bool: token t sees a bad compressed value row (row c of t's sequence, block
     first_block + c, is visible once (first_block + c) * stride + block - 1 <= t - s0)."""
     B, N, H = bad_cmp.shape
-    t = torch.arange(T, device=bad_cmp.device)[None, :, None]
-    s0 = torch.zeros_like(t) if seq_start is None else seq_start.long()[..., None]
+    t, s0 = _positions(T, bad_cmp.device, seq_start)
     c0 = torch.zeros_like(t) if cmp_start is None else cmp_start.long()[..., None]
     visible = torch.div(t - s0 - block + 1, stride, rounding_mode="floor") - first_block + 1
     visible = visible.clamp_min(0)
